@@ -1,0 +1,217 @@
+"""Model configuration: one dataclass, named presets, and the `create_model` factory.
+
+A config describes a `TransformerLM` completely and is saved as ``config.json`` beside the
+weights. Layer types are strings, one per layer, so any mix of token mixers is a config:
+``ModelConfig(layers=("multi_memory", "infini", "pythia", "pythia"))``.
+
+Context models put a `ContextBlock` between the token embedding and the layers:
+- ``context_mode="input"`` (Context-Pythia): the layers run on ``context_dim``-wide contexts,
+  so every layer's KV cache is ``context_dim / hidden_size`` of Pythia's.
+- ``context_mode="kv"`` (Context-KV): the layers run on ``hidden_size`` token states, and their
+  keys and values come from one context vector per ``chunk_size`` tokens (plus the current one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONTEXT_MODES = ("none", "input", "kv")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines a model's shape and behaviour (not its weights)."""
+
+    name: str = "custom"
+    vocab_size: int = 50304
+    hidden_size: int = 512
+    layers: tuple[str, ...] = ("pythia",) * 6
+    num_heads: int = 8
+    intermediate_size: int = 2048
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    eos_token_id: int = 0
+    init_std: float = 0.02
+    # memory layers (infini, multi_memory, hierarchical)
+    segment_len: int = 256
+    use_delta_rule: bool = True
+    memory_heads: int = 1
+    num_memory_banks: int = 1
+    segments_per_bank: int = 4
+    num_memories: int = 4
+    gate_init: float = 0.0
+    # context compression (context_pythia, context_kv)
+    context_mode: str = "none"
+    context_dim: int = 256
+    context_ffn_dim: int = 512
+    chunk_size: int = 100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        from newllm.layers import LAYERS  # local import: the registry imports this module
+
+        if not self.layers:
+            raise ValueError("config.layers is empty; give at least one layer type")
+        for kind in self.layers:
+            if kind not in LAYERS:
+                raise ValueError(f"unknown layer type {kind!r}; choose from {sorted(LAYERS)}")
+        if self.context_mode not in CONTEXT_MODES:
+            raise ValueError(
+                f"unknown context_mode {self.context_mode!r}; choose from {list(CONTEXT_MODES)}"
+            )
+        uses_kv = "context_kv" in self.layers
+        if uses_kv and self.context_mode != "kv":
+            raise ValueError("layer type 'context_kv' needs context_mode='kv'")
+        if self.context_mode == "kv" and not uses_kv:
+            raise ValueError("context_mode='kv' needs at least one 'context_kv' layer")
+        for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size",
+                     "segment_len", "memory_heads", "num_memory_banks", "segments_per_bank",
+                     "num_memories", "context_dim", "context_ffn_dim", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.layer_hidden % self.num_heads:
+            raise ValueError(
+                f"layer width {self.layer_hidden} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.layer_hidden % self.memory_heads:
+            raise ValueError(
+                f"layer width {self.layer_hidden} is not divisible by "
+                f"memory_heads={self.memory_heads}"
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if self.rotary_dims % 2:
+            raise ValueError(f"rotary dims ({self.rotary_dims}) must be even")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"eos_token_id {self.eos_token_id} outside the vocabulary")
+
+    # derived sizes -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_hidden(self) -> int:
+        """Width of the residual stream the layers run on."""
+        return self.context_dim if self.context_mode == "input" else self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.layer_hidden // self.num_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def has_context_block(self) -> bool:
+        return self.context_mode != "none"
+
+    # serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown config options {unknown}; known options are {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A preset by its exact name, e.g. ``ModelConfig.from_name("infini-70m", segment_len=128)``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[name].replace(name=name, **overrides) if overrides else PRESETS[name]
+
+
+def _p(name: str, **kw: Any) -> ModelConfig:
+    return ModelConfig(name=name, **kw)
+
+
+_PY6 = ("pythia",) * 6
+_TINY = dict(vocab_size=512, hidden_size=64, num_heads=4, intermediate_size=256,
+             segment_len=16, chunk_size=8, context_dim=32, context_ffn_dim=64,
+             max_position_embeddings=4096)
+_SMALL = dict(vocab_size=8192, hidden_size=256, num_heads=8, intermediate_size=1024,
+              segment_len=128, chunk_size=64, context_dim=128, context_ffn_dim=256)
+
+PRESETS: dict[str, ModelConfig] = {
+    p.name: p
+    for p in [
+        # Pythia-70M's exact shape (70,426,624 parameters)
+        _p("pythia-70m", layers=_PY6),
+        _p("infini-70m", layers=("infini",) + _PY6[1:]),
+        _p("multi-memory-70m", layers=("multi_memory",) + _PY6[1:]),
+        _p("hierarchical-70m", layers=("hierarchical",) + _PY6[1:]),
+        _p("context-pythia-70m", layers=_PY6, context_mode="input", context_dim=256,
+           intermediate_size=1024),
+        _p("context-kv-70m", layers=("context_kv",) * 6, context_mode="kv", context_dim=256),
+        # tiny presets for tests: 2 layers, 64 wide
+        _p("tiny-pythia", layers=("pythia",) * 2, **_TINY),
+        _p("tiny-infini", layers=("infini", "pythia"), **_TINY),
+        _p("tiny-multi-memory", layers=("multi_memory", "pythia"), **_TINY),
+        _p("tiny-hierarchical", layers=("hierarchical", "pythia"), **_TINY),
+        _p("tiny-context-pythia", layers=("pythia",) * 2, context_mode="input",
+           **{**_TINY, "context_dim": 32}),
+        _p("tiny-context-kv", layers=("context_kv",) * 2, context_mode="kv", **_TINY),
+        # small presets (the bundled default checkpoint and the kind comparison)
+        _p("small-pythia", layers=("pythia",) * 4, **_SMALL),
+        _p("small-infini", layers=("pythia", "infini", "pythia", "pythia"), **_SMALL),
+    ]
+}
+
+# the seeds' model kinds -> the 70M preset each one starts from
+KINDS: dict[str, str] = {
+    "pythia": "pythia",
+    "infini": "infini",
+    "multi_memory": "multi-memory",
+    "hierarchical": "hierarchical",
+    "context_pythia": "context-pythia",
+    "context_kv": "context-kv",
+}
+
+
+def config_for(kind: str, size: str = "70m", **options: Any) -> ModelConfig:
+    """The config `create_model` builds: preset ``{kind}-{size}`` with ``options`` applied."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose from {sorted(KINDS)}")
+    sizes = sorted({n.rsplit("-", 1)[-1] for n in PRESETS if "-" in n} |
+                   {n.split("-", 1)[0] for n in PRESETS if n.startswith(("tiny-", "small-"))})
+    if size in ("tiny", "small"):
+        name = f"{size}-{KINDS[kind]}"
+    else:
+        name = f"{KINDS[kind]}-{size}"
+    if name not in PRESETS:
+        raise ValueError(f"no preset {name!r} for kind {kind!r} at size {size!r}; sizes: {sizes}")
+    return ModelConfig.from_name(name, **options)
+

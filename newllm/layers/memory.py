@@ -1,0 +1,170 @@
+"""Compressive memory: the functional read/write ops, their slow references, and the segment
+machinery shared by the memory mixers (`infini`, `multi_memory`, `hierarchical`).
+
+A memory is a matrix M (dk x dv) and a normaliser z (dk) per memory head, fed with features
+σ(x) = ELU(x) + 1 of keys and queries that carry no position encoding:
+
+- read:   A = σ(Q) M / (σ(Q) z)          (an empty memory, z = 0, reads exactly zero)
+- linear: M += σ(K)ᵀ V,                  z += Σ_t σ(K_t)
+- delta:  M += σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z as linear (retrieval is zero while z = 0)
+
+Text is processed in segments of S tokens. Inside a segment, causal softmax attention over the
+segment's tokens (rotary at segment-local positions); across segments, the memory read with the
+state *before* this segment's write, mixed per head by a learned gate g = sigmoid(β):
+``A = g·A_mem + (1 − g)·A_local``. While a memory is empty the gate is forced to 0, so a model
+whose memory is reset is exactly a segment-local model. The write happens when a segment is
+complete; until then the open segment's (unrotated) keys and values are part of the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from newllm.config import ModelConfig
+from newllm.layers.common import Rotary, Step, causal_attention, merge_heads, split_qkv
+
+
+def elu1(x: Tensor) -> Tensor:
+    """σ(x) = ELU(x) + 1: positive features for the linear-attention memory."""
+    return F.elu(x) + 1.0
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den with den (..., 1) broadcast; rows whose den is 0 give 0 (empty memory)."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def memory_read(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
+    """sq (..., T, dk) features, M (..., dk, dv), z (..., dk) -> (..., T, dv)."""
+    return _safe_div(sq @ M, (sq @ z.unsqueeze(-1)))
+
+
+def memory_write(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
+                 delta: bool) -> tuple[Tensor, Tensor]:
+    """Write one segment: sk (..., S, dk) features, v (..., S, dv) -> new (M, z)."""
+    if delta:
+        v = v - memory_read(sk, M, z)
+    return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
+
+
+def memory_read_reference(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
+    """Slow, obviously right read: one query at a time, sums written out. sq (T, dk)."""
+    out = []
+    for t in range(sq.shape[0]):
+        den = sum(sq[t, i] * z[i] for i in range(sq.shape[1]))
+        num = sum(sq[t, i] * M[i] for i in range(sq.shape[1]))
+        out.append(num / den if den > 0 else torch.zeros_like(num))
+    return torch.stack(out)
+
+
+def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
+                           delta: bool) -> tuple[Tensor, Tensor]:
+    """Slow write: token by token outer products, retrieval from the memory before the write."""
+    M_new, z_new = M.clone(), z.clone()
+    for t in range(sk.shape[0]):
+        target = v[t]
+        if delta:
+            den = (sk[t] * z).sum()
+            target = target - ((sk[t] @ M) / den if den > 0 else torch.zeros_like(target))
+        M_new = M_new + torch.outer(sk[t], target)
+        z_new = z_new + sk[t]
+    return M_new, z_new
+
+
+class SegmentMemoryAttention(nn.Module):
+    """Segment-local causal attention + a compressive memory, gated per head.
+
+    Subclasses define the memory: ``memory_state(B, device, dtype)``, ``memory_shapes(B)``,
+    ``read(sq, state) -> (A_mem (B, MH, T, dv), active (B,))`` and
+    ``write(sk, v, state, segment) -> {field: tensor}``. The state dataclass must have the
+    fields ``open_k`` and ``open_v`` (B, H, o, D) besides the memory's own.
+    """
+
+    state_class: type
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        C = config.layer_hidden
+        self.config = config
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.segment_len = config.segment_len
+        self.memory_heads = config.memory_heads
+        self.dk = C // config.memory_heads
+        self.delta = config.use_delta_rule
+        self.query_key_value = nn.Linear(C, 3 * C)
+        self.dense = nn.Linear(C, C)
+        self.rotary = Rotary(config)
+        self.gate = nn.Parameter(torch.full((config.num_heads,), float(config.gate_init)))
+
+    # subclass API ------------------------------------------------------------------------
+    def memory_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def memory_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def read(self, sq: Tensor, q: Tensor, state: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def write(self, sk: Tensor, k: Tensor, v: Tensor, state: Any,
+              segment: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # shared machinery ----------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: Any = None,
+                   dtype: torch.dtype = torch.float32) -> Any:
+        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device,
+                            dtype=dtype)
+        return self.state_class(open_k=empty, open_v=empty.clone(),
+                                **self.memory_state(batch_size, device, dtype))
+
+    def state_shapes(self, batch_size: int, position: int) -> dict[str, tuple[int, ...]]:
+        o = position % self.segment_len
+        open_shape = (batch_size, self.num_heads, o, self.head_dim)
+        return {**self.memory_shapes(batch_size), "open_k": open_shape, "open_v": open_shape}
+
+    def to_memory_heads(self, x: Tensor) -> Tensor:
+        """(B, H, T, D) -> (B, MH, T, C/MH): the memory sees the full width, split MH ways."""
+        B, _, T, _ = x.shape
+        return merge_heads(x).view(B, T, self.memory_heads, self.dk).transpose(1, 2)
+
+    def from_memory_heads(self, x: Tensor) -> Tensor:
+        """(B, MH, T, dv) -> (B, H, T, D)."""
+        B, _, T, _ = x.shape
+        return x.transpose(1, 2).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, state: Any, step: Step) -> tuple[Tensor, Any]:
+        S = self.segment_len
+        q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (B, H, T, D) each
+        T = x.shape[1]
+        outs = []
+        pos, start = step.position, 0
+        while start < T:
+            o = pos % S  # tokens already in the open segment
+            n = min(S - o, T - start)
+            qs, ks, vs = (t[:, :, start:start + n] for t in (q, k, v))
+            seg_k = torch.cat((state.open_k, ks), dim=-2)  # (B, H, o+n, D) unrotated
+            seg_v = torch.cat((state.open_v, vs), dim=-2)
+            local = causal_attention(self.rotary(qs, o), self.rotary(seg_k, 0), seg_v)
+            a_mem, active = self.read(elu1(self.to_memory_heads(qs)), qs, state)
+            g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
+            outs.append(g * self.from_memory_heads(a_mem) + (1 - g) * local)  # (B, H, n, D)
+            if o + n == S:  # the segment is complete: write it, open a new one
+                mk, mv = self.to_memory_heads(seg_k), self.to_memory_heads(seg_v)
+                fields = self.write(elu1(mk), mk, mv, state, pos // S)
+                empty = seg_k[:, :, :0]
+                state = dataclasses.replace(state, open_k=empty, open_v=empty, **fields)
+            else:
+                state = dataclasses.replace(state, open_k=seg_k, open_v=seg_v)
+            pos += n
+            start += n
+        if not outs:  # no new tokens
+            return torch.zeros_like(x), state
+        out = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
+        return self.dense(merge_heads(out)), state

@@ -1,0 +1,52 @@
+"""`pythia`: GPT-NeoX attention as transformers implements it, with an explicit KV cache.
+
+Per-head fused QKV (``W.view(H, 3, D, C)``), rotary on the first ``rotary_pct`` of each head at
+absolute positions, softmax attention over every earlier token. The state is the KV cache (keys
+after rotation), which grows by one entry per token: 2 * C values per token per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from newllm.config import ModelConfig
+from newllm.layers.common import GrowBuffer, Rotary, Step, causal_attention, kv_append, \
+    merge_heads, split_qkv
+
+
+@dataclass(frozen=True)
+class KVState:
+    k: Tensor  # (B, H, T, D) rotated keys of every token so far
+    v: Tensor  # (B, H, T, D)
+    _spare: GrowBuffer | None = field(default=None, compare=False, repr=False)
+
+
+class PythiaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        C = config.layer_hidden
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(C, 3 * C)
+        self.dense = nn.Linear(C, C)
+        self.rotary = Rotary(config)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> KVState:
+        z = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVState(z, z.clone())
+
+    def state_shapes(self, batch_size: int, position: int) -> dict[str, tuple[int, ...]]:
+        shape = (batch_size, self.num_heads, position, self.head_dim)
+        return {"k": shape, "v": shape}
+
+    def forward(self, x: Tensor, state: KVState, step: Step) -> tuple[Tensor, KVState]:
+        q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (B, H, T, D) each
+        q = self.rotary(q, step.position)
+        k = self.rotary(k, step.position)
+        k_all, v_all, spare = kv_append(state.k, state.v, state._spare, k, v)
+        out = causal_attention(q, k_all, v_all)  # (B, H, T, D)
+        return self.dense(merge_heads(out)), KVState(k_all, v_all, spare)

@@ -1,0 +1,147 @@
+"""`TransformerLM`: token embedding -> [context block] -> layers -> final LayerNorm -> LM head.
+
+Every layer is a `Block` (norms, MLP, residual) around a token mixer from the registry in
+`newllm.layers`; the block never branches on the layer type. The model is stateless: its state
+is passed in and returned, ``model(input_ids, state) -> (logits, new_state)``. Module names
+follow transformers' GPT-NeoX (``embed_in``, ``layers.N.attention.query_key_value``, ...), so a
+Pythia checkpoint maps onto a `pythia` model by renaming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from newllm.config import ModelConfig
+from newllm.context import ContextBlock
+from newllm.layers import LAYERS
+from newllm.layers.common import MLP, Step
+from newllm.state import ModelState
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        C = config.layer_hidden
+        self.parallel = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.attention = LAYERS[config.layers[index]](config, index)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, state: Any, step: Step) -> tuple[Tensor, Any]:
+        a, state = self.attention(self.input_layernorm(x), state, step)
+        if self.parallel:
+            return x + a + self.mlp(self.post_attention_layernorm(x)), state
+        h = x + a
+        return h + self.mlp(self.post_attention_layernorm(h)), state
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.context_block = (
+            ContextBlock(config.context_dim, config.hidden_size, config.context_ffn_dim,
+                         config.layer_norm_eps)
+            if config.has_context_block else None
+        )
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.layer_hidden, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(config.layer_hidden, config.vocab_size, bias=False)
+        self._fingerprint: tuple[Any, str] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-NeoX-style init (normal std ``init_std``, zero biases); context block keeps its own."""
+        for name, module in self.named_modules():
+            if name.startswith("context_block"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.tie_word_embeddings:
+            if self.config.hidden_size != self.config.layer_hidden:
+                raise ValueError("tie_word_embeddings needs hidden_size == layer width")
+            self.embed_out.weight = self.embed_in.weight
+
+    # state ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_in.weight.dtype
+
+    def init_state(self, batch_size: int = 1) -> ModelState:
+        """The empty state: nothing seen, memories empty."""
+        dev, dt = self.device, self.dtype
+        layers = tuple(b.attention.init_state(batch_size, dev, dt) for b in self.layers)
+        ctx = (self.context_block.initial(batch_size, dev, dt)
+               if self.context_block is not None else None)
+        return ModelState(0, layers, ctx)
+
+    def state_shapes(self, batch_size: int, position: int) -> dict[str, tuple[int, ...]]:
+        """Flat tensor name -> shape that a state after ``position`` tokens must have."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, block in enumerate(self.layers):
+            for name, shape in block.attention.state_shapes(batch_size, position).items():
+                shapes[f"layers.{i}.{name}"] = shape
+        if self.context_block is not None:
+            shapes["context.last"] = (batch_size, self.config.context_dim)
+        return shapes
+
+    # forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, *,
+                last_only: bool = False) -> tuple[Tensor, ModelState]:
+        """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if state is None:
+            state = self.init_state(B)
+        elif state.batch_size != B:
+            raise ValueError(f"state has batch size {state.batch_size}, input_ids has {B}")
+        x = self.embed_in(input_ids)  # (B, T, hidden)
+        contexts, last = None, state.context
+        if self.context_block is not None:
+            contexts, last = self.context_block(x, state.context)  # (B, T, context_dim)
+            if self.config.context_mode == "input":
+                x = contexts
+        step = Step(position=state.position, contexts=contexts)
+        layer_states = []
+        for block, layer_state in zip(self.layers, state.layers, strict=True):
+            x, layer_state = block(x, layer_state, step)
+            layer_states.append(layer_state)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.embed_out(self.final_layer_norm(x))
+        return logits, ModelState(state.position + T, tuple(layer_states), last)
+
+    # identity ------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the config and every weight (names, dtypes, shapes, bytes), hex.
+
+        Cached, and recomputed when any parameter or buffer was changed in place since.
+        """
+        tensors = dict(self.state_dict())
+        key = tuple((n, t.data_ptr(), t._version) for n, t in tensors.items())
+        if self._fingerprint is not None and self._fingerprint[0] == key:
+            return self._fingerprint[1]
+        h = hashlib.sha256(self.config.to_json().encode())
+        for name in sorted(tensors):
+            t = tensors[name].detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest = h.hexdigest()
+        self._fingerprint = (key, digest)
+        return digest
