@@ -124,6 +124,50 @@ class TransformerLM(nn.Module):
         logits = self.embed_out(self.final_layer_norm(x))
         return logits, ModelState(state.position + T, tuple(layer_states), last)
 
+    def decode_step(self, tokens: Tensor,
+                    states: list[ModelState]) -> tuple[Tensor, list[ModelState]]:
+        """One new token for each of several independent sessions (batched decoding).
+
+        tokens (B,) and B single-row states at any positions. The embedding, MLPs and LM head
+        run batched (most of the weights are read once for all sessions); each mixer runs per
+        session, since sessions sit at different positions with different caches and segments.
+        Returns logits (B, V) and the B new states; equal to B separate forward calls.
+        """
+        B = tokens.shape[0]
+        if len(states) != B:
+            raise ValueError(f"{B} tokens but {len(states)} states")
+        x = self.embed_in(tokens.view(B, 1))  # (B, 1, hidden)
+        contexts, lasts = None, [s.context for s in states]
+        if self.context_block is not None:
+            last = torch.cat([c for c in lasts if c is not None], dim=0)
+            contexts, last = self.context_block(x, last)  # (B, 1, context_dim)
+            lasts = list(last.split(1, dim=0))
+            if self.config.context_mode == "input":
+                x = contexts
+        per_layer: list[list[Any]] = []
+        for li, block in enumerate(self.layers):
+            h = block.input_layernorm(x)
+            outs, new = [], []
+            for b, s in enumerate(states):
+                ctx = None if contexts is None else contexts[b:b + 1]
+                a, ls = block.attention(h[b:b + 1], s.layers[li], Step(s.position, ctx))
+                outs.append(a)
+                new.append(ls)
+            a = torch.cat(outs, dim=0)
+            if block.parallel:
+                x = x + a + block.mlp(block.post_attention_layernorm(x))
+            else:
+                x = x + a
+                x = x + block.mlp(block.post_attention_layernorm(x))
+            per_layer.append(new)
+        logits = self.embed_out(self.final_layer_norm(x))[:, 0]  # (B, V)
+        new_states = [
+            ModelState(s.position + 1, tuple(per_layer[li][b] for li in range(len(self.layers))),
+                       lasts[b])
+            for b, s in enumerate(states)
+        ]
+        return logits, new_states
+
     # identity ------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
