@@ -1,0 +1,55 @@
+"""Closed-form session-state sizes: what a state holds after P tokens, per layer type.
+
+With C the layer width, S the segment length, MH memory heads, dk = C / MH, N memories,
+NB banks and B the batch size, the number of values a layer keeps is:
+
+=============  ==============================================================
+pythia         2·C·P                              (keys and values of every token)
+infini         NB·MH·(dk² + dk) + 2·C·(P mod S)   (memories + open segment)
+multi_memory   N·(MH·(dk² + dk) + C + 1) + 2·C·(P mod S)
+hierarchical   MH·(dk² + dk) + N·(MH·(dk² + dk) + C + 1) + 2·C·(P mod S)
+context_kv     2·C·⌊P / chunk_size⌋               (one key/value per finished chunk)
+=============  ==============================================================
+
+plus ``context_dim`` for the context block's last context in context models; all times B.
+Memory kinds are constant in P except for the bounded open segment (< S tokens); Pythia grows
+linearly; Context-Pythia is Pythia at width ``context_dim``.
+"""
+
+from __future__ import annotations
+
+from newllm.config import ModelConfig
+
+
+def layer_state_values(config: ModelConfig, kind: str, position: int) -> int:
+    """Values (not bytes) one layer of type ``kind`` keeps after ``position`` tokens (B = 1)."""
+    C, S = config.layer_hidden, config.segment_len
+    MH = config.memory_heads
+    dk = C // MH
+    one_memory = MH * (dk * dk + dk)
+    open_segment = 2 * C * (position % S)
+    fine = config.num_memories * (one_memory + C + 1)
+    formulas = {
+        "pythia": 2 * C * position,
+        "infini": config.num_memory_banks * one_memory + open_segment,
+        "multi_memory": fine + open_segment,
+        "hierarchical": one_memory + fine + open_segment,
+        "context_kv": 2 * C * (position // config.chunk_size),
+    }
+    if kind not in formulas:
+        raise ValueError(f"no size formula for layer type {kind!r}; known: {sorted(formulas)}")
+    return formulas[kind]
+
+
+def state_values(config: ModelConfig, position: int, batch_size: int = 1) -> int:
+    """Values in a whole model state after ``position`` tokens."""
+    total = sum(layer_state_values(config, kind, position) for kind in config.layers)
+    if config.has_context_block:
+        total += config.context_dim
+    return batch_size * total
+
+
+def state_bytes(config: ModelConfig, position: int, batch_size: int = 1,
+                bytes_per_value: int = 4) -> int:
+    """Bytes of a state after ``position`` tokens (4 per value in fp32, 2 in fp16/bf16)."""
+    return state_values(config, position, batch_size) * bytes_per_value
