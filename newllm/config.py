@@ -48,6 +48,9 @@ class ModelConfig:
     segments_per_bank: int = 4
     num_memories: int = 4
     gate_init: float = 0.0
+    # pythia layers attend only within the current segment (KV dropped at segment ends), so a
+    # memory model's whole state stays bounded; the memory presets set it
+    segment_local: bool = False
     # context compression (context_pythia, context_kv)
     context_mode: str = "none"
     context_dim: int = 256
@@ -170,23 +173,24 @@ PRESETS: dict[str, ModelConfig] = {
     for p in [
         # Pythia-70M's exact shape (70,426,624 parameters)
         _p("pythia-70m", layers=_PY6),
-        _p("infini-70m", layers=("infini",) + _PY6[1:]),
-        _p("multi-memory-70m", layers=("multi_memory",) + _PY6[1:]),
-        _p("hierarchical-70m", layers=("hierarchical",) + _PY6[1:]),
+        _p("infini-70m", layers=("infini",) + _PY6[1:], segment_local=True),
+        _p("multi-memory-70m", layers=("multi_memory",) + _PY6[1:], segment_local=True),
+        _p("hierarchical-70m", layers=("hierarchical",) + _PY6[1:], segment_local=True),
         _p("context-pythia-70m", layers=_PY6, context_mode="input", context_dim=256,
            intermediate_size=1024),
         _p("context-kv-70m", layers=("context_kv",) * 6, context_mode="kv", context_dim=256),
         # tiny presets for tests: 2 layers, 64 wide
         _p("tiny-pythia", layers=("pythia",) * 2, **_TINY),
-        _p("tiny-infini", layers=("infini", "pythia"), **_TINY),
-        _p("tiny-multi-memory", layers=("multi_memory", "pythia"), **_TINY),
-        _p("tiny-hierarchical", layers=("hierarchical", "pythia"), **_TINY),
+        _p("tiny-infini", layers=("infini", "pythia"), segment_local=True, **_TINY),
+        _p("tiny-multi-memory", layers=("multi_memory", "pythia"), segment_local=True, **_TINY),
+        _p("tiny-hierarchical", layers=("hierarchical", "pythia"), segment_local=True, **_TINY),
         _p("tiny-context-pythia", layers=("pythia",) * 2, context_mode="input",
            **{**_TINY, "context_dim": 32}),
         _p("tiny-context-kv", layers=("context_kv",) * 2, context_mode="kv", **_TINY),
         # small presets (the bundled default checkpoint and the kind comparison)
         _p("small-pythia", layers=("pythia",) * 4, **_SMALL),
-        _p("small-infini", layers=("pythia", "infini", "pythia", "pythia"), **_SMALL),
+        _p("small-infini", layers=("pythia", "infini", "pythia", "pythia"), segment_local=True,
+           **_SMALL),
     ]
 }
 

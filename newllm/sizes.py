@@ -4,7 +4,7 @@ With C the layer width, S the segment length, MH memory heads, dk = C / MH, N me
 NB banks and B the batch size, the number of values a layer keeps is:
 
 =============  ==============================================================
-pythia         2·C·P                              (keys and values of every token)
+pythia         2·C·P   (keys and values of every token; 2·C·(P mod S) when segment_local)
 infini         NB·MH·(dk² + dk) + 2·C·(P mod S)   (memories + open segment)
 multi_memory   N·(MH·(dk² + dk) + C + 1) + 2·C·(P mod S)
 hierarchical   MH·(dk² + dk) + N·(MH·(dk² + dk) + C + 1) + 2·C·(P mod S)
@@ -30,7 +30,7 @@ def layer_state_values(config: ModelConfig, kind: str, position: int) -> int:
     open_segment = 2 * C * (position % S)
     fine = config.num_memories * (one_memory + C + 1)
     formulas = {
-        "pythia": 2 * C * position,
+        "pythia": 2 * C * (position % S if config.segment_local else position),
         "infini": config.num_memory_banks * one_memory + open_segment,
         "multi_memory": fine + open_segment,
         "hierarchical": one_memory + fine + open_segment,

@@ -85,12 +85,26 @@ def test_memory_kinds_stay_bounded_while_pythia_grows() -> None:
     for kind in ("pythia", "infini", "multi_memory", "hierarchical", "context_kv"):
         at = [layer_state_values(cfg, kind, k * S) for k in (1, 4, 16)]
         if kind == "pythia":
-            assert at[2] == 16 * at[0]
+            assert at == [0, 0, 0]  # segment-local in memory models
+            glob = ModelConfig.from_name("tiny-pythia")
+            assert layer_state_values(glob, kind, 16 * S) == 16 * layer_state_values(glob, kind, S)
         elif kind == "context_kv":
-            assert at[0] < at[1] < at[2] < layer_state_values(cfg, "pythia", 16 * S) / 4
+            glob = ModelConfig.from_name("tiny-pythia")
+            assert at[0] < at[1] < at[2] < layer_state_values(glob, "pythia", 16 * S) / 4
         else:
             assert at[0] == at[1] == at[2]  # constant at segment boundaries
             assert max(layer_state_values(cfg, kind, p) for p in range(16 * S)) < 2 * at[0]
+
+
+@pytest.mark.parametrize("name", ["infini-70m", "multi-memory-70m", "hierarchical-70m"])
+def test_memory_presets_whole_state_is_bounded(name: str) -> None:
+    cfg = ModelConfig.from_name(name)
+    sizes = [state_bytes(cfg, p) for p in (512, 16384, 65536)]
+    assert sizes[0] == sizes[1] == sizes[2]
+    # between segment ends only the open segment (< S tokens of keys/values) comes on top
+    pythia = ModelConfig.from_name("pythia-70m")
+    bound = sizes[0] + state_bytes(pythia, cfg.segment_len)
+    assert max(state_bytes(cfg, p) for p in range(0, 4 * cfg.segment_len, 7)) < bound
 
 
 def test_context_pythia_kv_cache_is_half_of_pythias() -> None:

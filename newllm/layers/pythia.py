@@ -13,8 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from newllm.config import ModelConfig
-from newllm.layers.common import GrowBuffer, Rotary, Step, causal_attention, kv_append, \
-    merge_heads, split_qkv
+from newllm.layers.common import (
+    GrowBuffer,
+    Rotary,
+    Step,
+    causal_attention,
+    kv_append,
+    merge_heads,
+    split_qkv,
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class PythiaAttention(nn.Module):
         self.query_key_value = nn.Linear(C, 3 * C)
         self.dense = nn.Linear(C, C)
         self.rotary = Rotary(config)
+        self.window = config.segment_len if config.segment_local else 0
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> KVState:
@@ -40,13 +48,28 @@ class PythiaAttention(nn.Module):
         return KVState(z, z.clone())
 
     def state_shapes(self, batch_size: int, position: int) -> dict[str, tuple[int, ...]]:
-        shape = (batch_size, self.num_heads, position, self.head_dim)
+        kept = position % self.window if self.window else position
+        shape = (batch_size, self.num_heads, kept, self.head_dim)
         return {"k": shape, "v": shape}
 
     def forward(self, x: Tensor, state: KVState, step: Step) -> tuple[Tensor, KVState]:
         q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (B, H, T, D) each
         q = self.rotary(q, step.position)
         k = self.rotary(k, step.position)
-        k_all, v_all, spare = kv_append(state.k, state.v, state._spare, k, v)
-        out = causal_attention(q, k_all, v_all)  # (B, H, T, D)
-        return self.dense(merge_heads(out)), KVState(k_all, v_all, spare)
+        if not self.window:
+            k_all, v_all, spare = kv_append(state.k, state.v, state._spare, k, v)
+            out = causal_attention(q, k_all, v_all)  # (B, H, T, D)
+            return self.dense(merge_heads(out)), KVState(k_all, v_all, spare)
+        outs, pos, start, T = [], step.position, 0, x.shape[1]
+        while start < T:  # segment by segment
+            n = min(self.window - pos % self.window, T - start)
+            k_all, v_all, spare = kv_append(state.k, state.v, state._spare,
+                                            k[:, :, start:start + n], v[:, :, start:start + n])
+            outs.append(causal_attention(q[:, :, start:start + n], k_all, v_all))
+            state = KVState(k_all, v_all, spare)
+            if (pos + n) % self.window == 0:
+                state = KVState(k_all[:, :, :0], v_all[:, :, :0])
+            pos, start = pos + n, start + n
+        if not outs:
+            return torch.zeros_like(x), state
+        return self.dense(merge_heads(torch.cat(outs, dim=-2))), state
