@@ -151,7 +151,7 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A preset by its exact name, e.g. ``ModelConfig.from_name("infini-70m", segment_len=128)``."""
+        """A preset by exact name: ``ModelConfig.from_name("infini-70m", segment_len=128)``."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return PRESETS[name].replace(name=name, **overrides) if overrides else PRESETS[name]

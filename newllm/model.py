@@ -57,7 +57,7 @@ class TransformerLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-NeoX-style init (normal std ``init_std``, zero biases); context block keeps its own."""
+        """GPT-NeoX init (normal std ``init_std``, zero biases); the context block keeps its own."""
         for name, module in self.named_modules():
             if name.startswith("context_block"):
                 continue
