@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure and write ``benchmarks/results/NAME.json`` + ``NAME.png``."""

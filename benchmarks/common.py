@@ -1,0 +1,133 @@
+"""What every benchmark shares: the machine description, timing, and writing JSON + PNG.
+
+Results go to ``benchmarks/results/NAME.json`` with the machine, library versions, date and
+settings, beside a PNG plot. Figures that are compared are measured in the same run and reported
+as ratios; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """Where a measurement was taken: CPU model, cores, memory, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        mem_gib = round(pages / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": mem_gib,
+        "platform": platform.platform(),
+        "versions": versions,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def time_it(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> dict[str, float]:
+    """Median and spread of ``repeat`` calls of fn, in seconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(samples), "min_s": min(samples),
+            "max_s": max(samples), "repeat": repeat}
+
+
+def check_numbers(obj: Any, where: str = "result") -> None:
+    """Refuse a result with a missing or invalid measured number (None, NaN, inf, negative)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_numbers(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            check_numbers(v, f"{where}[{i}]")
+    elif isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj) or obj < 0):
+        raise ValueError(f"invalid measured number at {where}: {obj}")
+
+
+def write_result(name: str, settings: dict[str, Any], results: Any,
+                 out_dir: Path | None = None) -> Path:
+    """Write ``NAME.json`` atomically after checking every measured number."""
+    check_numbers(results)
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": name,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": settings,
+        "results": results,
+    }
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_path(name: str, out_dir: Path | None = None) -> Path:
+    return (out_dir or RESULTS) / f"{name}.png"
+
+
+def new_figure(title: str, xlabel: str, ylabel: str, *, logx: bool = True,
+               logy: bool = False) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
