@@ -24,34 +24,40 @@ class Step:
 
 
 class Rotary(nn.Module):
-    """GPT-NeoX rotary embedding on the first ``rotary_dims`` dims of each head (rotate_half)."""
+    """GPT-NeoX rotary embedding on the first ``rotary_dims`` dims of each head (rotate_half).
+
+    Angles are computed for just the positions of each call, so memory does not grow with the
+    position. The product position x frequency is formed in float64 from float32 frequencies
+    (exact for a 24-bit x 24-bit mantissa, hence equal to transformers' float32 product below
+    2**24) and stays exact far beyond it, where float32 positions stop being integers.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.dims = config.rotary_dims
-        self.base = config.rotary_base
-        self._cos = torch.empty(0)
-        self._sin = torch.empty(0)
+        inv = 1.0 / (config.rotary_base ** (
+            torch.arange(0, self.dims, 2, dtype=torch.int64).float() / self.dims))
+        self.inv_freq = inv  # float32, as transformers computes it; not a parameter
+        self._cached: tuple[int, int, torch.device, Tensor, Tensor] | None = None
 
-    def _table(self, end: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._cos.shape[0] < end or self._cos.device != device:
-            n = max(end, 2 * self._cos.shape[0], 256)
-            inv = 1.0 / (self.base ** (torch.arange(0, self.dims, 2, dtype=torch.int64,
-                                                    device=device).float() / self.dims))
-            t = torch.arange(n, device=device, dtype=torch.int64).float()
-            freqs = torch.outer(t, inv)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
-        return self._cos, self._sin
+    def angles(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin (length, dims) for positions start .. start+length-1 (last call cached)."""
+        c = self._cached
+        if c is not None and c[0] == start and c[1] == length and c[2] == device:
+            return c[3], c[4]
+        pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
+        freqs = (pos[:, None] * self.inv_freq.to(device=device, dtype=torch.float64)).float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        self._cached = (start, length, device, cos, sin)
+        return cos, sin
 
     def forward(self, x: Tensor, start: int) -> Tensor:
         """Rotate x (B, H, T, D) as if its tokens sat at positions start .. start+T-1."""
         if self.dims == 0:
             return x
-        T = x.shape[-2]
-        cos, sin = self._table(start + T, x.device)
-        cos = cos[start:start + T].to(x.dtype)  # (T, R)
-        sin = sin[start:start + T].to(x.dtype)
+        cos, sin = self.angles(start, x.shape[-2], x.device)  # (T, R)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rot, rest = x[..., : self.dims], x[..., self.dims:]
         half = self.dims // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)

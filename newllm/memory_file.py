@@ -1,0 +1,500 @@
+"""Memory files: a model's state as a safetensors file that can move between machines.
+
+A memory file is a plain safetensors file (data, never code: no pickle anywhere). Its tensors are
+the state's flat tensors (``layers.3.memory``, ``layers.1.k``, ``context.last``, ...), each saved
+contiguous and on its own (a KV cache that views a larger buffer is saved as the view only). Its
+string metadata says what the tensors mean and what they may be loaded into:
+
+=================  ==============================================================================
+format             ``newllm-memory``
+format_version     ``1``
+model_fingerprint  `TransformerLM.fingerprint()`: SHA-256 of the config and every weight
+config_name        the config's name (informative; the fingerprint is what is checked)
+tokenizer_hash     SHA-256 of the tokenizer (optional; checked when the loader knows its own)
+dtype              torch dtype of every tensor, e.g. ``float32``
+position           tokens seen (a decimal integer)
+batch_size         rows of the state (a decimal integer)
+layer_kinds        JSON list of the layer types, e.g. ``["infini", "pythia"]``
+payload_sha256     `payload_sha256` of the tensors, so a transfer can be verified end to end
+created_by         ``newllm <version>``
+=================  ==============================================================================
+
+Loading trusts nothing. `load_memory` first parses the safetensors framing itself (header length,
+JSON header, dtypes, shapes, offsets that tile the data region exactly), so a header that claims
+terabytes allocates nothing and a cut-off file is reported as truncated; then it checks the
+metadata, the model fingerprint, the tokenizer, every tensor's name, shape and dtype against
+`model.state_shapes`, the payload hash and finiteness, and only then builds a new `ModelState`.
+Every refusal is a `MemoryFileError` (a ValueError) whose ``.code`` names the problem.
+
+dtype policy: a memory file's tensors must have the model's dtype exactly (the fingerprint already
+binds the weights' dtype). To move a state between dtypes, convert it with ``state.to(dtype=...)``
+and save it for a model of that dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from newllm.state import ModelState
+
+FORMAT_NAME = "newllm-memory"
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 1 << 20  # a memory file's JSON header is a few KB; refuse anything over 1 MiB
+# tokens seen; larger is refused as corrupt. 2**24 is where float32 stops counting exactly (rotary
+# angles), and a hostile position must not make the next forward build a giant rotary table
+MAX_POSITION = 1 << 24
+MAX_BATCH = 1 << 16
+RESERVED_KEYS = ("format", "format_version", "model_fingerprint", "config_name",
+                 "tokenizer_hash", "dtype", "position", "batch_size", "layer_kinds",
+                 "payload_sha256", "created_by")
+REQUIRED_KEYS = ("format", "format_version", "model_fingerprint", "dtype", "position",
+                 "batch_size", "layer_kinds", "payload_sha256")
+
+# safetensors dtype name -> (torch dtype, bytes per element); only whole-byte dtypes
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1), "C64": (torch.complex64, 8),
+    "U64": (torch.uint64, 8), "U32": (torch.uint32, 4), "U16": (torch.uint16, 2),
+}
+ST_NAME = {dt: name for name, (dt, _) in DTYPES.items()}
+_DECIMAL = re.compile(r"(0|[1-9][0-9]{0,18})")  # int() alone would accept " 1_0"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# errors ------------------------------------------------------------------------------------
+class MemoryFileError(ValueError):
+    """A memory file was refused. ``code`` is a short machine-readable reason."""
+
+    code = "memory_file"
+
+
+class NotSafetensorsError(MemoryFileError):
+    code = "not_safetensors"
+
+
+class TruncatedError(MemoryFileError):
+    code = "truncated"
+
+
+class FormatVersionError(MemoryFileError):
+    code = "format_version"
+
+
+class MetadataError(MemoryFileError):
+    code = "bad_metadata"
+
+
+class ModelMismatchError(MemoryFileError):
+    code = "model_mismatch"
+
+
+class TokenizerMismatchError(MemoryFileError):
+    code = "tokenizer_mismatch"
+
+
+class TensorMismatchError(MemoryFileError):
+    code = "tensor_mismatch"
+
+
+class NonFiniteError(MemoryFileError):
+    code = "non_finite"
+
+
+class ChecksumError(MemoryFileError):
+    code = "checksum_mismatch"
+
+
+class TooLargeError(MemoryFileError):
+    code = "too_large"
+
+
+# hashing -----------------------------------------------------------------------------------
+def _payload_hash(entries: list[tuple[str, str, list[int], bytes | memoryview]]) -> str:
+    """SHA-256 over (name, safetensors dtype, shape, raw bytes) of each tensor, sorted by name."""
+    h = hashlib.sha256()
+    for name, dtype, shape, data in sorted(entries, key=lambda e: e[0]):
+        h.update(f"{name}|{dtype}|{','.join(map(str, shape))}|{len(data)}|".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _raw_bytes(t: Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def payload_sha256(tensors: ModelState | Mapping[str, Tensor]) -> str:
+    """The ``payload_sha256`` a memory file of these tensors (or this state) carries.
+
+    Independent of the file's layout: the same tensors always give the same hash, so a receiver
+    can check a transfer with ``read_memory_metadata(data)["payload_sha256"]``.
+    """
+    flat = tensors.flat_tensors() if isinstance(tensors, ModelState) else dict(tensors)
+    return _payload_hash([(n, ST_NAME[t.dtype], list(t.shape), _raw_bytes(t))
+                          for n, t in flat.items()])
+
+
+# saving ------------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_memory(state: ModelState, model: Any, path: str | Path | None = None, *,
+                tokenizer_hash: str | None = None,
+                metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise ``state`` (of ``model``) to memory-file bytes; also write them to ``path``.
+
+    The file is written atomically (temp file in the same folder, fsync, rename), so a reader
+    sees the old file or the new one, never half of one. ``metadata`` adds string entries
+    (keys must not clash with the reserved ones). A state with NaN/inf is refused: a file that
+    no model would load is no use to anyone.
+    """
+    from safetensors.torch import save as st_save
+
+    import newllm  # late: newllm/__init__ may import this module
+
+    expected = model.state_shapes(state.batch_size, state.position)
+    flat = state.flat_tensors()
+    if {n: tuple(t.shape) for n, t in flat.items()} != expected:
+        raise TensorMismatchError(
+            f"this state does not fit the model it is saved for (config "
+            f"{model.config.name!r}): expected tensors {expected}, got "
+            f"{ {n: tuple(t.shape) for n, t in flat.items()} }"
+        )
+    tensors: dict[str, Tensor] = {}
+    for name, t in flat.items():
+        if t.dtype != model.dtype:
+            raise TensorMismatchError(f"state tensor {name!r} is {t.dtype}, the model runs in "
+                                      f"{model.dtype}; convert with state.to(dtype=...)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"state tensor {name!r} holds NaN or inf; refusing to save a "
+                                 f"memory no model can use (reset the session)")
+        # own, contiguous CPU copy: a KV cache may view a bigger buffer, and safetensors refuses
+        # tensors that share memory (an empty open segment's keys and values may be one tensor)
+        tensors[name] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_fingerprint": model.fingerprint(),
+        "config_name": str(model.config.name),
+        "dtype": _dtype_name(model.dtype),
+        "position": str(int(state.position)),
+        "batch_size": str(state.batch_size),
+        "layer_kinds": json.dumps(list(model.config.layers)),
+        "payload_sha256": payload_sha256(tensors),
+        "created_by": f"newllm {newllm.__version__}",
+    }
+    if tokenizer_hash is not None:
+        meta["tokenizer_hash"] = str(tokenizer_hash)
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"memory file metadata must map str to str; got {key!r}: {value!r}")
+        if key in RESERVED_KEYS or key == "__metadata__":
+            raise ValueError(f"metadata key {key!r} is reserved; reserved keys: {RESERVED_KEYS}")
+        meta[key] = value
+    data = st_save(tensors, metadata=meta)
+    if struct.unpack("<Q", data[:8])[0] > MAX_HEADER_BYTES:
+        raise ValueError(f"memory file header over {MAX_HEADER_BYTES} bytes; use less metadata")
+    if path is not None:
+        write_atomic(path, data)
+    return data
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (POSIX); best effort elsewhere
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# parsing -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: list[int]
+    begin: int  # offsets into the data region
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parsed:
+    metadata: dict[str, str]
+    entries: dict[str, _Entry]
+    data: memoryview  # the data region (after the header)
+    raw: bytes  # the whole file
+
+
+def _read_source(source: bytes | bytearray | memoryview | str | Path,
+                 max_bytes: int | None) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, Path)):
+        size = os.path.getsize(source)
+        if max_bytes is not None and size > max_bytes:
+            raise TooLargeError(f"memory file {str(source)!r} is {size} bytes, over the limit of "
+                                f"{max_bytes}")
+        data = Path(source).read_bytes()
+    else:
+        raise TypeError(f"a memory file source is bytes or a path, got {type(source).__name__}")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLargeError(f"memory file is {len(data)} bytes, over the limit of {max_bytes}")
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise NotSafetensorsError(f"header names {key!r} twice; the file is corrupt")
+        out[key] = value
+    return out
+
+
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _parse(source: Any, max_bytes: int | None) -> _Parsed:
+    """Check the safetensors framing of a file without trusting any number in it."""
+    raw = _read_source(source, max_bytes)
+    if not raw:
+        raise NotSafetensorsError("the memory file is empty (0 bytes); send the whole file")
+    if len(raw) < 8:
+        raise TruncatedError(f"the memory file is {len(raw)} bytes, cut off inside its 8-byte "
+                             f"header length; send the whole file")
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if header_len > MAX_HEADER_BYTES:
+        raise NotSafetensorsError(
+            f"header length field says {header_len} bytes (a memory file's header is at most "
+            f"{MAX_HEADER_BYTES}); this is not a newllm memory file"
+        )
+    if header_len < 2 or raw[8:9] not in (b"{", b""):
+        raise NotSafetensorsError("no JSON header after the length field: not a safetensors file")
+    if 8 + header_len > len(raw):
+        raise TruncatedError(f"the header needs {header_len} bytes but the file ends after "
+                             f"{len(raw) - 8}; the file was cut off, send the whole file")
+    try:
+        header = json.loads(raw[8:8 + header_len].decode("utf-8"),
+                            object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, MemoryFileError):
+            raise
+        raise NotSafetensorsError(f"the header is not valid JSON ({e}); not a safetensors "
+                                  f"file") from None
+    if not isinstance(header, dict):
+        raise NotSafetensorsError("the header is not a JSON object: not a safetensors file")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise NotSafetensorsError("__metadata__ must map strings to strings")
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        if not name or not isinstance(info, dict) or set(info) != {"dtype", "shape",
+                                                                   "data_offsets"}:
+            raise NotSafetensorsError(f"header entry {name!r} is not a tensor description "
+                                      f"(dtype, shape, data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise NotSafetensorsError(f"tensor {name!r} has unknown dtype {dtype!r}; known: "
+                                      f"{sorted(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise NotSafetensorsError(f"tensor {name!r} has shape {shape!r}; a shape is a list "
+                                      f"of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_uint(o) for o in offsets) or offsets[0] > offsets[1]):
+            raise NotSafetensorsError(f"tensor {name!r} has data_offsets {offsets!r}; expected "
+                                      f"[begin, end] with 0 <= begin <= end")
+        nbytes = math.prod(shape) * DTYPES[dtype][1]  # python int: no overflow
+        if offsets[1] - offsets[0] != nbytes:
+            raise NotSafetensorsError(
+                f"tensor {name!r} ({dtype}, shape {shape}) needs {nbytes} bytes but its "
+                f"data_offsets span {offsets[1] - offsets[0]}; the header is corrupt"
+            )
+        entries[name] = _Entry(name, dtype, shape, offsets[0], offsets[1])
+    cursor = 0
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != cursor:
+            what = "overlaps the previous tensor" if e.begin < cursor else "leaves a gap"
+            raise NotSafetensorsError(f"tensor {e.name!r} at bytes {e.begin}..{e.end} {what}; "
+                                      f"the header is corrupt")
+        cursor = e.end
+    available = len(raw) - 8 - header_len
+    if max_bytes is not None and 8 + header_len + cursor > max_bytes:
+        raise TooLargeError(f"the header describes {cursor} bytes of tensors, over the limit "
+                            f"of {max_bytes}")
+    if cursor > available:
+        raise TruncatedError(f"the tensors need {cursor} bytes but only {available} follow the "
+                             f"header; the file was cut off, send the whole file")
+    if cursor < available:
+        raise NotSafetensorsError(f"{available - cursor} unexpected bytes after the last tensor")
+    return _Parsed(meta, entries, memoryview(raw)[8 + header_len:], raw)
+
+
+def _parse_uint(meta: dict[str, str], key: str, low: int, high: int) -> int:
+    value = meta[key]
+    if not _DECIMAL.fullmatch(value) or not low <= int(value) <= high:
+        raise MetadataError(f"metadata {key!r} is {value[:40]!r}; expected a decimal integer in "
+                            f"[{low}, {high}]; the file is corrupt or was edited")
+    return int(value)
+
+
+def _check_metadata(meta: dict[str, str]) -> tuple[int, int, torch.dtype]:
+    """Check our keys are there and well formed; returns (position, batch size, dtype)."""
+    if meta.get("format") != FORMAT_NAME:
+        raise FormatVersionError(
+            f"a safetensors file, but not a newllm memory file (metadata format is "
+            f"{meta.get('format')!r}, expected {FORMAT_NAME!r}); export memory with save_memory"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"memory file format version {meta.get('format_version')!r} is not supported (this "
+            f"newllm reads version {FORMAT_VERSION!r}); use the newllm version that wrote it"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise MetadataError(f"memory file metadata lacks {missing}; the file is corrupt")
+    for key in ("model_fingerprint", "payload_sha256"):
+        if not _HEX64.fullmatch(meta[key]):
+            raise MetadataError(f"metadata {key!r} is not a SHA-256 hex digest")
+    try:
+        kinds = json.loads(meta["layer_kinds"])
+    except ValueError:
+        kinds = None
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise MetadataError("metadata 'layer_kinds' is not a JSON list of layer type names")
+    dtypes = {_dtype_name(dt): dt for dt, _ in DTYPES.values()}
+    if meta["dtype"] not in dtypes:
+        raise MetadataError(f"metadata dtype {meta['dtype'][:40]!r} is not a known dtype")
+    position = _parse_uint(meta, "position", 0, MAX_POSITION)
+    batch = _parse_uint(meta, "batch_size", 1, MAX_BATCH)
+    return position, batch, dtypes[meta["dtype"]]
+
+
+def read_memory_metadata(source: bytes | str | Path, *,
+                         max_bytes: int | None = None) -> dict[str, str]:
+    """The metadata of a memory file whose framing and metadata are well formed.
+
+    Checks what can be checked without a model (not the tensors' hash or values).
+    """
+    parsed = _parse(source, max_bytes)
+    _check_metadata(parsed.metadata)
+    return dict(parsed.metadata)
+
+
+# loading -----------------------------------------------------------------------------------
+def _check_model(meta: dict[str, str], model: Any, tokenizer_hash: str | None) -> None:
+    if meta["model_fingerprint"] != model.fingerprint():
+        theirs = f"config {meta.get('config_name')!r}, layers {meta['layer_kinds']}"
+        ours = f"config {model.config.name!r}, layers {json.dumps(list(model.config.layers))}"
+        why = ("the same architecture with different weights" if theirs == ours
+               else f"a different model ({theirs}; this one: {ours})")
+        raise ModelMismatchError(
+            f"this memory was written by {why} (fingerprint {meta['model_fingerprint'][:12]}..., "
+            f"this model {model.fingerprint()[:12]}...); load it into the model that wrote it"
+        )
+    theirs_tok = meta.get("tokenizer_hash")
+    if tokenizer_hash is not None and theirs_tok is not None and theirs_tok != tokenizer_hash:
+        raise TokenizerMismatchError(
+            f"this memory was written with another tokenizer ({theirs_tok[:12]}..., this one "
+            f"{tokenizer_hash[:12]}...); its token ids would mean other text here"
+        )
+
+
+def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
+                   dtype: torch.dtype) -> None:
+    expected = model.state_shapes(batch, position)
+    missing = sorted(set(expected) - set(parsed.entries))
+    extra = sorted(set(parsed.entries) - set(expected))
+    if missing or extra:
+        raise TensorMismatchError(
+            f"memory file tensors do not match the model's state: missing {missing}, "
+            f"unexpected {extra}"
+        )
+    model_dtype = ST_NAME.get(model.dtype)
+    if dtype != model.dtype:
+        raise TensorMismatchError(f"memory file dtype is {dtype}, the model runs in "
+                                  f"{model.dtype}; save the state for a {dtype} model")
+    for name, shape in expected.items():
+        e = parsed.entries[name]
+        if tuple(e.shape) != tuple(shape):
+            raise TensorMismatchError(
+                f"tensor {name!r} has shape {tuple(e.shape)}, but after {position} tokens with "
+                f"batch {batch} this model's state has {tuple(shape)}"
+            )
+        if e.dtype != model_dtype:
+            raise TensorMismatchError(f"tensor {name!r} is {e.dtype}, the model's state is "
+                                      f"{model_dtype} ({model.dtype})")
+
+
+def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str | None = None,
+                max_bytes: int | None = None) -> ModelState:
+    """A new `ModelState` for ``model`` from a memory file, after checking everything.
+
+    ``source`` is the file's bytes or its path; ``max_bytes`` bounds the file size (checked
+    before reading a path). Order of checks: framing, metadata, model fingerprint, tokenizer
+    hash (when both sides know one), tensor names, dtypes, shapes, payload hash, finiteness.
+    Nothing is changed: the model is only read, and the state is new.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    parsed = _parse(source, max_bytes)
+    position, batch, dtype = _check_metadata(parsed.metadata)
+    _check_model(parsed.metadata, model, tokenizer_hash)
+    _check_tensors(parsed, model, position, batch, dtype)
+    digest = _payload_hash([(e.name, e.dtype, e.shape, parsed.data[e.begin:e.end])
+                            for e in parsed.entries.values()])
+    if digest != parsed.metadata["payload_sha256"]:
+        raise ChecksumError("memory file tensors do not match their payload_sha256: the file "
+                            "was corrupted in transit or edited; send it again")
+    try:
+        tensors = st_load(parsed.raw)
+    except SafetensorError as e:  # safetensors' own check; ours should catch everything first
+        raise NotSafetensorsError(f"safetensors refused the file: {e}") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"tensor {name!r} holds NaN or inf; a memory like this would "
+                                 f"poison every later token; refusing it")
+    template = model.init_state(batch)
+    tensors = {n: t.to(model.device) for n, t in tensors.items()}
+    layers = []
+    for i, layer_state in enumerate(template.layers):
+        prefix = f"layers.{i}."
+        fields = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
+        layers.append(dataclasses.replace(layer_state, **fields))
+    return ModelState(position, tuple(layers), tensors.get("context.last"))

@@ -1,0 +1,424 @@
+"""Memory files: exact round trips for every layer kind, sessions that continue identically after
+moving to a fresh model object, and hostile files each refused with their own error class while
+the model and the live state stay untouched."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+import newllm.memory_file as mf
+from newllm.config import ModelConfig
+from newllm.memory_file import (
+    ChecksumError,
+    FormatVersionError,
+    MemoryFileError,
+    MetadataError,
+    ModelMismatchError,
+    NonFiniteError,
+    NotSafetensorsError,
+    TensorMismatchError,
+    TokenizerMismatchError,
+    TooLargeError,
+    TruncatedError,
+    load_memory,
+    payload_sha256,
+    read_memory_metadata,
+    save_memory,
+)
+from newllm.model import TransformerLM
+from newllm.session import Session
+from newllm.state import ModelState
+
+TINY = ["tiny-pythia", "tiny-infini", "tiny-multi-memory", "tiny-hierarchical",
+        "tiny-context-pythia", "tiny-context-kv"]
+POSITIONS = [0, 5, 16, 37]  # segment_len 16, chunk_size 8: empty, open, boundary, past two
+
+
+def make(name: str, seed: int = 0, **overrides: object) -> TransformerLM:
+    """A tiny model whose memory gates are open, so every path of the state matters."""
+    torch.manual_seed(seed)
+    model = TransformerLM(ModelConfig.from_name(name, **overrides)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("attention.gate", "expand_bias")):
+                p.uniform_(-1.0, 1.0)
+    return model
+
+
+def state_after(model: TransformerLM, n: int, batch: int = 1, seed: int = 1) -> ModelState:
+    if n == 0:
+        return model.init_state(batch)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=g)
+    with torch.no_grad():
+        return model(ids)[1]
+
+
+def assert_states_equal(a: ModelState, b: ModelState) -> None:
+    assert a.position == b.position
+    assert [type(x) for x in a.layers] == [type(x) for x in b.layers]
+    fa, fb = a.flat_tensors(), b.flat_tensors()
+    assert list(fa) == list(fb)
+    for name in fa:
+        assert fa[name].dtype == fb[name].dtype, name
+        assert fa[name].shape == fb[name].shape, name
+        assert torch.equal(fa[name].view(torch.uint8), fb[name].contiguous().view(torch.uint8)), \
+            name  # bitwise
+
+
+# round trips -------------------------------------------------------------------------------
+@pytest.mark.parametrize("position", POSITIONS, ids=lambda p: f"P{p}")
+@pytest.mark.parametrize("name", TINY)
+def test_round_trip_is_bitwise_exact(name: str, position: int) -> None:
+    model = make(name)
+    state = state_after(model, position)
+    data = save_memory(state, model)
+    loaded = load_memory(data, model)
+    assert_states_equal(state, loaded)
+    assert (loaded.context is None) == (model.context_block is None)
+    # only the views are saved: the payload is exactly the state's bytes
+    header_len = struct.unpack("<Q", data[:8])[0]
+    assert len(data) - 8 - header_len == state.nbytes()
+    meta = read_memory_metadata(data)
+    assert meta["position"] == str(position)
+    assert meta["batch_size"] == "1"
+    assert json.loads(meta["layer_kinds"]) == list(model.config.layers)
+    assert meta["model_fingerprint"] == model.fingerprint()
+    assert meta["payload_sha256"] == payload_sha256(state) == payload_sha256(loaded)
+    # the loaded state continues exactly like the original
+    ids = torch.randint(0, 500, (1, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, sa = model(ids, state)
+        b, sb = model(ids, loaded)
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    assert sb.position == sa.position == position + 13
+
+
+def test_round_trip_batch_of_two_and_views_of_bigger_buffers() -> None:
+    model = make("tiny-pythia")
+    state = state_after(model, 37, batch=2)
+    k = state.flat_tensors()["layers.1.k"]
+    assert k.untyped_storage().nbytes() > k.numel() * k.element_size()  # a view of a buffer
+    data = save_memory(state, model)
+    loaded = load_memory(data, model)
+    assert_states_equal(state, loaded)
+    assert loaded.batch_size == 2
+    assert loaded.resident_bytes() == loaded.nbytes()  # nothing spare came along
+
+
+def greedy(model: TransformerLM, state: ModelState, first: int,
+           n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Feed ``first``, then always the argmax; the tokens and the logits on the way."""
+    tokens, logits_seen, tok = [], [], first
+    with torch.no_grad():
+        for _ in range(n):
+            logits, state = model(torch.tensor([[tok]]), state, last_only=True)
+            logits_seen.append(logits[0, -1])
+            tok = int(logits[0, -1].argmax())
+            tokens.append(tok)
+    return tokens, logits_seen
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_session_moved_to_a_fresh_model_continues_identically(name: str, tmp_path: Path) -> None:
+    model = make(name, init_std=0.1)  # larger weights: clear argmax margins
+    prompt = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    session = Session(model)
+    logits = session.feed(prompt)
+    first = int(logits[-1].argmax())
+    path = tmp_path / "memory.safetensors"
+    session.save(path)
+    expected, expected_logits = greedy(model, session.get_memory_state(), first, 24)
+
+    # a fresh object with the same weights: rebuilt from the seed, and copied by state_dict
+    rebuilt = make(name, init_std=0.1)
+    copied = TransformerLM(model.config).eval()
+    copied.load_state_dict(model.state_dict())
+    for fresh in (rebuilt, copied):
+        assert fresh is not model and fresh.fingerprint() == model.fingerprint()
+        moved = Session.load(path, fresh)
+        assert moved.tokens_seen == 30
+        tokens, got_logits = greedy(fresh, moved.get_memory_state(), first, 24)
+        assert tokens == expected  # 30 + 24 tokens: crosses segment and chunk boundaries
+        torch.testing.assert_close(torch.stack(got_logits), torch.stack(expected_logits),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_save_writes_the_returned_bytes_atomically(tmp_path: Path) -> None:
+    model = make("tiny-context-kv")
+    state = state_after(model, 21)
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(b"old")
+    data = save_memory(state, model, path, tokenizer_hash="ab" * 32, metadata={"note": "hi"})
+    assert path.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temp left
+    meta = read_memory_metadata(path)
+    assert meta["note"] == "hi" and meta["tokenizer_hash"] == "ab" * 32
+    assert meta["format"] == mf.FORMAT_NAME and meta["format_version"] == mf.FORMAT_VERSION
+    assert meta["dtype"] == "float32" and meta["config_name"] == "tiny-context-kv"
+    assert_states_equal(state, load_memory(str(path), model))
+
+
+def test_save_refuses_bad_states_and_reserved_metadata() -> None:
+    model = make("tiny-infini")
+    state = state_after(model, 20)
+    with pytest.raises(ValueError, match="reserved"):
+        save_memory(state, model, metadata={"position": "3"})
+    with pytest.raises(TensorMismatchError):
+        save_memory(state_after(make("tiny-pythia"), 20), model)
+    layer0 = state.layers[0]
+    poisoned = ModelState(state.position, (type(layer0)(**{
+        **{f: getattr(layer0, f) for f in ("z", "open_k", "open_v")},
+        "memory": torch.full_like(layer0.memory, float("nan"))}),) + state.layers[1:])
+    with pytest.raises(NonFiniteError, match="layers.0.memory"):
+        save_memory(poisoned, model)
+
+
+def test_memory_file_code_has_no_pickle() -> None:
+    for module in ("memory_file.py", "session.py"):
+        source = (Path(mf.__file__).parent / module).read_text()
+        for banned in ("import pickle", "torch.load(", "weights_only=False"):
+            assert banned not in source
+
+
+# hostile files -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model() -> TransformerLM:
+    return make("tiny-infini")
+
+
+@pytest.fixture(scope="module")
+def good(model: TransformerLM) -> bytes:
+    return save_memory(state_after(model, 37), model, tokenizer_hash="a" * 64)
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def join(header: dict, payload: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + payload
+
+
+def resave(good: bytes, change, meta_change=None, rehash: bool = True) -> bytes:
+    """Re-write a valid file with its tensors changed by ``change(dict)`` (hash kept right)."""
+    from safetensors.torch import load as st_load
+
+    tensors = st_load(good)
+    change(tensors)
+    meta = split(good)[0]["__metadata__"]
+    if rehash:
+        meta["payload_sha256"] = payload_sha256(tensors)
+    if meta_change:
+        meta_change(meta)
+    return st_save(tensors, metadata=meta)
+
+
+def with_meta(good: bytes, **changes: str | None) -> bytes:
+    header, payload = split(good)
+    for k, v in changes.items():
+        if v is None:
+            header["__metadata__"].pop(k, None)
+        else:
+            header["__metadata__"][k] = v
+    return join(header, payload)
+
+
+class HashOnly:
+    """Stands in for a tokenizer: a session only asks it for its hash."""
+
+    def __init__(self, sha256: object) -> None:
+        self.sha256 = sha256
+
+
+def refused(data: bytes, error: type[MemoryFileError], model: TransformerLM,
+            match: str | None = None, **kwargs: object) -> MemoryFileError:
+    """``data`` is refused with exactly ``error``; the model and a live session are unchanged."""
+    fingerprint = model.fingerprint()
+    tokenizer = HashOnly(kwargs["tokenizer_hash"]) if "tokenizer_hash" in kwargs else None
+    session = Session(model, tokenizer)
+    session.feed(list(range(20)))
+    before = session.get_memory_state()
+    snapshot = {k: v.clone() for k, v in before.flat_tensors().items()}
+    with pytest.raises(error, match=match) as info:
+        session.restore(data, max_bytes=kwargs.get("max_bytes"))
+    assert type(info.value) is error and info.value.code == error.code
+    assert isinstance(info.value, ValueError) and str(info.value)
+    assert session.get_memory_state() is before and session.tokens_seen == 20
+    for k, v in before.flat_tensors().items():
+        assert torch.equal(v, snapshot[k])
+    assert model.fingerprint() == fingerprint
+    with pytest.raises(error):
+        load_memory(data, model, **kwargs)
+    return info.value
+
+
+def test_good_file_loads(model: TransformerLM, good: bytes) -> None:
+    assert load_memory(good, model).position == 37
+    assert load_memory(good, model, tokenizer_hash="a" * 64).position == 37
+
+
+def test_random_bytes_and_empty(model: TransformerLM) -> None:
+    rng = random.Random(0)
+    for n in (9, 100, 4096):
+        refused(rng.randbytes(n), NotSafetensorsError, model)
+    refused(b"", NotSafetensorsError, model)
+    refused(struct.pack("<Q", 40) + rng.randbytes(60), NotSafetensorsError, model)  # not JSON
+    refused(struct.pack("<Q", 10) + b"{not json}", NotSafetensorsError, model)
+    refused(join([1, 2], b""), NotSafetensorsError, model)  # type: ignore[arg-type]
+
+
+def test_truncated_at_many_offsets(model: TransformerLM, good: bytes) -> None:
+    header_end = 8 + struct.unpack("<Q", good[:8])[0]
+    cuts = set(range(1, 10)) | {header_end // 2, header_end - 1, header_end, header_end + 1,
+                                len(good) - 1} | set(range(header_end, len(good), 997))
+    for cut in sorted(cuts):
+        refused(good[:cut], TruncatedError, model, match="cut off|ends")
+
+
+def test_header_length_pointing_past_the_end(model: TransformerLM, good: bytes) -> None:
+    n = struct.unpack("<Q", good[:8])[0]
+    refused(struct.pack("<Q", n + 50_000) + good[8:], TruncatedError, model)
+    refused(struct.pack("<Q", 2**63) + good[8:], NotSafetensorsError, model)
+
+
+def test_huge_shapes_allocate_nothing(model: TransformerLM, good: bytes) -> None:
+    header, _ = split(good)
+    meta = header["__metadata__"]
+    huge = [10**6, 10**6, 10**6]
+    consistent = {"__metadata__": meta,
+                  "layers.1.k": {"dtype": "F32", "shape": huge, "data_offsets": [0, 4 * 10**18]}}
+    tracemalloc.start()
+    try:
+        refused(join(consistent, b"\0" * 64), TruncatedError, model)
+        refused(join(consistent, b"\0" * 64), TooLargeError, model, max_bytes=10**6)
+        inconsistent = {"__metadata__": meta,
+                        "layers.1.k": {"dtype": "F32", "shape": huge, "data_offsets": [0, 64]}}
+        refused(join(inconsistent, b"\0" * 64), NotSafetensorsError, model)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20  # a few MB at most, nowhere near the claimed exabytes
+
+
+def test_overlapping_gapped_and_trailing_offsets(model: TransformerLM, good: bytes) -> None:
+    header, payload = split(good)
+    overlap = json.loads(json.dumps(header))
+    overlap["layers.0.open_v"]["data_offsets"] = overlap["layers.0.open_k"]["data_offsets"]
+    refused(join(overlap, payload), NotSafetensorsError, model, match="overlaps")
+    gapped = json.loads(json.dumps(header))
+    for name, info in gapped.items():
+        if name != "__metadata__":
+            info["data_offsets"] = [o + 8 for o in info["data_offsets"]]
+    refused(join(gapped, b"\0" * 8 + payload), NotSafetensorsError, model, match="gap")
+    refused(good + b"\0" * 8, NotSafetensorsError, model, match="after the last tensor")
+    dup = json.dumps(header).encode()
+    dup = dup[:-1] + b', "__metadata__": {}}'
+    refused(struct.pack("<Q", len(dup)) + dup + payload, NotSafetensorsError, model,
+            match="twice")
+
+
+def test_unknown_and_wrong_dtypes(model: TransformerLM, good: bytes) -> None:
+    header, payload = split(good)
+    header["layers.0.z"]["dtype"] = "F99"
+    refused(join(header, payload), NotSafetensorsError, model, match="unknown dtype")
+
+    def to64(t: dict) -> None:
+        t["layers.0.open_k"] = t["layers.0.open_k"].double()
+    refused(resave(good, to64), TensorMismatchError, model, match="layers.0.open_k")
+
+    def all_half(t: dict) -> None:
+        for k in t:
+            t[k] = t[k].half()
+    refused(resave(good, all_half, lambda m: m.update(dtype="float16")), TensorMismatchError,
+            model, match="float16")
+
+
+def test_wrong_shapes_missing_and_extra_tensors(model: TransformerLM, good: bytes) -> None:
+    def longer(t: dict) -> None:
+        t["layers.0.open_k"] = torch.cat((t["layers.0.open_k"], t["layers.0.open_k"][:, :, :1]), 2)
+    refused(resave(good, longer), TensorMismatchError, model, match="layers.0.open_k")
+    # metadata says 36 tokens, tensors are those of 37
+    refused(with_meta(good, position="36"), TensorMismatchError, model, match="36 tokens")
+
+    def drop(t: dict) -> None:
+        del t["layers.0.z"]
+    refused(resave(good, drop), TensorMismatchError, model, match="layers.0.z")
+
+    def add(t: dict) -> None:
+        t["layers.0.bogus"] = torch.zeros(3)
+    refused(resave(good, add), TensorMismatchError, model, match="layers.0.bogus")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values(model: TransformerLM, good: bytes, value: float) -> None:
+    def poison(t: dict) -> None:
+        t["layers.1.v"][0, 2, 3, 3] = value
+    err = refused(resave(good, poison), NonFiniteError, model, match="layers.1.v")
+    assert "NaN or inf" in str(err)
+
+
+def test_another_models_memory(model: TransformerLM, good: bytes) -> None:
+    other_weights = make("tiny-infini", seed=5)
+    err = refused(save_memory(state_after(other_weights, 37), other_weights),
+                  ModelMismatchError, model, match="different weights")
+    assert "load it into the model that wrote it" in str(err)
+    other_config = make("tiny-pythia")
+    refused(save_memory(state_after(other_config, 37), other_config), ModelMismatchError, model,
+            match="tiny-pythia")
+    delta = make("tiny-infini", use_delta_rule=False)  # same shapes, another config
+    refused(save_memory(state_after(delta, 37), delta), ModelMismatchError, model)
+
+
+def test_format_and_version(model: TransformerLM, good: bytes) -> None:
+    refused(with_meta(good, format_version="2"), FormatVersionError, model, match="version")
+    refused(with_meta(good, format="something-else"), FormatVersionError, model)
+    header, payload = split(good)
+    del header["__metadata__"]
+    refused(join(header, payload), FormatVersionError, model, match="not a newllm memory")
+
+
+def test_tokenizer_hash(model: TransformerLM, good: bytes) -> None:
+    refused(good, TokenizerMismatchError, model, tokenizer_hash="b" * 64)
+    # either side not knowing its tokenizer: nothing to compare
+    assert load_memory(with_meta(good, tokenizer_hash=None), model,
+                       tokenizer_hash="b" * 64).position == 37
+
+
+@pytest.mark.parametrize("key,value", [
+    ("position", "-1"), ("position", "3.5"), ("position", "1e3"), ("position", " 37"),
+    ("position", "3_7"), ("position", ""), ("position", "9" * 40), ("position", "0x25"),
+    ("position", str(mf.MAX_POSITION + 1)), ("batch_size", "0"), ("batch_size", "two"),
+    ("layer_kinds", "infini"), ("dtype", "float99"), ("model_fingerprint", "abc"),
+    ("payload_sha256", None), ("position", None),
+])
+def test_bad_metadata(model: TransformerLM, good: bytes, key: str, value: str | None) -> None:
+    refused(with_meta(good, **{key: value}), MetadataError, model)
+
+
+def test_payload_hash_mismatch(model: TransformerLM, good: bytes) -> None:
+    header, payload = split(good)
+    begin = header["layers.1.k"]["data_offsets"][0]
+    flipped = bytearray(payload)
+    flipped[begin] ^= 1  # lowest mantissa bit of a float32: still finite, slightly different
+    refused(join(header, bytes(flipped)), ChecksumError, model, match="corrupted")
+    refused(with_meta(good, payload_sha256="0" * 64), ChecksumError, model)
+
+
+def test_size_limit(model: TransformerLM, good: bytes, tmp_path: Path) -> None:
+    refused(good, TooLargeError, model, max_bytes=len(good) - 1)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(good)
+    with pytest.raises(TooLargeError):
+        load_memory(path, model, max_bytes=100)
+    assert load_memory(path, model, max_bytes=len(good)).position == 37
