@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from newllm.checkpoint import from_hf, from_pretrained, load_checkpoint, save_pretrained
 from newllm.config import PRESETS, ModelConfig, config_for
+from newllm.generation import SamplingParams, generate, generate_batch, score
+from newllm.memory_file import MemoryFileError, load_memory, read_memory_metadata, save_memory
 from newllm.model import TransformerLM
+from newllm.session import Session
 from newllm.state import ModelState
+from newllm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -21,4 +26,9 @@ def create_model(kind: str, size: str = "70m", **options: Any) -> TransformerLM:
     return TransformerLM(config_for(kind, size, **options))
 
 
-__all__ = ["PRESETS", "ModelConfig", "ModelState", "TransformerLM", "config_for", "create_model"]
+__all__ = [
+    "PRESETS", "MemoryFileError", "ModelConfig", "ModelState", "SamplingParams", "Session",
+    "Tokenizer", "TransformerLM", "config_for", "create_model", "from_hf", "from_pretrained",
+    "generate", "generate_batch", "load_checkpoint", "load_memory", "read_memory_metadata",
+    "save_memory", "save_pretrained", "score",
+]

@@ -1,0 +1,69 @@
+"""Shared test fixtures: a byte-level tokenizer, tiny seeded models, a tiny checkpoint folder.
+
+Every test starts with the global RNGs seeded (autouse `_seed`), so random inputs are the same
+on every run and in any test order. Models come from the ``tiny-*`` presets (2 layers, 64 wide,
+vocab 512, segments of 16, chunks of 8), built with a fixed seed that does not depend on what
+ran before, in eval mode.
+
+    def test_something(tiny_model, byte_tokenizer, tiny_checkpoint):
+        model = tiny_model("infini")              # or tiny_model("tiny-infini", segment_len=8)
+        ids = torch.tensor([byte_tokenizer.encode("hello")])
+        folder = tiny_checkpoint                  # tmp_path/"checkpoint": tiny-infini + tokenizer
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from newllm.checkpoint import save_pretrained
+from newllm.config import PRESETS, ModelConfig, config_for
+from newllm.model import TransformerLM
+from newllm.tokenizer import Tokenizer
+
+MODEL_SEED = 0
+TINY_PRESETS = sorted(name for name in PRESETS if name.startswith("tiny-"))
+
+
+def make_tiny_model(kind: str = "pythia", seed: int = MODEL_SEED, **options: Any) -> TransformerLM:
+    """A tiny model in eval mode: ``kind`` is a model kind (``infini``) or a preset name
+    (``tiny-infini``); ``options`` override config fields. Same seed -> same weights, and the
+    global RNG is left as it was."""
+    if kind in PRESETS:
+        config = ModelConfig.from_name(kind, **options)
+    else:
+        config = config_for(kind, "tiny", **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TransformerLM(config)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(1234)
+    random.seed(1234)
+
+
+@pytest.fixture
+def byte_tokenizer() -> Tokenizer:
+    """The project's byte-level tokenizer (EOS id 0, vocab 257)."""
+    return Tokenizer.byte_level()
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., TransformerLM]:
+    """Factory: ``tiny_model(kind="pythia", seed=0, **options)`` -> eval-mode tiny model."""
+    return make_tiny_model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path, byte_tokenizer: Tokenizer) -> Path:
+    """A checkpoint folder (config.json, model.safetensors, tokenizer.json) of tiny-infini."""
+    return save_pretrained(make_tiny_model("tiny-infini"), tmp_path / "checkpoint",
+                           byte_tokenizer)
