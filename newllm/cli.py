@@ -32,6 +32,8 @@ DISPATCH: dict[str, tuple[str, str, str]] = {
     "eval": ("training.cli", "eval_main", "evaluate a model: perplexity, reversal, passkey"),
     "serve": ("server.cli", "main", "serve a checkpoint with the OpenAI-compatible API"),
     "bench": ("benchmarks.cli", "main", "run the benchmarks"),
+    "client": ("clients.cli", "main",
+               "talk to a running server: chat, sessions, memory export/import/move"),
 }
 INFO_POSITIONS = (1_000, 8_000, 64_000)  # context lengths `info` reports state sizes at
 

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import struct
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -165,8 +166,6 @@ def save_memory(state: ModelState, model: Any, path: str | Path | None = None, *
     (keys must not clash with the reserved ones). A state with NaN/inf is refused: a file that
     no model would load is no use to anyone.
     """
-    from safetensors.torch import save as st_save
-
     import newllm  # late: newllm/__init__ may import this module
 
     expected = model.state_shapes(state.batch_size, state.position)
@@ -208,12 +207,32 @@ def save_memory(state: ModelState, model: Any, path: str | Path | None = None, *
         if key in RESERVED_KEYS or key == "__metadata__":
             raise ValueError(f"metadata key {key!r} is reserved; reserved keys: {RESERVED_KEYS}")
         meta[key] = value
-    data = st_save(tensors, metadata=meta)
+    data = serialize(tensors, meta)
     if struct.unpack("<Q", data[:8])[0] > MAX_HEADER_BYTES:
         raise ValueError(f"memory file header over {MAX_HEADER_BYTES} bytes; use less metadata")
     if path is not None:
         write_atomic(path, data)
     return data
+
+
+def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes with a canonical layout: tensors and metadata keys in sorted order,
+    compact JSON, header padded with spaces to 8 bytes. The same state always gives the same
+    bytes, so an exported file re-exported after an import is identical byte for byte."""
+    if sys.byteorder != "little":  # safetensors stores little-endian
+        raise RuntimeError("memory files are written on little-endian machines only")
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": ST_NAME[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

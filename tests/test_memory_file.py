@@ -167,6 +167,22 @@ def test_save_writes_the_returned_bytes_atomically(tmp_path: Path) -> None:
     assert_states_equal(state, load_memory(str(path), model))
 
 
+def test_files_are_canonical_and_standard_safetensors() -> None:
+    """The same state gives the same bytes (re-export after import is identical), and
+    safetensors' own loader reads our files."""
+    from safetensors.torch import load as st_load
+
+    model = make("tiny-infini")
+    state = state_after(model, 21)
+    data = save_memory(state, model, metadata={"b": "2", "a": "1"})
+    assert save_memory(state, model, metadata={"a": "1", "b": "2"}) == data
+    again = save_memory(load_memory(data, model), model, metadata={"a": "1", "b": "2"})
+    assert again == data
+    loaded = st_load(data)
+    for name, t in state.flat_tensors().items():
+        assert torch.equal(loaded[name], t)
+
+
 def test_save_refuses_bad_states_and_reserved_metadata() -> None:
     model = make("tiny-infini")
     state = state_after(model, 20)
