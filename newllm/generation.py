@@ -344,7 +344,6 @@ class GenerationRun:
         self.finish_reason, self.state = "length", state
 
 
-_Run = GenerationRun  # the name server/engine.py imported first; prefer GenerationRun
 
 
 class TokenStream:

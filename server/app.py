@@ -1,0 +1,423 @@
+"""The LitServe app: routes, workers, auth, limits and metrics, put together by `build_server`.
+
+Processes (LitServe 0.2.19): the main process loads the model once (to log its fingerprint and
+to validate uploaded memory files), forks the HTTP server processes (uvicorn; they inherit that
+model) and spawns the inference workers (each loads its own copy in `NewllmAPI.setup`). HTTP
+handlers put jobs on LitServe's shared request queue; whichever worker takes a job serves it
+with `server.engine.Engine` under `SessionLoop`, and its events come back through LitServe's
+response queues.
+
+Routes (all declared by `SessionSpec`, a custom `LitSpec`, so generation feeds the workers):
+
+=========================================  ==================================================
+``POST /v1/chat/completions``              chat, streaming or not (worker)
+``POST /v1/completions``                   completions with echo and logprobs (worker)
+``GET /v1/models``, ``/v1/models/{id}``    the served model
+``GET /v1/sessions``                       sessions: id, tokens seen, bytes, last used
+``GET /v1/sessions/{id}/memory``           the session's memory file (safetensors) + headers
+``PUT /v1/sessions/{id}/memory``           validate a memory file and install it atomically
+``DELETE /v1/sessions/{id}``               forget a session
+``GET /metrics``                           Prometheus text format, merged over processes
+``GET /health``                            LitServe's: 200 once every worker loaded the model
+=========================================  ==================================================
+
+Memory routes run in the HTTP processes (file I/O and validation only) under the session's lock.
+`server.http.Guard` checks the API key on every route except ``/health``, limits request
+bodies and counts requests; every error is JSON in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import litserve as ls
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.loops.base import LitLoop
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+
+from newllm.memory_file import MemoryFileError, load_memory, read_memory_metadata, save_memory
+from server import metrics
+from server.http import Guard, install_error_handlers, read_json
+from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
+from server.protocol import parse as parse_request
+from server.responses import DONE, Builder, ChatBuilder, CompletionBuilder, sse
+from server.settings import ServerSettings
+from server.store import SessionIdError, SessionStore, StoreFull, check_session_id
+from server.transcript import Transcript
+
+log = logging.getLogger("newllm.server")
+
+LOCK_WAIT_S = 30.0  # how long a memory route waits for a session's running turn
+EXPORT_HEADERS = {  # memory file metadata key -> response header of GET .../memory
+    "position": "X-Newllm-Tokens-Seen", "model_fingerprint": "X-Newllm-Model-Fingerprint",
+    "tokenizer_hash": "X-Newllm-Tokenizer-Hash", "payload_sha256": "X-Newllm-Payload-Sha256",
+    "format_version": "X-Newllm-Format-Version", "dtype": "X-Newllm-Dtype",
+    "session.kind": "X-Newllm-Session-Kind", "session.turns": "X-Newllm-Session-Turns",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str
+    created: int
+    parameters: int
+    layers: tuple[str, ...]
+    dtype: str
+    vocab_size: int
+
+    def card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created,
+                "owned_by": "newllm", "fingerprint": self.fingerprint,
+                "parameters": self.parameters, "layers": list(self.layers), "dtype": self.dtype}
+
+
+# worker side -----------------------------------------------------------------------------------
+class SessionLoop(LitLoop):
+    """Replaces LitServe's request loops: the worker runs `Engine.serve` until shutdown."""
+
+    def __call__(self, lit_api: Any, device: Any, worker_id: int, request_queue: Any,
+                 transport: Any, workers_setup_status: Any, callback_runner: Any) -> None:
+        def send(rqid: int, uid: str, data: Any) -> None:
+            status = LitAPIStatus.OK if data is not None else LitAPIStatus.FINISH_STREAMING
+            self.put_response(transport, rqid, uid, "" if data is None else data, status,
+                              LoopResponseType.STREAMING)
+
+        try:
+            lit_api.engine.serve(request_queue, send, lit_api.max_batch_size)
+        except (KeyboardInterrupt, EOFError, BrokenPipeError, ConnectionError):
+            pass  # the server is shutting down
+
+
+class NewllmAPI(ls.LitAPI):
+    """Loads the model in each worker; `SessionLoop` drives its `Engine` (predict is unused)."""
+
+    def __init__(self, settings: ServerSettings, spec: SessionSpec) -> None:
+        super().__init__(max_batch_size=settings.max_batch_size, spec=spec, loop=SessionLoop())
+        self.settings = settings
+
+    def setup(self, device: Any) -> None:
+        import torch
+
+        from newllm.checkpoint import load_checkpoint
+        from server.engine import Engine, worker_threads
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops workers
+        torch.set_num_threads(worker_threads(self.settings.threads, self.settings.workers))
+        s = self.settings
+        model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=s.dtype)
+        model.eval()
+        store = SessionStore(s.session_dir, s.max_sessions)
+        self.engine = Engine(model, tokenizer, store, s.max_prompt_tokens)
+
+    def predict(self, x: Any) -> Any:
+        raise RuntimeError("SessionLoop drives the Engine; LitAPI.predict is never called")
+
+    def authorize(self) -> None:
+        """Auth is done by `Guard` for every route; this only stops LitServe adding its own."""
+
+
+# HTTP side ---------------------------------------------------------------------------------------
+def _session_id(session_id: str) -> str:
+    try:
+        return check_session_id(session_id)
+    except SessionIdError as e:
+        raise ApiError(400, str(e), code="invalid_session_id", param="session_id") from None
+
+
+class SessionSpec(LitSpec):
+    """Declares every route; generation routes feed LitServe's workers (see module doc)."""
+
+    def __init__(self, settings: ServerSettings, info: ModelInfo, store: SessionStore) -> None:
+        super().__init__()
+        self.api_path = "/v1/chat/completions"
+        self.settings, self.info, self.store = settings, info, store
+        self._validator: tuple[Any, str] | None = None  # (model, tokenizer sha) in HTTP processes
+        for path, endpoint, methods in [
+            ("/v1/chat/completions", self.chat_completions, ["POST"]),
+            ("/v1/completions", self.completions, ["POST"]),
+            ("/v1/models", self.models, ["GET"]),
+            ("/v1/models/{model_id:path}", self.model_card, ["GET"]),
+            ("/v1/sessions", self.sessions, ["GET"]),
+            ("/v1/sessions/{session_id}/memory", self.export_memory, ["GET"]),
+            ("/v1/sessions/{session_id}/memory", self.import_memory, ["PUT"]),
+            ("/v1/sessions/{session_id}", self.delete_session, ["DELETE"]),
+            ("/metrics", self.metrics, ["GET"]),
+        ]:
+            self.add_endpoint(path, endpoint, methods)
+
+    @property
+    def stream(self) -> bool:
+        return True  # every job answers with a stream of events
+
+    def attach_validator(self, model: Any, tokenizer_sha: str) -> None:
+        self._validator = (model, tokenizer_sha)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_validator"] = None  # workers load their own model
+        return state
+
+    def decode_request(self, request: Any, context_kwargs: Any = None) -> Any:
+        return request
+
+    def encode_response(self, output: Any, context_kwargs: Any = None) -> Any:
+        return output
+
+    # generation ----------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        t0 = time.monotonic()
+        req = parse_request(ChatRequest, await read_json(request))
+        self._check_model(req.model)
+        job = chat_job(req, self.settings.max_tokens_limit)
+        builder = ChatBuilder(self.info.name, self._fp(), job["n"], logprobs=job["logprobs"],
+                              include_usage=bool(req.stream_options and
+                                                 req.stream_options.include_usage))
+        return await self._respond(job, builder, bool(req.stream), "/v1/chat/completions", t0)
+
+    async def completions(self, request: Request) -> Response:
+        t0 = time.monotonic()
+        req = parse_request(CompletionRequest, await read_json(request))
+        self._check_model(req.model)
+        job = completion_job(req, self.settings.max_tokens_limit, self.info.vocab_size)
+        builder = CompletionBuilder(self.info.name, self._fp(), job["n"] * len(job["prompts"]),
+                                    logprobs=job["logprobs"] is not None,
+                                    include_usage=bool(req.stream_options and
+                                                       req.stream_options.include_usage))
+        return await self._respond(job, builder, bool(req.stream), "/v1/completions", t0)
+
+    def _fp(self) -> str:
+        return "fp_" + self.info.fingerprint[:12]
+
+    def _check_model(self, name: str) -> None:
+        if name != self.info.name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{self.info.name!r} (GET /v1/models)", code="model_not_found",
+                           param="model")
+
+    async def _events(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Submit a job to the workers and yield its events until it finishes."""
+        uid = uuid.uuid4().hex
+        queue: deque[Any] = deque()
+        event = asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
+        try:
+            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
+            while True:
+                await event.wait()
+                while queue:
+                    data, status = queue.popleft()
+                    if status == LitAPIStatus.FINISH_STREAMING:
+                        return
+                    if status == LitAPIStatus.ERROR:
+                        log.error("a worker failed on request %s", uid)
+                        yield {"t": "error", "status": 500, **ApiError(
+                            500, "the inference worker failed", code="internal_error").body()}
+                        return
+                    yield data
+                event.clear()
+        finally:
+            self.response_buffer.pop(uid, None)
+
+    async def _respond(self, job: dict[str, Any], builder: Builder, stream: bool, route: str,
+                       t0: float) -> Response:
+        events = self._events(job)
+        first = await anext(events, None)
+        if first is None or first["t"] == "error":
+            await events.aclose()
+            raise ApiError.from_body(first["status"] if first else 500, first or {})
+        if stream:
+            return StreamingResponse(self._stream(first, events, builder, route, t0),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        builder.add(first)
+        first_token = True
+        async for ev in events:
+            if ev["t"] == "error":
+                raise ApiError.from_body(ev["status"], ev)
+            if ev["t"] == "tok" and first_token:
+                metrics.TTFT.labels(route).observe(time.monotonic() - t0)
+                first_token = False
+            builder.add(ev)
+        self._count_tokens(builder)
+        return JSONResponse(builder.response())
+
+    async def _stream(self, first: dict[str, Any], events: AsyncIterator[dict[str, Any]],
+                      builder: Builder, route: str, t0: float) -> AsyncIterator[str]:
+        first_token = True
+        try:
+            for chunk in builder.add(first):
+                yield sse(chunk)
+            async for ev in events:
+                if ev["t"] == "error":
+                    metrics.ERRORS.labels(ev["error"]["code"]).inc()
+                    yield sse({"error": ev["error"]})
+                    return
+                if ev["t"] == "tok" and first_token:
+                    metrics.TTFT.labels(route).observe(time.monotonic() - t0)
+                    first_token = False
+                for chunk in builder.add(ev):
+                    yield sse(chunk)
+            self._count_tokens(builder)
+            yield DONE
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - becomes a well-formed error event
+            log.exception("streaming failed")
+            metrics.ERRORS.labels("internal_error").inc()
+            yield sse(ApiError(500, f"streaming failed: {e}", code="internal_error").body())
+        finally:
+            await events.aclose()
+
+    @staticmethod
+    def _count_tokens(builder: Builder) -> None:
+        if builder.usage:
+            metrics.TOKENS.labels("prompt").inc(builder.usage["prompt_tokens"])
+            metrics.TOKENS.labels("completion").inc(builder.usage["completion_tokens"])
+
+    # models ------------------------------------------------------------------------------------
+    async def models(self) -> Response:
+        return JSONResponse({"object": "list", "data": [self.info.card()]})
+
+    async def model_card(self, model_id: str) -> Response:
+        self._check_model(model_id)
+        return JSONResponse(self.info.card())
+
+    # sessions ----------------------------------------------------------------------------------
+    async def sessions(self) -> Response:
+        infos = await asyncio.to_thread(self.store.list)
+        return JSONResponse({"object": "list", "data": [i.to_json() for i in infos]})
+
+    async def export_memory(self, session_id: str) -> Response:
+        sid = _session_id(session_id)
+        data = await asyncio.to_thread(self.store.read, sid)
+        if data is None:
+            metrics.TRANSFERS.labels("export", "refused").inc()
+            raise ApiError(404, f"no session {sid!r}", code="session_not_found",
+                           param="session_id")
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        headers = {"Content-Disposition": f'attachment; filename="{sid}.safetensors"',
+                   "X-Newllm-Session-Id": sid}
+        for key, header in EXPORT_HEADERS.items():
+            value = str(meta.get(key, ""))
+            if value and value.isascii() and value.isprintable():
+                headers[header] = value
+        metrics.TRANSFERS.labels("export", "ok").inc()
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    async def import_memory(self, session_id: str, request: Request) -> Response:
+        sid = _session_id(session_id)
+        body = await request.body()
+        try:
+            result = await asyncio.to_thread(self._install, sid, body)
+        except ApiError:
+            metrics.TRANSFERS.labels("import", "refused").inc()
+            raise
+        metrics.TRANSFERS.labels("import", "ok").inc()
+        return JSONResponse(result, status_code=201 if result["created"] else 200)
+
+    def _install(self, sid: str, body: bytes) -> dict[str, Any]:
+        if self._validator is None:
+            raise ApiError(503, "this process cannot validate memory files", code="unavailable")
+        model, tokenizer_sha = self._validator
+        limit = self.settings.max_request_bytes
+        try:
+            state = load_memory(body, model, tokenizer_hash=tokenizer_sha, max_bytes=limit)
+            transcript = Transcript.from_metadata(read_memory_metadata(body))
+        except MemoryFileError as e:
+            raise ApiError(413 if e.code == "too_large" else 400, f"memory file refused: {e}",
+                           code=e.code, param="body") from None
+        except ValueError as e:
+            raise ApiError(400, f"memory file refused: {e}", code="bad_metadata",
+                           param="body") from None
+        data = save_memory(state, model, tokenizer_hash=tokenizer_sha,
+                           metadata=transcript.to_metadata())
+        locks = self.store.locks()
+        if not locks.acquire(sid, LOCK_WAIT_S):
+            raise ApiError(409, f"session {sid!r} stayed busy for {LOCK_WAIT_S:.0f} s; retry",
+                           code="session_busy", param="session_id")
+        try:
+            created = not self.store.exists(sid)
+            self.store.write(sid, data, locks)
+        except StoreFull as e:
+            raise ApiError(503, str(e), code="too_many_sessions") from None
+        finally:
+            locks.release(sid)
+        return {"id": sid, "object": "session", "created": created,
+                "tokens_seen": state.position, "bytes": len(data), "kind": transcript.kind,
+                "turns": transcript.turns}
+
+    async def delete_session(self, session_id: str) -> Response:
+        sid = _session_id(session_id)
+
+        def delete() -> bool:
+            locks = self.store.locks()
+            if not locks.acquire(sid, LOCK_WAIT_S):
+                raise ApiError(409, f"session {sid!r} stayed busy for {LOCK_WAIT_S:.0f} s; "
+                               "retry", code="session_busy", param="session_id")
+            try:
+                return self.store.delete(sid, locks)
+            finally:
+                locks.release(sid)
+
+        if not await asyncio.to_thread(delete):
+            raise ApiError(404, f"no session {sid!r}", code="session_not_found",
+                           param="session_id")
+        return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
+
+    async def metrics(self) -> Response:
+        body = await asyncio.to_thread(metrics.render, self.store)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
+
+# assembly --------------------------------------------------------------------------------------
+def model_info(model: Any, name: str | None) -> ModelInfo:
+    return ModelInfo(name=name or str(model.config.name), fingerprint=model.fingerprint(),
+                     created=int(time.time()), parameters=model.num_parameters(),
+                     layers=tuple(model.config.layers),
+                     dtype=str(model.dtype).removeprefix("torch."),
+                     vocab_size=int(model.config.vocab_size))
+
+
+def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.LitServer:
+    """The LitServer for ``settings``; ``model``/``tokenizer`` validate uploads in HTTP processes.
+
+    Workers load their own copy of the checkpoint (``settings.checkpoint``), which must be the
+    same model: the fingerprint written into every memory file is checked on every load.
+    """
+    settings.check()
+    store = SessionStore(settings.session_dir, settings.max_sessions)
+    store.prepare()
+    info = model_info(model, settings.model_name)
+    spec = SessionSpec(settings, info, store)
+    spec.attach_validator(model, tokenizer.sha256)
+    api = NewllmAPI(settings, spec)
+    accelerator = "cpu"
+    if settings.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            accelerator = "cuda"
+        elif settings.device == "cuda":
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    server = ls.LitServer(
+        api, accelerator=accelerator, devices=1, workers_per_device=settings.workers,
+        timeout=False, model_metadata=info.card(),
+        middlewares=[(Guard, {"api_key": settings.api_key,
+                              "max_bytes": settings.max_request_bytes})],
+    )
+    server.uvicorn_graceful_timeout = 10
+    install_error_handlers(server.app)
+    return server

@@ -1,0 +1,148 @@
+"""HTTP plumbing shared by every route: the `Guard` middleware and OpenAI-shaped errors.
+
+`Guard` (pure ASGI, outermost) checks the API key (``Authorization: Bearer <key>`` or
+``X-API-Key``) on every route except ``/health``, refuses bodies over ``--max-request-bytes``
+with 413 (from Content-Length, or while the body is read), and counts requests by route and
+status with their latency. `install_error_handlers` turns every error, FastAPI's own 404/405
+included, into ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import metrics
+from server.protocol import ApiError
+
+log = logging.getLogger("newllm.server")
+
+EXEMPT = ("/health",)  # routes that need no API key
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body:
+        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_body")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}",
+                       code="invalid_json") from None
+
+
+
+_ROUTES = {"/", "/health", "/info", "/metrics", "/v1/models", "/v1/sessions",
+           "/v1/chat/completions", "/v1/completions"}
+
+
+def route_label(path: str) -> str:
+    """A bounded route name for metrics (ids never become label values)."""
+    if path in _ROUTES:
+        return path
+    if path.startswith("/v1/sessions/"):
+        return "/v1/sessions/{id}/memory" if path.endswith("/memory") else "/v1/sessions/{id}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return "other"
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware: API key, request body limit, request metrics (see module docstring)."""
+
+    def __init__(self, app: Any, api_key: str | None, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route, t0, status = route_label(scope["path"]), time.monotonic(), [500]
+
+        async def send_counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                metrics.REQUESTS.labels(route, str(status[0])).inc()
+                metrics.LATENCY.labels(route).observe(time.monotonic() - t0)
+            await send(message)
+
+        headers = dict(scope["headers"])
+        refusal = self._refuse(scope["path"], headers)
+        if refusal is not None:
+            metrics.ERRORS.labels(refusal.code).inc()
+            await _error_response(refusal)(scope, receive, send_counted)
+            return
+        seen = 0
+
+        async def receive_limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError(413, f"the request body is over {self.max_bytes} bytes "
+                               "(--max-request-bytes)", code="request_too_large")
+            return message
+
+        await self.app(scope, receive_limited, send_counted)
+
+    def _refuse(self, path: str, headers: dict[bytes, bytes]) -> ApiError | None:
+        if self.api_key is not None and path not in EXEMPT:
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+            if not hmac.compare_digest(token.strip(), self.api_key):
+                return ApiError(401, "missing or invalid API key; send 'Authorization: Bearer "
+                                "<key>'", code="invalid_api_key", type="authentication_error")
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return ApiError(400, "invalid Content-Length", code="invalid_body")
+            if int(length) > self.max_bytes:
+                return ApiError(413, f"the request body is {int(length)} bytes, over the limit "
+                                f"of {self.max_bytes} (--max-request-bytes)",
+                                code="request_too_large")
+        return None
+
+
+def install_error_handlers(app: Any) -> None:
+    """Every error as OpenAI-shaped JSON, counted by code."""
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        metrics.ERRORS.labels(exc.code).inc()
+        return _error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        error = ApiError(exc.status_code, str(exc.detail), code=code)
+        metrics.ERRORS.labels(code).inc()
+        return _error_response(error)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        metrics.ERRORS.labels("invalid_value").inc()
+        return _error_response(ApiError(400, f"invalid request: {exc}", code="invalid_value"))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        metrics.ERRORS.labels("internal_error").inc()
+        return _error_response(ApiError(500, "internal server error", code="internal_error"))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)

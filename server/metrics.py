@@ -1,0 +1,75 @@
+"""Prometheus metrics, aggregated over every process of the server.
+
+LitServe has no Prometheus integration and runs several processes (HTTP servers, workers), so
+the metrics use prometheus_client's multiprocess mode: `server.cli` sets
+``PROMETHEUS_MULTIPROC_DIR`` to a fresh folder *before* anything imports prometheus_client, each
+process writes its values to memory-mapped files there, and ``GET /metrics`` merges them with a
+`MultiProcessCollector`. Without that variable (e.g. an app built in a test process) the
+metrics fall back to the default single-process registry.
+
+Counted in the HTTP processes (they see every request, status and latency):
+``newllm_requests_total{route,status}``, ``newllm_request_seconds{route}``,
+``newllm_time_to_first_token_seconds{route}``, ``newllm_tokens_total{kind=prompt|completion}``,
+``newllm_memory_transfers_total{op=export|import,result=ok|refused}``,
+``newllm_errors_total{code}``. Counted in the workers: ``newllm_decode_batch_size``
+(choices decoded together per step). Read from the session directory at scrape time:
+``newllm_sessions`` and ``newllm_session_memory_bytes``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+REQUESTS = Counter("newllm_requests", "HTTP requests by route and status", ["route", "status"])
+LATENCY = Histogram("newllm_request_seconds", "time from request to last byte", ["route"],
+                    buckets=LATENCY_BUCKETS)
+TTFT = Histogram("newllm_time_to_first_token_seconds", "time from request to the first token",
+                 ["route"], buckets=TTFT_BUCKETS)
+TOKENS = Counter("newllm_tokens", "tokens read (prompt) and generated (completion)", ["kind"])
+TRANSFERS = Counter("newllm_memory_transfers", "memory exports and imports", ["op", "result"])
+ERRORS = Counter("newllm_errors", "error responses by error code", ["code"])
+BATCH = Histogram("newllm_decode_batch_size", "choices decoded together per step (workers)",
+                  buckets=(1, 2, 4, 8, 16, 32, 64))
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class SessionCollector:
+    """Gauges read from the session store when /metrics is scraped."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Any:
+        count, size = self.store.total_bytes()
+        yield GaugeMetricFamily("newllm_sessions", "sessions in the session directory",
+                                value=count)
+        yield GaugeMetricFamily("newllm_session_memory_bytes",
+                                "bytes of all session memory files", value=size)
+
+
+def render(store: Any) -> bytes:
+    """The text exposition of every metric, merged over processes."""
+    sessions = CollectorRegistry()
+    sessions.register(SessionCollector(store))
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest(REGISTRY) + generate_latest(sessions)
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry) + generate_latest(sessions)

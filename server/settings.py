@@ -1,0 +1,79 @@
+"""Run settings of `newllm serve`: one dataclass whose field help strings become CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+API_KEY_ENV = "NEWLLM_API_KEY"
+MiB = 1 << 20
+
+
+def default_session_dir() -> str:
+    """``$XDG_DATA_HOME/newllm/sessions`` (``~/.local/share/newllm/sessions``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "newllm" / "sessions")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServerSettings:
+    """How to serve a model; validated by `check`."""
+
+    checkpoint: str | None = _f(None, "checkpoint folder, preset name, GPT-NeoX folder or hub id "
+                                   "(default: the bundled checkpoint)")
+    host: str = _f("127.0.0.1", "127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface)")
+    port: int = _f(8000, "TCP port (1024-65535)")
+    workers: int = _f(1, "inference worker processes (each loads the model)")
+    threads: int = _f(1, "torch threads per worker (0: CPU cores / workers); 1 is fastest for "
+                         "small models and on busy machines")
+    api_servers: int = _f(1, "HTTP server processes")
+    session_dir: str = _f("", "folder of session memory files "
+                              "(default: ~/.local/share/newllm/sessions)")
+    api_key: str | None = _f(None, "Bearer key required on every route but /health "
+                                   "(default: $NEWLLM_API_KEY)")
+    max_batch_size: int = _f(1, "sessions decoded together per worker (1 = no batching)")
+    max_sessions: int = _f(1000, "sessions kept; the least recently used idle one is evicted")
+    max_request_bytes: int = _f(32 * MiB, "largest request body (also the largest memory upload)")
+    max_tokens_limit: int = _f(4096, "largest max_tokens a request may ask for")
+    max_prompt_tokens: int = _f(16384, "largest prompt (new tokens of one request)")
+    dtype: str | None = _f(None, "float32, bfloat16 or float16 (default: the checkpoint's)")
+    device: str = _f("auto", "auto (cuda if available), cpu or cuda")
+    model_name: str | None = _f(None, "the id /v1/models lists (default: the model's config name)")
+    log_level: str = _f("info", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        if not self.session_dir:
+            self.session_dir = default_session_dir()
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.host == "localhost":
+            self.host = "127.0.0.1"
+
+    def check(self) -> None:
+        if self.host not in ("127.0.0.1", "0.0.0.0", "::"):
+            raise ValueError(f"--host must be 127.0.0.1, 0.0.0.0 or :: (LitServe binds only "
+                             f"these), got {self.host!r}")
+        if not 1024 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 1024 and 65535, got {self.port}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        for name in ("workers", "api_servers", "max_batch_size", "max_sessions",
+                     "max_request_bytes", "max_tokens_limit", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(self, name)}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.api_key is not None and (len(self.api_key) < 8 or not self.api_key.isprintable()
+                                         or " " in self.api_key):
+            raise ValueError("the API key must be at least 8 printable characters without "
+                             "spaces")
+

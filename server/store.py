@@ -1,0 +1,280 @@
+"""The session store: one memory file per session in a directory, the source of truth.
+
+LitServe workers are separate processes and any of them may get any request, so no session lives
+only in a worker's memory. A session ``abc`` is the file ``{dir}/abc.safetensors``: a newllm
+memory file (`newllm.memory_file`) whose metadata also carries the session's `Transcript`
+(``session.*`` keys). Files are replaced atomically (temp file + fsync + rename), so a reader
+(``GET .../memory``) always sees a whole file, old or new.
+
+Locks: one exclusive ``fcntl.flock`` per session, held for a whole turn (load, generate, save),
+so concurrent turns of one session run one after the other and none is lost, while sessions of
+different ids run in parallel. Lock files are *stripes*, ``{dir}/.locks/NNN.lock`` chosen by a
+hash of the id, never deleted (deleting a lock file others wait on breaks flock) and bounded in
+number; two ids sharing a stripe only ever wait for each other. `StripeLocks` counts stripes it
+holds, so one worker can hold two sessions of one stripe in the same batch. Workers only ever
+*try* locks (never block while holding one), so no two processes can deadlock.
+
+``--max-sessions`` policy: when a new session would exceed the limit, the least recently used
+*idle* session (its lock free) is evicted (deleted) to make room; the eviction is logged and
+counted in ``/metrics``. If every session is busy, the new one is refused (HTTP 503). Existing
+sessions are never refused.
+
+Session ids: 1 to 128 characters from ``A-Z a-z 0-9 . _ -``, starting with a letter or digit,
+so an id is always a plain file name (no ``/``, no ``..``, no hidden files).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from newllm.memory_file import write_atomic
+
+log = logging.getLogger("newllm.server")
+
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SUFFIX = ".safetensors"
+NUM_STRIPES = 1024
+MAX_HEADER = 1 << 20
+
+
+class SessionIdError(ValueError):
+    """A session id that is not a plain, safe name (HTTP 400)."""
+
+
+class StoreFull(RuntimeError):
+    """--max-sessions reached and every session is busy (HTTP 503)."""
+
+
+def check_session_id(session_id: object) -> str:
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+        shown = repr(session_id)[:60]
+        raise SessionIdError(
+            f"invalid session id {shown}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return session_id
+
+
+def _stripe(session_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:4], "big") % NUM_STRIPES
+
+
+class StripeLocks:
+    """Session locks held by one thread of one process (see the module docstring).
+
+    Not thread-safe: a worker (single-threaded) keeps one; HTTP handlers make one per request.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fds: dict[int, list[int]] = {}  # stripe -> [fd, holders]
+        self._held: set[str] = set()
+
+    def try_acquire(self, session_id: str) -> bool:
+        """Lock ``session_id`` without waiting; False if anyone (even this object) holds it."""
+        if session_id in self._held:
+            return False
+        stripe = _stripe(session_id)
+        if stripe in self._fds:
+            self._fds[stripe][1] += 1
+        else:
+            fd = os.open(self.folder / f"{stripe:04d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._fds[stripe] = [fd, 1]
+        self._held.add(session_id)
+        return True
+
+    def acquire(self, session_id: str, timeout: float, poll: float = 0.01) -> bool:
+        """Try until ``timeout`` seconds have passed (for HTTP handlers, which hold no other)."""
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire(session_id):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+        return True
+
+    def release(self, session_id: str) -> None:
+        self._held.discard(session_id)
+        stripe = _stripe(session_id)
+        entry = self._fds.get(stripe)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._fds[stripe]
+            fcntl.flock(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+    def holds(self, session_id: str) -> bool:
+        return session_id in self._held
+
+    def release_all(self) -> None:
+        for session_id in list(self._held):
+            self.release(session_id)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    tokens_seen: int
+    bytes: int
+    last_used: float  # unix time of the last change
+    kind: str
+    turns: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "object": "session", "tokens_seen": self.tokens_seen,
+                "bytes": self.bytes, "last_used": round(self.last_used, 3), "kind": self.kind,
+                "turns": self.turns}
+
+
+def read_header_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, reading only its header (for listings)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path.name} is truncated")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise ValueError(f"{path.name} has an oversized header")
+        header = json.loads(f.read(n))
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+class SessionStore:
+    """Files, locks and the session limit of one session directory (picklable: paths only)."""
+
+    def __init__(self, folder: str | Path, max_sessions: int = 1000) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.folder = Path(folder).expanduser().resolve()
+        self.max_sessions = max_sessions
+        self.lock_folder = self.folder / ".locks"
+
+    def prepare(self) -> None:
+        """Create the folders and remove temp files a killed writer may have left."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock_folder.mkdir(exist_ok=True)
+        for tmp in self.folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def locks(self) -> StripeLocks:
+        return StripeLocks(self.lock_folder)
+
+    def path(self, session_id: str) -> Path:
+        return self.folder / f"{check_session_id(session_id)}{SUFFIX}"
+
+    def exists(self, session_id: str) -> bool:
+        return self.path(session_id).is_file()
+
+    def read(self, session_id: str) -> bytes | None:
+        try:
+            return self.path(session_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def ids(self) -> list[str]:
+        return sorted(p.name[:-len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}")
+                      if SESSION_ID.fullmatch(p.name[:-len(SUFFIX)]))
+
+    def info(self, session_id: str) -> SessionInfo | None:
+        path = self.path(session_id)
+        try:
+            st = path.stat()
+            meta = read_header_metadata(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("session file %s is unreadable: %s", path, e)
+            return SessionInfo(session_id, -1, 0, 0.0, "unreadable", 0)
+        position = meta.get("position", "0")
+        turns = meta.get("session.turns", "0")
+        return SessionInfo(session_id, int(position) if position.isdigit() else -1, st.st_size,
+                           st.st_mtime, meta.get("session.kind", ""),
+                           int(turns) if turns.isdigit() else 0)
+
+    def list(self) -> list[SessionInfo]:
+        infos = [self.info(i) for i in self.ids()]
+        return sorted((i for i in infos if i is not None), key=lambda i: -i.last_used)
+
+    def total_bytes(self) -> tuple[int, int]:
+        """(number of sessions, bytes of their files)."""
+        n = size = 0
+        for p in self.folder.glob(f"*{SUFFIX}"):
+            try:
+                size += p.stat().st_size
+                n += 1
+            except FileNotFoundError:
+                pass
+        return n, size
+
+    def write(self, session_id: str, data: bytes, locks: StripeLocks) -> list[str]:
+        """Install ``data`` for a session whose lock ``locks`` holds; returns evicted ids."""
+        if not locks.holds(session_id):
+            raise RuntimeError(f"writing session {session_id!r} without holding its lock")
+        path = self.path(session_id)
+        evicted: list[str] = []
+        if not path.exists():
+            evicted = self._make_room(session_id, locks)
+        write_atomic(path, data)
+        return evicted
+
+    def delete(self, session_id: str, locks: StripeLocks) -> bool:
+        if not locks.holds(session_id):
+            raise RuntimeError(f"deleting session {session_id!r} without holding its lock")
+        try:
+            self.path(session_id).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _make_room(self, new_id: str, locks: StripeLocks) -> list[str]:
+        """Evict least recently used idle sessions until one more fits (under the store lock)."""
+        fd = os.open(self.lock_folder / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # only ever taken here, by holders of one session
+            files = []
+            for p in self.folder.glob(f"*{SUFFIX}"):
+                try:
+                    files.append((p.stat().st_mtime, p.name[:-len(SUFFIX)]))
+                except FileNotFoundError:
+                    pass
+            excess = len(files) + 1 - self.max_sessions
+            evicted: list[str] = []
+            for _, victim in sorted(files):
+                if excess <= 0:
+                    break
+                if victim == new_id or locks.holds(victim) or not locks.try_acquire(victim):
+                    continue
+                try:
+                    self.path(victim).unlink(missing_ok=True)
+                finally:
+                    locks.release(victim)
+                evicted.append(victim)
+                excess -= 1
+                log.info("session limit %d reached: evicted idle session %r",
+                         self.max_sessions, victim)
+            if excess > 0:
+                raise StoreFull(
+                    f"the server holds its maximum of {self.max_sessions} sessions and all are "
+                    "busy; try again later, or DELETE /v1/sessions/{id} sessions you no longer "
+                    "need"
+                )
+            return evicted
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

@@ -1,0 +1,79 @@
+"""Sessions across server processes: move a session between two servers, survive a restart,
+and SIGTERM leaves no process behind. Greedy decoding, so continuations must match exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from test_server import MODEL, ServerProcess, alive
+
+from server.store import SessionStore
+
+
+def turn(srv: ServerProcess, sid: str, content: str) -> Any:
+    r = srv.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=12, metadata={"session_id": sid, "session_input": "new"})
+    return r.choices[0].message.content, r.model_extra["session"]["tokens_seen"]
+
+
+def test_move_session_and_survive_restart(tmp_path: Path) -> None:
+    a = ServerProcess(tmp_path / "a")
+    b = ServerProcess(tmp_path / "b", "--max-sessions", "1")
+    restarted = None
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        for line in ("My name is Ada.", "I live by the sea."):  # a conversation on A
+            turn(a, "trip", line)
+        with a.http() as http:
+            exported = http.get("/v1/sessions/trip/memory")
+        assert exported.status_code == 200
+        with b.http() as http:
+            put = http.put("/v1/sessions/trip/memory", content=exported.content)
+        assert put.status_code == 201, put.text
+        assert put.json()["tokens_seen"] == int(exported.headers["x-newllm-tokens-seen"])
+
+        on_a = turn(a, "trip", "What is my name?")
+        on_b = turn(b, "trip", "What is my name?")
+        assert on_b == on_a  # same text, same number of tokens seen
+
+        family = a.stop()
+        assert a.proc.returncode == 0
+        assert len(family) >= 3 and not [p for p in family if alive(p)]  # no orphans
+        restarted = ServerProcess(tmp_path / "a").wait_ready()
+        assert turn(restarted, "trip", "Where do I live?") == turn(b, "trip", "Where do I live?")
+
+        # the session moved once more, back from B to a fresh id on A, still continues alike
+        with b.http() as http:
+            data = http.get("/v1/sessions/trip/memory").content
+        with restarted.http() as http:
+            assert http.put("/v1/sessions/back/memory", content=data).status_code == 201
+        assert turn(restarted, "back", "Bye.") == turn(b, "trip", "Bye.")
+
+        # B holds its limit of one session; while "trip" is busy (its lock held here, as a turn
+        # in another worker would), a new session streams tokens, then cannot be saved: the
+        # client gets a well-formed mid-stream error, and nothing changes on disk
+        before = (tmp_path / "b" / "trip.safetensors").read_bytes()
+        locks = SessionStore(tmp_path / "b").locks()
+        assert locks.try_acquire("trip")
+        stream = b.openai().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            stream=True, metadata={"session_id": "extra"})
+        chunks = []
+        with pytest.raises(openai.APIError, match="maximum of 1 sessions"):
+            for chunk in stream:
+                chunks.append(chunk)
+        assert chunks and not (tmp_path / "b" / "extra.safetensors").exists()
+        assert (tmp_path / "b" / "trip.safetensors").read_bytes() == before
+        locks.release("trip")
+        turn(b, "extra", "hi")  # now the idle "trip" is evicted to make room
+        with b.http() as http:
+            assert [s["id"] for s in http.get("/v1/sessions").json()["data"]] == ["extra"]
+    finally:
+        for srv in (a, b, restarted):
+            if srv is not None:
+                srv.kill()

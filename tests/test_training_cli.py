@@ -1,0 +1,99 @@
+"""The command lines: train -> eval round trip, tokenizer, phase 1 -> phase 2, clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from training.cli import eval_main, main, phase1_main, tokenizer_main, train_main
+
+WORDS = "the cat sat on a mat while seven dogs ran far away from home".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(10):
+        rng = random.Random(i)
+        (folder / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(80)))
+    return folder
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out[out.index("{"):])
+
+
+def test_train_then_eval(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    rc = train_main(["--data", str(corpus), "--out", str(out), "--preset", "tiny-infini",
+                     "--steps", "4", "--batch-size", "2", "--segments", "2", "--log-every", "2",
+                     "--cache-dir", "none", "--tokenizer-vocab", "300",
+                     "--model-options", "gate_init=-1.0"])
+    assert rc == 0
+    summary = last_json(capsys.readouterr().out)
+    assert summary["steps"] == 4 and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["gate_init"] == -1.0
+    assert json.loads((out / "config.json").read_text())["vocab_size"] <= 300
+    report_path = tmp_path / "report.json"
+    rc = eval_main(["--checkpoint", str(out), "--data", str(corpus / "d1.txt"),
+                    str(corpus / "d2.txt"), "--window", "32", "--stride", "16", "--memory",
+                    "--passkey", "--passkey-distances", "0", "1", "--passkey-trials", "2",
+                    "--out", str(report_path)])
+    assert rc == 0
+    report = last_json(capsys.readouterr().out)
+    assert report == json.loads(report_path.read_text())
+    assert len(report["perplexity"]["documents"]) == 2 and report["perplexity"]["ppl"] > 1
+    assert set(report["passkey"]["by_distance"]) == {"0", "1"}
+    assert len(report["memory"]["documents"]) == 2
+
+
+def test_tokenizer_phase1_then_phase2(tmp_path, corpus, capsys):
+    tok = tmp_path / "tok.json"
+    assert tokenizer_main(["--data", str(corpus), "--vocab-size", "280", "--out", str(tok)]) == 0
+    assert last_json(capsys.readouterr().out)["vocab_size"] <= 280
+    p1 = tmp_path / "p1"
+    assert phase1_main(["--data", str(corpus), "--out", str(p1), "--tokenizer", str(tok),
+                        "--batch-size", "256", "--max-tokens", "600",
+                        "--max-iterations", "30", "--cache-dir", "none"]) == 0
+    report = json.loads((p1 / "phase1.json").read_text())
+    assert report["iterations"] <= 30 and "effective_rank_pct" in report["train"]
+    assert json.loads((p1 / "config.json").read_text())["context_mode"] == "input"
+    p2 = tmp_path / "p2"
+    assert train_main(["--data", str(corpus), "--out", str(p2), "--init", str(p1),
+                       "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                       "--cache-dir", "none"]) == 0
+    from safetensors.torch import load_file
+    a, b = load_file(str(p1 / "model.safetensors")), load_file(str(p2 / "model.safetensors"))
+    ctx = [k for k in a if k.startswith("context_block.")]
+    assert ctx and all(torch.equal(a[k], b[k]) for k in ctx)  # frozen by default
+    assert not torch.equal(a["embed_out.weight"], b["embed_out.weight"])
+
+
+def test_errors_are_one_clear_line(tmp_path, corpus, capsys):
+    assert eval_main([]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert train_main(["--out", str(tmp_path / "x")]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert train_main(["--data", str(corpus), "--out", str(tmp_path / "y"),
+                       "--model-options", "segmnt_len=8", "--cache-dir", "none"]) == 2
+    assert "segmnt_len" in capsys.readouterr().err
+    assert train_main(["--data", str(corpus), "--out", str(tmp_path / "z"),
+                       "--preset", "tiny-infinni", "--cache-dir", "none"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert phase1_main(["--data", str(corpus), "--out", str(tmp_path / "w"),
+                        "--preset", "tiny-infini", "--cache-dir", "none"]) == 2
+    assert "no context block" in capsys.readouterr().err
+    assert main(["bogus"]) == 2
+    assert main(["--help"]) == 0

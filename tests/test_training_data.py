@@ -1,0 +1,182 @@
+"""Data pipeline: EOS-joined stream without padding, windows, determinism, the token cache,
+document sources (text, folders, JSONL, manifest) and the BPE trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from newllm.tokenizer import Tokenizer
+from training import data as D
+
+WORDS = "the cat sat on a mat while seven dogs ran far away from home".split()
+
+
+def make_docs(n: int, seed: int = 0, words: int = 40) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [(f"d{i}", " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, words))))
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.byte_level()
+
+
+def test_stream_is_documents_joined_by_eos(tok):
+    docs = make_docs(12)
+    stream = D.tokenize_documents(docs, tok)
+    expected = [t for _, text in docs for t in tok.encode(text) + [tok.eos_token_id]]
+    assert stream.tokens.tolist() == expected
+    assert int((stream.tokens == tok.eos_token_id).sum()) == len(docs)
+    for i, (_, text) in enumerate(docs):
+        assert stream.document(i).tolist() == tok.encode(text)
+        assert stream.tokens[stream.starts[i + 1] - 1] == tok.eos_token_id
+
+
+def test_windows_tile_the_stream_without_padding(tok):
+    stream = D.tokenize_documents(make_docs(30), tok)
+    L = 17
+    w = D.Windows(stream.tokens, L)
+    assert len(w) == (len(stream) - 1) // L
+    rebuilt = []
+    for i in range(len(w)):
+        x = w[i]
+        assert x.shape == (L + 1,) and x.dtype == torch.int64
+        assert x.tolist() == stream.tokens[i * L:i * L + L + 1].tolist()  # a true slice
+        rebuilt.extend(x[:-1].tolist())
+    assert rebuilt == stream.tokens[:len(w) * L].tolist()
+    # every EOS in the windows is a document end, never filler
+    n_eos = sum(int((w[i][:-1] == 0).sum()) for i in range(len(w)))
+    assert n_eos == int((stream.tokens[:len(w) * L] == 0).sum())
+    with pytest.raises(IndexError):
+        w[len(w)]
+
+
+def test_batches_are_deterministic_and_ranks_disjoint():
+    a = [D.batch_indices(50, 4, s, seed=42) for s in range(30)]
+    b = [D.batch_indices(50, 4, s, seed=42) for s in range(30)]
+    c = [D.batch_indices(50, 4, s, seed=7) for s in range(30)]
+    assert a == b and a != c
+    epoch0 = [i for batch in a[:12] for i in batch]  # 12 steps of 4 from 50 windows
+    assert len(set(epoch0)) == 48
+    r0 = D.batch_indices(50, 4, 3, seed=42, rank=0, world_size=2)
+    r1 = D.batch_indices(50, 4, 3, seed=42, rank=1, world_size=2)
+    assert not set(r0) & set(r1)
+    with pytest.raises(ValueError, match="batch-size"):
+        D.batch_indices(3, 4, 0)
+
+
+def test_split_is_by_document_and_seeded(tok):
+    stream = D.tokenize_documents(make_docs(40), tok)
+    train, val = D.split_train_val(stream, 0.1, seed=42)
+    assert val.num_documents == 4 and train.num_documents == 36
+    assert set(train.names).isdisjoint(val.names)
+    assert sorted(train.names + val.names) == sorted(stream.names)
+    assert len(train) + len(val) == len(stream)
+    again = D.split_train_val(stream, 0.1, seed=42)[1]
+    other = D.split_train_val(stream, 0.1, seed=1)[1]
+    assert again.names == val.names and other.names != val.names
+    one = D.tokenize_documents(make_docs(1, words=200), tok)
+    t1, v1 = D.split_train_val(one, 0.25)
+    assert np.concatenate((t1.tokens, v1.tokens)).tolist() == one.tokens.tolist()
+
+
+def test_sources_txt_folder_jsonl_manifest(tmp_path, tok):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("first file")
+    (tmp_path / "sub" / "b.md").write_text("second file")
+    (tmp_path / "sub" / "c.jsonl").write_text(
+        json.dumps({"text": "json doc"}) + "\n\n" + json.dumps({"prompt": "Q", "completion": " A"})
+        + "\n")
+    docs = D.read_documents([tmp_path])
+    assert [t for _, t in docs] == ["first file", "second file", "json doc", "Q A"]
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        D.read_documents([tmp_path / "bad.jsonl"])
+    with pytest.raises(FileNotFoundError):
+        D.read_documents([tmp_path / "missing.txt"])
+    # a manifest splits a concatenated file into its books
+    books = ["Book one.\nTHE END\n", "Book two\n\nhas\n\n\nthree breaks.\n", "Book three.\n"]
+    g = tmp_path / "g"
+    g.mkdir()
+    (g / "train.txt").write_text("\n\n".join(books))
+    rows = ["name\tsplit\tclean_bytes"] + [f"b{i}\ttrain\t{len(b) - 1}" for i, b in
+                                           enumerate(books)]
+    (g / "MANIFEST.tsv").write_text("\n".join(rows) + "\n")
+    got = D.read_documents([g / "train.txt"])
+    assert [t.rstrip("\n") for _, t in got] == [b.rstrip("\n") for b in books]
+    assert [n for n, _ in got] == ["train.txt:b0", "train.txt:b1", "train.txt:b2"]
+
+
+def test_cache_equals_fresh_tokenization(tmp_path, tok):
+    src = tmp_path / "docs"
+    src.mkdir()
+    for name, text in make_docs(8):
+        (src / f"{name}.txt").write_text(text)
+    cache = tmp_path / "cache"
+    fresh = D.load_token_stream([src], tok, None)
+    first = D.load_token_stream([src], tok, cache)
+    assert len(list(cache.glob("*.tokens.npy"))) == 1
+    second = D.load_token_stream([src], tok, cache)  # read back from disk
+    assert isinstance(second.tokens, np.memmap)
+    for s in (first, second):
+        assert s.tokens.tolist() == fresh.tokens.tolist()
+        assert s.starts.tolist() == fresh.starts.tolist() and s.names == fresh.names
+    assert second.tokens.dtype == np.uint16
+    # a changed file gets a new key and is tokenized again
+    f = src / "d0.txt"
+    f.write_text("changed text")
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    third = D.load_token_stream([src], tok, cache)
+    assert third.document(0).tolist() == tok.encode("changed text")
+    assert len(list(cache.glob("*.tokens.npy"))) == 2
+
+
+def test_bpe_trainer_roundtrip_and_transformers(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from training.tokenizer_train import train_tokenizer
+
+    texts = [t for _, t in make_docs(200, words=60)]
+    path = tmp_path / "tokenizer.json"
+    tk = train_tokenizer(texts, vocab_size=300, min_frequency=2, path=path)
+    assert tk.eos_token_id == 0 and tk.vocab_size <= 300 and tk.vocab_size > 257
+    sample = "the cat sat — naïve café 🐈 <|endoftext|>"
+    assert tk.decode(tk.encode(sample)) == sample
+    assert len(tk.encode("the cat sat on a mat")) < len(b"the cat sat on a mat")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
+    assert hf.encode(sample) == tk.encode(sample)
+    assert hf.eos_token_id == 0
+    loaded = Tokenizer.from_file(path)
+    assert loaded.sha256 == tk.sha256
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(texts, vocab_size=100)
+
+
+def test_recall_examples(tok):
+    S = 16
+    maker = D.RecallExamples(tok, S)
+    window = torch.tensor(tok.encode("z" * 160))  # L + 1 = 160
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(60):
+        new, mask, dist = maker.make(window, rng)
+        seen.add(dist)
+        text = tok.decode(new.tolist())
+        key = text[text.index("The pass key is ") + 16:][:5]
+        assert text.endswith(f"What is the pass key? The pass key is {key}.")
+        assert tok.decode(new[1:][mask].tolist()) == f" {key}."
+        assert new.shape == window.shape and int(mask.sum()) == len(f" {key}.")
+        fact_end = text.index(f"{key} is the pass key.") + len(f"{key} is the pass key.")
+        assert (len(text) - len(" What is the pass key? The pass key is 12345.")) // S \
+            - (fact_end - 1) // S == dist
+    assert seen == {0, 1, 2, 3, 4}  # the fact ends in segments 3..7, the question is in 7
+    short = torch.tensor(tok.encode("z" * 40))
+    same, mask, dist = maker.make(short, rng)
+    assert torch.equal(same, short) and not mask.any() and dist == -1

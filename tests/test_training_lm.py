@@ -1,0 +1,174 @@
+"""Phase 2 training: a step lowers the loss for every kind, gate groups, the schedule, truncated
+backprop over segments, checkpoints and bit-identical resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from newllm import create_model
+from training.config import TrainConfig
+from training.lm import forward_backward, train
+from training.optim import gate_values, lr_scale, make_optimizer, param_groups
+
+KINDS = ["pythia", "infini", "multi_memory", "hierarchical", "context_pythia", "context_kv"]
+WORDS = "the cat sat on a mat while seven dogs ran far away from home".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fixed_batch(vocab: int = 257, B: int = 2, L: int = 48) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, vocab, (B, L + 1), generator=g)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_step_lowers_the_loss(kind):
+    torch.manual_seed(0)
+    model = create_model(kind, "tiny")
+    cfg = TrainConfig(data=("x",), out="x", lr=3e-3, gate_lr=3e-2, warmup_steps=0)
+    opt = make_optimizer(model, cfg)
+    batch = fixed_batch()
+    chunk = model.config.segment_len  # memory carried across 3 segments, truncated each one
+    before, _ = forward_backward(lambda x, s: model(x, s), batch, chunk)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        after, _ = forward_backward(lambda x, s: model(x, s), batch, chunk, backward=False)
+    assert after < before - 1e-3, (kind, before, after)
+
+
+def test_gates_have_their_own_group():
+    model = create_model("hierarchical", "tiny")
+    cfg = TrainConfig(data=("x",), out="x", lr=1e-3, gate_lr=5e-2, weight_decay=0.1)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    gate_names = sorted(names[id(p)] for p in groups["gates"]["params"])
+    assert gate_names == ["layers.0.attention.expand_bias", "layers.0.attention.expand_weight",
+                          "layers.0.attention.gate"]
+    assert groups["gates"]["weight_decay"] == 0.0 and groups["gates"]["base_lr"] == 5e-2
+    assert all(p.dim() >= 2 for p in groups["decay"]["params"])
+    assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(model.parameters()))
+    assert gate_values(model) == {"layers.0.gate": [0.5] * 4}
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(data=("x",), out="x", steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    s = [lr_scale(i, cfg) for i in range(110)]
+    assert s[0] == pytest.approx(0.1) and s[9] == pytest.approx(1.0)
+    assert s[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(s[10:], s[11:], strict=False))
+    assert lr_scale(110, cfg) == pytest.approx(0.1)
+    short = TrainConfig(data=("x",), out="x", steps=6, warmup_steps=100)
+    assert lr_scale(2, short) == pytest.approx(1.0)  # warmup capped at half the run
+
+
+def test_truncated_backprop_over_segments():
+    torch.manual_seed(0)
+    model = create_model("infini", "tiny")
+    batch = fixed_batch(L=64)  # 4 segments of 16
+
+    def grads(chunk: int) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        loss, per_tok = forward_backward(lambda x, s: model(x, s), batch, chunk)
+        assert per_tok.shape == (2, 64)
+        return loss, model.layers[0].attention.query_key_value.weight.grad.clone()
+
+    full_loss, full_grad = grads(64)
+    model.zero_grad()
+    logits, _ = model(batch[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+    assert torch.allclose(full_grad, model.layers[0].attention.query_key_value.weight.grad,
+                          atol=1e-6)
+    cut_loss, cut_grad = grads(16)
+    assert cut_loss == pytest.approx(full_loss, abs=1e-5)  # same forward, state carried
+    assert not torch.allclose(cut_grad, full_grad, atol=1e-6)  # but gradients truncated
+
+
+def write_corpus(folder, n=24, seed=0):
+    rng = random.Random(seed)
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(60)))
+    return folder
+
+
+def run(tmp_path, data, out, steps, **kw):
+    cfg = TrainConfig(data=(str(data),), out=str(tmp_path / out), preset="tiny-infini",
+                      steps=steps, batch_size=2, segments=2, tbptt_segments=1, warmup_steps=2,
+                      log_every=1, eval_every=0, save_every=3, cache_dir="none", **kw)
+    return train(cfg)
+
+
+def losses(path):
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    straight = run(tmp_path, data, "a", 6)
+    half = run(tmp_path, data, "b", 6, stop_at=3)  # the schedule still spans 6 steps
+    assert half["steps"] == 3
+    resumed = run(tmp_path, data, "b", 6)  # continues from b/checkpoints/step-0000003
+    assert resumed["fingerprint"] == straight["fingerprint"]
+    assert half["fingerprint"] != straight["fingerprint"]
+    la, lb = losses(tmp_path / "a" / "metrics.jsonl"), losses(tmp_path / "b" / "metrics.jsonl")
+    assert la == lb and sorted(la) == [1, 2, 3, 4, 5, 6]
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(record["gates"]) == {"layers.0.gate"} and len(record["seg_loss"]) == 2
+    ckpt = tmp_path / "a" / "checkpoints" / "step-0000006"
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "config.json",
+                                                 "tokenizer.json", "trainer_state.safetensors",
+                                                 "trainer_state.json"}
+    with pytest.raises(ValueError, match="--resume"):
+        run(tmp_path, data, "a", 8, resume=False)
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="--out"):
+        train(TrainConfig(data=("x",)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(TrainConfig(data=(str(tmp_path / "nope"),), out=str(tmp_path / "o"),
+                          cache_dir="none"))
+    data = write_corpus(tmp_path / "data", n=2)
+    with pytest.raises(ValueError, match="batch-size"):
+        run(tmp_path, data, "c", 2, val_fraction=0.0, seq_len=4096)
+
+
+def test_recall_mixing_is_logged_and_deterministic(tmp_path):
+    data = write_corpus(tmp_path / "data", n=30)
+    cfg = dict(recall_fraction=0.5, recall_weight=4.0, seq_len=160, eval_passkey=2,
+               eval_batches=1)
+    run(tmp_path, data, "r1", 3, **cfg)
+    run(tmp_path, data, "r2", 3, **cfg)
+    lines = [json.loads(x) for x in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()]
+    assert any("recall_answer_loss" in r for r in lines)
+    final = lines[-1]  # the evaluation at the end
+    assert set(final["passkey"]) == {"0", "1", "2"}
+    assert final["val_loss_memory_reset"] != final["val_loss"]
+    assert losses(tmp_path / "r1" / "metrics.jsonl") == losses(tmp_path / "r2" / "metrics.jsonl")
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path):
+    data = write_corpus(tmp_path / "data")
+    stopped = run(tmp_path, data, "t", 4, time_limit=1e-9)  # stops before its first step
+    assert stopped["steps"] == 0
+    assert (tmp_path / "t" / "checkpoints" / "step-0000000" / "trainer_state.json").is_file()
+    assert run(tmp_path, data, "t", 4)["steps"] == 4

@@ -1,0 +1,256 @@
+"""Command lines: ``newllm train``, ``newllm eval`` and the extra ``python -m training`` tools.
+
+    newllm train --preset tiny-infini --data ../shared/data/gutenberg/train.txt --out runs/a \\
+        --steps 2000 --bf16
+    newllm eval --checkpoint runs/a --data ../shared/data/gutenberg/val.txt --memory --passkey
+    python -m training tokenizer --data train.txt --vocab-size 8192 --out tokenizer.json
+    python -m training phase1 --preset tiny-context-pythia --data train.txt --out runs/p1
+    python -m training lct-speed --preset tiny-context-pythia
+    torchrun --nproc-per-node 2 -m training train --data ... --out ...
+
+Each ``*_main(argv)`` returns a process exit code: 0 on success, 2 for bad input (with a one-line
+``error: ...`` on stderr saying what to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from training.options import add_dataclass_arguments, dataclass_from_args
+
+
+def _run(fn: Callable[[], Any]) -> int:
+    try:
+        result = fn()
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def _parser(prog: str, description: str, cls: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_arguments(parser, cls)
+    return parser
+
+
+# train ------------------------------------------------------------------------------------------
+def train_main(argv: list[str] | None = None) -> int:
+    """``newllm train``: Phase 2 language-model training (see `training.lm`)."""
+    from training.config import TrainConfig
+    from training.lm import train
+
+    parser = _parser("newllm train", "Train a language model (Phase 2).", TrainConfig)
+    args = parser.parse_args(argv)
+
+    def go() -> dict[str, Any] | None:
+        summary = train(dataclass_from_args(TrainConfig, args))
+        return summary if os.environ.get("RANK", "0") == "0" else None  # rank 0 reports
+    return _run(go)
+
+
+# eval -------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """Settings of ``newllm eval``; prints a JSON report."""
+
+    checkpoint: str = ""
+    """checkpoint folder, GPT-NeoX folder or preset name ('' = the bundled default model)"""
+    data: tuple[str, ...] = ()
+    """text files, folders or JSONL for perplexity; every document is scored on its own"""
+    window: int = 0
+    """sliding window in tokens (0 = 4 x segment_len)"""
+    stride: int = 0
+    """tokens the window moves by (0 = window / 2)"""
+    max_docs: int = 0
+    """score only the first this many documents (0 = all)"""
+    max_tokens: int = 0
+    """score only the first this many tokens of each document (0 = all)"""
+    memory: bool = False
+    """also report perplexity with the memory carried through each document against the memory
+    reset every segment"""
+    passkey: bool = False
+    """report passkey retrieval accuracy by distance in segments"""
+    passkey_distances: tuple[int, ...] = (0, 1, 2, 4)
+    """distances (in segments) between the pass key and the question"""
+    passkey_trials: int = 20
+    """examples per distance"""
+    passkey_filler: str = ""
+    """a text file whose prose fills the passkey examples (default: the repeated grass/sky/sun
+    sentences)"""
+    reversal_curse: str = ""
+    """reversal-curse name_description_dataset folder: report forward/backward perplexity"""
+    reversal_direction: str = "p2d"
+    """the direction the model was trained on: p2d or d2p"""
+    reversal_limit: int = 0
+    """use only the first this many pairs of each file (0 = all)"""
+    device: str = "cpu"
+    """cpu, cuda, ..."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+    out: str = ""
+    """also write the JSON report to this file"""
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every evaluation ``cfg`` asks for and return the report."""
+    import torch
+
+    from newllm.checkpoint import load_checkpoint
+    from training import data as D
+    from training.evaluate import (
+        document_ids,
+        has_memory,
+        memory_benefit,
+        passkey_accuracy,
+        perplexity,
+        reversal_curse,
+    )
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not (cfg.data or cfg.passkey or cfg.reversal_curse):
+        raise ValueError("nothing to evaluate: give --data, --passkey or --reversal-curse")
+    model, tok = load_checkpoint(cfg.checkpoint or None, device=cfg.device)
+    model.eval()
+    S = model.config.segment_len
+    report: dict[str, Any] = {"checkpoint": cfg.checkpoint or "default",
+                              "model": model.config.name, "parameters": model.num_parameters()}
+    if cfg.data:
+        docs = D.read_documents(cfg.data)[: cfg.max_docs or None]
+        ids = [(name, document_ids(tok, text, cfg.max_tokens)) for name, text in docs]
+        window = cfg.window or 4 * S
+        stride = cfg.stride or max(1, window // 2)
+        report["perplexity"] = perplexity(model, ids, window, stride)
+        if cfg.memory and not has_memory(model):
+            report["memory"] = {"skipped": "the model has no memory layers"}
+        elif cfg.memory:
+            report["memory"] = memory_benefit(model, ids)
+    if cfg.passkey:
+        filler = (Path(cfg.passkey_filler).read_text(encoding="utf-8")[:200_000]
+                  if cfg.passkey_filler else None)
+        report["passkey"] = passkey_accuracy(model, tok, cfg.passkey_distances,
+                                             cfg.passkey_trials, filler_text=filler)
+    if cfg.reversal_curse:
+        report["reversal_curse"] = reversal_curse(model, tok, cfg.reversal_curse,
+                                                  cfg.reversal_direction, cfg.reversal_limit)
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``newllm eval``: perplexity, memory benefit, passkey retrieval, reversal curse."""
+    parser = _parser("newllm eval", "Evaluate a checkpoint; prints a JSON report.", EvalConfig)
+    args = parser.parse_args(argv)
+    return _run(lambda: evaluate(dataclass_from_args(EvalConfig, args)))
+
+
+# extra tools ------------------------------------------------------------------------------------
+@dataclass
+class TokenizerConfig:
+    """Settings of ``python -m training tokenizer``."""
+
+    data: tuple[str, ...] = ()
+    """text files, folders or JSONL to train on"""
+    vocab_size: int = 8192
+    """tokens in the vocabulary, <|endoftext|> (id 0) and the 256 bytes included"""
+    min_frequency: int = 2
+    """merge only pairs seen at least this often"""
+    out: str = "tokenizer.json"
+    """where to write tokenizer.json"""
+
+
+def tokenizer_main(argv: list[str] | None = None) -> int:
+    parser = _parser("python -m training tokenizer", "Train a byte-level BPE tokenizer.",
+                     TokenizerConfig)
+    cfg = dataclass_from_args(TokenizerConfig, parser.parse_args(argv))
+
+    def go() -> dict[str, Any]:
+        from training.data import read_documents
+        from training.tokenizer_train import train_tokenizer
+
+        if not cfg.data:
+            raise ValueError("--data is required")
+        tok = train_tokenizer((t for _, t in read_documents(cfg.data)), cfg.vocab_size,
+                              min_frequency=cfg.min_frequency, path=cfg.out)
+        return {"out": cfg.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256}
+    return _run(go)
+
+
+def phase1_main(argv: list[str] | None = None) -> int:
+    from training.phase1 import Phase1Config, run_phase1
+
+    parser = _parser("python -m training phase1", "Train a context block (Phase 1).",
+                     Phase1Config)
+    args = parser.parse_args(argv)
+    return _run(lambda: run_phase1(dataclass_from_args(Phase1Config, args)))
+
+
+@dataclass
+class SpeedConfig:
+    """Settings of ``python -m training lct-speed``."""
+
+    preset: str = "tiny-context-pythia"
+    """a context model preset"""
+    seq_len: int = 128
+    """sequence length of the measured training step"""
+    batch_size: int = 8
+    """examples per step"""
+    repeats: int = 3
+    """best of this many runs"""
+
+
+def lct_speed_main(argv: list[str] | None = None) -> int:
+    parser = _parser("python -m training lct-speed",
+                     "Time a training step: sequential recurrence vs Lagged Cache Training.",
+                     SpeedConfig)
+    cfg = dataclass_from_args(SpeedConfig, parser.parse_args(argv))
+
+    def go() -> dict[str, Any]:
+        import torch
+
+        from newllm.config import ModelConfig
+        from newllm.model import TransformerLM
+        from training.lct import lct_speed
+
+        torch.manual_seed(0)
+        model = TransformerLM(ModelConfig.from_name(cfg.preset))
+        return {**asdict(cfg), **lct_speed(model, cfg.seq_len, cfg.batch_size, cfg.repeats)}
+    return _run(go)
+
+
+COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
+    "train": train_main, "eval": eval_main, "tokenizer": tokenizer_main, "phase1": phase1_main,
+    "lct-speed": lct_speed_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training COMMAND ...``; without a command, ``train``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: python -m training {{{','.join(COMMANDS)}}} ... "
+              "(no command = train; COMMAND --help for its flags)")
+        return 0
+    if argv and not argv[0].startswith("-"):
+        print(f"error: unknown command {argv[0]!r}; choose from {sorted(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    return train_main(argv)

@@ -1,0 +1,116 @@
+"""`TrainConfig`: the settings of one Phase 2 run; each field is a ``newllm train`` flag (its
+docstring is the flag's help, see `training.options`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one Phase 2 run; each field is a ``newllm train`` flag."""
+
+    data: tuple[str, ...] = ()
+    """training text: .txt/.md files, folders of them, JSONL with {"text": ...} per line"""
+    out: str = ""
+    """output folder: checkpoints, metrics.jsonl and the final model (required)"""
+    val_data: tuple[str, ...] = ()
+    """validation text; if empty, --val-fraction of the training documents are held out"""
+    preset: str = "tiny-infini"
+    """model preset (see newllm.config.PRESETS), e.g. tiny-infini, small-infini, infini-70m"""
+    model_options: tuple[str, ...] = ()
+    """model config overrides KEY=VALUE (JSON values), e.g. segment_len=64 gate_init=-2"""
+    init: str = ""
+    """start from this checkpoint (folder or GPT-NeoX folder) instead of a fresh preset"""
+    tokenizer: str = ""
+    """tokenizer.json (or a folder holding one) or 'byte-level'; default: the --init
+    checkpoint's tokenizer, else byte-level"""
+    tokenizer_vocab: int = 0
+    """if > 0, first train a byte-level BPE of this many tokens on the training documents"""
+    steps: int = 1000
+    """optimizer steps in total (a resumed run continues up to this)"""
+    batch_size: int = 8
+    """examples per step (per process)"""
+    seq_len: int = 0
+    """tokens per example; 0 = segments x segment_len of the model"""
+    segments: int = 4
+    """consecutive segments per example when --seq-len is 0"""
+    tbptt_segments: int = 0
+    """memory models: backprop through this many segments, the state carried and detached
+    between chunks; 0 = through the whole example"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    min_lr_ratio: float = 0.1
+    """the cosine decays to lr x this at the last step"""
+    warmup_steps: int = 100
+    """linear warmup steps (at most half of --steps)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay for matrices (never for biases, norms or gates)"""
+    gate_lr: float = 1e-2
+    """peak learning rate of the memory gates (same schedule, no weight decay)"""
+    recall_fraction: float = 0.0
+    """share of training examples turned into synthetic pass-key recall examples (a key told
+    early in real prose, asked for at the end, 0 or more segments later)"""
+    recall_weight: float = 1.0
+    """loss weight of the answer tokens of recall examples"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0 = off)"""
+    bf16: bool = False
+    """bf16 autocast (about 2x faster on recent CPUs and GPUs)"""
+    freeze_context: bool = True
+    """context models: keep the context block frozen (it is trained by Phase 1)"""
+    lct: bool = False
+    """context models with an unfrozen block: Lagged Cache Training instead of the exact
+    recurrence"""
+    seed: int = 42
+    """seed of the model init, the data order and the train/val split"""
+    val_fraction: float = 0.02
+    """share of training documents held out when --val-data is not given"""
+    eval_every: int = 250
+    """validation loss every this many steps (0 = only at the end)"""
+    eval_batches: int = 8
+    """batches of validation windows per evaluation"""
+    eval_passkey: int = 0
+    """memory models: at each evaluation also measure pass-key recall with this many examples
+    at 0, 1 and 2 segments back (0 = off)"""
+    save_every: int = 500
+    """checkpoint every this many steps (and at the end)"""
+    keep_checkpoints: int = 3
+    """keep only the newest this many checkpoints (0 = all)"""
+    log_every: int = 10
+    """progress line and metrics.jsonl entry every this many steps"""
+    resume: bool = True
+    """continue from the newest checkpoint in --out if there is one"""
+    stop_at: int = 0
+    """end this run at this step with a checkpoint, though the schedule spans --steps; run the
+    same command again to continue (0 = run to --steps)"""
+    time_limit: float = 0.0
+    """end this run with a checkpoint after this many minutes (0 = no limit)"""
+    cache_dir: str = ""
+    """tokenized-data cache folder ('' = ~/.cache/newllm/tokens, 'none' = no cache)"""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "segments"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(self, name)}")
+        for name in ("seq_len", "tbptt_segments", "warmup_steps", "eval_every", "save_every",
+                     "log_every", "tokenizer_vocab", "threads", "eval_batches", "stop_at",
+                     "time_limit", "eval_passkey"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, "
+                                 f"got {getattr(self, name)}")
+        if self.lr <= 0 or self.gate_lr < 0:
+            raise ValueError("--lr must be > 0 and --gate-lr >= 0")
+        if not 0.0 <= self.recall_fraction <= 1.0 or self.recall_weight < 0:
+            raise ValueError("--recall-fraction must be in [0, 1] and --recall-weight >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
