@@ -260,3 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"{e.strerror}: {e.filename}"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
