@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                "greedy_tokens_equal_transformers": same_tokens,
                "batched_tokens_per_s": batch, "batched_kind": kinds[0]}
     path = write_result("decode", {"contexts": contexts, "steps": steps, "dtype": "float32",
-                                   "batch": 1, "presets": {k: KINDS[k] for k in kinds}},
+                                   "batch": 1, "presets": {k: KINDS[k] for k in kinds},
+                                   "quick": args.quick},
                         results, args.out)
     fig, ax = new_figure("Decode latency vs context (batch 1, fp32)", "tokens of context",
                          "ms / token")

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             for r, p in zip(rows[kind], rows["pythia"], strict=True)
         }
     path = write_result("state_size", {"presets": KINDS, "lengths": lengths,
-                                       "run_limit_tokens": run_limit},
+                                       "run_limit_tokens": run_limit, "quick": args.quick},
                         {"rows": rows, "reduction_vs_pythia": headline}, args.out)
     fig, ax = new_figure("Session state vs context (70M presets, fp32)", "tokens of context",
                          "state bytes", logy=True)

@@ -1,6 +1,8 @@
-"""Every benchmark runs in --quick mode and writes JSON of the documented schema and a PNG.
+"""Every benchmark runs in --quick mode and writes JSON of the documented schema and a PNG; the
+README's Performance section is what `benchmarks.report` generates from the results.
 
-Schema only: timings are never asserted."""
+Schema only: timings are never asserted. The quick runs share one results folder, which the
+report test then renders."""
 
 from __future__ import annotations
 
@@ -9,25 +11,112 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli
+from benchmarks import cli, report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", cli.BENCHMARKS)
-def test_benchmark_quick_writes_json_and_png(name: str, tmp_path: Path) -> None:
-    assert cli.main([name, "--quick", "--out", str(tmp_path)]) == 0
-    doc = json.loads((tmp_path / f"{name}.json").read_text())
-    assert doc["benchmark"] == name
-    assert {"cpu", "cores", "versions"} <= set(doc["machine"])
-    assert doc["settings"] and doc["results"]
-    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+def _check_schema(name: str, doc: dict) -> None:
+    res, settings = doc["results"], doc["settings"]
     if name == "state_size":
-        red = doc["results"]["reduction_vs_pythia"]
+        red = res["reduction_vs_pythia"]
         assert set(red) == {"pythia", "infini", "multi_memory", "hierarchical",
                             "context_pythia", "context_kv"}
         assert red["pythia"]["2048"] == 0
     if name == "decode":
-        assert doc["results"]["greedy_tokens_equal_transformers"] is True
-        assert set(doc["results"]["rows"]) >= {"pythia", "transformers_gpt_neox"}
+        assert res["greedy_tokens_equal_transformers"] is True
+        assert set(res["rows"]) >= {"pythia", "transformers_gpt_neox"}
+    if name == "prefill":
+        assert res["last_logits_equal_transformers"] is True
+        assert set(res["rows"]) >= {"pythia", "infini", "transformers_gpt_neox"}
+        for rows in res["rows"].values():
+            assert [r["tokens"] for r in rows] == settings["lengths"]
+            assert all(r["tokens_per_s"] > 0 for r in rows)
+        assert set(res["pythia_speedup_vs_transformers"]) == {str(n) for n in settings["lengths"]}
+    if name == "transfer":
+        lengths = settings["lengths"]
+        for part in ("library", "server", "pythia"):
+            assert [r["tokens"] for r in res[part]] == lengths
+        assert all(r["round_trip_exact"] is True for r in res["library"])
+        assert all(r["tokens_seen"] == r["tokens"] == r["imported_tokens_seen"]
+                   for r in res["server"])
+        # a memory model's file stays bounded while Pythia's KV cache grows with the text
+        assert res["server"][-1]["file_bytes"] < res["pythia"][-1]["same_shape_kv_bytes"]
+        assert res["pythia"][-1]["same_shape_kv_bytes"] > res["pythia"][0]["same_shape_kv_bytes"]
+    if name == "server":
+        assert set(res["rows"]) == {"batching_off", "batching_on"}
+        assert res["errors"] == 0 and res["all_memory_files_valid"] is True
+        for rows in res["rows"].values():
+            assert [r["clients"] for r in rows] == settings["clients"]
+            for r in rows:
+                assert r["requests"] > 0 and r["errors"] == 0
+                assert set(r["ttft_ms"]) == set(r["latency_ms"]) == {"p50", "p95", "p99"}
+        for files in res["memory_files"].values():
+            assert files["checked"] == files["valid"] > 0 and not files["missing"]
+    if name == "quality":
+        rows = {r["name"]: r for r in res["rows"]}
+        assert set(rows) == {"tiny-infini", "tiny-pythia"}
+        for r in rows.values():
+            assert {"ppl", "parameters", "state_bytes_16384", "decode_ms_per_token"} <= set(r)
+        assert set(rows["tiny-infini"]["passkey"]) == {"0", "1"}
+        assert "memory_ppl_ratio" in rows["tiny-infini"]
+        assert rows["tiny-infini"]["state_bytes_16384"] < rows["tiny-pythia"]["state_bytes_16384"]
+    if name == "move":
+        assert res["answers_identical_after_move"] is True and not res["mismatches"]
+        assert list(res["by_distance"]) == [str(d) for d in settings["distances_segments"]]
+        for acc in res["by_distance"].values():
+            assert set(acc) == {"moved", "not_moved", "reset"}
+            assert all(0 <= v <= 1 for v in acc.values())
+            assert acc["moved"] == acc["not_moved"]
+
+
+@pytest.mark.parametrize("name", cli.BENCHMARKS)
+def test_benchmark_quick_writes_json_and_png(name: str, quick_results: Path) -> None:
+    assert cli.main([name, "--quick", "--out", str(quick_results)]) == 0
+    doc = json.loads((quick_results / f"{name}.json").read_text())
+    assert doc["benchmark"] == name
+    assert {"cpu", "cores", "versions"} <= set(doc["machine"])
+    assert doc["settings"] and doc["results"]
+    assert (quick_results / f"{name}.png").stat().st_size > 1000
+    _check_schema(name, doc)
+
+
+def test_report_renders_every_result(quick_results: Path) -> None:
+    for name in cli.BENCHMARKS:  # when run on its own, make the results first
+        if not (quick_results / f"{name}.json").is_file():
+            assert cli.main([name, "--quick", "--out", str(quick_results)]) == 0
+    text = report.markdown(quick_results)
+    assert text == report.markdown(quick_results)  # deterministic
+    for name in cli.BENCHMARKS:
+        title, _ = report.SECTIONS[name]
+        assert f"### {title}" in text
+        assert f"({report.PLOTS}/{name}.png)" in text
+    assert "(quick mode)" in text
+    assert report.markdown(quick_results / "empty").startswith("No benchmark results")
+
+
+def test_report_replaces_only_the_marked_section() -> None:
+    readme = f"# x\n\n## Performance\n\n{report.START}\nold\n{report.END}\n\n## After\n"
+    new = report.replace_section(readme, "new table\n")
+    assert report.readme_section(new) == "new table\n"
+    assert new.startswith("# x\n\n## Performance\n\n") and new.endswith("\n\n## After\n")
+    with pytest.raises(ValueError, match="markers"):
+        report.replace_section("# no markers\n", "x\n")
+
+
+def test_readme_performance_section_matches_results() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = report.readme_section(text)
+    if section is None:
+        pytest.skip("README.md has no perf markers yet; add them and run "
+                    "python -m benchmarks.report --write-readme README.md")
+    assert section == report.markdown(), ("README's Performance section is stale: run "
+                                          "python -m benchmarks.report --write-readme README.md")
 
 
 def test_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,148 @@
+"""move: does the model remember a fact after its session moved to another server?
+
+End to end through two live servers (same checkpoint, separate session folders, loopback). One
+trial, for a random five-digit pass key N and a distance of K segments:
+
+1. on server A, two sessions read the same text: ``EOS`` + the fact
+   ``" The pass key is N. Remember it. N is the pass key."`` (the sentence of
+   `training.data.RecallExamples`) + K segments (K x ``segment_len`` tokens) of prose from a
+   random place in the filler text;
+2. one of them is moved to server B with `clients.move_session` (export, verify, import, verify,
+   delete the source);
+3. the question ``" What is the pass key? The pass key is"`` is asked with greedy decoding in the
+   moved session on B and in the session that stayed on A, and in a fresh session with an empty
+   memory (the floor: the question alone).
+
+Recall is exact when the first number of the answer is N. Reported per distance: accuracy after
+the move, without the move (the answers must be identical, token for token: exit 1 otherwise)
+and with the memory reset.
+
+    python -m benchmarks.move [--quick] [--checkpoint PATH] [--filler FILE] [--distances 2 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import new_figure, plot_path, save_figure, write_result
+from benchmarks.server import PROSE, running_servers
+from clients import move_session
+
+FACT = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+MAX_FILLER_CHARS = 400_000
+
+
+def first_number(text: str) -> int | None:
+    found = re.match(r"\s*(\d+)", text)
+    return int(found.group(1)) if found else None
+
+
+def trial_prompt(tok: Any, key: int, filler: list[int], n_filler: int,
+                 rng: random.Random) -> list[int]:
+    """EOS + fact + ``n_filler`` tokens of prose from a random offset of the filler."""
+    at = rng.randrange(len(filler))
+    prose = [filler[(at + i) % len(filler)] for i in range(n_filler)]
+    return [tok.eos_token_id] + tok.encode(FACT.format(key=key)) + prose
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny-infini, 2 trials, 1 distance")
+    ap.add_argument("--out", type=Path, default=None, help="results folder")
+    ap.add_argument("--checkpoint", default=None,
+                    help="checkpoint folder or preset (default: the bundled default model)")
+    ap.add_argument("--filler", type=Path, default=None,
+                    help="a text file of prose to put between fact and question (default: a "
+                         "built-in paragraph)")
+    ap.add_argument("--distances", type=int, nargs="*", default=None,
+                    help="segments of prose between fact and question (default 2 4 8)")
+    ap.add_argument("--trials", type=int, default=None, help="random facts per distance")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
+    distances = args.distances or ([2] if args.quick else [2, 4, 8])
+    trials = args.trials or (2 if args.quick else 30)
+    if args.filler is not None:
+        text = args.filler.read_text(encoding="utf-8")[:MAX_FILLER_CHARS]
+    else:
+        text = PROSE
+
+    from newllm import load_checkpoint
+
+    model, tok = load_checkpoint(checkpoint)
+    S = model.config.segment_len
+    filler = tok.encode(text)
+    question = tok.encode(QUESTION)
+    rng = random.Random(args.seed)
+    by_distance: dict[str, dict[str, Any]] = {}
+    mismatches: list[dict[str, Any]] = []
+    moved_bytes: list[int] = []
+    with running_servers(checkpoint, {"a": 1, "b": 1}) as servers:
+        with servers["a"].client() as a, servers["b"].client() as b:
+            for d in distances:
+                hits = {"moved": 0, "not_moved": 0, "reset": 0}
+                for t in range(trials):
+                    key = rng.randint(10_000, 99_999)
+                    prompt = trial_prompt(tok, key, filler, d * S, rng)
+                    moving, staying = f"move-d{d}-t{t}", f"stay-d{d}-t{t}"
+                    for sid in (moving, staying):
+                        a.complete(prompt, sid, session_input="new", max_tokens=0)
+                    moved = move_session(moving, a, b)
+                    if moved.tokens_seen != len(prompt) or not moved.source_deleted:
+                        raise RuntimeError(f"the move of {moving} went wrong: {moved}")
+                    moved_bytes.append(moved.bytes)
+                    ask = {"session_input": "new", "max_tokens": 8, "temperature": 0}
+                    answers = {
+                        "moved": b.complete(question, moving, **ask).text,
+                        "not_moved": a.complete(question, staying, **ask).text,
+                        "reset": a.complete([tok.eos_token_id] + question, f"reset-d{d}-t{t}",
+                                            **ask).text,
+                    }
+                    for name, answer in answers.items():
+                        hits[name] += int(first_number(answer) == key)
+                    if answers["moved"] != answers["not_moved"]:
+                        mismatches.append({"distance": d, "trial": t, "key": key, **answers})
+                by_distance[str(d)] = {k: v / trials for k, v in hits.items()}
+                print(f"distance {d} segments ({d * S} tokens): " + ", ".join(
+                    f"{k} {v:.0%}" for k, v in by_distance[str(d)].items()), flush=True)
+    overall = {k: sum(r[k] for r in by_distance.values()) / len(by_distance)
+               for k in ("moved", "not_moved", "reset")}
+    identical = not mismatches
+    results = {"by_distance": by_distance, "overall": overall,
+               "answers_identical_after_move": identical, "mismatches": mismatches[:10],
+               "trials_per_distance": trials,
+               "moved_file_bytes_mean": sum(moved_bytes) / len(moved_bytes)}
+    settings = {"quick": args.quick, "checkpoint": checkpoint or "default",
+                "model": model.config.name, "fingerprint": model.fingerprint(),
+                "segment_len": S, "distances_segments": distances, "trials": trials,
+                "seed": args.seed, "filler": str(args.filler) if args.filler else "built-in",
+                "fact": FACT, "question": QUESTION, "decoding": "greedy, 8 tokens",
+                "servers": 2, "loopback": True}
+    path = write_result("move", settings, results, args.out)
+    fig, ax = new_figure(f"Pass-key recall after a move ({model.config.name})",
+                         "segments of prose between fact and question", "exact recall",
+                         logx=False)
+    xs = distances
+    for name, style in (("moved", "o-"), ("not_moved", "x--"), ("reset", "s:")):
+        ax.plot(xs, [by_distance[str(d)][name] for d in xs], style, label=name)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(xs)
+    ax.legend()
+    save_figure(fig, plot_path("move", args.out))
+    print(f"wrote {path}; overall recall: " + ", ".join(f"{k} {v:.0%}"
+                                                         for k, v in overall.items()))
+    if not identical:
+        print(f"FAILED: {len(mismatches)} answers differ after the move: {mismatches[:3]}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

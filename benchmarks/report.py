@@ -1,0 +1,280 @@
+"""report: the README's "Performance" section, generated from ``benchmarks/results/*.json``.
+
+`markdown(folder)` turns every result present into a subsection (tables, the machine it was
+measured on, a link to its plot); missing results are left out. The README holds the generated
+text between two markers, so the tables and the JSON cannot disagree (a test compares them)::
+
+    <!-- perf:start -->
+    ...generated...
+    <!-- perf:end -->
+
+    python -m benchmarks.report                          # print the section
+    python -m benchmarks.report --write-readme README.md # replace the text between the markers
+    python -m benchmarks.report --check README.md        # exit 1 if the README is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS
+
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+PLOTS = "benchmarks/results"  # where the README links the PNGs (relative to the repository)
+Doc = dict[str, Any]
+
+
+# formatting ----------------------------------------------------------------------------------
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _pct(x: float) -> str:
+    digits = 0 if x == 0 or x >= 0.1 else 1 if x >= 0.01 else 2
+    return f"{100 * x:.{digits}f}%"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _machine(doc: Doc) -> str:
+    m = doc["machine"]
+    v = m.get("versions", {})
+    where = f"{m['cpu']}, {m['cores']} cores, {m.get('torch_threads')} torch threads"
+    if m.get("gpu"):
+        where += f", {m['gpu']}"
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers") if k in v)
+    quick = " (quick mode)" if doc["settings"].get("quick") else ""
+    return f"*Measured {doc['date'][:10]} on {where}; {libs}{quick}.*"
+
+
+# one function per benchmark ------------------------------------------------------------------
+def _state_size(doc: Doc) -> list[str]:
+    rows, red = doc["results"]["rows"], doc["results"]["reduction_vs_pythia"]
+    lengths = [r["tokens"] for r in rows["pythia"]]
+    body = []
+    for kind, rs in rows.items():
+        cells = [f"`{kind}`"]
+        for r in rs:
+            cut = red[kind][str(r["tokens"])]
+            cells.append(_bytes(r["fp32_bytes"]) + ("" if kind == "pythia"
+                                                      else f" ({-100 * cut:+.1f}%)"))
+        body.append(cells)
+    return (["Session state (fp32) per kind at the 70M presets, and its change against "
+             "Pythia's KV cache:", ""]
+            + _table(["kind"] + [f"{n:,} tokens" for n in lengths], body))
+
+
+def _decode(doc: Doc) -> list[str]:
+    res = doc["results"]
+    rows = res["rows"]
+    kinds = list(rows)
+    contexts = [r["context"] for r in rows[kinds[0]]]
+    body = []
+    for i, n in enumerate(contexts):
+        cells = [f"{n:,}"] + [_ms(rows[k][i]["ms_per_token"]) for k in kinds]
+        speedup = res["pythia_speedup_vs_transformers"].get(str(n))
+        body.append(cells + [f"{speedup:.2f}x" if speedup else "-"])
+    out = ["Decode latency, ms per token (batch 1, fp32); speed-up = transformers / ours "
+           "(pythia):", ""]
+    out += _table(["context"] + [f"`{k}`" for k in kinds] + ["speed-up"], body)
+    batch = res.get("batched_tokens_per_s", {})
+    if batch:
+        out += ["", f"Batched decode (`{res.get('batched_kind')}`): " + ", ".join(
+            f"{b} sessions {_n(t)} tokens/s" for b, t in batch.items()) + "."]
+    same = "yes" if res.get("greedy_tokens_equal_transformers") else "NO"
+    return out + ["", f"Greedy tokens equal transformers': {same}."]
+
+
+def _prefill(doc: Doc) -> list[str]:
+    res = doc["results"]
+    rows = res["rows"]
+    kinds = list(rows)
+    lengths = [r["tokens"] for r in rows[kinds[0]]]
+    body = []
+    for i, n in enumerate(lengths):
+        speedup = res["pythia_speedup_vs_transformers"].get(str(n))
+        body.append([f"{n:,}"] + [_n(rows[k][i]["tokens_per_s"]) for k in kinds]
+                    + [f"{speedup:.2f}x" if speedup else "-"])
+    presets = doc["settings"]["presets"]
+    out = ["Prefill throughput, tokens/s (one call, batch 1, fp32; presets "
+           + ", ".join(f"`{p}`" for p in presets.values())
+           + "); speed-up = ours / transformers (pythia):", ""]
+    out += _table(["prompt"] + [f"`{k}`" for k in kinds] + ["speed-up"], body)
+    return out + ["", "Last-token logits equal transformers': "
+                  f"{'yes' if res['last_logits_equal_transformers'] else 'NO'} (max difference "
+                  f"{res['last_logits_max_abs_diff']:.1e})."]
+
+
+def _transfer(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    body = []
+    for lib, srv, py in zip(res["library"], res["server"], res["pythia"], strict=True):
+        body.append([f"{lib['tokens']:,}", _bytes(srv["file_bytes"]),
+                     f"{_ms(srv['export_ms'])} / {_ms(srv['import_ms'])}",
+                     f"{_ms(lib['save_ms'])} / {_ms(lib['load_ms'])}",
+                     _bytes(py["same_shape_kv_bytes"]), _ms(py["same_shape_rerun_ms"]),
+                     _bytes(py["reference_kv_bytes"]), _ms(py["reference_rerun_ms"])])
+    head = ["tokens", "memory file", "server export / import ms", "library save / load ms",
+            "Pythia KV (same shape)", "re-run prompt ms (same shape)",
+            f"`{s['pythia_reference']}` KV", f"`{s['pythia_reference']}` re-run ms"]
+    return ([f"Moving a `{s['model']}` session (layers {', '.join(s['layers'])}) through a "
+             "server on loopback and through the library, against what a Pythia session of "
+             "the same length would cost to move (its KV cache) or to rebuild (re-running "
+             "the prompt):", ""] + _table(head, body))
+
+
+def _server(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    body = []
+    for name, rows in res["rows"].items():
+        for r in rows:
+            t, lat = r["ttft_ms"], r["latency_ms"]
+            body.append([f"{s['max_batch_size'][name]}", str(r["clients"]), str(r["requests"]),
+                         " / ".join(_ms(t[p]) for p in ("p50", "p95", "p99")),
+                         " / ".join(_ms(lat[p]) for p in ("p50", "p95", "p99")),
+                         _n(r["tokens_per_s"]), str(r["errors"])])
+    files = res["memory_files"]
+    valid = sum(f["valid"] for f in files.values())
+    checked = sum(f["checked"] for f in files.values())
+    return ([f"`{s['model']}` served on loopback, each client its own session, "
+             f"{s['duration_s']:g} s per level, {s['prompt_tokens']} new prompt tokens and "
+             f"{s['max_tokens']} generated tokens (greedy) per request:", ""]
+            + _table(["max batch", "clients", "requests", "TTFT p50 / p95 / p99 ms",
+                      "latency p50 / p95 / p99 ms", "tokens/s", "errors"], body)
+            + ["", f"Session memory files valid afterwards: {valid} / {checked}."])
+
+
+def _quality(doc: Doc) -> list[str]:
+    body = []
+    for r in doc["results"]["rows"]:
+        ppl = r.get("ppl", r.get("val_ppl"))
+        passkey = r.get("passkey", r.get("train_passkey")) or {}
+        body.append([
+            r["name"], _n(r["parameters"]), _bytes(r["state_bytes_16384"]),
+            _pct(r["state_vs_pythia_16384"]), _ms(r["decode_ms_per_token"]),
+            f"{ppl:.2f}", f"{r['memory_ppl_ratio']:.3f}" if "memory_ppl_ratio" in r else "-",
+            " ".join(f"{d}:{_pct(a)}" for d, a in passkey.items()) or "-",
+            _n(r["train_tokens_per_s"]) if "train_tokens_per_s" in r else "-"])
+    context = doc["settings"]["decode_context"]
+    return (["Size, speed and quality side by side (state at 16,384 tokens and its share of a "
+             f"same-shape Pythia KV cache; decode at {context:,} tokens of context; perplexity; "
+             "perplexity with memory carried / reset every segment; exact passkey recall by "
+             "distance in segments; training tokens/s):", ""]
+            + _table(["model", "parameters", "state", "vs Pythia", "decode ms/token",
+                      "perplexity", "memory / reset", "passkey", "train tokens/s"], body))
+
+
+def _move(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    S = s["segment_len"]
+    body = [[f"{d} ({int(d) * S:,} tokens)", _pct(r["moved"]), _pct(r["not_moved"]),
+             _pct(r["reset"])] for d, r in res["by_distance"].items()]
+    same = "yes" if res["answers_identical_after_move"] else "NO"
+    return ([f"Pass-key recall with `{s['model']}` through two servers: the fact told on "
+             "server A, prose added, the session moved to server B, the question asked there "
+             f"(greedy; {res['trials_per_distance']} random keys per distance):", ""]
+            + _table(["prose between fact and question (segments)", "after the move",
+                      "without the move", "memory reset"], body)
+            + ["", f"Answers after the move identical to those without it: {same}; "
+                   f"memory file moved: {_bytes(res['moved_file_bytes_mean'])}."])
+
+
+SECTIONS: dict[str, tuple[str, Callable[[Doc], list[str]]]] = {
+    "state_size": ("Session state vs context length", _state_size),
+    "decode": ("Decode speed", _decode),
+    "prefill": ("Prefill speed", _prefill),
+    "transfer": ("Moving a session", _transfer),
+    "server": ("Server under load", _server),
+    "quality": ("Quality", _quality),
+    "move": ("Remembers after a move", _move),
+}
+
+
+def load_results(folder: Path | None = None) -> dict[str, Doc]:
+    folder = folder or RESULTS
+    docs = {}
+    for name in SECTIONS:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            docs[name] = json.loads(path.read_text())
+    return docs
+
+
+def markdown(folder: Path | None = None) -> str:
+    """The Performance section's text for the results in ``folder`` (default: results/)."""
+    docs = load_results(folder)
+    if not docs:
+        return "No benchmark results yet: run `newllm bench all`.\n"
+    lines = ["Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`; "
+             "each benchmark runs with `newllm bench NAME` (`--quick` for a smoke run)."]
+    for name, (title, render) in SECTIONS.items():
+        if name in docs:
+            doc = docs[name]
+            lines += ["", f"### {title}", "", *render(doc), "",
+                      f"![{name}]({PLOTS}/{name}.png)", "", _machine(doc)]
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(text: str) -> str | None:
+    """The text between the markers (None when the README has none)."""
+    if START not in text or END not in text:
+        return None
+    return text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+def replace_section(text: str, section: str) -> str:
+    if readme_section(text) is None:
+        raise ValueError(f"the README has no {START} ... {END} markers; add them where the "
+                         "Performance section should go")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    return f"{head}{START}\n{section}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", type=Path, default=None, help="results folder")
+    ap.add_argument("--write-readme", type=Path, default=None,
+                    help="replace the README's text between the perf markers")
+    ap.add_argument("--check", type=Path, default=None,
+                    help="exit 1 if this README's section differs from the results")
+    args = ap.parse_args(argv)
+    text = markdown(args.results)
+    if args.check:
+        current = readme_section(args.check.read_text())
+        if current != text:
+            print(f"{args.check}: the Performance section is out of date (or has no markers); "
+                  "run python -m benchmarks.report --write-readme", file=sys.stderr)
+            return 1
+        return 0
+    if args.write_readme:
+        readme = args.write_readme
+        readme.write_text(replace_section(readme.read_text(), text))
+        print(f"updated {readme}")
+        return 0
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
