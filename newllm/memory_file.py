@@ -117,6 +117,10 @@ class NonFiniteError(MemoryFileError):
     code = "non_finite"
 
 
+class ValueRangeError(MemoryFileError):
+    code = "out_of_range"
+
+
 class ChecksumError(MemoryFileError):
     code = "checksum_mismatch"
 
@@ -177,10 +181,11 @@ def save_memory(state: ModelState, model: Any, path: str | Path | None = None, *
             f"{ {n: tuple(t.shape) for n, t in flat.items()} }"
         )
     tensors: dict[str, Tensor] = {}
+    want = model.state_dtypes()
     for name, t in flat.items():
-        if t.dtype != model.dtype:
-            raise TensorMismatchError(f"state tensor {name!r} is {t.dtype}, the model runs in "
-                                      f"{model.dtype}; convert with state.to(dtype=...)")
+        if t.dtype != want[name]:
+            raise TensorMismatchError(f"state tensor {name!r} is {t.dtype}, this model's state "
+                                      f"keeps it in {want[name]}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"state tensor {name!r} holds NaN or inf; refusing to save a "
                                  f"memory no model can use (reset the session)")
@@ -464,7 +469,7 @@ def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
             f"memory file tensors do not match the model's state: missing {missing}, "
             f"unexpected {extra}"
         )
-    model_dtype = ST_NAME.get(model.dtype)
+    want = {n: ST_NAME.get(dt) for n, dt in model.state_dtypes().items()}
     if dtype != model.dtype:
         raise TensorMismatchError(f"memory file dtype is {dtype}, the model runs in "
                                   f"{model.dtype}; save the state for a {dtype} model")
@@ -475,9 +480,36 @@ def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
                 f"tensor {name!r} has shape {tuple(e.shape)}, but after {position} tokens with "
                 f"batch {batch} this model's state has {tuple(shape)}"
             )
-        if e.dtype != model_dtype:
-            raise TensorMismatchError(f"tensor {name!r} is {e.dtype}, the model's state is "
-                                      f"{model_dtype} ({model.dtype})")
+        if e.dtype != want[name]:
+            raise TensorMismatchError(f"tensor {name!r} is {e.dtype}, this model's state keeps "
+                                      f"it in {want[name]}")
+
+
+MAX_ABS_VALUE = 1e15  # far above any honest state (sums of O(10) values over < 2**24 tokens)
+NON_NEGATIVE = ("z", "coarse_z", "count")  # normalisers and token counts of memory layers
+
+
+def _check_values(tensors: Mapping[str, Tensor], position: int) -> None:
+    """Values an honest state can hold: bounded, normalisers and counts >= 0, counts whole and
+    at most the tokens seen. The fingerprint and payload hash catch accidents (another model,
+    damage in transit), not a forger who copies them; these checks bound what a forged file can
+    do, and the server isolates a session whose memory still misbehaves."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or not t.numel():
+            continue
+        if float(t.abs().max()) > MAX_ABS_VALUE:
+            raise ValueRangeError(f"tensor {name!r} holds values beyond {MAX_ABS_VALUE:g}; no "
+                                  f"state this model writes looks like that")
+        field = name.rsplit(".", 1)[-1]
+        if field in NON_NEGATIVE and float(t.min()) < 0:
+            raise ValueRangeError(f"tensor {name!r} holds negative values; it is a normaliser "
+                                  f"or count and can only grow from zero")
+        if field == "count":
+            if not torch.equal(t, t.round()):
+                raise ValueRangeError(f"tensor {name!r} must hold whole token counts")
+            if float(t.sum(dim=-1).max()) > position:
+                raise ValueRangeError(f"tensor {name!r} counts more tokens than the "
+                                      f"{position} the file says were seen")
 
 
 def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str | None = None,
@@ -509,6 +541,7 @@ def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str |
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"tensor {name!r} holds NaN or inf; a memory like this would "
                                  f"poison every later token; refusing it")
+    _check_values(tensors, position)
     template = model.init_state(batch)
     tensors = {n: t.to(model.device) for n, t in tensors.items()}
     layers = []

@@ -97,6 +97,20 @@ class TransformerLM(nn.Module):
             shapes["context.last"] = (batch_size, self.config.context_dim)
         return shapes
 
+    def state_dtypes(self) -> dict[str, torch.dtype]:
+        """Flat tensor name -> dtype of a state: the model's dtype, except memory tensors, which
+        every memory layer keeps in float32."""
+        out: dict[str, torch.dtype] = {}
+        for i, block in enumerate(self.layers):
+            mixer = block.attention
+            names = mixer.state_shapes(1, 0)
+            dtypes = mixer.state_dtypes(self.dtype) if hasattr(mixer, "state_dtypes") else {}
+            for name in names:
+                out[f"layers.{i}.{name}"] = dtypes.get(name, self.dtype)
+        if self.context_block is not None:
+            out["context.last"] = self.dtype
+        return out
+
     # forward -------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, state: ModelState | None = None, *,
                 last_only: bool = False) -> tuple[Tensor, ModelState]:

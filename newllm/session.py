@@ -169,10 +169,11 @@ def check_state_fits(state: ModelState, model: Any) -> None:
             f"{state.position} tokens: tensors {wrong} differ (expected "
             f"{ {n: expected.get(n) for n in wrong} }, got { {n: got.get(n) for n in wrong} })"
         )
+    want = model.state_dtypes()
     for name, t in state.flat_tensors().items():
-        if t.dtype != model.dtype:
-            raise TensorMismatchError(f"state tensor {name!r} is {t.dtype}, the model runs in "
-                                      f"{model.dtype}; convert with state.to(dtype=...)")
+        if t.dtype != want[name]:
+            raise TensorMismatchError(f"state tensor {name!r} is {t.dtype}, this model's state "
+                                      f"keeps it in {want[name]}")
 
 
 __all__ = ["Session", "check_state_fits"]

@@ -28,6 +28,7 @@ from newllm.memory_file import (
     TokenizerMismatchError,
     TooLargeError,
     TruncatedError,
+    ValueRangeError,
     load_memory,
     payload_sha256,
     read_memory_metadata,
@@ -382,6 +383,42 @@ def test_non_finite_values(model: TransformerLM, good: bytes, value: float) -> N
         t["layers.1.v"][0, 2, 3, 3] = value
     err = refused(resave(good, poison), NonFiniteError, model, match="layers.1.v")
     assert "NaN or inf" in str(err)
+
+
+def test_forged_values_are_refused(model: TransformerLM, good: bytes) -> None:
+    """Finite but impossible values (a forger can copy fingerprint and hash) are refused."""
+    def huge(t: dict) -> None:
+        t["layers.0.memory"][0, 0, 0, 0, 0] = 3e38
+    refused(resave(good, huge), ValueRangeError, model, match="layers.0.memory")
+
+    def negative_z(t: dict) -> None:
+        t["layers.0.z"][0, 0, 0, 1] = -1.0
+    refused(resave(good, negative_z), ValueRangeError, model, match="layers.0.z")
+
+
+def test_forged_counts_are_refused() -> None:
+    multi = make("tiny-multi-memory")
+    data = save_memory(state_after(multi, 37), multi)
+
+    def too_many(t: dict) -> None:
+        t["layers.0.count"][0, 0] = 1000.0
+    refused(resave(data, too_many), ValueRangeError, multi, match="count")
+
+    def fractional(t: dict) -> None:
+        t["layers.0.count"][0, 0] = 0.5
+    refused(resave(data, fractional), ValueRangeError, multi, match="whole")
+
+
+def test_low_precision_models_keep_memory_in_float32() -> None:
+    """bf16/fp16 models: memory tensors stay float32 (no saturating counts), files round-trip."""
+    for dtype in (torch.bfloat16, torch.float16):
+        m = make("tiny-multi-memory").to(dtype)
+        state = state_after(m, 16 * 40 + 5)
+        assert state.layers[0].memory.dtype == torch.float32
+        assert state.layers[0].open_k.dtype == dtype
+        assert float(state.layers[0].count.sum()) == 16 * 40
+        loaded = load_memory(save_memory(state, m), m)
+        assert_states_equal(loaded, state)
 
 
 def test_another_models_memory(model: TransformerLM, good: bytes) -> None:

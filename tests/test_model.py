@@ -43,7 +43,7 @@ def test_any_split_equals_one_shot(name: str) -> None:
     ids = torch.randint(0, 500, (2, T))
     with torch.no_grad():
         whole = feed(model, ids, [T])
-        uneven = feed(model, ids, [5, 11, 1, 20, 3, 21])
+        uneven = feed(model, ids, [5, 0, 11, 1, 20, 0, 3, 21])  # empty pieces too
         by_token = feed(model, ids, [1] * T)
     torch.testing.assert_close(uneven, whole, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(by_token, whole, atol=2e-5, rtol=1e-5)
@@ -142,6 +142,28 @@ def test_decode_step_equals_separate_calls(name: str) -> None:
             assert new[i].position == ref_state.position
             for k, v in ref_state.flat_tensors().items():
                 torch.testing.assert_close(new[i].flat_tensors()[k], v, atol=2e-5, rtol=1e-5)
+
+
+def test_a_changed_copy_of_a_state_continues_from_its_own_values() -> None:
+    """A state rebuilt with other tensors must not write into the original's spare buffer."""
+    import dataclasses
+
+    model = make("tiny-pythia")
+    ids = torch.randint(0, 500, (1, 12))
+    with torch.no_grad():
+        _, s = model(ids[:, :10])
+        zeroed = dataclasses.replace(s.layers[0], k=torch.zeros_like(s.layers[0].k))
+        s0 = type(s)(s.position, (zeroed,) + s.layers[1:], s.context)
+        a, _ = model(ids[:, 10:], s)
+        b, _ = model(ids[:, 10:], s0)
+        half = s.to(dtype=torch.float16).to(dtype=torch.float32)
+        c, _ = model(ids[:, 10:], half)
+        fresh = type(s)(half.position, tuple(
+            dataclasses.replace(ls, k=ls.k.clone(), v=ls.v.clone(), _spare=None)
+            for ls in half.layers), None)
+        d, _ = model(ids[:, 10:], fresh)
+    assert (a - b).abs().max() > 1e-4
+    torch.testing.assert_close(c, d, rtol=0, atol=0)
 
 
 def test_create_model_accepts_the_seeds_options() -> None:

@@ -66,8 +66,9 @@ class Rotary(nn.Module):
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """GPT-NeoX's fused QKV output (B, T, 3C), grouped per head, -> q, k, v each (B, H, T, D)."""
-    B, T, _ = qkv.shape
-    qkv = qkv.view(B, T, num_heads, 3, -1).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
+    B, T, three_c = qkv.shape
+    D = three_c // (3 * num_heads)  # explicit: -1 cannot be inferred when T == 0
+    qkv = qkv.view(B, T, num_heads, 3, D).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
     return qkv[0], qkv[1], qkv[2]
 
 
@@ -104,11 +105,16 @@ def kv_append(k_old: Tensor, v_old: Tensor, spare: GrowBuffer | None, k_new: Ten
               v_new: Tensor) -> tuple[Tensor, Tensor, GrowBuffer]:
     """Append (B, H, T, D) keys/values to a cache viewed by k_old/v_old; O(T) when in place."""
     n, t = k_old.shape[-2], k_new.shape[-2]
-    can_write = (
+    can_write = (  # the spare really is the buffer k_old/v_old view, and nobody wrote past n
         spare is not None
         and spare.filled == n
         and spare.k.shape[-2] >= n + t
-        and spare.k.dtype == k_new.dtype
+        and spare.k.shape[:2] == k_new.shape[:2]
+        and spare.k.dtype == k_new.dtype == k_old.dtype
+        and spare.k.device == k_new.device
+        and k_old.data_ptr() == spare.k.data_ptr()
+        and v_old.data_ptr() == spare.v.data_ptr()
+        and k_old.stride() == spare.k.stride()
         and not torch.is_grad_enabled()
     )
     if not can_write:

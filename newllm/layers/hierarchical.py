@@ -13,7 +13,6 @@ The memory read is then gated with local attention as in every memory layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,16 +49,13 @@ class HierarchicalMemoryAttention(SegmentMemoryAttention):
         return {"coarse": (B, MH, dk, dk), "coarse_z": (B, MH, dk),
                 **fine_shapes(B, self.num_memories, MH, dk)}
 
-    def memory_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> dict[str, Tensor]:
-        shapes = self.memory_shapes(batch_size)
-        return {k: torch.zeros(s, device=device, dtype=dtype) for k, s in shapes.items()}
-
     def read(self, sq: Tensor, q: Tensor, state: HierarchicalState) -> tuple[Tensor, Tensor]:
         coarse = memory_read(sq, state.coarse, state.coarse_z)  # (B, MH, T, dk)
         fine, _ = read_many(sq, merge_heads(q), state.memory, state.z, state.key_sum,
                             state.count)
-        e = torch.sigmoid(torch.einsum("bhtd,hd->bht", q, self.expand_weight)
-                          + self.expand_bias.view(1, -1, 1)).unsqueeze(-1)  # (B, H, T, 1)
+        w, b = self.expand_weight.to(q.dtype), self.expand_bias.to(q.dtype)
+        e = torch.sigmoid(torch.einsum("bhtd,hd->bht", q, w)
+                          + b.view(1, -1, 1)).unsqueeze(-1)  # (B, H, T, 1)
         mixed = (1 - e) * self.from_memory_heads(coarse) + e * self.from_memory_heads(fine)
         active = state.coarse_z.flatten(1).sum(dim=1) > 0
         return self.to_memory_heads(mixed), active

@@ -13,7 +13,6 @@ normalisers), which with one bank is plain Infini-attention; one bank is never c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,10 +36,6 @@ class InfiniAttention(SegmentMemoryAttention):
         super().__init__(config, index)
         self.num_banks = config.num_memory_banks
         self.segments_per_bank = config.segments_per_bank
-
-    def memory_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> dict[str, Tensor]:
-        shapes = self.memory_shapes(batch_size)
-        return {k: torch.zeros(s, device=device, dtype=dtype) for k, s in shapes.items()}
 
     def memory_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         B, NB, MH, dk = batch_size, self.num_banks, self.memory_heads, self.dk

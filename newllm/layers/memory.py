@@ -80,7 +80,9 @@ def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
 class SegmentMemoryAttention(nn.Module):
     """Segment-local causal attention + a compressive memory, gated per head.
 
-    Subclasses define the memory: ``memory_state(B, device, dtype)``, ``memory_shapes(B)``,
+    The memory tensors are kept and updated in float32 whatever the model's dtype (bf16 would
+    saturate normalisers and counts after a few thousand tokens, fp16 overflow after ~65k).
+    Subclasses define the memory: ``memory_shapes(B)``,
     ``read(sq, state) -> (A_mem (B, MH, T, dv), active (B,))`` and
     ``write(sk, v, state, segment) -> {field: tensor}``. The state dataclass must have the
     fields ``open_k`` and ``open_v`` (B, H, o, D) besides the memory's own.
@@ -103,9 +105,6 @@ class SegmentMemoryAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((config.num_heads,), float(config.gate_init)))
 
     # subclass API ------------------------------------------------------------------------
-    def memory_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> dict[str, Tensor]:
-        raise NotImplementedError
-
     def memory_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
@@ -117,12 +116,22 @@ class SegmentMemoryAttention(nn.Module):
         raise NotImplementedError
 
     # shared machinery ----------------------------------------------------------------------
+    def memory_state(self, batch_size: int, device: Any) -> dict[str, Tensor]:
+        """The empty memory: zeros, float32."""
+        return {k: torch.zeros(s, device=device, dtype=torch.float32)
+                for k, s in self.memory_shapes(batch_size).items()}
+
+    def state_dtypes(self, model_dtype: torch.dtype) -> dict[str, torch.dtype]:
+        """Field -> dtype: memory fields float32, the open segment in the model's dtype."""
+        fields = dict.fromkeys(self.memory_shapes(1), torch.float32)
+        return {**fields, "open_k": model_dtype, "open_v": model_dtype}
+
     def init_state(self, batch_size: int, device: Any = None,
                    dtype: torch.dtype = torch.float32) -> Any:
         empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device,
                             dtype=dtype)
         return self.state_class(open_k=empty, open_v=empty.clone(),
-                                **self.memory_state(batch_size, device, dtype))
+                                **self.memory_state(batch_size, device))
 
     def state_shapes(self, batch_size: int, position: int) -> dict[str, tuple[int, ...]]:
         o = position % self.segment_len
@@ -152,11 +161,14 @@ class SegmentMemoryAttention(nn.Module):
             seg_k = torch.cat((state.open_k, ks), dim=-2)  # (B, H, o+n, D) unrotated
             seg_v = torch.cat((state.open_v, vs), dim=-2)
             local = causal_attention(self.rotary(qs, o), self.rotary(seg_k, 0), seg_v)
-            a_mem, active = self.read(elu1(self.to_memory_heads(qs)), qs, state)
+            qm = self.to_memory_heads(qs).float()  # the memory path runs in float32
+            a_mem, active = self.read(elu1(qm), qs.float(), state)
+            a_mem = a_mem.to(x.dtype)
             g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
             outs.append(g * self.from_memory_heads(a_mem) + (1 - g) * local)  # (B, H, n, D)
             if o + n == S:  # the segment is complete: write it, open a new one
-                mk, mv = self.to_memory_heads(seg_k), self.to_memory_heads(seg_v)
+                mk = self.to_memory_heads(seg_k).float()
+                mv = self.to_memory_heads(seg_v).float()
                 fields = self.write(elu1(mk), mk, mv, state, pos // S)
                 empty = seg_k[:, :, :0]
                 state = dataclasses.replace(state, open_k=empty, open_v=empty, **fields)

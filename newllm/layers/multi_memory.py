@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +93,6 @@ class MultiMemoryAttention(SegmentMemoryAttention):
 
     def memory_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         return fine_shapes(batch_size, self.num_memories, self.memory_heads, self.dk)
-
-    def memory_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> dict[str, Tensor]:
-        shapes = self.memory_shapes(batch_size)
-        return {k: torch.zeros(s, device=device, dtype=dtype) for k, s in shapes.items()}
 
     def read(self, sq: Tensor, q: Tensor, state: MultiMemoryState) -> tuple[Tensor, Tensor]:
         return read_many(sq, merge_heads(q), state.memory, state.z, state.key_sum, state.count)
