@@ -8,7 +8,7 @@ caller can branch on the class and show ``str(error)`` (the server's own message
     ├── APIError                    the server answered with an error (status, code, message)
     │   ├── BadRequest              400, 422: the request is wrong; fix it, do not retry
     │   │   ├── MemoryRefused       a memory file was refused on upload (400/413 of PUT .../memory)
-    │   │   └── PayloadTooLarge     413: the body is over the server's --max-request-bytes
+    │   │   └── PayloadTooLarge     413: body over --max-request-bytes (memory: --max-memory-bytes)
     │   ├── AuthError               401, 403: missing or wrong API key
     │   ├── NotFound                404: no such session, model or route
     │   ├── Conflict                409: the session is busy or its history differs

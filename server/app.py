@@ -207,11 +207,16 @@ class SessionSpec(LitSpec):
                            param="model")
 
     async def _events(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Submit a job to the workers and yield its events until it finishes."""
+        """Submit a job to the workers and yield its events until it finishes.
+
+        Closed before the job ended (the client went away: the streaming response is
+        cancelled, which closes this generator), it asks the worker to drop the turn unsaved
+        (`SessionStore.cancel`)."""
         uid = uuid.uuid4().hex
         queue: deque[Any] = deque()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
+        ended = False  # the worker is done with the job (done, error or finished)
         try:
             self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
             while True:
@@ -219,16 +224,29 @@ class SessionSpec(LitSpec):
                 while queue:
                     data, status = queue.popleft()
                     if status == LitAPIStatus.FINISH_STREAMING:
+                        ended = True
                         return
                     if status == LitAPIStatus.ERROR:
+                        ended = True
                         log.error("a worker failed on request %s", uid)
                         yield {"t": "error", "status": 500, **ApiError(
                             500, "the inference worker failed", code="internal_error").body()}
                         return
+                    ended = data["t"] in ("done", "error")
                     yield data
                 event.clear()
         finally:
             self.response_buffer.pop(uid, None)
+            if not ended:
+                self._cancel(uid)
+
+    def _cancel(self, uid: str) -> None:
+        try:
+            self.store.cancel(uid)
+        except OSError as e:
+            log.warning("could not flag request %s as cancelled: %s", uid, e)
+        else:
+            log.info("request %s: the client went away; asked its worker to drop it", uid)
 
     async def _respond(self, job: dict[str, Any], builder: Builder, stream: bool, route: str,
                        t0: float) -> Response:
@@ -332,7 +350,7 @@ class SessionSpec(LitSpec):
         if self._validator is None:
             raise ApiError(503, "this process cannot validate memory files", code="unavailable")
         model, tokenizer_sha = self._validator
-        limit = self.settings.max_request_bytes
+        limit = self.settings.max_memory_bytes
         try:
             state = load_memory(body, model, tokenizer_hash=tokenizer_sha, max_bytes=limit)
             transcript = Transcript.from_metadata(read_memory_metadata(body))
@@ -342,6 +360,10 @@ class SessionSpec(LitSpec):
         except ValueError as e:
             raise ApiError(400, f"memory file refused: {e}", code="bad_metadata",
                            param="body") from None
+        if state.batch_size != 1:
+            raise ApiError(400, f"memory file refused: it holds {state.batch_size} sequences; "
+                           "a session continues one (save the state of a batch of 1)",
+                           code="tensor_mismatch", param="body")
         data = save_memory(state, model, tokenizer_hash=tokenizer_sha,
                            metadata=transcript.to_metadata())
         locks = self.store.locks()
@@ -416,7 +438,8 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
         api, accelerator=accelerator, devices=1, workers_per_device=settings.workers,
         timeout=False, model_metadata=info.card(),
         middlewares=[(Guard, {"api_key": settings.api_key,
-                              "max_bytes": settings.max_request_bytes})],
+                              "max_bytes": settings.max_request_bytes,
+                              "max_memory_bytes": settings.max_memory_bytes})],
     )
     server.uvicorn_graceful_timeout = 10
     install_error_handlers(server.app)

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
         kind: Any = int if f.type == "int" else str
-        if f.name == "max_request_bytes":
+        if f.name in ("max_request_bytes", "max_memory_bytes"):
             kind = parse_bytes
         parser.add_argument(flag, type=kind, default=defaults[f.name].default,
                             help=f.metadata["help"] + (f" (default: {f.default})"

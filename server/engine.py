@@ -6,21 +6,42 @@ together (continuous batching: a request joins the batch as soon as its session 
 and leaves it when done), while turns of *one* session never overlap (see `server.store`).
 
 One turn (a request):
-1. **open**: try the session's lock (busy -> the job waits, the worker keeps decoding others);
-   load the session's memory and `Transcript` (a worker keeps recent states in memory and reuses
-   one when the file's payload hash still matches), work out which part of the request is new
-   (`server.transcript`: 409 if the history diverged), tokenize it, prefill it in chunks.
+1. **open**: try the session's lock (busy -> the job is parked and retried while the worker
+   serves other jobs); load the session's memory and `Transcript` (a worker keeps recent
+   states in memory and reuses one while the file's metadata, payload hash and position
+   included, is unchanged), work out which part of the request is new (`server.transcript`:
+   409 if the history diverged), tokenize it, prefill it in chunks. A turn that would create a
+   session is refused here (503) when the store is full of busy sessions.
 2. **decode**: every live choice of every turn in the batch takes one token per step; the
    model runs them together with `TransformerLM.decode_step` (sessions at different positions).
-3. **finish**: save the state (which has consumed the prompt and every generated token) and
-   the extended transcript atomically, release the lock, report usage. A failure before this
-   point leaves the session exactly as it was.
+3. **finish**: save the state and the extended transcript atomically, release the lock, report
+   usage. A failure before this point leaves the session exactly as it was.
+
+What a session's memory holds after a turn: the prompt and the reply *as returned*. When a
+stop string ended the reply (``finish_reason`` "stop" with text cut off, the implicit
+``"\\nUser:"`` of chat included), the state that decoding produced has also read the stop
+string, so the saved state is rebuilt from the state after the prompt by reading the tokens of
+the returned text (the generated tokens that lie wholly inside it, then the rest of it
+tokenized): the memory then equals the rendered conversation, which is what the next turn's
+text continues. When a stop token (EOS) ended the reply, the memory keeps that token.
+
+Failures are per turn: a turn whose choice fails (an error while sampling, or logits that are
+not finite or beyond ``MAX_LOGIT``, which only a damaged or forged memory produces: 422
+``non_finite_memory``) gets its error and is dropped, its session unchanged; the other turns in
+the batch go on. If the batched forward pass itself fails, each row is retried alone so that
+only the turn that caused it fails.
+
+Cancellation: when the HTTP side sees its client go away mid-turn it drops a cancel flag
+(`SessionStore.cancel`); before each step the worker drops flagged turns (and parked jobs)
+without saving anything. Parked jobs: a worker takes a job from the shared queue only while its
+batch has a free place, and keeps jobs whose session is busy aside (at most ``MAX_PARKED``), so
+a busy session never stops it from serving other jobs, and turns of one session start in the
+order they arrived.
 
 Events sent to the HTTP side (plain dicts; ``c`` is the choice index):
 ``start`` (prompt tokens), ``echo`` (completions echo), ``tok`` (released text, and token,
 log-prob and alternatives when logprobs were asked for), ``end`` (finish reason), ``done``
 (usage, session), ``error`` (status and OpenAI error body), then LitServe's FINISH_STREAMING.
-A client that disconnects does not stop its turn: the turn completes and is saved.
 """
 
 from __future__ import annotations
@@ -62,7 +83,12 @@ log = logging.getLogger("newllm.server")
 PREFILL_CHUNK = 512  # tokens per forward call when reading a prompt (bounds attention memory)
 CACHE_STATES = 32  # session states a worker keeps in memory (reused while the file is unchanged)
 CACHE_BYTES = 256 << 20  # ... and at most this many bytes of them
+MAX_LOGIT = 1e6  # |logit| beyond this (or NaN/inf) means a broken state, not a confident model
+MAX_PARKED = 256  # jobs a worker keeps aside while their sessions are busy
+PARK_POLL_S = 0.005  # how often parked jobs are retried while nothing else runs
+SENTINEL = (None, None, None, None)  # LitServe's "shut down" item on the request queue
 Send = Callable[[int, str, Any], None]
+Job = tuple[int, str, float, dict[str, Any]]  # LitServe's queue item: (rqid, uid, time, job)
 
 
 @torch.no_grad()
@@ -79,7 +105,13 @@ def prefill(model: Any, ids: list[int], state: ModelState) -> tuple[Tensor, Mode
 
 def _header_of(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {})
+    meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def healthy(logits: Tensor) -> bool:
+    """Finite logits (V,) of a sane size (see ``MAX_LOGIT``); NaN fails the comparison."""
+    return bool(logits.detach().abs().max() <= MAX_LOGIT)
 
 
 @dataclass
@@ -89,7 +121,8 @@ class Task:
     choice: int
     run: GenerationRun
     logits: Tensor  # (V,) logits for the next token
-    state: ModelState
+    state: ModelState  # the state after the prompt and the tokens taken so far
+    prompt_state: ModelState  # the state after the prompt (rebuilds memory after a stop string)
 
     @property
     def finished(self) -> bool:
@@ -112,7 +145,9 @@ class Turn:
     created: bool
     prompts: list[tuple[str, list[int]]]  # (new text, its token ids) per prompt
     new_units: list[str]
+    loaded: bool  # the turn continues a memory read from the session's file
     tasks: list[Task] = field(default_factory=list)
+    failed: bool = False  # an error was sent; the turn is dropped unsaved
 
     @property
     def finished(self) -> bool:
@@ -132,62 +167,93 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens
         self.locks = store.locks()
         self.vocab = min(int(tokenizer.vocab_size), model.config.vocab_size)
-        self.cache: OrderedDict[str, tuple[str, ModelState]] = OrderedDict()
+        # session id -> (the file's metadata, the state it holds)
+        self.cache: OrderedDict[str, tuple[dict[str, str], ModelState]] = OrderedDict()
         self._pieces: dict[int, tuple[str, list[int]]] = {}
 
     # the loop ----------------------------------------------------------------------------------
     def serve(self, queue: Any, send: Send, max_batch: int) -> None:
         """Take jobs from LitServe's request queue until the sentinel; never returns otherwise."""
-        waiting: deque[tuple[int, str, float, dict[str, Any]]] = deque()
+        parked: deque[Job] = deque()  # taken, not started: their session is busy
         active: list[Turn] = []
         while True:
-            room = max_batch - len(active) - len(waiting)
-            while room > 0:
-                idle = not active and not waiting
+            tried: set[str] = set()  # sessions found busy in this pass
+            for item in list(parked):  # oldest first, so one session's turns keep their order
+                sid = item[3]["session_id"]
+                if len(active) >= max_batch:
+                    break
+                if sid in tried:
+                    continue
+                if self._admit(item, active, send):
+                    parked.remove(item)
+                else:
+                    tried.add(sid)
+            while len(active) < max_batch and len(parked) < MAX_PARKED:
                 try:
-                    item = queue.get(timeout=1.0) if idle else queue.get_nowait()
+                    if active:
+                        item = queue.get_nowait()
+                    else:
+                        item = queue.get(timeout=PARK_POLL_S if parked else 1.0)
                 except Empty:
                     break
-                if item == (None, None, None, None):  # LitServe's sentinel: shut down
+                if item == SENTINEL:
                     return
-                waiting.append(item)
-                room -= 1
-            for item in list(waiting):
-                rqid, uid, _, job = item
-                turn = None
-                try:
-                    turn = self.open(rqid, uid, job)
-                    if turn is None:
-                        continue  # its session is busy; try again next step
-                    waiting.remove(item)
-                    self._start(turn, send)
-                    active.append(turn)
-                except Exception as e:  # noqa: BLE001 - reported to the client
-                    if item in waiting:
-                        waiting.remove(item)
-                    if turn is not None:
-                        self._release(turn)
-                    if not isinstance(e, ApiError):
-                        log.exception("opening a request failed")
-                        e = ApiError(500, f"internal error: {e}", code="internal_error")
-                    self._fail(rqid, uid, e, send)
+                busy = item[3]["session_id"] is not None and any(
+                    p[3]["session_id"] == item[3]["session_id"] for p in parked)
+                if busy or not self._admit(item, active, send):
+                    parked.append(item)
             if not active:
-                if waiting:
-                    time.sleep(0.005)
+                if len(parked) >= MAX_PARKED:  # nothing to do until a parked session frees
+                    time.sleep(PARK_POLL_S)
                 continue
-            try:
-                self.step(active, send)
-            except Exception as e:  # noqa: BLE001 - every turn in the batch fails, none is saved
-                log.exception("decoding failed")
-                for turn in active:
-                    self._release(turn)
-                    self._fail(turn.rqid, turn.uid, ApiError(
-                        500, f"generation failed: {e}", code="internal_error"), send)
-                active.clear()
-                continue
+            for turn in [t for t in active if self.store.cancelled(t.uid)]:
+                self._drop_cancelled(turn, send)
+            active[:] = [t for t in active if not t.failed]
+            self.step(active, send)
+            active[:] = [t for t in active if not t.failed]
             for turn in [t for t in active if t.finished]:
                 active.remove(turn)
                 self.finish(turn, send)
+
+    def _admit(self, item: Job, active: list[Turn], send: Send) -> bool:
+        """Open a job and add it to ``active``; False when its session is busy (park it).
+
+        True also when the job ended here: refused (its error sent) or cancelled."""
+        rqid, uid, _, job = item
+        if self.store.cancelled(uid):
+            self.store.clear_cancel(uid)
+            log.info("request %s cancelled by its client before it started", uid)
+            send(rqid, uid, None)
+            return True
+        turn = None
+        try:
+            turn = self.open(rqid, uid, job)
+            if turn is None:
+                return False
+            self._start(turn, send)
+            active.append(turn)
+        except Exception as e:  # noqa: BLE001 - reported to the client
+            if turn is not None:
+                self._release(turn)
+            self._fail(rqid, uid, self._api_error(e, "opening a request failed"), send)
+        return True
+
+    def _drop_cancelled(self, turn: Turn, send: Send) -> None:
+        turn.failed = True
+        self._release(turn)
+        self.store.clear_cancel(turn.uid)
+        log.info("request %s cancelled by its client: turn dropped, session %r unchanged",
+                 turn.uid, turn.session_id)
+        send(turn.rqid, turn.uid, None)
+
+    @staticmethod
+    def _api_error(e: Exception, what: str) -> ApiError:
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, StoreFull):
+            return ApiError(503, str(e), code="too_many_sessions")
+        log.exception(what)
+        return ApiError(500, f"{what}: {e}", code="internal_error")
 
     # open --------------------------------------------------------------------------------------
     def open(self, rqid: int, uid: str, job: dict[str, Any]) -> Turn | None:
@@ -223,12 +289,17 @@ class Engine:
                            f"{self.max_prompt_tokens} per request (--max-prompt-tokens)",
                            code="prompt_too_long",
                            param="messages" if job["op"] == "chat" else "prompt")
-        turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units)
+        if sid is not None and created:
+            self.store.check_room(sid, self.locks)  # StoreFull -> 503 before generating
+        turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units,
+                    loaded=state is not None)
         start = state if state is not None else self.model.init_state(1)
         p = job["params"]
         stop = list(dict.fromkeys(p["stop"] + ([CHAT_STOP] if job["op"] == "chat" else [])))
         for pi, (_, ids) in enumerate(prompts):
             logits, after = prefill(self.model, ids, start)
+            if not healthy(logits):
+                raise self._broken(turn)
             for j in range(job["n"]):
                 seed = None if p["seed"] is None else p["seed"] + j
                 try:
@@ -242,8 +313,19 @@ class Engine:
                                     self.vocab)
                 if params.max_new_tokens == 0:
                     run.finish_empty(after)
-                turn.tasks.append(Task(pi * job["n"] + j, run, logits, after))
+                turn.tasks.append(Task(pi * job["n"] + j, run, logits, after, after))
         return turn
+
+    @staticmethod
+    def _broken(turn: Turn) -> ApiError:
+        """The error for logits that are not finite (see `healthy`)."""
+        if turn.loaded:
+            return ApiError(422, f"the memory of session {turn.session_id!r} produces "
+                            "non-finite values (a damaged or forged memory file); reset it with "
+                            "metadata.reset_session='true' or DELETE the session",
+                            code="non_finite_memory", param="metadata.session_id")
+        return ApiError(500, "the model produced non-finite logits; check the checkpoint",
+                        code="non_finite_logits")
 
     def _load(self, sid: str) -> tuple[ModelState, Transcript]:
         path = self.store.path(sid)
@@ -251,10 +333,12 @@ class Engine:
             meta = read_header_metadata(path)
             transcript = Transcript.from_metadata(meta)
             cached = self.cache.get(sid)
-            if cached is not None and cached[0] == meta.get("payload_sha256"):
+            if cached is not None and cached[0] == meta:  # payload hash, position, everything
                 self.cache.move_to_end(sid)
                 return cached[1], transcript
             state = load_memory(path, self.model, tokenizer_hash=self.tokenizer.sha256)
+            if state.batch_size != 1:
+                raise ValueError(f"its memory holds {state.batch_size} sequences, not 1")
         except (MemoryFileError, ValueError, OSError) as e:
             raise ApiError(409, f"session {sid!r} cannot be continued by this server: {e}; "
                            "DELETE it or pass metadata.reset_session='true'",
@@ -271,6 +355,9 @@ class Engine:
 
     def _text_prompts(self, job: dict[str, Any], t: Transcript, sid: str | None,
                       mode: str) -> list[tuple[str, list[int]]]:
+        """(new text, its ids) per prompt. A token-id prompt on a session is matched as the
+        text it decodes to (kind check and re-sent transcript), then cut at the token where
+        the new text starts."""
         prompts = []
         for p in job["prompts"]:
             if isinstance(p, str):
@@ -279,6 +366,10 @@ class Engine:
                 ids = self.tokenizer.encode(text)
             else:
                 text, ids = self.tokenizer.decode(p), list(p)
+                start = new_text_start(t, text, mode) if sid is not None else 0
+                if start:
+                    cut = self._token_prefix(ids, text, start)
+                    text, ids = text[start:], ids[cut:]
             if not ids:
                 if sid is not None:
                     raise ApiError(400, f"the prompt adds no new text to session {sid!r} (it "
@@ -287,6 +378,19 @@ class Engine:
                 ids = [self.model.config.eos_token_id]  # an empty text starts after EOS
             prompts.append((text, ids))
         return prompts
+
+    def _token_prefix(self, ids: list[int], text: str, start: int) -> int:
+        """How many leading ``ids`` spell ``text[:start]`` (``text`` is what ``ids`` decode
+        to); Diverged when ``start`` falls inside a token."""
+        target, size, k = len(text[:start].encode("utf-8")), 0, 0
+        while k < len(ids) and size < target:
+            size += len(self._piece(ids[k])[1])
+            k += 1
+        if size == target and self.tokenizer.decode(ids[:k]) == text[:start]:
+            return k
+        raise Diverged("the token prompt re-sends this session's transcript, but the "
+                       "transcript does not end on one of its token boundaries; send only the "
+                       "new tokens with metadata.session_input='new'")
 
     # events ------------------------------------------------------------------------------------
     def _start(self, turn: Turn, send: Send) -> None:
@@ -329,30 +433,74 @@ class Engine:
 
     @torch.no_grad()
     def step(self, turns: list[Turn], send: Send) -> None:
-        """One token for every live choice of every turn, decoded as one batch."""
-        live = [(turn, task) for turn in turns for task in turn.tasks if not task.finished]
+        """One token for every live choice of every turn, decoded as one batch.
+
+        A turn that fails here is marked ``failed``, its lock released and its error sent;
+        the others go on (see the module docstring)."""
+        live: list[tuple[Turn, Task, int]] = []
+        for turn in turns:
+            if turn.failed:
+                continue
+            try:
+                picked = []
+                for task in turn.tasks:
+                    if not task.finished:
+                        if not healthy(task.logits):
+                            raise self._broken(turn)
+                        picked.append((task, task.run.take(task.logits)))
+            except Exception as e:  # noqa: BLE001 - this turn alone fails
+                self._abort(turn, self._api_error(e, "sampling failed"), send)
+                continue
+            for task, tok in picked:
+                event: dict[str, Any] = {"t": "tok", "c": task.choice, "text": tok.text}
+                if turn.wants_tokens:
+                    event.update(self._token(tok.id, tok.logprob, tok.top_logprobs))
+                send(turn.rqid, turn.uid, event)
+                live.append((turn, task, tok.id))
         if not live:
             return
-        ids = []
-        for turn, task in live:
-            tok = task.run.take(task.logits)
-            ids.append(tok.id)
-            event: dict[str, Any] = {"t": "tok", "c": task.choice, "text": tok.text}
-            if turn.wants_tokens:
-                event.update(self._token(tok.id, tok.logprob, tok.top_logprobs))
-            send(turn.rqid, turn.uid, event)
         metrics.BATCH.observe(len(live))
-        logits, states = self.model.decode_step(
-            torch.tensor(ids, dtype=torch.long, device=self.model.device),  # (B,)
-            [task.state for _, task in live])  # logits (B, V)
-        for row, (turn, task) in enumerate(live):
-            task.state = states[row]
+        for (turn, task, _), out in zip(live, self._decode(live, send), strict=True):
+            if out is None or turn.failed:
+                continue
+            logits, state = out
+            task.state = state
             if task.run.done:
-                task.run.state = states[row]
+                task.run.state = state
                 send(turn.rqid, turn.uid, {"t": "end", "c": task.choice,
                                            "finish_reason": task.run.finish_reason})
             else:
-                task.logits = logits[row]
+                task.logits = logits
+
+    def _decode(self, live: list[tuple[Turn, Task, int]],
+                send: Send) -> list[tuple[Tensor, ModelState] | None]:
+        """decode_step over the batch; if it fails, row by row, failing only the bad rows'
+        turns (None for those)."""
+        def run(rows: list[tuple[Turn, Task, int]]) -> list[tuple[Tensor, ModelState]]:
+            ids = torch.tensor([i for _, _, i in rows], dtype=torch.long,
+                               device=self.model.device)  # (B,)
+            logits, states = self.model.decode_step(ids, [task.state for _, task, _ in rows])
+            return list(zip(logits, states, strict=True))  # logits (B, V)
+
+        try:
+            return list(run(live))
+        except Exception:  # noqa: BLE001 - find the row that caused it
+            if len(live) > 1:
+                log.exception("batched decoding failed; retrying each row alone")
+        outs: list[tuple[Tensor, ModelState] | None] = []
+        for row in live:
+            turn = row[0]
+            try:
+                outs.append(None if turn.failed else run([row])[0])
+            except Exception as e:  # noqa: BLE001 - this turn alone fails
+                self._abort(turn, self._api_error(e, "decoding failed"), send)
+                outs.append(None)
+        return outs
+
+    def _abort(self, turn: Turn, error: ApiError, send: Send) -> None:
+        turn.failed = True
+        self._release(turn)
+        self._fail(turn.rqid, turn.uid, error, send)
 
     # finish ------------------------------------------------------------------------------------
     def finish(self, turn: Turn, send: Send) -> None:
@@ -365,13 +513,14 @@ class Engine:
             if task.run.params.max_new_tokens == 0:
                 send(turn.rqid, turn.uid, {"t": "end", "c": task.choice,
                                            "finish_reason": task.run.finish_reason})
+        if self.store.cancelled(turn.uid):  # the client went away during the last step
+            self._drop_cancelled(turn, send)
+            return
         try:
             session = self._save(turn) if turn.session_id is not None else None
-        except StoreFull as e:
-            error: ApiError | None = ApiError(503, str(e), code="too_many_sessions")
         except Exception as e:  # noqa: BLE001 - reported; the session file is unchanged
-            log.exception("saving session %r failed", turn.session_id)
-            error = ApiError(500, f"saving the session failed: {e}", code="internal_error")
+            error: ApiError | None = self._api_error(
+                e, f"saving session {turn.session_id!r} failed")
         else:
             error = None
         finally:
@@ -385,6 +534,25 @@ class Engine:
                                    "session": session})
         send(turn.rqid, turn.uid, None)
 
+    def saved_state(self, task: Task) -> ModelState:
+        """The state a session keeps after ``task``: the prompt and the reply as returned
+        (rebuilt when a stop string cut the reply; see the module docstring)."""
+        run, reply = task.run, task.text
+        assert run.state is not None, "the task has not finished"
+        if run.finish_reason != "stop":
+            return run.state
+        ids = [t.id for t in run.tokens if t.id not in run.stop_ids]
+        if self.tokenizer.decode(ids) == reply:
+            return run.state  # a stop token ended it, nothing was cut
+        # keep the generated tokens that lie wholly inside the reply (a stop string spans only
+        # the last few), then the reply's rest, tokenized, e.g. where a token held both text
+        # and the start of the stop string
+        keep = len(ids)
+        while keep and not reply.startswith(self.tokenizer.decode(ids[:keep])):
+            keep -= 1
+        ids = ids[:keep] + self.tokenizer.encode(reply[len(self.tokenizer.decode(ids[:keep])):])
+        return prefill(self.model, ids, task.prompt_state)[1] if ids else task.prompt_state
+
     def _save(self, turn: Turn) -> dict[str, Any]:
         sid = turn.session_id
         assert sid is not None
@@ -397,11 +565,11 @@ class Engine:
             transcript = turn.transcript.extend([new_text, reply], "text",
                                                 lengths=[len(new_text), len(reply)],
                                                 open_reply=False)
-        state = task.run.state
+        state = self.saved_state(task)
         data = save_memory(state, self.model, tokenizer_hash=self.tokenizer.sha256,
                            metadata=transcript.to_metadata())
         self.store.write(sid, data, self.locks)
-        self.cache[sid] = (_header_of(data)["payload_sha256"], state)
+        self.cache[sid] = (_header_of(data), state)
         self.cache.move_to_end(sid)
         while len(self.cache) > CACHE_STATES or (
                 len(self.cache) > 1 and sum(s.nbytes() for _, s in self.cache.values())

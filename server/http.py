@@ -1,9 +1,11 @@
 """HTTP plumbing shared by every route: the `Guard` middleware and OpenAI-shaped errors.
 
 `Guard` (pure ASGI, outermost) checks the API key (``Authorization: Bearer <key>`` or
-``X-API-Key``) on every route except ``/health``, refuses bodies over ``--max-request-bytes``
-with 413 (from Content-Length, or while the body is read), and counts requests by route and
-status with their latency. `install_error_handlers` turns every error, FastAPI's own 404/405
+``X-API-Key``) on every route except ``/health``, refuses bodies over the limit with 413 (from
+Content-Length, or while the body is read, so an oversized body is never held whole), and
+counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
+for memory uploads (``PUT /v1/sessions/{id}/memory``) and ``--max-request-bytes`` for every
+other route. `install_error_handlers` turns every error, FastAPI's own 404/405
 included, into ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -63,9 +65,17 @@ def _error_response(error: ApiError) -> JSONResponse:
 class Guard:
     """ASGI middleware: API key, request body limit, request metrics (see module docstring)."""
 
-    def __init__(self, app: Any, api_key: str | None, max_bytes: int) -> None:
+    def __init__(self, app: Any, api_key: str | None, max_bytes: int,
+                 max_memory_bytes: int | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.max_memory_bytes = max_memory_bytes if max_memory_bytes is not None else max_bytes
         self.api_key = api_key.encode() if api_key else None
+
+    def limit(self, method: str, path: str) -> tuple[int, str]:
+        """The body limit of a request and the flag that sets it."""
+        if method == "PUT" and route_label(path) == "/v1/sessions/{id}/memory":
+            return self.max_memory_bytes, "--max-memory-bytes"
+        return self.max_bytes, "--max-request-bytes"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -82,7 +92,8 @@ class Guard:
             await send(message)
 
         headers = dict(scope["headers"])
-        refusal = self._refuse(scope["path"], headers)
+        max_bytes, flag = self.limit(scope.get("method", ""), scope["path"])
+        refusal = self._refuse(scope["path"], headers, max_bytes, flag)
         if refusal is not None:
             metrics.ERRORS.labels(refusal.code).inc()
             await _error_response(refusal)(scope, receive, send_counted)
@@ -93,14 +104,15 @@ class Guard:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise ApiError(413, f"the request body is over {self.max_bytes} bytes "
-                               "(--max-request-bytes)", code="request_too_large")
+            if seen > max_bytes:
+                raise ApiError(413, f"the request body is over {max_bytes} bytes ({flag})",
+                               code="request_too_large")
             return message
 
         await self.app(scope, receive_limited, send_counted)
 
-    def _refuse(self, path: str, headers: dict[bytes, bytes]) -> ApiError | None:
+    def _refuse(self, path: str, headers: dict[bytes, bytes], max_bytes: int,
+                flag: str) -> ApiError | None:
         if self.api_key is not None and path not in EXEMPT:
             auth = headers.get(b"authorization", b"")
             token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
@@ -111,10 +123,9 @@ class Guard:
         if length is not None:
             if not length.isdigit():
                 return ApiError(400, "invalid Content-Length", code="invalid_body")
-            if int(length) > self.max_bytes:
+            if int(length) > max_bytes:
                 return ApiError(413, f"the request body is {int(length)} bytes, over the limit "
-                                f"of {self.max_bytes} (--max-request-bytes)",
-                                code="request_too_large")
+                                f"of {max_bytes} ({flag})", code="request_too_large")
         return None
 
 

@@ -39,7 +39,9 @@ class ServerSettings:
                                    "(default: $NEWLLM_API_KEY)")
     max_batch_size: int = _f(1, "sessions decoded together per worker (1 = no batching)")
     max_sessions: int = _f(1000, "sessions kept; the least recently used idle one is evicted")
-    max_request_bytes: int = _f(32 * MiB, "largest request body (also the largest memory upload)")
+    max_request_bytes: int = _f(32 * MiB, "largest request body (memory uploads excepted)")
+    max_memory_bytes: int = _f(512 * MiB, "largest memory file PUT /v1/sessions/{id}/memory "
+                                          "accepts (checked before the body is read whole)")
     max_tokens_limit: int = _f(4096, "largest max_tokens a request may ask for")
     max_prompt_tokens: int = _f(16384, "largest prompt (new tokens of one request)")
     dtype: str | None = _f(None, "float32, bfloat16 or float16 (default: the checkpoint's)")
@@ -64,7 +66,8 @@ class ServerSettings:
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
         for name in ("workers", "api_servers", "max_batch_size", "max_sessions",
-                     "max_request_bytes", "max_tokens_limit", "max_prompt_tokens"):
+                     "max_request_bytes", "max_memory_bytes", "max_tokens_limit",
+                     "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(self, name)}")

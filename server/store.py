@@ -17,7 +17,17 @@ holds, so one worker can hold two sessions of one stripe in the same batch. Work
 ``--max-sessions`` policy: when a new session would exceed the limit, the least recently used
 *idle* session (its lock free) is evicted (deleted) to make room; the eviction is logged and
 counted in ``/metrics``. If every session is busy, the new one is refused (HTTP 503). Existing
-sessions are never refused.
+sessions are never refused. A new session's file is written while the store lock
+(``.locks/store.lock``) is held, from counting the files to the rename, so two new sessions
+can never both take the last free place. A turn that would create a session asks
+`SessionStore.check_room` first and is refused before it generates anything; room is not
+reserved, so a new session created by someone else in the meantime can still make the final
+write fail (also 503, the session file unchanged).
+
+Cancel flags: the HTTP process whose client went away mid-turn drops an empty file
+``{dir}/.cancel/{request uid}``; the worker serving that request sees it, drops the turn without
+saving it and removes the flag (`cancel`, `cancelled`, `clear_cancel`). Flags nobody consumed
+(the turn had already ended) are removed after `CANCEL_TTL_S` and at start-up.
 
 Session ids: 1 to 128 characters from ``A-Z a-z 0-9 . _ -``, starting with a letter or digit,
 so an id is always a plain file name (no ``/``, no ``..``, no hidden files).
@@ -44,6 +54,8 @@ SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUFFIX = ".safetensors"
 NUM_STRIPES = 1024
 MAX_HEADER = 1 << 20
+CANCEL_TTL_S = 600.0  # an unconsumed cancel flag is this old at most
+REQUEST_UID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as `server.app` names requests
 
 
 class SessionIdError(ValueError):
@@ -164,13 +176,15 @@ class SessionStore:
         self.folder = Path(folder).expanduser().resolve()
         self.max_sessions = max_sessions
         self.lock_folder = self.folder / ".locks"
+        self.cancel_folder = self.folder / ".cancel"
 
     def prepare(self) -> None:
-        """Create the folders and remove temp files a killed writer may have left."""
+        """Create the folders; remove temp files a killed writer may have left and old flags."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock_folder.mkdir(exist_ok=True)
-        for tmp in self.folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        self.cancel_folder.mkdir(exist_ok=True)
+        for stale in [*self.folder.glob(".*.tmp"), *self.cancel_folder.iterdir()]:
+            stale.unlink(missing_ok=True)
 
     def locks(self) -> StripeLocks:
         return StripeLocks(self.lock_folder)
@@ -223,15 +237,36 @@ class SessionStore:
         return n, size
 
     def write(self, session_id: str, data: bytes, locks: StripeLocks) -> list[str]:
-        """Install ``data`` for a session whose lock ``locks`` holds; returns evicted ids."""
+        """Install ``data`` for a session whose lock ``locks`` holds; returns evicted ids.
+
+        A new session is written under the store lock (see the module docstring); StoreFull
+        when no idle session can make room for it.
+        """
         if not locks.holds(session_id):
             raise RuntimeError(f"writing session {session_id!r} without holding its lock")
         path = self.path(session_id)
-        evicted: list[str] = []
-        if not path.exists():
-            evicted = self._make_room(session_id, locks)
-        write_atomic(path, data)
-        return evicted
+        if path.exists():  # no one else can create or delete it: we hold its lock
+            write_atomic(path, data)
+            return []
+        fd = self._lock_store()
+        try:
+            evicted = self._make_room(session_id, locks, dry_run=False)
+            write_atomic(path, data)
+            return evicted
+        finally:
+            _unlock(fd)
+
+    def check_room(self, session_id: str, locks: StripeLocks) -> None:
+        """StoreFull now if a new ``session_id`` could not be saved (every session busy).
+
+        Evicts nothing: the eviction happens when the new session is written."""
+        if self.path(session_id).exists():
+            return
+        fd = self._lock_store()
+        try:
+            self._make_room(session_id, locks, dry_run=True)
+        finally:
+            _unlock(fd)
 
     def delete(self, session_id: str, locks: StripeLocks) -> bool:
         if not locks.holds(session_id):
@@ -242,39 +277,72 @@ class SessionStore:
         except FileNotFoundError:
             return False
 
-    def _make_room(self, new_id: str, locks: StripeLocks) -> list[str]:
-        """Evict least recently used idle sessions until one more fits (under the store lock)."""
+    def _lock_store(self) -> int:
+        """Take the store lock. Blocking is safe: its holder only ever *tries* session locks
+        and holds it for one count-evict-write, never for a turn."""
         fd = os.open(self.lock_folder / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # only ever taken here, by holders of one session
-            files = []
-            for p in self.folder.glob(f"*{SUFFIX}"):
-                try:
-                    files.append((p.stat().st_mtime, p.name[:-len(SUFFIX)]))
-                except FileNotFoundError:
-                    pass
-            excess = len(files) + 1 - self.max_sessions
-            evicted: list[str] = []
-            for _, victim in sorted(files):
-                if excess <= 0:
-                    break
-                if victim == new_id or locks.holds(victim) or not locks.try_acquire(victim):
-                    continue
-                try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def _make_room(self, new_id: str, locks: StripeLocks, *, dry_run: bool) -> list[str]:
+        """Evict least recently used idle sessions until one more fits (under the store lock);
+        ``dry_run`` only checks that enough of them are idle."""
+        files = []
+        for p in self.folder.glob(f"*{SUFFIX}"):
+            try:
+                files.append((p.stat().st_mtime, p.name[:-len(SUFFIX)]))
+            except FileNotFoundError:
+                pass
+        excess = len(files) + 1 - self.max_sessions
+        evicted: list[str] = []
+        for _, victim in sorted(files):
+            if excess <= 0:
+                break
+            if victim == new_id or locks.holds(victim) or not locks.try_acquire(victim):
+                continue
+            try:
+                if not dry_run:
                     self.path(victim).unlink(missing_ok=True)
-                finally:
-                    locks.release(victim)
+            finally:
+                locks.release(victim)
+            excess -= 1
+            if not dry_run:
                 evicted.append(victim)
-                excess -= 1
                 log.info("session limit %d reached: evicted idle session %r",
                          self.max_sessions, victim)
-            if excess > 0:
-                raise StoreFull(
-                    f"the server holds its maximum of {self.max_sessions} sessions and all are "
-                    "busy; try again later, or DELETE /v1/sessions/{id} sessions you no longer "
-                    "need"
-                )
-            return evicted
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        if excess > 0:
+            raise StoreFull(
+                f"the server holds its maximum of {self.max_sessions} sessions and all are "
+                "busy; try again later, or DELETE /v1/sessions/{id} sessions you no longer need"
+            )
+        return evicted
+
+    # cancel flags --------------------------------------------------------------------------
+    def _flag(self, uid: str) -> Path:
+        if not REQUEST_UID.fullmatch(uid):
+            raise ValueError(f"invalid request uid {uid[:40]!r}")
+        return self.cancel_folder / uid
+
+    def cancel(self, uid: str) -> None:
+        """Ask the worker serving request ``uid`` to drop it unsaved (see module docstring)."""
+        self.cancel_folder.mkdir(exist_ok=True)
+        self._flag(uid).touch()
+        cutoff = time.time() - CANCEL_TTL_S
+        for flag in self.cancel_folder.iterdir():
+            try:
+                if flag.stat().st_mtime < cutoff:
+                    flag.unlink()
+            except FileNotFoundError:
+                pass
+
+    def cancelled(self, uid: str) -> bool:
+        return bool(REQUEST_UID.fullmatch(uid)) and (self.cancel_folder / uid).exists()
+
+    def clear_cancel(self, uid: str) -> None:
+        if REQUEST_UID.fullmatch(uid):
+            (self.cancel_folder / uid).unlink(missing_ok=True)
+
+
+def _unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

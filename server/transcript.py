@@ -20,6 +20,10 @@ Matching a request (``session_input`` = ``auto``, the default):
 ``session_input="full"`` allows only case 1 (anything else is `Diverged`), ``"new"`` always
 takes case 3. Case 2 can misfire when a client in "new" mode repeats the session's first
 message together with more messages; such clients should pass ``session_input: "new"``.
+A text session keeps the lengths of its last `MAX_PIECES` pieces only; past that, case 1 cannot
+be checked, so in ``auto`` mode a prompt that starts with the first piece (whose length is kept
+apart) is `Diverged` and anything else is new. A completions prompt given as token ids is
+matched as the text it decodes to (`server.engine`).
 
 The chat template is plain text (``newllm`` tokenizers carry no chat template)::
 
@@ -28,9 +32,9 @@ The chat template is plain text (``newllm`` tokenizers carry no chat template)::
 New messages are rendered one per line and followed by the generation cue ``Assistant:``; the
 model's reply follows the cue. When the session's last unit is a generated reply, the new text
 starts with ``\\n`` to end that reply's line, so the memory reads exactly the rendered
-conversation. ``\\nUser:`` is an implicit stop string for chat. The memory holds every token
-the model generated, including a stop string or EOS the client never sees (generation consumes
-the token that ended it); the transcript records the reply as returned.
+conversation. ``\\nUser:`` is an implicit stop string for chat. The transcript records the
+reply as returned; the memory holds the same text (a reply cut by a stop string is re-read
+without it, see `server.engine`), plus the EOS token when one ended the reply.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class Transcript:
     lengths: tuple[int, ...] = field(default=())  # text sessions: characters per piece
     open_reply: bool = False  # the last unit is a reply the model generated
     turns: int = 0  # requests that changed this session
+    first_length: int = 0  # text sessions: characters of the first piece (0: unknown)
 
     def extend(self, units: list[str], kind: str, *, lengths: list[int] | None = None,
                open_reply: bool) -> Transcript:
@@ -88,9 +93,12 @@ class Transcript:
             if not first:
                 first = chain
         new_lengths = self.lengths + tuple(lengths or ()) if kind == "text" else ()
+        first_length = self.first_length
+        if kind == "text" and self.count == 0 and new_lengths:
+            first_length = new_lengths[0]
         return replace(self, kind=kind, count=self.count + len(units), chain=chain, first=first,
                        lengths=new_lengths[-MAX_PIECES:], open_reply=open_reply,
-                       turns=self.turns + 1)
+                       turns=self.turns + 1, first_length=first_length)
 
     # metadata ------------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, str]:
@@ -104,6 +112,7 @@ class Transcript:
         }
         if self.kind == "text":
             meta["session.lengths"] = json.dumps(list(self.lengths), separators=(",", ":"))
+            meta["session.first_length"] = str(self.first_length)
         return meta
 
     @classmethod
@@ -118,12 +127,14 @@ class Transcript:
             chain, first = meta["session.chain"], meta["session.first"]
             open_reply = {"0": False, "1": True}[meta["session.open_reply"]]
             lengths: tuple[int, ...] = ()
+            first_length = 0
             if kind == "text":
                 raw = json.loads(meta["session.lengths"])
                 if not isinstance(raw, list) or not all(
                         isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in raw):
                     raise ValueError("session.lengths is not a list of non-negative integers")
                 lengths = tuple(raw)
+                first_length = _uint(meta.get("session.first_length", "0"))
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed session metadata ({e}); re-export the memory from a "
                              "newllm server or strip the session.* keys") from None
@@ -131,7 +142,9 @@ class Transcript:
             raise ValueError("malformed session metadata: bad kind or hashes")
         if (count == 0) != (first == ""):
             raise ValueError("malformed session metadata: count and first hash disagree")
-        return cls(kind, count, chain, first, lengths, open_reply, turns)
+        if len(lengths) > count:
+            raise ValueError("malformed session metadata: more lengths than pieces")
+        return cls(kind, count, chain, first, lengths, open_reply, turns, first_length)
 
 
 def _uint(text: str) -> int:
@@ -201,8 +214,10 @@ def new_text_start(t: Transcript, prompt: str, mode: str = "auto") -> int:
                            "/v1/chat/completions, or pass metadata.reset_session='true'")
     if mode == "new" or t.count == 0:
         return 0
-    if len(t.lengths) != t.count:
-        if mode == "full":
+    if len(t.lengths) != t.count:  # the oldest lengths were dropped (MAX_PIECES)
+        n = t.first_length
+        resent = 0 < n < len(prompt) and _link(CHAIN_START, prompt[:n]) == t.first
+        if mode == "full" or resent:
             raise Diverged("this session's transcript is too long to match a re-sent prompt; "
                            "send only the new text with metadata.session_input='new'")
         return 0

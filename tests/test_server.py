@@ -24,6 +24,7 @@ import torch
 
 from newllm.checkpoint import load_checkpoint
 from newllm.memory_file import load_memory, payload_sha256, save_memory
+from server.store import SessionStore
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
@@ -126,7 +127,8 @@ class ServerProcess:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     folder = tmp_path_factory.mktemp("server") / "sessions"
     srv = ServerProcess(folder, "--workers", "2", "--max-batch-size", "4",
-                        "--max-request-bytes", "1MiB", "--max-tokens-limit", "512")
+                        "--max-request-bytes", "1MiB", "--max-memory-bytes", "2MiB",
+                        "--max-tokens-limit", "512")
     try:
         yield srv.wait_ready()
     finally:
@@ -333,6 +335,32 @@ def test_sixteen_concurrent_turns_on_one_session(server: ServerProcess, local: A
         assert load_memory(data, model, tokenizer_hash=tokenizer.sha256).position > 0
 
 
+def test_a_stream_closed_mid_turn_saves_nothing(server: ServerProcess) -> None:
+    """A client that goes away mid-stream cancels its turn: the session stays as it was."""
+    sid = "walked-away"
+    chat(server.openai(), "c", sid, temperature=0, max_tokens=4)
+    before = session_info(server, sid)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "c"}], "temperature": 0,
+            "max_tokens": 400, "stream": True,  # a long reply (greedy: no EOS for 400 tokens)
+            "metadata": {"session_id": sid, "reset_session": "true"}}
+    with server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 4:
+                break  # leaving the block closes the connection mid-stream
+    assert not any('"finish_reason":"' in e.replace(" ", "") for e in events)
+    locks = SessionStore(server.session_dir).locks()
+    deadline = time.monotonic() + 60
+    while not locks.try_acquire(sid):  # free once the turn was dropped (or saved)
+        assert time.monotonic() < deadline, "the turn never ended"
+        time.sleep(0.02)
+    locks.release(sid)
+    assert session_info(server, sid) == before
+
+
 def _metric_values(server: ServerProcess) -> dict[str, float]:
     with server.http() as http:
         text = http.get("/metrics").text
@@ -401,6 +429,8 @@ def test_hostile_inputs_get_4xx_and_change_nothing(server: ServerProcess, local:
     nan = {k: v.clone() for k, v in tensors.items()}
     nan[name].fill_(float("nan"))
     other_model, _ = load_checkpoint("tiny-pythia")
+    with torch.no_grad():
+        _, two = model(torch.randint(1, 257, (2, 5)))  # a batch of two sequences
     bad_files = {  # what is sent -> the error code that must name the problem
         "truncated": (good[:len(good) // 2], "truncated"),
         "random": (os.urandom(4096), "not_safetensors"),
@@ -411,6 +441,8 @@ def test_hostile_inputs_get_4xx_and_change_nothing(server: ServerProcess, local:
         "nan": (st_save(nan, metadata={**meta, "payload_sha256": payload_sha256(nan)}),
                 "non_finite"),
         "empty": (b"", "not_safetensors"),
+        "batch of two": (save_memory(two, model, tokenizer_hash=tokenizer.sha256),
+                         "tensor_mismatch"),
     }
     before = _files(folder)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
@@ -442,8 +474,11 @@ def test_hostile_inputs_get_4xx_and_change_nothing(server: ServerProcess, local:
                      "/v1/sessions/" + "a" * 300 + "/memory", "/v1/sessions//memory"):
             r = http.put(path, content=good)
             assert 400 <= r.status_code < 500, (path, r.status_code)
-        assert http.put("/v1/sessions/victim/memory",
-                        content=good + b"x" * (1 << 20)).status_code == 413
+        # uploads have their own limit (2 MiB here), above --max-request-bytes (1 MiB)
+        r = http.put("/v1/sessions/victim/memory", content=good + b"x" * (3 << 19))
+        assert r.status_code == 400, r.text  # over 1 MiB is fine: read, then refused as junk
+        r = http.put("/v1/sessions/victim/memory", content=good + b"x" * (2 << 20))
+        assert r.status_code == 413 and "--max-memory-bytes" in r.json()["error"]["message"]
     assert _files(folder) == before
     assert not (folder / "fresh.safetensors").exists()
     assert load_memory(before["victim.safetensors"], model).position == state.position

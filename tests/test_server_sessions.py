@@ -55,19 +55,18 @@ def test_move_session_and_survive_restart(tmp_path: Path) -> None:
         assert turn(restarted, "back", "Bye.") == turn(b, "trip", "Bye.")
 
         # B holds its limit of one session; while "trip" is busy (its lock held here, as a turn
-        # in another worker would), a new session streams tokens, then cannot be saved: the
-        # client gets a well-formed mid-stream error, and nothing changes on disk
+        # in another worker would), a new session is refused before anything is generated
+        # (503, streaming or not), and nothing changes on disk
         before = (tmp_path / "b" / "trip.safetensors").read_bytes()
         locks = SessionStore(tmp_path / "b").locks()
         assert locks.try_acquire("trip")
-        stream = b.openai().chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-            stream=True, metadata={"session_id": "extra"})
-        chunks = []
-        with pytest.raises(openai.APIError, match="maximum of 1 sessions"):
-            for chunk in stream:
-                chunks.append(chunk)
-        assert chunks and not (tmp_path / "b" / "extra.safetensors").exists()
+        for stream in (True, False):
+            with pytest.raises(openai.APIStatusError, match="maximum of 1 sessions") as e:
+                b.openai().chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                    stream=stream, metadata={"session_id": "extra"})
+            assert e.value.status_code == 503
+        assert not (tmp_path / "b" / "extra.safetensors").exists()
         assert (tmp_path / "b" / "trip.safetensors").read_bytes() == before
         locks.release("trip")
         turn(b, "extra", "hi")  # now the idle "trip" is evicted to make room

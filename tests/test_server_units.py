@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+from server import transcript as transcript_module
+from server.cli import build_parser
+from server.http import Guard
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
 from server.responses import ChatBuilder, CompletionBuilder, sse
@@ -54,6 +57,22 @@ def test_text_resend_and_pieces() -> None:
         new_text_start(t, "Once upon another time")
     with pytest.raises(KindMismatch):
         new_messages(t, _units([("user", "x")]))
+
+
+def test_text_resend_past_the_kept_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the oldest piece lengths are dropped, a re-sent transcript cannot be cut where it
+    ends; in auto mode it must be refused (409), not fed to the memory a second time."""
+    monkeypatch.setattr(transcript_module, "MAX_PIECES", 2)
+    t = Transcript().extend(["Once upon", " a time"], "text", lengths=[9, 7], open_reply=False)
+    t = t.extend([", there", " was"], "text", lengths=[7, 4], open_reply=False)
+    assert t.count == 4 and t.lengths == (7, 4) and t.first_length == 9
+    assert Transcript.from_metadata(t.to_metadata()) == t
+    with pytest.raises(Diverged, match="session_input='new'"):
+        new_text_start(t, "Once upon a time, there was a fox")
+    assert new_text_start(t, " a fox") == 0  # only new text: fine
+    assert new_text_start(t, "Once upon a time", mode="new") == 0
+    with pytest.raises(Diverged):
+        new_text_start(t, " a fox", mode="full")
 
 
 def test_transcript_metadata_round_trip_and_refusals() -> None:
@@ -102,6 +121,85 @@ def test_store_write_lock_and_evict(tmp_path) -> None:
     with pytest.raises(StoreFull):  # every session busy: the new one is refused
         store.write("d", b"x", locks)
     assert not store.exists("d")
+
+
+def test_a_new_session_is_written_under_the_store_lock(tmp_path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting the sessions and writing the new file happen under one store lock, so two new
+    sessions cannot both take the last free place."""
+    import fcntl
+
+    from server import store as store_module
+
+    store = SessionStore(tmp_path, max_sessions=2)
+    store.prepare()
+    held_while_writing: list[bool] = []
+    real_write = store_module.write_atomic
+
+    def write_atomic(path: Any, data: bytes) -> None:
+        fd = os.open(store.lock_folder / "store.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held_while_writing.append(False)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            held_while_writing.append(True)
+        finally:
+            os.close(fd)
+        real_write(path, data)
+
+    monkeypatch.setattr(store_module, "write_atomic", write_atomic)
+    locks = store.locks()
+    assert locks.try_acquire("a")
+    store.write("a", b"new", locks)  # a new session
+    store.write("a", b"again", locks)  # an existing one needs no store lock
+    assert held_while_writing == [True, False]
+
+
+def test_check_room_refuses_without_evicting(tmp_path) -> None:
+    store = SessionStore(tmp_path, max_sessions=1)
+    store.prepare()
+    locks, other = store.locks(), store.locks()
+    assert locks.try_acquire("old")
+    store.write("old", b"x", locks)
+    locks.release("old")
+    assert locks.try_acquire("new")
+    store.check_room("new", locks)  # "old" is idle: it could be evicted...
+    assert store.ids() == ["old"]  # ...but only the write evicts
+    assert other.try_acquire("old")
+    with pytest.raises(StoreFull):
+        store.check_room("new", locks)
+    other.release("old")
+    assert store.write("new", b"y", locks) == ["old"]
+    store.check_room("new", locks)  # an existing session always has room
+
+
+def test_cancel_flags(tmp_path) -> None:
+    store = SessionStore(tmp_path)
+    store.prepare()
+    uid = "0123456789abcdef0123456789abcdef"
+    assert not store.cancelled(uid)
+    store.cancel(uid)
+    assert store.cancelled(uid)
+    store.clear_cancel(uid)
+    assert not store.cancelled(uid)
+    for bad in ("../x", "abc", uid + "0", uid.upper()):
+        with pytest.raises(ValueError):
+            store.cancel(bad)
+        assert not store.cancelled(bad)
+    store.cancel(uid)
+    SessionStore(tmp_path).prepare()  # a restart forgets every flag
+    assert not store.cancelled(uid)
+
+
+def test_memory_uploads_have_their_own_size_limit() -> None:
+    args = build_parser().parse_args(["--max-memory-bytes", "2MiB", "--max-request-bytes", "1KB"])
+    assert (args.max_memory_bytes, args.max_request_bytes) == (2 << 20, 1024)
+    assert build_parser().parse_args([]).max_memory_bytes == 512 << 20
+    guard = Guard(None, None, max_bytes=100, max_memory_bytes=5000)
+    assert guard.limit("PUT", "/v1/sessions/abc/memory") == (5000, "--max-memory-bytes")
+    assert guard.limit("GET", "/v1/sessions/abc/memory")[0] == 100
+    assert guard.limit("POST", "/v1/chat/completions") == (100, "--max-request-bytes")
 
 
 def _try_in_child(folder: str, out: Any) -> None:

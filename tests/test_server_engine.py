@@ -1,0 +1,341 @@
+"""The inference worker (`server.engine.Engine`) in this process, without HTTP: one `Engine`
+serves a `queue.Queue` in a thread, as a LitServe worker serves LitServe's queue, and the test
+reads the events it sends. Covers per-turn failures in a batch, what a session's memory holds
+after a stop string, cancellation, parked jobs, the state cache, token-id prompts on sessions
+and refusing a new session before generating when the store is full. tiny-infini, CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from newllm.checkpoint import load_checkpoint
+from newllm.memory_file import load_memory, read_memory_metadata, save_memory
+from server import engine as engine_module
+from server.engine import SENTINEL, Engine
+from server.protocol import ChatRequest, CompletionRequest, chat_job, completion_job
+from server.protocol import parse as parse_request
+from server.store import SessionStore
+from server.transcript import Transcript, render_chat
+
+MODEL = "tiny-infini"
+WAIT_S = 60.0  # liveness bound: a request that needs longer than this is stuck
+
+
+@pytest.fixture(scope="module")
+def local() -> Any:
+    model, tokenizer = load_checkpoint(MODEL)
+    return model.eval(), tokenizer
+
+
+class Worker:
+    """An `Engine` serving a queue in a thread; `submit` jobs, then `start`, then `result`."""
+
+    def __init__(self, local: Any, folder: Path, *, max_batch: int = 4,
+                 max_sessions: int = 100) -> None:
+        model, tokenizer = local
+        self.model, self.tokenizer = model, tokenizer
+        self.store = SessionStore(folder, max_sessions)
+        self.store.prepare()
+        self.engine = Engine(model, tokenizer, self.store, max_prompt_tokens=4096)
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.events: dict[str, list[Any]] = {}
+        self.ended: dict[str, threading.Event] = {}
+        self.thread = threading.Thread(target=self.engine.serve,
+                                       args=(self.queue, self._send, max_batch), daemon=True)
+
+    def _send(self, rqid: int, uid: str, data: Any) -> None:
+        self.events[uid].append(data)
+        if data is None:
+            self.ended[uid].set()
+
+    def start(self) -> Worker:
+        self.thread.start()
+        return self
+
+    def submit(self, job: dict[str, Any]) -> str:
+        uid = uuid.uuid4().hex
+        self.events[uid], self.ended[uid] = [], threading.Event()
+        self.queue.put((0, uid, time.monotonic(), job))
+        return uid
+
+    def result(self, uid: str) -> list[dict[str, Any]]:
+        assert self.ended[uid].wait(WAIT_S), "the worker never finished this request"
+        return [e for e in self.events[uid] if e is not None]
+
+    def run(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.result(self.submit(job))
+
+    def close(self) -> None:
+        self.queue.put(SENTINEL)
+        self.thread.join(WAIT_S)
+
+
+@pytest.fixture
+def worker(local: Any, tmp_path: Path) -> Any:
+    workers: list[Worker] = []
+
+    def make(**kw: Any) -> Worker:
+        workers.append(Worker(local, tmp_path / f"sessions-{len(workers)}", **kw))
+        return workers[-1]
+
+    yield make
+    for w in workers:
+        if w.thread.is_alive():
+            w.close()
+
+
+def chat(content: str, session: str | None = None, **kw: Any) -> dict[str, Any]:
+    meta = kw.pop("metadata", {})
+    if session is not None:
+        meta = {"session_id": session, **meta}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}],
+            "temperature": 0, "max_tokens": 8, **kw}
+    if meta:
+        body["metadata"] = meta
+    return chat_job(parse_request(ChatRequest, body), 512)
+
+
+def complete(prompt: str | list[int], session: str | None = None, **kw: Any) -> dict[str, Any]:
+    meta = kw.pop("metadata", {})
+    body = {"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": 4, **kw}
+    if session is not None:
+        body["metadata"] = {"session_id": session, **meta}
+    return completion_job(parse_request(CompletionRequest, body), 512, vocab_size=257)
+
+
+def text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["t"] == "tok")
+
+
+def kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [e["t"] for e in events]
+
+
+def last(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [e for e in events if e["t"] == kind]
+    assert found, f"no {kind!r} event in {kinds(events)}"
+    return found[-1]
+
+
+def put_state(w: Worker, sid: str, state: Any, transcript: Transcript | None = None) -> bytes:
+    """Install a session file holding ``state`` (as an upload would)."""
+    data = save_memory(state, w.model, tokenizer_hash=w.tokenizer.sha256,
+                       metadata=(transcript or Transcript()).to_metadata())
+    locks = w.store.locks()
+    assert locks.try_acquire(sid)
+    try:
+        w.store.write(sid, data, locks)
+    finally:
+        locks.release(sid)
+    return data
+
+
+@torch.no_grad()
+def read(model: Any, ids: list[int]) -> Any:
+    return model(torch.tensor([ids]))[1]
+
+
+# one bad session never fails the others -----------------------------------------------------
+def test_non_finite_memory_fails_its_turn_alone(worker: Any, local: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memory whose logits are NaN (a forged file the loader let through) gets 422 before
+    generating; the turn already decoding in the same batch finishes and is saved."""
+    model, tokenizer = local
+    w = worker()
+    base = read(model, tokenizer.encode("a forged memory"))
+    bad_file = put_state(w, "bad", base)
+    real_load = engine_module.load_memory
+
+    def load(path: Any, *args: Any, **kw: Any) -> Any:
+        state = real_load(path, *args, **kw)
+        if Path(path).name.startswith("bad."):
+            first = state.layers[0]
+            poisoned = dataclasses.replace(first, memory=torch.full_like(first.memory, 1e30))
+            state = dataclasses.replace(state, layers=(poisoned, *state.layers[1:]))
+        return state
+
+    monkeypatch.setattr(engine_module, "load_memory", load)
+    good = w.submit(chat("c", "good", max_tokens=200))  # both are queued before start(),
+    # so the bad one is opened while the good one decodes
+    bad = w.submit(chat("hi", "bad", temperature=1.0, seed=1,
+                        metadata={"session_input": "new"}))
+    w.start()
+    bad_events = w.result(bad)
+    assert kinds(bad_events) == ["error"]
+    assert bad_events[0]["status"] == 422
+    assert bad_events[0]["error"]["code"] == "non_finite_memory"
+    assert "reset" in bad_events[0]["error"]["message"]
+    good_events = w.result(good)
+    assert "error" not in kinds(good_events) and len(text(good_events)) > 20
+    assert last(good_events, "done")["session"]["id"] == "good"
+    assert w.store.read("bad") == bad_file  # unchanged
+
+
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+def test_a_turn_failing_mid_decode_fails_alone(worker: Any, local: Any, failure: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits that turn non-finite (422), or a forward pass that raises for one row (500),
+    in the middle of decoding fail that turn only; its session file is unchanged."""
+    model, tokenizer = local
+    w = worker()
+    far = 300  # the bad session's memory is past this position, the good one never gets there
+    bad_file = put_state(w, "far", read(model, tokenizer.encode("x" * far)))
+    real_step = model.decode_step
+    calls = [0]
+
+    def decode_step(tokens: Any, states: list[Any]) -> Any:
+        calls[0] += 1
+        if failure == "raise" and calls[0] > 3 and any(s.position > far for s in states):
+            raise RuntimeError("this state broke the forward pass")
+        logits, out = real_step(tokens, states)
+        if failure == "nan" and calls[0] > 3:
+            for row, s in enumerate(states):
+                if s.position > far:
+                    logits[row] = float("nan")
+        return logits, out
+
+    monkeypatch.setattr(model, "decode_step", decode_step)
+    good = w.submit(chat("c", "near", max_tokens=40))
+    bad = w.submit(chat("go on", "far", max_tokens=40, metadata={"session_input": "new"}))
+    w.start()
+    bad_events = w.result(bad)
+    assert kinds(bad_events)[0] == "start" and "tok" in kinds(bad_events)  # failed mid-way
+    error = last(bad_events, "error")
+    assert (error["status"], error["error"]["code"]) == (
+        (422, "non_finite_memory") if failure == "nan" else (500, "internal_error"))
+    assert "done" not in kinds(bad_events)
+    good_events = w.result(good)
+    assert "error" not in kinds(good_events)
+    assert len([e for e in good_events if e["t"] == "tok"]) > 10  # it outlived the bad turn
+    assert last(good_events, "done")["session"]["id"] == "near"
+    assert w.store.read("far") == bad_file
+    assert w.store.locks().try_acquire("far")  # released
+
+
+# what the memory holds ----------------------------------------------------------------------
+def test_memory_after_a_stop_string_equals_the_rendered_conversation(worker: Any,
+                                                                     local: Any) -> None:
+    model, tokenizer = local
+    w = worker().start()
+    for prompt in ("hello", "Tell me", "story", "yes", "why", "the", "a", "b", "c", "go"):
+        # what greedy decoding says unstopped; a stop string cuts it in its readable start
+        free = text(w.run(chat(prompt, max_tokens=24)))
+        readable = free.split("\ufffd")[0]  # the random model's bytes are not all UTF-8
+        cut = next((i for i in range(len(readable) - 1, 0, -1)
+                    if readable[i] not in readable[:i]), None)
+        if cut is not None:
+            break
+    else:
+        pytest.fail("no candidate prompt starts its reply with two readable characters")
+    reply, stop = readable[:cut], readable[cut]
+    events = w.run(chat(prompt, "stopped", max_tokens=24, stop=[stop]))
+    assert text(events) == reply and last(events, "end")["finish_reason"] == "stop"
+    conversation = render_chat([("user", prompt)], open_reply=False) + reply
+    expected = read(model, tokenizer.encode(conversation))
+    saved = load_memory(w.store.path("stopped"), model)
+    assert saved.position == expected.position
+    assert last(events, "done")["session"]["tokens_seen"] == expected.position
+    got, want = saved.flat_tensors(), expected.flat_tensors()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    # the next turn goes on from there: "\nUser: more\nAssistant:" is read once, after it
+    done = last(w.run(chat("more", "stopped", max_tokens=3,
+                           metadata={"session_input": "new"})), "done")
+    new = render_chat([("user", "more")], open_reply=True)
+    assert done["usage"]["prompt_tokens"] == len(tokenizer.encode(new))
+    assert done["session"]["tokens_seen"] == expected.position + done["usage"]["total_tokens"]
+
+
+# cancellation --------------------------------------------------------------------------------
+def test_a_cancelled_turn_is_dropped_unsaved(worker: Any) -> None:
+    w = worker().start()
+    assert last(w.run(chat("start", "c")), "done")["session"]["turns"] == 1
+    before = w.store.read("c")
+    uid = w.submit(chat("c", "c", max_tokens=400, metadata={"session_input": "new"}))
+    deadline = time.monotonic() + WAIT_S
+    while sum(e is not None and e["t"] == "tok" for e in list(w.events[uid])) < 3:
+        assert time.monotonic() < deadline, "no tokens came"
+        time.sleep(0.005)
+    w.store.cancel(uid)
+    events = w.result(uid)
+    assert "done" not in kinds(events) and "error" not in kinds(events)
+    assert len([e for e in events if e["t"] == "tok"]) < 400
+    assert w.store.read("c") == before
+    assert not w.store.cancelled(uid)  # the worker consumed the flag
+    assert w.store.locks().try_acquire("c")
+    # a job cancelled before a worker took it never starts
+    w2 = worker()
+    uid = w2.submit(chat("never", "d"))
+    w2.store.cancel(uid)
+    w2.start()
+    assert w2.result(uid) == [] and not w2.store.exists("d")
+
+
+# scheduling ----------------------------------------------------------------------------------
+def test_a_busy_session_does_not_stall_a_batch_of_one(worker: Any) -> None:
+    """max_batch 1: a job whose session another worker holds is parked; other jobs run."""
+    w = worker(max_batch=1)
+    put_state(w, "held", w.model.init_state(1))
+    elsewhere = w.store.locks()
+    assert elsewhere.try_acquire("held")
+    waiting = w.submit(chat("me first", "held", metadata={"session_input": "new"}))
+    other = w.submit(chat("and me", "free"))
+    w.start()
+    assert last(w.result(other), "done")["session"]["id"] == "free"
+    assert not w.ended[waiting].is_set()
+    elsewhere.release("held")
+    assert last(w.result(waiting), "done")["session"]["id"] == "held"
+
+
+def test_a_full_store_refuses_a_new_session_before_generating(worker: Any) -> None:
+    w = worker(max_sessions=1)
+    put_state(w, "only", w.model.init_state(1))
+    elsewhere = w.store.locks()
+    assert elsewhere.try_acquire("only")  # busy: it cannot be evicted
+    w.start()
+    events = w.run(chat("hello", "newcomer"))
+    assert kinds(events) == ["error"] and events[0]["status"] == 503
+    assert events[0]["error"]["code"] == "too_many_sessions"
+    assert not w.store.exists("newcomer")
+    elsewhere.release("only")
+    assert last(w.run(chat("hello", "newcomer")), "done")["session"]["created"]
+    assert w.store.ids() == ["newcomer"]  # the idle one was evicted to make room
+
+
+def test_the_state_cache_follows_the_file_not_only_its_payload(worker: Any) -> None:
+    """The same tensors under another position are another state: not served from cache."""
+    w = worker().start()
+    first = last(w.run(complete("Once", "k")), "done")["session"]["tokens_seen"]
+    path = w.store.path("k")
+    state = load_memory(path, w.model)
+    transcript = Transcript.from_metadata(read_memory_metadata(path))
+    moved = dataclasses.replace(state, position=first + 32)  # same shapes, same payload
+    put_state(w, "k", moved, transcript)
+    done = last(w.run(complete(" more", "k", metadata={"session_input": "new"})), "done")
+    assert done["session"]["tokens_seen"] == first + 32 + done["usage"]["total_tokens"]
+
+
+# token-id prompts on sessions ----------------------------------------------------------------
+def test_token_prompts_on_sessions_are_matched_like_text(worker: Any, local: Any) -> None:
+    _, tokenizer = local
+    w = worker().start()
+    reply = text(w.run(complete("Once", "tk")))
+    resent = tokenizer.encode("Once" + reply + " more")
+    done = last(w.run(complete(resent, "tk")), "done")
+    assert done["usage"]["prompt_tokens"] == len(tokenizer.encode(" more"))  # only the new part
+    w.run(chat("hi", "chat-session"))
+    events = w.run(complete(tokenizer.encode("x"), "chat-session"))
+    assert kinds(events) == ["error"] and events[0]["status"] == 409
+    assert events[0]["error"]["code"] == "session_conflict"
+    assert "chat" in events[0]["error"]["message"]
