@@ -390,11 +390,13 @@ def load_checkpoint(spec: str | Path | None = None, *, device: torch.device | st
                     dtype: Dtype = None) -> tuple[TransformerLM, Tokenizer]:
     """(model, tokenizer) from a folder, preset name, hub id, or None (the bundled default).
 
-    See the module docstring for how ``spec`` is resolved.
+    See the module docstring for how ``spec`` is resolved. The bundled default is stored in half
+    precision to stay small and runs in float32 unless ``dtype`` says otherwise (on CPUs without
+    bf16/fp16 instructions half precision is emulated and several times slower).
     """
     if spec is None:
         if (DEFAULT_CHECKPOINT / "config.json").is_file():
-            return _load_folder(DEFAULT_CHECKPOINT, device, dtype)
+            return _load_folder(DEFAULT_CHECKPOINT, device, dtype or torch.float32)
         log.warning("no bundled checkpoint in %s; using an untrained %r (seed %d) with the "
                     "byte-level tokenizer", DEFAULT_CHECKPOINT, FALLBACK_PRESET, FALLBACK_SEED)
         return _fresh(FALLBACK_PRESET, device, dtype)

@@ -417,7 +417,7 @@ def _check_metadata(meta: dict[str, str]) -> tuple[int, int, torch.dtype]:
             raise MetadataError(f"metadata {key!r} is not a SHA-256 hex digest")
     try:
         kinds = json.loads(meta["layer_kinds"])
-    except ValueError:
+    except (ValueError, RecursionError):
         kinds = None
     if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
         raise MetadataError("metadata 'layer_kinds' is not a JSON list of layer type names")

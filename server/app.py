@@ -357,7 +357,7 @@ class SessionSpec(LitSpec):
         except MemoryFileError as e:
             raise ApiError(413 if e.code == "too_large" else 400, f"memory file refused: {e}",
                            code=e.code, param="body") from None
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ApiError(400, f"memory file refused: {e}", code="bad_metadata",
                            param="body") from None
         if state.batch_size != 1:

@@ -135,7 +135,7 @@ class Transcript:
                     raise ValueError("session.lengths is not a list of non-negative integers")
                 lengths = tuple(raw)
                 first_length = _uint(meta.get("session.first_length", "0"))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, RecursionError) as e:
             raise ValueError(f"malformed session metadata ({e}); re-export the memory from a "
                              "newllm server or strip the session.* keys") from None
         if kind not in KINDS or not _is_hash(chain) or (first and not _is_hash(first)):
@@ -148,7 +148,7 @@ class Transcript:
 
 
 def _uint(text: str) -> int:
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise ValueError(f"{text[:20]!r} is not a non-negative integer")
     return int(text)
 
