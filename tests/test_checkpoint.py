@@ -204,8 +204,9 @@ def test_load_checkpoint_real_default_works() -> None:
     model, tokenizer = load_checkpoint(None)
     assert tokenizer.vocab_size <= model.config.vocab_size
     assert tokenizer.eos_token_id == model.config.eos_token_id
-    ids = torch.tensor([tokenizer.encode("hello")])
-    assert logits_of(model, ids).shape == (1, 5, model.config.vocab_size)
+    ids = torch.tensor([tokenizer.encode("hello there")])
+    assert logits_of(model, ids).shape == (1, ids.shape[1], model.config.vocab_size)
+    assert model.dtype == torch.float32  # stored in half precision, run in float32
 
 
 def test_load_checkpoint_bad_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
