@@ -1,8 +1,8 @@
 """Command lines: ``newllm train``, ``newllm eval`` and the extra ``python -m training`` tools.
 
-    newllm train --preset tiny-infini --data ../shared/data/gutenberg/train.txt --out runs/a \\
+    newllm train --preset tiny-infini --data $DATA/gutenberg/train.txt --out runs/a \\
         --steps 2000 --bf16
-    newllm eval --checkpoint runs/a --data ../shared/data/gutenberg/val.txt --memory --passkey
+    newllm eval --checkpoint runs/a --data $DATA/gutenberg/val.txt --memory --passkey
     python -m training tokenizer --data train.txt --vocab-size 8192 --out tokenizer.json
     python -m training phase1 --preset tiny-context-pythia --data train.txt --out runs/p1
     python -m training lct-speed --preset tiny-context-pythia

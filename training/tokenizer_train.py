@@ -5,7 +5,7 @@ first special token and so gets id 0, which is the presets' ``eos_token_id``. Th
 plain ``tokenizer.json`` that `newllm.tokenizer.Tokenizer.from_file` and transformers'
 ``PreTrainedTokenizerFast(tokenizer_file=...)`` both load.
 
-    python -m training tokenizer --data ../shared/data/gutenberg/train.txt --vocab-size 8192 \\
+    python -m training tokenizer --data $DATA/gutenberg/train.txt --vocab-size 8192 \\
         --out tokenizer.json
 """
 
