@@ -1,7 +1,7 @@
 """Command lines: ``newllm train``, ``newllm eval`` and the extra ``python -m training`` tools.
 
     newllm train --preset tiny-infini --data $DATA/gutenberg/train.txt --out runs/a \\
-        --steps 2000 --bf16
+        --steps 2000
     newllm eval --checkpoint runs/a --data $DATA/gutenberg/val.txt --memory --passkey
     python -m training tokenizer --data train.txt --vocab-size 8192 --out tokenizer.json
     python -m training phase1 --preset tiny-context-pythia --data train.txt --out runs/p1
