@@ -353,15 +353,9 @@ def from_hf(path_or_repo_id: str | Path, *, dtype: Dtype = None,
         folder = _download(str(path_or_repo_id), revision)
     data = _read_config(folder)
     model = _hf_model(folder, data, device=device, dtype=dtype)
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no tokenizer.json; write one next to the weights, e.g. "
-            "AutoTokenizer.from_pretrained(<the original model>).save_pretrained(folder)"
-        )
-    tokenizer = Tokenizer.from_file(tok_path, eos_token_id=model.config.eos_token_id)
-    check_tokenizer(model.config, tokenizer)
-    return model, tokenizer
+    return model, _folder_tokenizer(folder, model, "write one next to the weights, e.g. "
+                                    "AutoTokenizer.from_pretrained(<the original model>)"
+                                    ".save_pretrained(folder)")
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -421,15 +415,18 @@ def _load_folder(folder: Path, device: torch.device | str | None,
     if "model_type" in data:
         return from_hf(folder, dtype=dtype, device=device)
     model = from_pretrained(folder, device=device, dtype=dtype)
+    return model, _folder_tokenizer(folder, model, "save the checkpoint with "
+                                    "save_pretrained(model, folder, tokenizer)")
+
+
+def _folder_tokenizer(folder: Path, model: TransformerLM, hint: str) -> Tokenizer:
+    """The folder's tokenizer.json, checked against the model; ``hint`` says how to add one."""
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no tokenizer.json; save the checkpoint with "
-            "save_pretrained(model, folder, tokenizer)"
-        )
+        raise FileNotFoundError(f"{folder} has no tokenizer.json; {hint}")
     tokenizer = Tokenizer.from_file(tok_path, eos_token_id=model.config.eos_token_id)
     check_tokenizer(model.config, tokenizer)
-    return model, tokenizer
+    return tokenizer
 
 
 def _fresh(preset: str, device: torch.device | str | None,
