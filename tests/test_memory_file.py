@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save as st_save
+from tiny import make
 
 import newllm.memory_file as mf
-from newllm.config import ModelConfig
 from newllm.memory_file import (
     ChecksumError,
     FormatVersionError,
@@ -43,15 +43,6 @@ TINY = ["tiny-pythia", "tiny-infini", "tiny-multi-memory", "tiny-hierarchical",
 POSITIONS = [0, 5, 16, 37]  # segment_len 16, chunk_size 8: empty, open, boundary, past two
 
 
-def make(name: str, seed: int = 0, **overrides: object) -> TransformerLM:
-    """A tiny model whose memory gates are open, so every path of the state matters."""
-    torch.manual_seed(seed)
-    model = TransformerLM(ModelConfig.from_name(name, **overrides)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("attention.gate", "expand_bias")):
-                p.uniform_(-1.0, 1.0)
-    return model
 
 
 def state_after(model: TransformerLM, n: int, batch: int = 1, seed: int = 1) -> ModelState:

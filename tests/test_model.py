@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import make
 
 from newllm import ModelConfig, TransformerLM, create_model
 from newllm.layers.context_kv import visible_contexts
@@ -14,15 +15,6 @@ TINY = ["tiny-pythia", "tiny-infini", "tiny-multi-memory", "tiny-hierarchical",
         "tiny-context-pythia", "tiny-context-kv"]
 
 
-def make(name: str, **overrides: object) -> TransformerLM:
-    torch.manual_seed(0)
-    model = TransformerLM(ModelConfig.from_name(name, **overrides)).eval()
-    # memory gates open and nonzero biases so every path contributes
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("attention.gate", "expand_bias")):
-                p.uniform_(-1.0, 1.0)
-    return model
 
 
 def feed(model: TransformerLM, ids: torch.Tensor, splits: list[int]) -> torch.Tensor:

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import make
 
-from newllm.config import ModelConfig
 from newllm.memory_file import (
     MemoryFileError,
     TensorMismatchError,
     TokenizerMismatchError,
     read_memory_metadata,
 )
-from newllm.model import TransformerLM
 from newllm.session import Session, check_state_fits
 from newllm.state import ModelState
 
@@ -23,14 +22,6 @@ TINY = ["tiny-pythia", "tiny-infini", "tiny-multi-memory", "tiny-hierarchical",
         "tiny-context-pythia", "tiny-context-kv"]
 
 
-def make(name: str, seed: int = 0, **overrides: object) -> TransformerLM:
-    torch.manual_seed(seed)
-    model = TransformerLM(ModelConfig.from_name(name, **overrides)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("attention.gate", "expand_bias")):
-                p.uniform_(-1.0, 1.0)
-    return model
 
 
 def ids(n: int, seed: int = 1) -> list[int]:
