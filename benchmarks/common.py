@@ -21,6 +21,17 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# original prose used as conversation text and as filler (no file needed)
+PROSE = (
+    "The river ran low that autumn, and the ferryman spent his afternoons mending nets on the "
+    "stones. Travellers were few. A merchant came through with two mules and a crate of copper "
+    "pans, and asked the way to the market town beyond the hills. The ferryman pointed at the "
+    "old road, which climbed between the orchards and then vanished into a fold of the land. "
+    "In the evenings the village gathered at the well to trade news: who had married, whose "
+    "roof had fallen in, how the barley stood in the upper fields. Children chased the geese "
+    "along the bank until their mothers called them home. When the first frost came, the "
+    "miller opened his doors to anyone who needed warmth, and the long winter talk began. "
+)
 
 
 def machine() -> dict[str, Any]:

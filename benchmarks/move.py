@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import new_figure, plot_path, save_figure, write_result
-from benchmarks.server import PROSE, running_servers
+from benchmarks.common import PROSE, new_figure, plot_path, save_figure, write_result
+from benchmarks.live import running_servers
 from clients import move_session
 
 FACT = " The pass key is {key}. Remember it. {key} is the pass key."

@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import new_figure, plot_path, save_figure, write_result
+from benchmarks.common import PROSE, new_figure, plot_path, save_figure, write_result
 from benchmarks.decode import ours_decode
-from benchmarks.server import PROSE
 from newllm import PRESETS, ModelConfig, TransformerLM
 from newllm.sizes import state_bytes
 

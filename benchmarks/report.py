@@ -87,22 +87,51 @@ def _state_size(doc: Doc) -> list[str]:
 def _decode(doc: Doc) -> list[str]:
     res = doc["results"]
     rows = res["rows"]
-    kinds = list(rows)
+    hf = "transformers_gpt_neox"
+    kinds = [k for k in rows if k != hf]
     contexts = [r["context"] for r in rows[kinds[0]]]
+    ms = {k: [r["ms_per_token"] for r in rs] for k, rs in rows.items()}
     body = []
     for i, n in enumerate(contexts):
-        cells = [f"{n:,}"] + [_ms(rows[k][i]["ms_per_token"]) for k in kinds]
-        speedup = res["pythia_speedup_vs_transformers"].get(str(n))
+        cells = [f"{n:,}"] + ([_ms(ms[hf][i])] if hf in ms else [])
+        for k in kinds:
+            relative = k != "pythia" and "pythia" in ms
+            cells.append(_ms(ms[k][i])
+                         + (f" ({ms['pythia'][i] / ms[k][i]:.2f}x)" if relative else ""))
+        speedup = ms[hf][i] / ms["pythia"][i] if hf in ms and "pythia" in ms else None
         body.append(cells + [f"{speedup:.2f}x" if speedup else "-"])
-    out = ["Decode latency, ms per token (batch 1, fp32); speed-up = transformers / ours "
-           "(pythia):", ""]
-    out += _table(["context"] + [f"`{k}`" for k in kinds] + ["speed-up"], body)
+    slow = [f"{ms[k][-1] / ms[k][0]:.2f}x" for k in ([hf] if hf in ms else []) + kinds]
+    body.append([f"slowdown ({contexts[-1]:,} / {contexts[0]:,})", *slow, ""])
+    head = (["context"] + ([f"`{hf}`"] if hf in ms else []) + [f"`{k}`" for k in kinds]
+            + ["pythia speed-up"])
+    out = ["Decode latency, ms per token (batch 1, fp32, median step; in brackets: speed "
+           "relative to `pythia` at the same context); pythia speed-up = transformers / ours; "
+           "last row: ms per token at the longest context / at the shortest:", ""]
+    out += _table(head, body)
+    goals = res.get("goals", {})
+    if "pythia_vs_transformers" in goals:
+        g = goals["pythia_vs_transformers"]
+        out += ["", f"Goal, our `pythia` at least {g['target']:g}x transformers at "
+                f"{g['context']:,} tokens: {g['value']:.2f}x, {'met' if g['met'] else 'NOT met'}."]
+    if "constant_state_kinds_flat" in goals:
+        g = goals["constant_state_kinds_flat"]
+        out += ["", "Goal, constant-state kinds (" + ", ".join(f"`{k}`" for k in g["kinds"])
+                + f") flat in context (slowdown at most {g['target']:g}x): worst "
+                f"{g['value']:.2f}x, {'met' if g['met'] else 'NOT met'}."]
     batch = res.get("batched_tokens_per_s", {})
+    if batch and not isinstance(next(iter(batch.values())), dict):  # older results: one kind
+        batch = {res.get("batched_kind", "pythia"): batch}
     if batch:
-        out += ["", f"Batched decode (`{res.get('batched_kind')}`): " + ", ".join(
-            f"{b} sessions {_n(t)} tokens/s" for b, t in batch.items()) + "."]
-    same = "yes" if res.get("greedy_tokens_equal_transformers") else "NO"
-    return out + ["", f"Greedy tokens equal transformers': {same}."]
+        sessions = list(next(iter(batch.values())))
+        where = doc["settings"].get("batched_context")
+        out += ["", "Batched decode (`decode_step`), aggregate tokens/s, sessions at different "
+                "positions" + (f" (about {where:,} tokens)" if where else "") + ":", ""]
+        out += _table(["kind"] + [f"{b} session{'' if b == '1' else 's'}" for b in sessions],
+                      [[f"`{k}`"] + [_n(by[b]) for b in sessions] for k, by in batch.items()])
+    same = res.get("greedy_tokens_equal_transformers")
+    if same is None:  # measured without transformers
+        return out
+    return out + ["", f"Greedy tokens equal transformers': {'yes' if same else 'NO'}."]
 
 
 def _prefill(doc: Doc) -> list[str]:
@@ -145,23 +174,30 @@ def _transfer(doc: Doc) -> list[str]:
 
 def _server(doc: Doc) -> list[str]:
     res, s = doc["results"], doc["settings"]
+    flat = [(r["clients"], s["max_batch_size"][name], name, r)
+            for name, rows in res["rows"].items() for r in rows]
     body = []
-    for name, rows in res["rows"].items():
-        for r in rows:
-            t, lat = r["ttft_ms"], r["latency_ms"]
-            body.append([f"{s['max_batch_size'][name]}", str(r["clients"]), str(r["requests"]),
-                         " / ".join(_ms(t[p]) for p in ("p50", "p95", "p99")),
-                         " / ".join(_ms(lat[p]) for p in ("p50", "p95", "p99")),
-                         _n(r["tokens_per_s"]), str(r["errors"])])
+    for clients, batch, name, r in sorted(flat, key=lambda x: (x[0], x[1])):
+        t, lat = r["ttft_ms"], r["latency_ms"]
+        body.append([str(clients), f"{name.removeprefix('batching_')} ({batch})",
+                     str(r["requests"]),
+                     " / ".join(_ms(t[p]) for p in ("p50", "p95", "p99")),
+                     " / ".join(_ms(lat[p]) for p in ("p50", "p95", "p99")),
+                     _n(r["tokens_per_s"]), str(r["errors"])])
     files = res["memory_files"]
     valid = sum(f["valid"] for f in files.values())
     checked = sum(f["checked"] for f in files.values())
-    return ([f"`{s['model']}` served on loopback, each client its own session, "
-             f"{s['duration_s']:g} s per level, {s['prompt_tokens']} new prompt tokens and "
-             f"{s['max_tokens']} generated tokens (greedy) per request:", ""]
-            + _table(["max batch", "clients", "requests", "TTFT p50 / p95 / p99 ms",
-                      "latency p50 / p95 / p99 ms", "tokens/s", "errors"], body)
-            + ["", f"Session memory files valid afterwards: {valid} / {checked}."])
+    speedup = res.get("batching_speedup", {})
+    out = [f"`{s['model']}` served on loopback, each client its own session, "
+           f"{s['duration_s']:g} s per level, {s['prompt_tokens']} new prompt tokens and "
+           f"{s['max_tokens']} generated tokens (greedy) per request:", ""]
+    out += _table(["clients", "batching (max batch)", "requests", "TTFT p50 / p95 / p99 ms",
+                   "latency p50 / p95 / p99 ms", "tokens/s", "errors"], body)
+    if speedup:
+        out += ["", "Batching speed-up (tokens/s with / without): " + ", ".join(
+            f"{c} client{'s' if c != '1' else ''} {v:.2f}x" for c, v in speedup.items()) + "."]
+    return out + ["", f"Errors: {res['errors']}. Session memory files valid afterwards: "
+                      f"{valid} / {checked}."]
 
 
 def _quality(doc: Doc) -> list[str]:

@@ -1,16 +1,16 @@
 """server: latency and throughput of `newllm serve` under concurrent sessions, batching on vs off.
 
-Two servers (``python -m server``) on free loopback ports, one with ``--max-batch-size 1``
-(batching off) and one with ``--max-batch-size 8`` (on), each with its own temporary session
-folder. For each number of concurrent clients (1, 8, 32), every client runs in its own thread
-with its own session and sends streamed completions (greedy, a short new prompt each turn) for a
-fixed duration: time to first token (the first streamed piece), per-request latency p50/p95/p99,
-aggregate generated tokens/s and errors (must be 0). Afterwards every session's memory file is
-downloaded (``GET /v1/sessions/{id}/memory``) and loaded with `newllm.load_memory` into the same
-checkpoint: each must be valid. Exits 1 on any error, invalid file or lost session.
-
-This file also holds the helpers that start and stop live servers for the benchmarks that need
-them (`transfer`, `move`).
+Two servers (``python -m server``, started with `benchmarks.live`) on free loopback ports, one
+with ``--max-batch-size 1`` (batching off) and one with ``--max-batch-size 8`` (on), each with its
+own temporary session folder; both run, but only one at a time is under load. For each
+number of concurrent clients (1, 8, 32), every client runs in its own thread with its own session
+and sends streamed completions (greedy, a short new prompt each turn) until the level's duration
+is over; a request still running then finishes (each is bounded by ``--request-timeout``, after
+which it counts as an error), so a level lasts at most duration + timeout. Per level: time to
+first token (the first streamed piece), per-request latency p50/p95/p99, aggregate generated
+tokens/s and errors (must be 0). Afterwards every session's memory file is downloaded
+(``GET /v1/sessions/{id}/memory``) and loaded with `newllm.load_memory` into the same checkpoint:
+each must be valid. Exits 1 on any error, invalid file or lost session.
 
     python -m benchmarks.server [--quick] [--checkpoint PATH] [--clients 1 8 32] [--duration 20]
 """
@@ -18,128 +18,16 @@ them (`transfer`, `move`).
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import new_figure, plot_path, save_figure, write_result
+from benchmarks.common import PROSE, new_figure, plot_path, save_figure, write_result
+from benchmarks.live import LiveServer, running_servers
 from clients import Client
-
-ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 180.0
-# original prose used as conversation text and as filler (no file needed)
-PROSE = (
-    "The river ran low that autumn, and the ferryman spent his afternoons mending nets on the "
-    "stones. Travellers were few. A merchant came through with two mules and a crate of copper "
-    "pans, and asked the way to the market town beyond the hills. The ferryman pointed at the "
-    "old road, which climbed between the orchards and then vanished into a fold of the land. "
-    "In the evenings the village gathered at the well to trade news: who had married, whose "
-    "roof had fallen in, how the barley stood in the upper fields. Children chased the geese "
-    "along the bank until their mothers called them home. When the first frost came, the "
-    "miller opened his doors to anyone who needed warmth, and the long winter talk began. "
-)
-
-
-# live servers --------------------------------------------------------------------------------
-@dataclass
-class LiveServer:
-    """A ``python -m server`` subprocess on a loopback port."""
-
-    url: str
-    process: subprocess.Popen
-    log: Path
-    session_dir: Path
-
-    def client(self, timeout: float = 300.0) -> Client:
-        """A client that never retries, so every failure is counted."""
-        return Client(self.url, timeout=timeout, max_retries=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_size: int = 1,
-                 workers: int = 1) -> LiveServer:
-    """Start a server (not waiting for it); its log and sessions go under ``folder``."""
-    port = free_port()
-    log = folder / f"{name}.log"
-    session_dir = folder / f"sessions-{name}"
-    argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--session-dir", str(session_dir), "--max-batch-size", str(max_batch_size),
-            "--workers", str(workers), "--log-level", "warning"]
-    if checkpoint is not None:
-        argv += ["--checkpoint", checkpoint]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NEWLLM_API_KEY", "PROMETHEUS_MULTIPROC_DIR")}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    return LiveServer(f"http://127.0.0.1:{port}", process, log, session_dir)
-
-
-def wait_ready(server: LiveServer, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    with server.client() as c:
-        while True:
-            if server.process.poll() is not None:
-                raise RuntimeError(f"server {server.url} exited with {server.process.returncode}:"
-                                   f"\n{server.log.read_text()[-3000:]}")
-            try:
-                if c.health():
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server {server.url} not ready in {timeout:.0f} s:\n"
-                                   f"{server.log.read_text()[-3000:]}")
-            time.sleep(0.2)
-
-
-def stop_server(server: LiveServer) -> None:
-    """SIGTERM (a clean shutdown), then SIGKILL to anything left of its process group."""
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(server.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.process.wait(5)
-
-
-@contextmanager
-def running_servers(checkpoint: str | None, batch_sizes: dict[str, int],
-                    workers: int = 1) -> Iterator[dict[str, LiveServer]]:
-    """Servers named like ``batch_sizes``' keys, started together and always stopped."""
-    with tempfile.TemporaryDirectory(prefix="newllm-bench-") as tmp:
-        started: dict[str, LiveServer] = {}
-        try:
-            for name, batch in batch_sizes.items():
-                started[name] = start_server(checkpoint, Path(tmp), name, max_batch_size=batch,
-                                             workers=workers)
-            for server in started.values():
-                wait_ready(server)
-            yield started
-        finally:
-            for server in started.values():
-                stop_server(server)
 
 
 # load ----------------------------------------------------------------------------------------
@@ -166,8 +54,12 @@ def one_turn(client: Client, session: str, prompt: list[int],
 
 
 def load_level(server: LiveServer, clients: int, duration: float, prompts: list[list[int]],
-               max_tokens: int, prefix: str) -> tuple[dict[str, Any], list[str]]:
-    """``clients`` threads, each its own session, sending turns for ``duration`` seconds."""
+               max_tokens: int, prefix: str,
+               request_timeout: float = 120.0) -> tuple[dict[str, Any], list[str]]:
+    """``clients`` threads, each its own session, starting turns for ``duration`` seconds.
+
+    Returns the level's row and the sessions that completed at least one turn.
+    """
     ttft: list[float] = []
     latency: list[float] = []
     tokens = [0] * clients
@@ -180,7 +72,7 @@ def load_level(server: LiveServer, clients: int, duration: float, prompts: list[
 
     def run(i: int) -> None:
         rng = random.Random(i)
-        with server.client() as c:
+        with server.client(timeout=request_timeout) as c:
             start.wait()
             while time.perf_counter() < deadline[0]:
                 try:
@@ -250,12 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="new tokens per turn")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens generated per turn")
     ap.add_argument("--workers", type=int, default=1, help="inference workers per server")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="--max-batch-size of the batching-on server")
+    ap.add_argument("--request-timeout", type=float, default=120.0,
+                    help="seconds one request may take before it counts as an error")
     args = ap.parse_args(argv)
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
     levels = args.clients or ([1, 4] if args.quick else [1, 8, 32])
     duration = args.duration or (2.0 if args.quick else 20.0)
     max_tokens = args.max_tokens or (8 if args.quick else 32)
-    configs = {"batching_off": 1, "batching_on": 8}
+    configs = {"batching_off": 1, "batching_on": args.batch_size}
 
     from newllm import load_checkpoint
 
@@ -273,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             sessions: list[str] = []
             rows[name] = []
             for n in levels:
-                row, used = load_level(server, n, duration, prompts, max_tokens, name)
+                row, used = load_level(server, n, duration, prompts, max_tokens, name,
+                                       args.request_timeout)
                 rows[name].append(row)
                 sessions += used
                 print(f"{name:13s} {n:3d} clients: {row['tokens_per_s']:8.1f} tokens/s, "
@@ -291,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model": model.config.name, "fingerprint": model.fingerprint(),
                 "clients": levels, "duration_s": duration, "prompt_tokens": P,
                 "max_tokens": max_tokens, "greedy": True, "workers": args.workers,
-                "max_batch_size": configs, "loopback": True}
+                "max_batch_size": configs, "request_timeout_s": args.request_timeout,
+                "loopback": True}
     path = write_result("server", settings, results, args.out)
     fig, ax = new_figure(f"Server throughput ({model.config.name}, loopback)",
                          "concurrent clients (own session each)", "generated tokens / s")

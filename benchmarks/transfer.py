@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import new_figure, plot_path, save_figure, time_it, write_result
+from benchmarks.common import PROSE, new_figure, plot_path, save_figure, time_it, write_result
 from benchmarks.decode import prefill
-from benchmarks.server import PROSE, running_servers
+from benchmarks.live import running_servers
 from newllm import ModelConfig, TransformerLM, load_checkpoint, load_memory, save_memory
 from newllm.sizes import state_bytes
 

@@ -29,8 +29,32 @@ def _check_schema(name: str, doc: dict) -> None:
                             "context_pythia", "context_kv"}
         assert red["pythia"]["2048"] == 0
     if name == "decode":
+        kinds = {"pythia", "infini", "multi_memory", "hierarchical", "context_pythia",
+                 "context_kv"}
         assert res["greedy_tokens_equal_transformers"] is True
-        assert set(res["rows"]) >= {"pythia", "transformers_gpt_neox"}
+        assert res["greedy_tokens_compared"] >= len(settings["contexts"])
+        assert set(res["rows"]) == kinds | {"transformers_gpt_neox"}
+        assert set(settings["presets"]) == kinds
+        contexts = [str(n) for n in settings["contexts"]]
+        for rows in res["rows"].values():
+            assert [r["context"] for r in rows] == settings["contexts"]
+            for r in rows:
+                assert settings["min_steps"] <= r["steps"] <= settings["steps"]
+                assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0
+        assert list(res["pythia_speedup_vs_transformers"]) == contexts
+        assert set(res["speed_vs_pythia"]) == kinds - {"pythia"}
+        assert all(list(by) == contexts for by in res["speed_vs_pythia"].values())
+        assert set(res["slowdown_longest_vs_shortest"]) == set(res["rows"])
+        # memory kinds keep a state of constant size; pythia's and context_kv's grow
+        assert res["constant_state_kinds"] == ["infini", "multi_memory", "hierarchical"]
+        flat = res["goals"]["constant_state_kinds_flat"]
+        assert flat["kinds"] == res["constant_state_kinds"]
+        assert flat["met"] == (flat["value"] <= flat["target"])
+        assert "pythia_vs_transformers" not in res["goals"]  # 1,024 is not a quick context
+        batch = res["batched_tokens_per_s"]
+        assert set(batch) == {"pythia", "infini"}
+        assert all(list(by) == [str(b) for b in settings["batched_sessions"]]
+                   for by in batch.values())
     if name == "prefill":
         assert res["last_logits_equal_transformers"] is True
         assert set(res["rows"]) >= {"pythia", "infini", "transformers_gpt_neox"}
@@ -58,6 +82,10 @@ def _check_schema(name: str, doc: dict) -> None:
                 assert set(r["ttft_ms"]) == set(r["latency_ms"]) == {"p50", "p95", "p99"}
         for files in res["memory_files"].values():
             assert files["checked"] == files["valid"] > 0 and not files["missing"]
+        assert list(res["batching_speedup"]) == [str(n) for n in settings["clients"]]
+        assert settings["max_batch_size"]["batching_off"] == 1
+        assert settings["max_batch_size"]["batching_on"] > 1
+        assert settings["request_timeout_s"] > 0
     if name == "quality":
         rows = {r["name"]: r for r in res["rows"]}
         assert set(rows) == {"tiny-infini", "tiny-pythia"}
@@ -97,6 +125,11 @@ def test_report_renders_every_result(quick_results: Path) -> None:
         assert f"### {title}" in text
         assert f"({report.PLOTS}/{name}.png)" in text
     assert "(quick mode)" in text
+    decode = text.split("### Decode speed")[1].split("###")[0]
+    assert "| slowdown (128 / 32) |" in decode and "constant-state kinds" in decode
+    assert "| `pythia` |" in decode and "| `infini` |" in decode  # batched decode per kind
+    server = text.split("### Server under load")[1].split("###")[0]
+    assert "| 4 | on (8) |" in server and "Batching speed-up" in server
     assert report.markdown(quick_results / "empty").startswith("No benchmark results")
 
 

@@ -1,0 +1,134 @@
+"""Live ``python -m server`` processes on free loopback ports, for benchmarks and live tests.
+
+One helper owns starting, waiting for, and stopping a real server subprocess: each gets a free
+port on 127.0.0.1, its own session folder and log file under a given folder, and a process group
+of its own, so stopping it (SIGTERM for a clean shutdown, then SIGKILL to whatever of the group is
+left) never touches other processes. Nothing here imports torch.
+
+    with running_servers("tiny-infini", {"a": 1, "b": 8}) as servers:  # name -> max batch size
+        with servers["a"].client() as c:
+            c.complete([1, 2, 3], max_tokens=4)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from clients import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 180.0
+# a key in the caller's environment would apply to every server started here
+DROPPED_ENV = ("NEWLLM_API_KEY", "PROMETHEUS_MULTIPROC_DIR")
+
+
+@dataclass
+class LiveServer:
+    """A ``python -m server`` subprocess on a loopback port."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+    session_dir: Path
+    api_key: str | None = None
+
+    def client(self, timeout: float = 300.0, max_retries: int = 0) -> Client:
+        """A client of this server; by default it never retries, so every failure is seen."""
+        return Client(self.url, self.api_key, timeout=timeout, max_retries=max_retries)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_size: int = 1,
+                 workers: int = 1, api_key: str | None = None) -> LiveServer:
+    """Start a server (not waiting for it); its log and sessions go under ``folder``.
+
+    ``checkpoint`` None serves the bundled default model; ``api_key`` makes it require one.
+    """
+    port = free_port()
+    log = folder / f"{name}.log"
+    session_dir = folder / f"sessions-{name}"
+    argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--session-dir", str(session_dir), "--max-batch-size", str(max_batch_size),
+            "--workers", str(workers), "--log-level", "warning"]
+    if checkpoint is not None:
+        argv += ["--checkpoint", checkpoint]
+    env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
+    if api_key:
+        env["NEWLLM_API_KEY"] = api_key  # the environment, not argv: not shown by ps
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return LiveServer(f"http://127.0.0.1:{port}", process, log, session_dir, api_key)
+
+
+def wait_ready(server: LiveServer, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll ``/health`` until it answers; RuntimeError with the log's tail if it never does."""
+    deadline = time.monotonic() + timeout
+    with server.client(timeout=10.0) as c:
+        while True:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"server {server.url} exited with {server.process.returncode}:"
+                                   f"\n{server.log.read_text()[-3000:]}")
+            try:
+                if c.health():
+                    return
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {server.url} not ready in {timeout:.0f} s:\n"
+                                   f"{server.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+
+def stop_server(server: LiveServer) -> None:
+    """SIGTERM (a clean shutdown), then SIGKILL to anything left of its process group."""
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(server.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.process.wait(5)
+
+
+@contextmanager
+def running_servers(checkpoint: str | None, batch_sizes: dict[str, int], workers: int = 1,
+                    folder: Path | None = None,
+                    api_keys: dict[str, str] | None = None) -> Iterator[dict[str, LiveServer]]:
+    """Servers named like ``batch_sizes``' keys, started together, ready, and always stopped.
+
+    Logs and session folders go under ``folder`` (default: a temporary folder, removed after).
+    """
+    with tempfile.TemporaryDirectory(prefix="newllm-live-") as tmp:
+        where = Path(folder) if folder is not None else Path(tmp)
+        started: dict[str, LiveServer] = {}
+        try:
+            for name, batch in batch_sizes.items():
+                started[name] = start_server(checkpoint, where, name, max_batch_size=batch,
+                                             workers=workers,
+                                             api_key=(api_keys or {}).get(name))
+            for server in started.values():
+                wait_ready(server)
+            yield started
+        finally:
+            for server in started.values():
+                stop_server(server)
