@@ -48,6 +48,10 @@ class ModelConfig:
     segments_per_bank: int = 4
     num_memories: int = 4
     gate_init: float = 0.0
+    # memory keys mix in the previous token's key (a learned per-channel weight, starting at
+    # 1): a later query like token X then finds what came right after X, which is what recalling
+    # a told fact needs (the short convolutions of modern linear-attention models do the same)
+    memory_key_shift: bool = False
     # pythia layers attend only within the current segment (KV dropped at segment ends), so a
     # memory model's whole state stays bounded; the memory presets set it
     segment_local: bool = False
@@ -191,6 +195,13 @@ PRESETS: dict[str, ModelConfig] = {
         _p("small-pythia", layers=("pythia",) * 4, **_SMALL),
         _p("small-infini", layers=("pythia", "infini", "pythia", "pythia"), segment_local=True,
            **_SMALL),
+        _p("small-multi-memory", layers=("pythia", "multi_memory", "pythia", "pythia"),
+           segment_local=True, **_SMALL),
+        _p("small-hierarchical", layers=("pythia", "hierarchical", "pythia", "pythia"),
+           segment_local=True, **_SMALL),
+        _p("small-context-pythia", layers=("pythia",) * 4, context_mode="input",
+           **{**_SMALL, "intermediate_size": 512}),
+        _p("small-context-kv", layers=("context_kv",) * 4, context_mode="kv", **_SMALL),
     ]
 }
 

@@ -197,3 +197,30 @@ def test_gradients_flow_through_memory_across_segments() -> None:
     logits.sum().backward()
     gate = model.layers[0].attention.gate
     assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-infini", "tiny-multi-memory", "tiny-hierarchical"])
+def test_memory_key_shift_keeps_splits_exact_and_is_off_at_weight_zero(name: str) -> None:
+    shifted = make(name, memory_key_shift=True)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 500, (2, 53))
+    with torch.no_grad():
+        whole = feed(shifted, ids, [53])
+        torch.testing.assert_close(feed(shifted, ids, [3, 14, 1, 0, 35]), whole,
+                                   atol=2e-5, rtol=1e-5)
+        plain = make(name)
+        assert not torch.allclose(feed(plain, ids, [53]), whole, atol=1e-4)  # the shift matters
+        for layer in shifted.layers:
+            if hasattr(layer.attention, "key_shift"):
+                layer.attention.key_shift.zero_()
+        torch.testing.assert_close(feed(shifted, ids, [53]), feed(plain, ids, [53]))
+
+
+def test_memory_keys_add_the_previous_tokens_key_within_the_segment() -> None:
+    attn = make("tiny-infini", memory_key_shift=True).layers[0].attention
+    with torch.no_grad():
+        attn.key_shift.fill_(0.5)
+    k = torch.randn(1, 4, 16, 16)  # (B, H, S, D)
+    mk = attn.memory_keys(k)
+    torch.testing.assert_close(mk[:, :, 0], k[:, :, 0])  # no predecessor in the segment
+    torch.testing.assert_close(mk[:, :, 1:], k[:, :, 1:] + 0.5 * k[:, :, :-1])

@@ -172,3 +172,22 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path):
     assert stopped["steps"] == 0
     assert (tmp_path / "t" / "checkpoints" / "step-0000000" / "trainer_state.json").is_file()
     assert run(tmp_path, data, "t", 4)["steps"] == 4
+
+
+def test_init_with_changed_options_copies_the_matching_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_corpus(tmp_path / "data")
+    run(tmp_path, data, "base", 2)
+    cfg = TrainConfig(data=(str(data),), out=str(tmp_path / "shifted"), init=str(tmp_path / "base"),
+                      model_options=("memory_key_shift=true",), steps=1, lr=1e-9, gate_lr=0.0,
+                      weight_decay=0.0, batch_size=2, segments=2, warmup_steps=0, eval_every=0,
+                      cache_dir="none")
+    train(cfg)
+    config = json.loads((tmp_path / "shifted" / "config.json").read_text())
+    assert config["memory_key_shift"] is True and config["layers"] == ["infini", "pythia"]
+    old = load_file(str(tmp_path / "base" / "model.safetensors"))
+    new = load_file(str(tmp_path / "shifted" / "model.safetensors"))
+    assert set(new) - set(old) == {"layers.0.attention.key_shift"}
+    for name in ("embed_in.weight", "layers.1.mlp.dense_h_to_4h.weight"):  # moved by ~lr only
+        torch.testing.assert_close(new[name], old[name], atol=1e-6, rtol=0)

@@ -232,11 +232,14 @@ class Trainer:
     def _model(self) -> nn.Module:
         cfg = self.cfg
         if cfg.init:
-            if cfg.model_options:
-                raise ValueError("--model-options cannot change a model loaded with --init")
-            from newllm.checkpoint import load_checkpoint
+            from newllm.checkpoint import init_from_pythia, load_checkpoint
+            from training.options import parse_overrides
 
             model, _ = load_checkpoint(cfg.init, device="cpu")
+            if cfg.model_options:  # a changed model: copy every tensor whose name and shape match
+                config = model.config.replace(**parse_overrides(cfg.model_options))
+                torch.manual_seed(cfg.seed)
+                model = init_from_pythia(config, model)
         else:
             model = build_model(cfg, self.tokenizer)
         if self.tokenizer.vocab_size > model.config.vocab_size:

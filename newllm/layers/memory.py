@@ -103,6 +103,8 @@ class SegmentMemoryAttention(nn.Module):
         self.dense = nn.Linear(C, C)
         self.rotary = Rotary(config)
         self.gate = nn.Parameter(torch.full((config.num_heads,), float(config.gate_init)))
+        if config.memory_key_shift:  # weight of the previous token's key in a memory key
+            self.key_shift = nn.Parameter(torch.ones(config.num_heads, 1, config.head_dim))
 
     # subclass API ------------------------------------------------------------------------
     def memory_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
@@ -148,6 +150,15 @@ class SegmentMemoryAttention(nn.Module):
         B, _, T, _ = x.shape
         return x.transpose(1, 2).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def memory_keys(self, seg_k: Tensor) -> Tensor:
+        """The keys a complete segment writes (B, H, S, D): its own keys, plus (with
+        ``memory_key_shift``) each previous token's key times a learned weight. The segment's
+        first token has no predecessor here (the shift does not cross segment boundaries)."""
+        if not self.config.memory_key_shift:
+            return seg_k
+        prev = F.pad(seg_k, (0, 0, 1, 0))[:, :, :-1]  # (B, H, S, D): key of token t - 1
+        return seg_k + self.key_shift.to(seg_k.dtype) * prev
+
     def forward(self, x: Tensor, state: Any, step: Step) -> tuple[Tensor, Any]:
         S = self.segment_len
         q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (B, H, T, D) each
@@ -167,7 +178,7 @@ class SegmentMemoryAttention(nn.Module):
             g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
             outs.append(g * self.from_memory_heads(a_mem) + (1 - g) * local)  # (B, H, n, D)
             if o + n == S:  # the segment is complete: write it, open a new one
-                mk = self.to_memory_heads(seg_k).float()
+                mk = self.to_memory_heads(self.memory_keys(seg_k)).float()
                 mv = self.to_memory_heads(seg_v).float()
                 fields = self.write(elu1(mk), mk, mv, state, pos // S)
                 empty = seg_k[:, :, :0]
