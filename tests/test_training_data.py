@@ -180,3 +180,18 @@ def test_recall_examples(tok):
     short = torch.tensor(tok.encode("z" * 40))
     same, mask, dist = maker.make(short, rng)
     assert torch.equal(same, short) and not mask.any() and dist == -1
+
+
+def test_repeat_span_copies_earlier_prose_into_a_later_segment():
+    window = torch.arange(1, 66)  # L + 1 = 65: 4 segments of 16 targets
+    for seed in range(20):
+        new, mask = D.repeat_span(window, 16, 6, random.Random(seed))
+        changed = (new != window).nonzero().flatten()
+        assert 1 <= len(changed) <= 6 and mask.sum() == 5
+        start = int(mask.nonzero()[0])  # target t predicts new[t + 1]: the copy starts at t
+        copy = new[start:start + 6]
+        src = int((window == copy[0]).nonzero()[0])
+        assert torch.equal(window[src:src + 6], copy)  # a verbatim span of the original
+        assert src // 16 < start // 16  # from an earlier segment
+    same, none = D.repeat_span(window[:17], 16, 6, random.Random(0))  # one segment: no room
+    assert torch.equal(same, window[:17]) and not none.any()

@@ -52,7 +52,12 @@ class TrainConfig:
     """share of training examples turned into synthetic pass-key recall examples (a key told
     early in real prose, asked for at the end, 0 or more segments later)"""
     recall_weight: float = 1.0
-    """loss weight of the answer tokens of recall examples"""
+    """loss weight of the answer tokens of recall examples (and of --repeat-fraction copies)"""
+    repeat_fraction: float = 0.0
+    """share of training examples where a span of their own prose is written again one or more
+    segments later (copy practice for the memory; the copied tokens get --recall-weight)"""
+    repeat_span: int = 32
+    """tokens per copied span of --repeat-fraction examples (at most the segment length)"""
     beta1: float = 0.9
     """AdamW beta1"""
     beta2: float = 0.95
@@ -112,5 +117,8 @@ class TrainConfig:
             raise ValueError("--lr must be > 0 and --gate-lr >= 0")
         if not 0.0 <= self.recall_fraction <= 1.0 or self.recall_weight < 0:
             raise ValueError("--recall-fraction must be in [0, 1] and --recall-weight >= 0")
+        if not 0.0 <= self.repeat_fraction <= 1.0 - self.recall_fraction or self.repeat_span < 2:
+            raise ValueError("--repeat-fraction must be in [0, 1 - --recall-fraction] and "
+                             "--repeat-span >= 2")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -403,3 +403,27 @@ class RecallExamples:
         new[q0:] = torch.tensor(tail, dtype=window.dtype)
         mask[n - 1 - len(answer):] = True  # targets t -> window[t + 1]
         return new, mask, q_seg - (end - 1) // S
+
+
+def repeat_span(window: Tensor, segment_len: int, span: int, rng: Any) -> tuple[Tensor, Tensor]:
+    """Copy a span of real prose from an earlier segment into a later one (copy practice).
+
+    A window (L + 1,) gets ``span`` of its own tokens from segment i written again into segment
+    j > i (the two places chosen uniformly), so every token of the copy after the first is
+    predictable only through what was seen one or more segments earlier: the memory's job. Returns
+    (new window, mask over targets (L,) marking the copy's predictable tokens); the window comes
+    back unchanged (mask all False) when it has fewer than two segments or the span does not fit.
+    """
+    n, S = len(window), segment_len
+    mask = torch.zeros(n - 1, dtype=torch.bool)
+    segments = (n - 1) // S
+    if segments < 2 or not 2 <= span <= S:
+        return window, mask
+    src_seg = rng.randrange(segments - 1)
+    dst_seg = rng.randrange(src_seg + 1, segments)
+    src = src_seg * S + rng.randrange(S - span + 1)
+    dst = dst_seg * S + rng.randrange(S - span + 1)
+    new = window.clone()
+    new[dst:dst + span] = window[src:src + span]
+    mask[dst:dst + span - 1] = True  # target t is window[t + 1]: the copy's tokens 1..span-1
+    return new, mask

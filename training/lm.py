@@ -235,7 +235,8 @@ class Trainer:
             from newllm.checkpoint import init_from_pythia, load_checkpoint
             from training.options import parse_overrides
 
-            model, _ = load_checkpoint(cfg.init, device="cpu")
+            # float32 master weights whatever the checkpoint stores (bf16 runs use autocast)
+            model, _ = load_checkpoint(cfg.init, device="cpu", dtype=torch.float32)
             if cfg.model_options:  # a changed model: copy every tensor whose name and shape match
                 config = model.config.replace(**parse_overrides(cfg.model_options))
                 torch.manual_seed(cfg.seed)
@@ -281,31 +282,38 @@ class Trainer:
             return logits, None
         return lagged
 
-    def make_batch(self, step: int) -> tuple[list[int], Tensor, Tensor | None, Tensor | None]:
-        """(window indices, batch (B, L + 1), loss weights (B, L) or None, answer mask or None)
-        of this rank at ``step``: a pure function of (seed, step, rank)."""
+    def make_batch(self, step: int) -> tuple[list[int], Tensor, Tensor | None, Tensor | None,
+                                             Tensor | None]:
+        """(window indices, batch (B, L + 1), loss weights (B, L) or None, recall answer mask or
+        None, copied-span mask or None) of this rank at ``step``: a pure function of (seed,
+        step, rank)."""
         cfg = self.cfg
         idx = D.batch_indices(len(self.train_windows), cfg.batch_size, step, seed=cfg.seed,
                               rank=self.dist.rank, world_size=self.dist.world_size)
         batch = self.train_windows.batch(idx)
-        if self.recall is None:
-            return idx, batch, None, None
+        if self.recall is None and not cfg.repeat_fraction:
+            return idx, batch, None, None, None
         rng = random.Random(f"recall-{cfg.seed}-{step}-{self.dist.rank}")
         mask = torch.zeros(batch.shape[0], batch.shape[1] - 1, dtype=torch.bool)
+        copied = torch.zeros_like(mask)
         for i in range(batch.shape[0]):
-            if rng.random() < cfg.recall_fraction:
+            r = rng.random()
+            if self.recall is not None and r < cfg.recall_fraction:
                 batch[i], mask[i], _ = self.recall.make(batch[i], rng)
-        weights = 1.0 + (cfg.recall_weight - 1.0) * mask.float()
-        return idx, batch, weights, mask
+            elif r < cfg.recall_fraction + cfg.repeat_fraction:
+                batch[i], copied[i] = D.repeat_span(batch[i], self.model.config.segment_len,
+                                                    cfg.repeat_span, rng)
+        weights = 1.0 + (cfg.recall_weight - 1.0) * (mask | copied).float()
+        return idx, batch, weights, mask, copied
 
-    def train_step(self, step: int) -> tuple[float, Tensor, float, float | None]:
+    def train_step(self, step: int) -> tuple[float, Tensor, float, float | None, float | None]:
         """One optimizer step: (loss, every target's loss (B, L), gradient norm, mean loss of
-        recall answers or None)."""
+        recall answers or None, mean loss of copied-span tokens or None)."""
         cfg = self.cfg
         scale = lr_scale(step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * scale
-        idx, batch, weights, mask = self.make_batch(step)
+        idx, batch, weights, mask, copied = self.make_batch(step)
         dev = self.dist.device
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,7 +327,9 @@ class Trainer:
         self.optimizer.step()
         recall = (float(per_tok[mask.to(per_tok.device)].mean())
                   if mask is not None and mask.any() else None)
-        return loss, per_tok, norm, recall
+        copy = (float(per_tok[copied.to(per_tok.device)].mean())
+                if copied is not None and copied.any() else None)
+        return loss, per_tok, norm, recall, copy
 
     @torch.no_grad()
     def evaluate(self, reset_memory: bool = False) -> float | None:
@@ -381,7 +391,7 @@ class Trainer:
                 _log(d, f"time limit of {cfg.time_limit} min reached at step {self.step}")
                 break
             t0 = time.perf_counter()
-            loss, per_tok, norm, recall = self.train_step(self.step)
+            loss, per_tok, norm, recall, copy = self.train_step(self.step)
             self.elapsed += time.perf_counter() - t0
             self.step += 1
             self.tokens_seen += tokens_per_step
@@ -398,6 +408,8 @@ class Trainer:
                           "seg_loss": segment_losses(per_tok, seg_len), "gates": gates}
                 if recall is not None:
                     record["recall_answer_loss"] = round(recall, 4)
+                if copy is not None:
+                    record["copy_loss"] = round(copy, 4)
                 self._write_metrics(record)
                 gate_txt = f"  gate {sum(flat) / len(flat):.3f}" if flat else ""
                 _log(d, f"step {self.step}/{cfg.steps}  loss {last_loss:.4f}  "
