@@ -8,7 +8,8 @@
 # STEPS (default 300) x 8 examples x 256 tokens is the budget of every kind. All kinds use the
 # bundled model's tokenizer (8,192 tokens), hidden 256, 4 layers; memory kinds have segments of
 # 64 tokens, Context-KV chunks of 64. Context kinds first train their context block (Phase 1),
-# then Phase 2 trains the rest with the block frozen. A finished kind is skipped on a rerun.
+# then Phase 2 trains the rest with the block frozen. Every kind is evaluated with the same
+# sliding window (256 tokens, stride 128). A finished kind is skipped on a rerun.
 set -euo pipefail
 DATA=${1:?give the data folder (with gutenberg/train.txt and gutenberg/val.txt)}
 OUT=${2:-runs/compare}
@@ -36,6 +37,6 @@ for kind in pythia infini multi_memory hierarchical context_pythia context_kv; d
                --out "$run" "${COMMON[@]}" ;;
     esac
     python -m training eval --checkpoint "$run" --data "$VAL" --memory --max-tokens 6144 \
-        --threads "$THREADS" --out "$run/eval.json"
+        --window 256 --stride 128 --threads "$THREADS" --out "$run/eval.json"
 done
 python -m benchmarks.quality --eval "$OUT"/*/eval.json --metrics "$OUT"/*/metrics.jsonl
