@@ -210,14 +210,16 @@ def _quality(doc: Doc) -> list[str]:
             _pct(r["state_vs_pythia_16384"]), _ms(r["decode_ms_per_token"]),
             f"{ppl:.2f}", f"{r['memory_ppl_ratio']:.3f}" if "memory_ppl_ratio" in r else "-",
             " ".join(f"{d}:{_pct(a)}" for d, a in passkey.items()) or "-",
+            _n(r["tokens_seen"]) if "tokens_seen" in r else "-",
             _n(r["train_tokens_per_s"]) if "train_tokens_per_s" in r else "-"])
     context = doc["settings"]["decode_context"]
     return (["Size, speed and quality side by side (state at 16,384 tokens and its share of a "
              f"same-shape Pythia KV cache; decode at {context:,} tokens of context; perplexity; "
              "perplexity with memory carried / reset every segment; exact passkey recall by "
-             "distance in segments; training tokens/s):", ""]
+             "distance in segments; training tokens seen and tokens/s):", ""]
             + _table(["model", "parameters", "state", "vs Pythia", "decode ms/token",
-                      "perplexity", "memory / reset", "passkey", "train tokens/s"], body))
+                      "perplexity", "memory / reset", "passkey", "tokens seen",
+                      "train tokens/s"], body))
 
 
 def _move(doc: Doc) -> list[str]:
