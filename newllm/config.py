@@ -22,6 +22,11 @@ from typing import Any
 CONTEXT_MODES = ("none", "input", "kv")
 
 
+# options added after the first release, with the value that means "not used": left out of the
+# fingerprint at that value (see ModelConfig.fingerprint_json)
+FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that defines a model's shape and behaviour (not its weights)."""
@@ -145,6 +150,17 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def fingerprint_json(self) -> str:
+        """The config as the model fingerprint hashes it: `to_json` without the fields added
+        after the first release while they hold their default (`FINGERPRINT_LATER_FIELDS`), so
+        a new option does not change the fingerprint of models that do not use it — memory
+        files saved before it still load."""
+        d = self.to_dict()
+        for name, default in FINGERPRINT_LATER_FIELDS.items():
+            if d.get(name) == default:
+                del d[name]
+        return json.dumps(d, indent=2, sort_keys=True)
 
     def replace(self, **overrides: Any) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(self)}

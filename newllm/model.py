@@ -195,7 +195,7 @@ class TransformerLM(nn.Module):
         key = tuple((n, t.data_ptr(), t._version) for n, t in tensors.items())
         if self._fingerprint is not None and self._fingerprint[0] == key:
             return self._fingerprint[1]
-        h = hashlib.sha256(self.config.to_json().encode())
+        h = hashlib.sha256(self.config.fingerprint_json().encode())
         for name in sorted(tensors):
             t = tensors[name].detach().contiguous().cpu()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -224,3 +224,21 @@ def test_memory_keys_add_the_previous_tokens_key_within_the_segment() -> None:
     mk = attn.memory_keys(k)
     torch.testing.assert_close(mk[:, :, 0], k[:, :, 0])  # no predecessor in the segment
     torch.testing.assert_close(mk[:, :, 1:], k[:, :, 1:] + 0.5 * k[:, :, :-1])
+
+
+def test_fingerprint_is_stable_across_releases_for_models_without_new_options() -> None:
+    """Memory files name their model by fingerprint: an option added later (at its default)
+    must not change it, or every memory file saved before would be refused."""
+    import json
+
+    from newllm.config import FINGERPRINT_LATER_FIELDS
+
+    cfg = ModelConfig.from_name("tiny-infini")
+    hashed = json.loads(cfg.fingerprint_json())
+    assert set(json.loads(cfg.to_json())) - set(hashed) == set(FINGERPRINT_LATER_FIELDS)
+    torch.manual_seed(0)
+    # the value the first release computed for this model (tiny-infini, seed 0)
+    assert TransformerLM(cfg).fingerprint() == \
+        "cd7191df7959c66d57618b525bfa5b0fdbf47293a82cf8387e4af2abb15e3f8b"
+    shifted = cfg.replace(memory_key_shift=True)
+    assert "memory_key_shift" in json.loads(shifted.fingerprint_json())
