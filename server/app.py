@@ -21,6 +21,16 @@ Routes (all declared by `SessionSpec`, a custom `LitSpec`, so generation feeds t
 ``GET /health``                            LitServe's: 200 once every worker loaded the model
 =========================================  ==================================================
 
+Worker faults: a worker that dies (SIGKILL, OOM killer, crash) is restarted by LitServe
+(``restart_workers``; /health answers 503 from when LitServe notices, within ~2 s, until the
+new worker has loaded the model). Jobs still in the queue wait for a worker; a job the dead
+worker had taken (running, prefilling or parked) gets 503 ``worker_died`` within
+``OWNER_CHECK_S``: each worker announces the jobs it takes (`AnnouncingQueue`: its pid), and the
+HTTP side checks that pid while it waits. The session keeps its last saved file: files are
+replaced atomically and a turn saves only at its end (a kill during the save leaves a temp file,
+removed by `SessionStore.sweep_temp` when the worker restarts; a kill after the rename leaves
+the turn saved although its client got 503).
+
 Memory routes run in the HTTP processes (file I/O and validation only) under the session's lock.
 `server.http.Guard` checks the API key on every route except ``/health``, limits request
 bodies and counts requests; every error is JSON in OpenAI's shape.
@@ -31,12 +41,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import litserve as ls
@@ -53,12 +65,19 @@ from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, 
 from server.protocol import parse as parse_request
 from server.responses import DONE, Builder, ChatBuilder, CompletionBuilder, sse
 from server.settings import ServerSettings
-from server.store import SessionIdError, SessionStore, StoreFull, check_session_id
+from server.store import (
+    SessionIdError,
+    SessionStore,
+    StoreFull,
+    StoreWriteError,
+    check_session_id,
+)
 from server.transcript import Transcript
 
 log = logging.getLogger("newllm.server")
 
 LOCK_WAIT_S = 30.0  # how long a memory route waits for a session's running turn
+OWNER_CHECK_S = 1.0  # how often a waiting request checks that the worker serving it lives
 EXPORT_HEADERS = {  # memory file metadata key -> response header of GET .../memory
     "position": "X-Newllm-Tokens-Seen", "model_fingerprint": "X-Newllm-Model-Fingerprint",
     "tokenizer_hash": "X-Newllm-Tokenizer-Hash", "payload_sha256": "X-Newllm-Payload-Sha256",
@@ -84,6 +103,44 @@ class ModelInfo:
 
 
 # worker side -----------------------------------------------------------------------------------
+def process_identity(pid: int) -> str | None:
+    """``"{pid}:{start time}"`` of a live process (pid reuse gives another), None if it is gone
+    or a zombie; from /proc (Linux), else the pid alone while it can be signalled."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return str(pid)
+    return None if fields[0] in ("Z", "X", "x") else f"{pid}:{fields[19]}"
+
+
+class AnnouncingQueue:
+    """LitServe's request queue as a worker sees it: every job taken is announced to the HTTP
+    process that sent it (``{"t": "taken", "worker": process_identity}``, see module doc)."""
+
+    def __init__(self, queue: Any, send: Any) -> None:
+        self.queue, self.send = queue, send
+        self.identity = process_identity(os.getpid()) or str(os.getpid())
+
+    def _announce(self, item: Any) -> Any:
+        if isinstance(item, tuple) and len(item) == 4 and item[1] is not None:
+            self.send(item[0], item[1], {"t": "taken", "worker": self.identity})
+        return item
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return self._announce(self.queue.get(block, timeout))
+
+    def get_nowait(self) -> Any:
+        return self._announce(self.queue.get_nowait())
+
+
 class SessionLoop(LitLoop):
     """Replaces LitServe's request loops: the worker runs `Engine.serve` until shutdown."""
 
@@ -95,7 +152,8 @@ class SessionLoop(LitLoop):
                               LoopResponseType.STREAMING)
 
         try:
-            lit_api.engine.serve(request_queue, send, lit_api.max_batch_size)
+            lit_api.engine.serve(AnnouncingQueue(request_queue, send), send,
+                                 lit_api.max_batch_size)
         except (KeyboardInterrupt, EOFError, BrokenPipeError, ConnectionError):
             pass  # the server is shutting down
 
@@ -119,6 +177,7 @@ class NewllmAPI(ls.LitAPI):
         model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=s.dtype)
         model.eval()
         store = SessionStore(s.session_dir, s.max_sessions)
+        store.sweep_temp()  # a restarted worker: its predecessor may have died mid-write
         self.engine = Engine(model, tokenizer, store, s.max_prompt_tokens)
 
     def predict(self, x: Any) -> Any:
@@ -211,16 +270,31 @@ class SessionSpec(LitSpec):
 
         Closed before the job ended (the client went away: the streaming response is
         cancelled, which closes this generator), it asks the worker to drop the turn unsaved
-        (`SessionStore.cancel`)."""
+        (`SessionStore.cancel`). If the worker that took the job dies, the job ends with a
+        503 ``worker_died`` error event (see the module docstring)."""
         uid = uuid.uuid4().hex
         queue: deque[Any] = deque()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
         ended = False  # the worker is done with the job (done, error or finished)
+        owner: str | None = None  # process_identity of the worker that took the job
         try:
             self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
             while True:
-                await event.wait()
+                try:
+                    await asyncio.wait_for(event.wait(), OWNER_CHECK_S)
+                except TimeoutError:
+                    if owner is None or process_identity(int(owner.split(":")[0])) == owner:
+                        continue
+                    ended = True  # nobody will serve it, nothing to cancel
+                    log.error("request %s: the worker serving it (pid %s) died", uid,
+                              owner.split(":")[0])
+                    yield {"t": "error", "status": 503, **ApiError(
+                        503, "the inference worker serving this request stopped (killed or "
+                        "crashed); the session keeps its last saved turn. The server restarts "
+                        "the worker: retry in a few seconds (GET /health is 200 again once it "
+                        "is ready)", code="worker_died").body()}
+                    return
                 while queue:
                     data, status = queue.popleft()
                     if status == LitAPIStatus.FINISH_STREAMING:
@@ -232,6 +306,9 @@ class SessionSpec(LitSpec):
                         yield {"t": "error", "status": 500, **ApiError(
                             500, "the inference worker failed", code="internal_error").body()}
                         return
+                    if data["t"] == "taken":
+                        owner = data["worker"]
+                        continue
                     ended = data["t"] in ("done", "error")
                     yield data
                 event.clear()
@@ -340,7 +417,7 @@ class SessionSpec(LitSpec):
         body = await request.body()
         try:
             result = await asyncio.to_thread(self._install, sid, body)
-        except ApiError:
+        except (ApiError, StoreWriteError):
             metrics.TRANSFERS.labels("import", "refused").inc()
             raise
         metrics.TRANSFERS.labels("import", "ok").inc()
@@ -436,7 +513,7 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=settings.workers,
-        timeout=False, model_metadata=info.card(),
+        timeout=False, model_metadata=info.card(), restart_workers=True,
         middlewares=[(Guard, {"api_key": settings.api_key,
                               "max_bytes": settings.max_request_bytes,
                               "max_memory_bytes": settings.max_memory_bytes})],

@@ -11,7 +11,10 @@ Shutdown: SIGTERM and Ctrl-C (SIGINT) both set LitServe's shutdown event, so Lit
 graceful path stops the HTTP processes and the workers (a worker killed mid-turn leaves its
 session file as it was: files are replaced atomically). LitServe 0.2.19 alone dies on SIGTERM
 and orphans its workers. A second signal interrupts at once; anything still running at exit is
-terminated, so no process outlives the server.
+terminated, so no process outlives the server. A worker that dies while the server runs is
+restarted (see `server.app`); LitServe 0.2.19 alone would shut the whole server down. An HTTP
+process or LitServe's manager that dies stops the server with exit status 1 (LitServe restarts
+neither; a server without its HTTP process would keep its port open and hang every request).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 from server.settings import MiB, ServerSettings
 
 log = logging.getLogger("newllm.server")
+HTTP_CHECK_S = 1.0  # how often the main process checks that its HTTP processes live
 
 
 def parse_bytes(text: str) -> int:
@@ -119,6 +123,40 @@ def _set_quietly(event: Any) -> None:
         pass
 
 
+def _watch_http(server: Any, failures: list[str]) -> None:
+    """Stop the server when one of its HTTP processes dies (killed, crashed).
+
+    LitServe 0.2.19 neither notices nor restarts them: the listening socket stays open in the
+    main process and every connection would hang. Stopping (exit status 1) lets a supervisor
+    restart the server; sessions are on disk."""
+    watched: dict[int, Any] = {}
+    while True:
+        time.sleep(HTTP_CHECK_S)
+        event = getattr(server, "_shutdown_event", None)
+        if event is None:  # not started yet
+            continue
+        try:
+            if event.is_set():
+                return
+        except (OSError, EOFError):  # the manager is gone: the main thread stops everything
+            return
+        for child in multiprocessing.active_children():
+            if child.name.startswith("LitServer-"):
+                watched[child.pid] = child
+        dead = [child for child in watched.values() if child.exitcode is not None]
+        if dead:
+            try:
+                if event.is_set():  # a shutdown stopped it
+                    return
+            except (OSError, EOFError):
+                return
+            failures.append(f"HTTP process {dead[0].pid} died (exit code {dead[0].exitcode})")
+            log.error("%s: stopping the server (exit status 1) so that it can be restarted",
+                      failures[-1])
+            _set_quietly(event)
+            return
+
+
 def _stop_children() -> None:
     children = multiprocessing.active_children()
     for p in children:
@@ -157,6 +195,8 @@ def serve(settings: ServerSettings) -> int:
     _install_signals(server)
     threading.Thread(target=_announce, args=(settings.host, settings.port,
                                              bool(settings.api_key)), daemon=True).start()
+    failures: list[str] = []  # why the server stopped on its own
+    threading.Thread(target=_watch_http, args=(server, failures), daemon=True).start()
     try:
         server.run(host=settings.host, port=settings.port,
                    num_api_servers=settings.api_servers, log_level=settings.log_level,
@@ -164,13 +204,21 @@ def serve(settings: ServerSettings) -> int:
     except KeyboardInterrupt:
         pass
     except (EOFError, OSError) as e:  # LitServe's manager process went away (e.g. killed)
-        log.warning("shutting down after losing LitServe's manager process: %r", e)
+        log.error("shutting down after losing LitServe's manager process: %r", e)
+        failures.append("LitServe's manager process died")
     except SystemExit as e:  # uvicorn exits when it cannot bind the port
         log.error("the server could not start (exit %s); is port %d free?", e.code,
                   settings.port)
         return 1
     finally:
+        # LitServe restarts dead workers until its shutdown event is set: set it (if the
+        # manager still runs) before stopping the workers
+        if getattr(server, "_shutdown_event", None) is not None:
+            _set_quietly(server._shutdown_event)
         _stop_children()
+    if failures:
+        log.error("stopped: %s", "; ".join(failures))
+        return 1
     log.info("stopped")
     return 0
 

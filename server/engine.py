@@ -15,7 +15,8 @@ One turn (a request):
 2. **decode**: every live choice of every turn in the batch takes one token per step; the
    model runs them together with `TransformerLM.decode_step` (sessions at different positions).
 3. **finish**: save the state and the extended transcript atomically, release the lock, report
-   usage. A failure before this point leaves the session exactly as it was.
+   usage. A failure before this point leaves the session exactly as it was; so does a failed
+   save (disk full or read-only: 507/503 for this request, see `server.store`).
 
 What a session's memory holds after a turn: the prompt and the reply *as returned*. When a
 stop string ended the reply (``finish_reason`` "stop" with text cut off, the implicit
@@ -66,7 +67,7 @@ from newllm.memory_file import MemoryFileError, load_memory, save_memory
 from newllm.state import ModelState
 from server import metrics
 from server.protocol import ApiError, usage
-from server.store import SessionStore, StoreFull, read_header_metadata
+from server.store import SessionStore, StoreFull, StoreWriteError, read_header_metadata
 from server.transcript import (
     CHAT_STOP,
     Diverged,
@@ -252,6 +253,9 @@ class Engine:
             return e
         if isinstance(e, StoreFull):
             return ApiError(503, str(e), code="too_many_sessions")
+        if isinstance(e, StoreWriteError):  # disk full, read-only: this request only
+            log.warning("%s", e)
+            return ApiError(e.status, str(e), code=e.code)
         log.exception(what)
         return ApiError(500, f"{what}: {e}", code="internal_error")
 

@@ -5,8 +5,9 @@
 Content-Length, or while the body is read, so an oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
 for memory uploads (``PUT /v1/sessions/{id}/memory``) and ``--max-request-bytes`` for every
-other route. `install_error_handlers` turns every error, FastAPI's own 404/405
-included, into ``{"error": {"message", "type", "param", "code"}}``.
+other route. `install_error_handlers` turns every error, FastAPI's own 404/405 and the session
+store's write failures (507/503, `server.store.StoreWriteError`) included, into
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import metrics
 from server.protocol import ApiError
+from server.store import StoreWriteError
 
 log = logging.getLogger("newllm.server")
 
@@ -144,6 +146,12 @@ def install_error_handlers(app: Any) -> None:
         metrics.ERRORS.labels(code).inc()
         return _error_response(error)
 
+    async def store_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StoreWriteError)
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        metrics.ERRORS.labels(exc.code).inc()
+        return _error_response(ApiError(exc.status, str(exc), code=exc.code))
+
     async def validation_error(request: Request, exc: Exception) -> Response:
         metrics.ERRORS.labels("invalid_value").inc()
         return _error_response(ApiError(400, f"invalid request: {exc}", code="invalid_value"))
@@ -155,5 +163,6 @@ def install_error_handlers(app: Any) -> None:
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(StoreWriteError, store_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, server_error)

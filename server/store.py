@@ -29,12 +29,22 @@ Cancel flags: the HTTP process whose client went away mid-turn drops an empty fi
 saving it and removes the flag (`cancel`, `cancelled`, `clear_cancel`). Flags nobody consumed
 (the turn had already ended) are removed after `CANCEL_TTL_S` and at start-up.
 
+Storage faults: an ``OSError`` while writing, deleting or locking a session (disk full, quota,
+file size limit, read-only or unwritable folder) becomes `StoreWriteError`, which the routes
+answer with a JSON error for that request only: 507 ``insufficient_storage`` when space ran out,
+503 ``session_store_unwritable`` otherwise. The session keeps its previous file (the atomic
+write removes its temp file) and the next write succeeds once space or permission returns. A
+writer killed between creating its temp file and the rename leaves a ``.{id}.safetensors.*.tmp``
+beside an intact session file; `SessionStore.sweep_temp` removes those whose session is idle
+(a restarted worker calls it; `prepare` removes them all at start-up).
+
 Session ids: 1 to 128 characters from ``A-Z a-z 0-9 . _ -``, starting with a letter or digit,
 so an id is always a plain file name (no ``/``, no ``..``, no hidden files).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -64,6 +74,32 @@ class SessionIdError(ValueError):
 
 class StoreFull(RuntimeError):
     """--max-sessions reached and every session is busy (HTTP 503)."""
+
+
+class StoreWriteError(RuntimeError):
+    """A session file could not be written or removed (HTTP ``status``: 507 or 503)."""
+
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # 507: free space, then retry
+
+
+def write_error(e: OSError, what: str) -> StoreWriteError:
+    """The `StoreWriteError` for an OS error met while ``what`` (e.g. "saving session 'a'")."""
+    reason = f"{e.strerror or e}" + (f" (errno {errno.errorcode.get(e.errno, e.errno)})"
+                                     if e.errno else "")
+    if e.errno in OUT_OF_SPACE:
+        return StoreWriteError(
+            f"{what} failed: the session store is out of space: {reason}. The session keeps "
+            "its previous memory; free disk space on the server and retry", 507,
+            "insufficient_storage")
+    return StoreWriteError(
+        f"{what} failed: the session store cannot be written: {reason}. The session keeps "
+        "its previous memory; check the session folder (--session-dir) and retry", 503,
+        "session_store_unwritable")
 
 
 def check_session_id(session_id: object) -> str:
@@ -99,7 +135,10 @@ class StripeLocks:
         if stripe in self._fds:
             self._fds[stripe][1] += 1
         else:
-            fd = os.open(self.folder / f"{stripe:04d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fd = os.open(self.folder / f"{stripe:04d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as e:
+                raise write_error(e, f"locking session {session_id!r}") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -245,16 +284,19 @@ class SessionStore:
         if not locks.holds(session_id):
             raise RuntimeError(f"writing session {session_id!r} without holding its lock")
         path = self.path(session_id)
-        if path.exists():  # no one else can create or delete it: we hold its lock
-            write_atomic(path, data)
-            return []
-        fd = self._lock_store()
         try:
-            evicted = self._make_room(session_id, locks, dry_run=False)
-            write_atomic(path, data)
-            return evicted
-        finally:
-            _unlock(fd)
+            if path.exists():  # no one else can create or delete it: we hold its lock
+                write_atomic(path, data)
+                return []
+            fd = self._lock_store()
+            try:
+                evicted = self._make_room(session_id, locks, dry_run=False)
+                write_atomic(path, data)
+                return evicted
+            finally:
+                _unlock(fd)
+        except OSError as e:  # write_atomic removed its temp file; the old file is intact
+            raise write_error(e, f"saving session {session_id!r}") from e
 
     def check_room(self, session_id: str, locks: StripeLocks) -> None:
         """StoreFull now if a new ``session_id`` could not be saved (every session busy).
@@ -262,7 +304,10 @@ class SessionStore:
         Evicts nothing: the eviction happens when the new session is written."""
         if self.path(session_id).exists():
             return
-        fd = self._lock_store()
+        try:
+            fd = self._lock_store()
+        except OSError as e:
+            raise write_error(e, f"creating session {session_id!r}") from e
         try:
             self._make_room(session_id, locks, dry_run=True)
         finally:
@@ -276,6 +321,35 @@ class SessionStore:
             return True
         except FileNotFoundError:
             return False
+        except OSError as e:
+            raise write_error(e, f"deleting session {session_id!r}") from e
+
+    def sweep_temp(self) -> list[Path]:
+        """Remove temp files of idle sessions (left by a writer killed mid-write); returns them.
+
+        A temp file ``.{id}.safetensors.*.tmp`` whose session lock is free has no writer: every
+        write holds the session's lock from before the temp file exists until the rename."""
+        removed, locks = [], self.locks()
+        for tmp in self.folder.glob(f".*{SUFFIX}.*.tmp"):
+            # ".{id}.safetensors.{random, no dots}.tmp"
+            sid = tmp.name[1:].removesuffix(".tmp").rsplit(".", 1)[0].removesuffix(SUFFIX)
+            if not SESSION_ID.fullmatch(sid):
+                continue
+            try:
+                if not locks.try_acquire(sid):
+                    continue  # being written now
+            except StoreWriteError:
+                return removed  # the folder cannot be written: nothing to sweep with
+            try:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+            except OSError as e:
+                log.warning("could not remove the stale temp file %s: %s", tmp, e)
+            finally:
+                locks.release(sid)
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted write", len(removed))
+        return removed
 
     def _lock_store(self) -> int:
         """Take the store lock. Blocking is safe: its holder only ever *tries* session locks
