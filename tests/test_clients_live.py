@@ -1,6 +1,6 @@
 """The client against two live servers on loopback: library -> HTTP -> store -> model.
 
-Two ``python -m server`` processes (tiny-infini, the bundled fallback checkpoint, on free
+Two ``python -m server`` processes (tiny-infini, started by `benchmarks.live`, on free
 ports, each with its own temporary session folder; B requires an API key) are started once for
 this module and always terminated. The key check: a chat on server A, moved to server B with
 `move_session`, continues on B with exactly the greedy tokens A gives for the same session.
@@ -10,107 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from benchmarks.live import LiveServer, running_servers
 from clients import AsyncClient, AuthError, Client, cli, memory, move_session
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "live-test-key-1"
-START_TIMEOUT_S = 120.0
 GREEDY = {"temperature": 0}
 FIRST = "Tell me a story."
 CANDIDATES = ["Go on.", "And then?", "What happened next?", "Why?", "Tell me more."]
 
 
-@dataclass
-class LiveServer:
-    url: str
-    api_key: str | None
-    process: subprocess.Popen
-    log: Path
-
-    def client(self) -> Client:
-        return Client(self.url, self.api_key, timeout=60.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(tmp: Path, name: str, api_key: str | None) -> LiveServer:
-    port = free_port()
-    log = tmp / f"{name}.log"
-    argv = [sys.executable, "-m", "server", "--checkpoint", "tiny-infini", "--host", "127.0.0.1",
-            "--port", str(port), "--session-dir", str(tmp / f"sessions-{name}"),
-            "--log-level", "warning"]
-    if api_key:
-        argv += ["--api-key", api_key]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NEWLLM_API_KEY", "PROMETHEUS_MULTIPROC_DIR")}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    return LiveServer(f"http://127.0.0.1:{port}", api_key, process, log)
-
-
-def stop(server: LiveServer) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()  # the server turns SIGTERM into a clean shutdown
-        try:
-            server.process.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # anything of its process group still alive (workers) goes too
-        os.killpg(server.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.process.wait(5)
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, LiveServer]]:
-    tmp = tmp_path_factory.mktemp("live")
-    started: list[LiveServer] = []
-    try:
-        started = [start(tmp, "a", None), start(tmp, "b", KEY)]
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for server in started:
-            with server.client() as c:
-                while True:
-                    if server.process.poll() is not None:
-                        pytest.fail(f"server {server.url} exited with {server.process.returncode}"
-                                    f":\n{server.log.read_text()[-3000:]}")
-                    try:
-                        if c.health():
-                            break
-                    except Exception:  # noqa: BLE001 - not listening yet
-                        pass
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"server {server.url} not ready in {START_TIMEOUT_S} s:\n"
-                                    f"{server.log.read_text()[-3000:]}")
-                    time.sleep(0.2)
-        yield started[0], started[1]
-    finally:
-        for server in started:
-            stop(server)
+    with running_servers("tiny-infini", {"a": 1, "b": 1}, folder=tmp_path_factory.mktemp("live"),
+                         api_keys={"b": KEY}) as started:
+        yield started["a"], started["b"]
 
 
 def test_moved_session_continues_with_the_same_greedy_tokens(
         servers: tuple[LiveServer, LiveServer]) -> None:
     a, b = servers
-    with a.client() as ca, b.client() as cb:
+    with a.client(timeout=60.0, max_retries=3) as ca, b.client(timeout=60.0, max_retries=3) as cb:
         first = ca.chat(FIRST, session="moving", max_tokens=12, **GREEDY)
         assert first.session is not None and first.session.created
         # the reference: the same first turn in another session on A, then a second turn that
@@ -176,7 +100,7 @@ def test_cli_export_import_round_trip_live(servers: tuple[LiveServer, LiveServer
                                            tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     a, b = servers
-    with a.client() as ca:
+    with a.client(timeout=60.0, max_retries=3) as ca:
         ca.complete("Once upon a time", session="trip", max_tokens=6, **GREEDY)
     first, again = tmp_path / "trip.safetensors", tmp_path / "again.safetensors"
     assert cli.main(["--url", a.url, "export", "trip", "-o", str(first)]) == 0
@@ -199,7 +123,7 @@ def test_cli_export_import_round_trip_live(servers: tuple[LiveServer, LiveServer
 def test_cli_refused_import_live(servers: tuple[LiveServer, LiveServer], tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     a, _ = servers
-    with a.client() as ca:
+    with a.client(timeout=60.0, max_retries=3) as ca:
         ca.chat("Hello", session="whole", max_tokens=4, **GREEDY)
         data = ca.export_memory("whole")
     assert isinstance(data, bytes)
@@ -209,5 +133,5 @@ def test_cli_refused_import_live(servers: tuple[LiveServer, LiveServer], tmp_pat
     err = capsys.readouterr().err
     assert code == cli.EXIT_REFUSED
     assert "memory file refused" in err and "HTTP 400" in err and "code truncated" in err
-    with a.client() as ca:
+    with a.client(timeout=60.0, max_retries=3) as ca:
         assert ca.memory_headers("refused") is None  # nothing was installed
