@@ -20,7 +20,9 @@ from server.protocol import chat_logprobs, completion_logprobs, new_id, now, tok
 
 
 def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    # ASCII-escaped JSON: generated text may hold U+2028, U+0085, \x1c..., which SSE allows in a
+    # line but clients that split lines like str.splitlines (httpx's iter_lines) cut at
+    data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n"
 
 

@@ -332,3 +332,14 @@ def test_openai_client_raises_a_mid_stream_error_event() -> None:
     assert got == ["", "x"]
     assert json.loads(body.split("\n\n")[-2][len("data: "):])["error"]["code"] == \
         "internal_error"
+
+
+def test_sse_events_survive_clients_that_split_on_every_unicode_line_break():
+    """Found by the soak: a streamed token holding U+2028 cut the event in httpx's iter_lines."""
+    from server.responses import sse
+
+    text = "a\u2028b\x85c\x1cd\u2029e\re\nf é"
+    event = sse({"choices": [{"text": text}]})
+    lines = event.splitlines()
+    assert lines == [lines[0], ""] and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:])["choices"][0]["text"] == text
