@@ -53,6 +53,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
 def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_size: int = 1,
                  workers: int = 1, api_key: str | None = None) -> LiveServer:
     """Start a server (not waiting for it); its log and sessions go under ``folder``.

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,36 +49,14 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # for direct runs: newllm is imported to check the files
     sys.path.insert(0, str(REPO))
+from benchmarks.live import descendants, free_port  # noqa: E402 (after the path fix above)
+
 MiB = 1 << 20
 WORDS = ("the cat sat on a mat while rain fell over old stone roads and quiet rivers ran "
          "north past seven hills where nobody had walked for years").split()
 
 
 # the server under test --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
 def rss_bytes(pid: int) -> int:
     """Resident memory of one process (0 if it is gone)."""
     try:

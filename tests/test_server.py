@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import openai
 import pytest
 import torch
 
+from benchmarks.live import descendants, free_port
 from newllm.checkpoint import load_checkpoint
 from newllm.memory_file import load_memory, payload_sha256, save_memory
 from server.store import SessionStore
@@ -29,31 +29,6 @@ from server.store import SessionStore
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
 MODEL = "tiny-infini"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
 
 
 def alive(pid: int) -> bool:
