@@ -195,3 +195,18 @@ def test_repeat_span_copies_earlier_prose_into_a_later_segment():
         assert src // 16 < start // 16  # from an earlier segment
     same, none = D.repeat_span(window[:17], 16, 6, random.Random(0))  # one segment: no room
     assert torch.equal(same, window[:17]) and not none.any()
+
+
+def test_repeat_span_local_copies_within_one_segment():
+    window = torch.arange(1, 66)  # 4 segments of 16 targets
+    for seed in range(30):
+        new, mask = D.repeat_span(window, 16, 6, random.Random(seed), local=True)
+        assert mask.sum() == 5
+        start = int(mask.nonzero()[0])
+        copy = new[start:start + 6]
+        src = int((window == copy[0]).nonzero()[0])
+        assert torch.equal(window[src:src + 6], copy)
+        assert src // 16 == (start + 5) // 16  # source and whole copy in one segment
+        assert src + 6 <= start  # the copy comes after its source, not over it
+    same, none = D.repeat_span(window, 16, 9, random.Random(0), local=True)  # > half a segment
+    assert torch.equal(same, window) and not none.any()

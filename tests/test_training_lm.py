@@ -166,6 +166,28 @@ def test_recall_mixing_is_logged_and_deterministic(tmp_path):
     assert losses(tmp_path / "r1" / "metrics.jsonl") == losses(tmp_path / "r2" / "metrics.jsonl")
 
 
+def test_local_copy_practice_stays_in_one_segment(tmp_path):
+    from training.lm import Trainer
+
+    data = write_corpus(tmp_path / "data", n=30)
+    trainer = Trainer(TrainConfig(data=(str(data),), out=str(tmp_path / "c"), cache_dir="none",
+                                  preset="tiny-infini", steps=2, batch_size=4, segments=3,
+                                  repeat_fraction=1.0, repeat_local=1.0, repeat_span=12,
+                                  recall_weight=2.0))
+    S = trainer.model.config.segment_len
+    spans = 0
+    for step in range(5):
+        _, batch, weights, _, copied = trainer.make_batch(step)
+        for row in range(batch.shape[0]):
+            where = copied[row].nonzero().flatten()
+            assert len(where) == min(12, S // 2) - 1  # the span is cut to half a segment
+            first, last = int(where[0]), int(where[-1]) + 1  # window positions of the copy
+            assert first // S == last // S  # all of it in one segment
+            assert torch.all(weights[row][where] == 2.0) and weights[row].sum() > len(where)
+            spans += 1
+    assert spans == 20
+
+
 def test_time_limit_stops_with_a_checkpoint(tmp_path):
     data = write_corpus(tmp_path / "data")
     stopped = run(tmp_path, data, "t", 4, time_limit=1e-9)  # stops before its first step

@@ -58,6 +58,9 @@ class TrainConfig:
     segments later (copy practice for the memory; the copied tokens get --recall-weight)"""
     repeat_span: int = 32
     """tokens per copied span of --repeat-fraction examples (at most the segment length)"""
+    repeat_local: float = 0.0
+    """share of --repeat-fraction copies that land later in their own segment (span at most
+    half a segment) instead of a later segment: in-context copying practice for local attention"""
     beta1: float = 0.9
     """AdamW beta1"""
     beta2: float = 0.95
@@ -120,5 +123,7 @@ class TrainConfig:
         if not 0.0 <= self.repeat_fraction <= 1.0 - self.recall_fraction or self.repeat_span < 2:
             raise ValueError("--repeat-fraction must be in [0, 1 - --recall-fraction] and "
                              "--repeat-span >= 2")
+        if not 0.0 <= self.repeat_local <= 1.0:
+            raise ValueError(f"--repeat-local must be in [0, 1], got {self.repeat_local}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -405,24 +405,34 @@ class RecallExamples:
         return new, mask, q_seg - (end - 1) // S
 
 
-def repeat_span(window: Tensor, segment_len: int, span: int, rng: Any) -> tuple[Tensor, Tensor]:
+def repeat_span(window: Tensor, segment_len: int, span: int, rng: Any, *,
+                local: bool = False) -> tuple[Tensor, Tensor]:
     """Copy a span of real prose from an earlier segment into a later one (copy practice).
 
     A window (L + 1,) gets ``span`` of its own tokens from segment i written again into segment
     j > i (the two places chosen uniformly), so every token of the copy after the first is
-    predictable only through what was seen one or more segments earlier: the memory's job. Returns
-    (new window, mask over targets (L,) marking the copy's predictable tokens); the window comes
-    back unchanged (mask all False) when it has fewer than two segments or the span does not fit.
+    predictable only through what was seen one or more segments earlier: the memory's job. With
+    ``local`` the copy lands later in the same segment instead (``span`` at most half a segment),
+    which local attention can serve: practice for the in-context copying that fetching from the
+    memory builds on. Returns (new window, mask over targets (L,) marking the copy's predictable
+    tokens); the window comes back unchanged (mask all False) when there is no room for the copy.
     """
     n, S = len(window), segment_len
     mask = torch.zeros(n - 1, dtype=torch.bool)
     segments = (n - 1) // S
-    if segments < 2 or not 2 <= span <= S:
-        return window, mask
-    src_seg = rng.randrange(segments - 1)
-    dst_seg = rng.randrange(src_seg + 1, segments)
-    src = src_seg * S + rng.randrange(S - span + 1)
-    dst = dst_seg * S + rng.randrange(S - span + 1)
+    if local:
+        if segments < 1 or not 2 <= span <= S // 2:
+            return window, mask
+        seg = rng.randrange(segments)
+        src = seg * S + rng.randrange(S - 2 * span + 1)
+        dst = rng.randrange(src + span, seg * S + S - span + 1)
+    else:
+        if segments < 2 or not 2 <= span <= S:
+            return window, mask
+        src_seg = rng.randrange(segments - 1)
+        dst_seg = rng.randrange(src_seg + 1, segments)
+        src = src_seg * S + rng.randrange(S - span + 1)
+        dst = dst_seg * S + rng.randrange(S - span + 1)
     new = window.clone()
     new[dst:dst + span] = window[src:src + span]
     mask[dst:dst + span - 1] = True  # target t is window[t + 1]: the copy's tokens 1..span-1

@@ -301,8 +301,11 @@ class Trainer:
             if self.recall is not None and r < cfg.recall_fraction:
                 batch[i], mask[i], _ = self.recall.make(batch[i], rng)
             elif r < cfg.recall_fraction + cfg.repeat_fraction:
+                local = cfg.repeat_local > 0 and rng.random() < cfg.repeat_local
+                span = min(cfg.repeat_span, self.model.config.segment_len // 2) if local \
+                    else cfg.repeat_span
                 batch[i], copied[i] = D.repeat_span(batch[i], self.model.config.segment_len,
-                                                    cfg.repeat_span, rng)
+                                                    span, rng, local=local)
         weights = 1.0 + (cfg.recall_weight - 1.0) * (mask | copied).float()
         return idx, batch, weights, mask, copied
 
