@@ -7,7 +7,8 @@ string metadata says what the tensors mean and what they may be loaded into:
 
 =================  ==============================================================================
 format             ``newllm-memory``
-format_version     ``1``
+format_version     ``2`` (this newllm writes 2 and reads 1 and 2; version 1 has no
+                   ``metadata_sha256``)
 model_fingerprint  `TransformerLM.fingerprint()`: SHA-256 of the config and every weight
 config_name        the config's name (informative; the fingerprint is what is checked)
 tokenizer_hash     SHA-256 of the tokenizer (optional; checked when the loader knows its own)
@@ -17,14 +18,28 @@ batch_size         rows of the state (a decimal integer)
 layer_kinds        JSON list of the layer types, e.g. ``["infini", "pythia"]``
 payload_sha256     `payload_sha256` of the tensors, so a transfer can be verified end to end
 created_by         ``newllm <version>``
+metadata_sha256    `metadata_sha256` of every other metadata entry (reserved keys and the caller's
+                   own, e.g. a server's ``session.*`` transcript): SHA-256, lowercase hex, of the
+                   UTF-8 bytes of ``json.dumps(entries, sort_keys=True, ensure_ascii=True,
+                   separators=(",", ":"))``, i.e. one JSON object, keys sorted by code point, no
+                   whitespace, every non-ASCII character as a ``\\uXXXX`` escape. Required from
+                   version 2; checked whenever present
 =================  ==============================================================================
+
+The two hashes chain: ``metadata_sha256`` covers ``payload_sha256``, which covers every tensor's
+name, dtype, shape and bytes, so a file that still parses but says anything other than what was
+saved (one flipped value, position, fingerprint or transcript entry) is refused. Both catch
+accidents, not forgers: anyone who edits a file can recompute them (see `_check_values`).
+Version 1 files (no ``metadata_sha256``, written before it existed) still load.
 
 Loading trusts nothing. `load_memory` first parses the safetensors framing itself (header length,
 JSON header, dtypes, shapes, offsets that tile the data region exactly), so a header that claims
 terabytes allocates nothing and a cut-off file is reported as truncated; then it checks the
 metadata, the model fingerprint, the tokenizer, every tensor's name, shape and dtype against
-`model.state_shapes`, the payload hash and finiteness, and only then builds a new `ModelState`.
-Every refusal is a `MemoryFileError` (a ValueError) whose ``.code`` names the problem.
+`model.state_shapes`, the payload hash, finiteness and value ranges, then (last, so that a file
+with a specific problem gets that problem's code) the metadata hash, and only then builds a new
+`ModelState`. Every refusal is a `MemoryFileError` (a ValueError) whose ``.code`` names the
+problem. `read_memory_metadata` checks the framing, the metadata and its hash (no model needed).
 
 dtype policy: a memory file's tensors must have the model's dtype exactly (the fingerprint already
 binds the weights' dtype). To move a state between dtypes, convert it with ``state.to(dtype=...)``
@@ -52,7 +67,8 @@ from torch import Tensor
 from newllm.state import ModelState
 
 FORMAT_NAME = "newllm-memory"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # what save_memory writes
+READ_VERSIONS = ("1", "2")  # what load_memory reads; "1": no metadata_sha256
 MAX_HEADER_BYTES = 1 << 20  # a memory file's JSON header is a few KB; refuse anything over 1 MiB
 # tokens seen; larger is refused as corrupt. 2**24 is where float32 stops counting exactly (rotary
 # angles), and a hostile position must not make the next forward build a giant rotary table
@@ -60,9 +76,13 @@ MAX_POSITION = 1 << 24
 MAX_BATCH = 1 << 16
 RESERVED_KEYS = ("format", "format_version", "model_fingerprint", "config_name",
                  "tokenizer_hash", "dtype", "position", "batch_size", "layer_kinds",
-                 "payload_sha256", "created_by")
-REQUIRED_KEYS = ("format", "format_version", "model_fingerprint", "dtype", "position",
-                 "batch_size", "layer_kinds", "payload_sha256")
+                 "payload_sha256", "created_by", "metadata_sha256")
+REQUIRED_KEYS = {  # format_version -> the keys a file of that version must carry
+    "1": ("format", "format_version", "model_fingerprint", "dtype", "position", "batch_size",
+          "layer_kinds", "payload_sha256"),
+    "2": ("format", "format_version", "model_fingerprint", "dtype", "position", "batch_size",
+          "layer_kinds", "payload_sha256", "metadata_sha256"),
+}
 
 # safetensors dtype name -> (torch dtype, bytes per element); only whole-byte dtypes
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -125,6 +145,12 @@ class ChecksumError(MemoryFileError):
     code = "checksum_mismatch"
 
 
+class MetadataChecksumError(ChecksumError):
+    """The metadata does not match its ``metadata_sha256``: the header was edited or damaged."""
+
+    code = "metadata_checksum"
+
+
 class TooLargeError(MemoryFileError):
     code = "too_large"
 
@@ -153,6 +179,15 @@ def payload_sha256(tensors: ModelState | Mapping[str, Tensor]) -> str:
     flat = tensors.flat_tensors() if isinstance(tensors, ModelState) else dict(tensors)
     return _payload_hash([(n, ST_NAME[t.dtype], list(t.shape), _raw_bytes(t))
                           for n, t in flat.items()])
+
+
+def metadata_sha256(metadata: Mapping[str, str]) -> str:
+    """The ``metadata_sha256`` of a memory file whose metadata is ``metadata`` (an entry named
+    ``metadata_sha256`` itself is left out): SHA-256 of the canonical JSON of the other entries
+    (see the module docstring). Keys and values are strings, so the encoding is one to one."""
+    entries = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    canonical = json.dumps(entries, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 # saving ------------------------------------------------------------------------------------
@@ -212,6 +247,7 @@ def save_memory(state: ModelState, model: Any, path: str | Path | None = None, *
         if key in RESERVED_KEYS or key == "__metadata__":
             raise ValueError(f"metadata key {key!r} is reserved; reserved keys: {RESERVED_KEYS}")
         meta[key] = value
+    meta["metadata_sha256"] = metadata_sha256(meta)
     data = serialize(tensors, meta)
     if struct.unpack("<Q", data[:8])[0] > MAX_HEADER_BYTES:
         raise ValueError(f"memory file header over {MAX_HEADER_BYTES} bytes; use less metadata")
@@ -404,17 +440,21 @@ def _check_metadata(meta: dict[str, str]) -> tuple[int, int, torch.dtype]:
             f"a safetensors file, but not a newllm memory file (metadata format is "
             f"{meta.get('format')!r}, expected {FORMAT_NAME!r}); export memory with save_memory"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version not in READ_VERSIONS:
+        readable = " and ".join(repr(v) for v in READ_VERSIONS)
+        shown = version[:40] if isinstance(version, str) else version  # None: no version at all
         raise FormatVersionError(
-            f"memory file format version {meta.get('format_version')!r} is not supported (this "
-            f"newllm reads version {FORMAT_VERSION!r}); use the newllm version that wrote it"
+            f"memory file format version {shown!r} is not supported (this newllm "
+            f"reads versions {readable}); use the newllm version that wrote it"
         )
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    missing = [k for k in REQUIRED_KEYS[version] if k not in meta]
     if missing:
         raise MetadataError(f"memory file metadata lacks {missing}; the file is corrupt")
-    for key in ("model_fingerprint", "payload_sha256"):
-        if not _HEX64.fullmatch(meta[key]):
-            raise MetadataError(f"metadata {key!r} is not a SHA-256 hex digest")
+    for key in ("model_fingerprint", "payload_sha256", "metadata_sha256"):
+        if key in meta and not _HEX64.fullmatch(meta[key]):
+            raise MetadataError(f"metadata {key!r} is not a SHA-256 hex digest (64 lowercase "
+                                f"hex digits); the file is corrupt or was edited")
     try:
         kinds = json.loads(meta["layer_kinds"])
     except (ValueError, RecursionError):
@@ -429,14 +469,27 @@ def _check_metadata(meta: dict[str, str]) -> tuple[int, int, torch.dtype]:
     return position, batch, dtypes[meta["dtype"]]
 
 
+def _check_metadata_hash(meta: dict[str, str]) -> None:
+    """``metadata_sha256``, when the file has one (always from version 2; `_check_metadata`
+    saw to that), matches the other entries."""
+    claimed = meta.get("metadata_sha256")
+    if claimed is not None and claimed != metadata_sha256(meta):
+        raise MetadataChecksumError(
+            "memory file metadata does not match its metadata_sha256: the header (model, "
+            "position or session entries) was corrupted in transit or edited; send it again"
+        )
+
+
 def read_memory_metadata(source: bytes | str | Path, *,
                          max_bytes: int | None = None) -> dict[str, str]:
     """The metadata of a memory file whose framing and metadata are well formed.
 
-    Checks what can be checked without a model (not the tensors' hash or values).
+    Checks what can be checked without a model: framing, our keys, and the metadata hash (for
+    version 2 files; version 1 files have none). Not the tensors' hash or values.
     """
     parsed = _parse(source, max_bytes)
     _check_metadata(parsed.metadata)
+    _check_metadata_hash(parsed.metadata)
     return dict(parsed.metadata)
 
 
@@ -517,9 +570,11 @@ def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str |
     """A new `ModelState` for ``model`` from a memory file, after checking everything.
 
     ``source`` is the file's bytes or its path; ``max_bytes`` bounds the file size (checked
-    before reading a path). Order of checks: framing, metadata, model fingerprint, tokenizer
-    hash (when both sides know one), tensor names, dtypes, shapes, payload hash, finiteness.
-    Nothing is changed: the model is only read, and the state is new.
+    before reading a path). Order of checks: framing, metadata (version "1" or "2", keys
+    well formed), model fingerprint, tokenizer hash (when both sides know one), tensor names,
+    dtypes, shapes, payload hash, finiteness, value ranges, and last the metadata hash (so that
+    a file whose only fault is edited metadata gets `MetadataChecksumError`, and any other
+    fault its own error). Nothing is changed: the model is only read, and the state is new.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
@@ -542,6 +597,7 @@ def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str |
             raise NonFiniteError(f"tensor {name!r} holds NaN or inf; a memory like this would "
                                  f"poison every later token; refusing it")
     _check_values(tensors, position)
+    _check_metadata_hash(parsed.metadata)
     template = model.init_state(batch)
     tensors = {n: t.to(model.device) for n, t in tensors.items()}
     layers = []

@@ -4,10 +4,17 @@
 that no loader may accept: cut at every region boundary, length fields past the end, flipped
 bits in the header and the data, huge declared shapes, duplicate/overlapping/gapped offsets,
 unknown and wrong dtypes, NaN/inf and impossible values, missing/extra/renamed tensors,
-metadata with another fingerprint, format or version, and valid files of other models.
+metadata with another fingerprint, format or version, metadata edited behind its
+``metadata_sha256`` or with that hash missing or malformed, and valid files of other models.
 Each `Case` says which `MemoryFileError` codes would name its problem (empty: any refusal) and
 whether it may load at all (a flipped bit in an informative header field such as
 ``created_by`` changes nothing that matters; then the state must be the original, bit for bit).
+One case is no attack: ``compat:v1`` is the file as format version 1 wrote it (no metadata
+hash), which must load, so that sessions saved by earlier versions keep working.
+
+Cases that change metadata to test one check recompute ``metadata_sha256`` (`with_meta`,
+`retensor`), so that check, not the metadata hash, is what refuses them; the ``meta-hash``
+cases leave it stale on purpose.
 
 `hostile_session_metadata(good)` gives files `load_memory` accepts (their tensors are fine) but
 whose ``session.*`` metadata a server must refuse when they are uploaded.
@@ -45,8 +52,10 @@ from newllm.memory_file import (  # noqa: E402  (after the path set-up, for dire
     FORMAT_VERSION,
     MAX_HEADER_BYTES,
     MAX_POSITION,
+    RESERVED_KEYS,
     MemoryFileError,
     load_memory,
+    metadata_sha256,
     payload_sha256,
     save_memory,
     serialize,
@@ -61,6 +70,7 @@ class Case:
     data: bytes
     codes: tuple[str, ...] = ANY  # the error codes that name the problem; () = any refusal
     may_load: bool = False  # allowed to load, if the state is identical to the original
+    must_load: bool = False  # a valid file (implies may_load): any refusal but size is a failure
 
     @property
     def category(self) -> str:
@@ -85,25 +95,42 @@ def _copy(header: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(header))
 
 
-def with_meta(good: bytes, **changes: Any) -> bytes:
-    """``good`` with metadata entries changed (None removes one); the tensors untouched."""
+def _rehash_meta(meta: dict[str, Any], original: dict[str, Any],
+                 changes: dict[str, Any]) -> None:
+    """Recompute ``metadata_sha256`` after ``changes`` if the original file had one and the
+    changes leave it alone (values that are not strings: left as they are, the file is bad)."""
+    if ("metadata_sha256" in original and "metadata_sha256" not in changes
+            and all(isinstance(v, str) for v in meta.values())):
+        meta["metadata_sha256"] = metadata_sha256(meta)
+
+
+def with_meta(good: bytes, *, rehash: bool = True, **changes: Any) -> bytes:
+    """``good`` with metadata entries changed (None removes one); the tensors untouched.
+
+    ``rehash``: recompute ``metadata_sha256`` (unless ``changes`` names it), so that only the
+    change itself can be what a loader refuses; False leaves it stale."""
     header, payload = split(good)
+    original = dict(header["__metadata__"])
     for key, value in changes.items():
         if value is None:
             header["__metadata__"].pop(key, None)
         else:
             header["__metadata__"][key] = value
+    if rehash:
+        _rehash_meta(header["__metadata__"], original, changes)
     return join(header, payload)
 
 
 def retensor(good: bytes, change: Any, *, rehash: bool = True, **meta_changes: Any) -> bytes:
-    """``good`` with its tensors changed by ``change(dict)``, payload hash recomputed, so only
-    the change itself can be what a loader refuses."""
+    """``good`` with its tensors changed by ``change(dict)``, payload hash recomputed (and then
+    the metadata hash, unless ``meta_changes`` names it), so only the change itself can be what
+    a loader refuses. Written as `save_memory` writes (canonical, compact header)."""
     from safetensors.torch import load as st_load
 
     tensors = st_load(good)
     change(tensors)
-    meta = dict(split(good)[0]["__metadata__"])
+    original = dict(split(good)[0]["__metadata__"])
+    meta = dict(original)
     if rehash:
         meta["payload_sha256"] = payload_sha256(tensors)
     for key, value in meta_changes.items():
@@ -111,6 +138,8 @@ def retensor(good: bytes, change: Any, *, rehash: bool = True, **meta_changes: A
             meta.pop(key, None)
         else:
             meta[key] = value
+    if rehash:
+        _rehash_meta(meta, original, meta_changes)
     return serialize(tensors, meta)
 
 
@@ -327,6 +356,37 @@ def hostile_files(good: bytes, *, others: Sequence[bytes] = (), seed: int = 0,
     yield Case("meta:over-1MiB", with_meta(good, note="x" * (MAX_HEADER_BYTES + 1)),
                ("not_safetensors",))
 
+    # metadata hash (format version 2) -------------------------------------------------------
+    if "metadata_sha256" in meta:
+        stale = ("metadata_checksum",)  # edits only the metadata hash can see
+        edits: list[tuple[str, Any]] = [
+            ("created_by", "newllm 0.0.0"), ("config_name", "tiny-pythia"),
+            ("config_name", None), ("tokenizer_hash", None), ("note", "added"),
+            ("format_version", "1"),  # a version 2 file relabelled: the hash covers the version
+        ]
+        edits += [(key, value + "0" if value else "0") for key, value in sorted(meta.items())
+                  if key not in RESERVED_KEYS]  # the caller's entries (a server's session.*)
+        for key, value in edits:
+            if value is None and key not in meta:
+                continue
+            yield Case(f"meta-hash:stale-{key}={str(value)[:20]!r}",
+                       with_meta(good, rehash=False, **{key: value}), stale)
+        digest = meta["metadata_sha256"]
+        other = digest[::-1] if digest[::-1] != digest else "0" * 64
+        yield Case("meta-hash:wrong", with_meta(good, metadata_sha256=other), stale)
+        for what, value in [("missing", None), ("upper", digest.upper()), ("short", digest[:-1]),
+                            ("long", digest + "0"), ("not-hex", "g" * 64), ("empty", ""),
+                            ("spaced", f" {digest}")]:
+            yield Case(f"meta-hash:{what}", with_meta(good, metadata_sha256=value),
+                       ("bad_metadata",))
+        yield Case("meta-hash:payload-hash-first", retensor(
+            good, lambda t: None, payload_sha256="0" * 64, metadata_sha256=digest),
+            ("checksum_mismatch",))  # the payload hash is checked first: its own code
+
+    # version 1 files (before metadata_sha256) still load ------------------------------------
+    yield Case("compat:v1", retensor(good, lambda t: None, format_version="1",
+                                     metadata_sha256=None), may_load=True, must_load=True)
+
     # other models --------------------------------------------------------------------------
     for i, other in enumerate(others):
         yield Case(f"foreign:{i}", other, ("model_mismatch",))
@@ -397,10 +457,11 @@ def foreign_files(exclude_fingerprint: str) -> list[bytes]:
 @dataclass
 class Outcome:
     """What happened to one case: refused with ``code``, ``loaded`` (allowed or not), or
-    ``crash`` (any exception that is not a MemoryFileError)."""
+    ``crash`` (any exception that is not a MemoryFileError); ``refused-valid``: a valid file
+    (``must_load``) was refused."""
 
     case: Case
-    result: str  # "refused", "loaded-same", "loaded", "crash", "wrong-code"
+    result: str  # "refused", "loaded-same", "loaded", "crash", "wrong-code", "refused-valid"
     detail: str
 
     @property
@@ -420,6 +481,8 @@ def run_case(case: Case, model: Any, reference: Any, *, tokenizer_hash: str | No
     try:
         state = load_memory(case.data, model, tokenizer_hash=tokenizer_hash, max_bytes=max_bytes)
     except MemoryFileError as e:
+        if case.must_load and e.code != "too_large":  # a size limit may refuse a valid file
+            return Outcome(case, "refused-valid", f"{e.code}: {e}")
         if case.codes and e.code not in case.codes:
             return Outcome(case, "wrong-code", f"{e.code} (expected {case.codes}): {e}")
         return Outcome(case, "refused", e.code)

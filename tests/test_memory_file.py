@@ -1,12 +1,16 @@
 """Memory files: exact round trips for every layer kind, sessions that continue identically after
-moving to a fresh model object, and hostile files each refused with their own error class while
-the model and the live state stay untouched."""
+moving to a fresh model object, hostile files each refused with their own error class while
+the model and the live state stay untouched, and format version 2's metadata hash (edited
+metadata refused, version 1 files without it still loaded)."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import random
 import struct
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from newllm.memory_file import (
     ChecksumError,
     FormatVersionError,
     MemoryFileError,
+    MetadataChecksumError,
     MetadataError,
     ModelMismatchError,
     NonFiniteError,
@@ -30,9 +35,11 @@ from newllm.memory_file import (
     TruncatedError,
     ValueRangeError,
     load_memory,
+    metadata_sha256,
     payload_sha256,
     read_memory_metadata,
     save_memory,
+    serialize,
 )
 from newllm.model import TransformerLM
 from newllm.session import Session
@@ -180,6 +187,8 @@ def test_save_refuses_bad_states_and_reserved_metadata() -> None:
     state = state_after(model, 20)
     with pytest.raises(ValueError, match="reserved"):
         save_memory(state, model, metadata={"position": "3"})
+    with pytest.raises(ValueError, match="reserved"):
+        save_memory(state, model, metadata={"metadata_sha256": "0" * 64})
     with pytest.raises(TensorMismatchError):
         save_memory(state_after(make("tiny-pythia"), 20), model)
     layer0 = state.layers[0]
@@ -219,7 +228,7 @@ def join(header: dict, payload: bytes) -> bytes:
 
 
 def resave(good: bytes, change, meta_change=None, rehash: bool = True) -> bytes:
-    """Re-write a valid file with its tensors changed by ``change(dict)`` (hash kept right)."""
+    """Re-write a valid file with its tensors changed by ``change(dict)`` (hashes kept right)."""
     from safetensors.torch import load as st_load
 
     tensors = st_load(good)
@@ -229,17 +238,35 @@ def resave(good: bytes, change, meta_change=None, rehash: bool = True) -> bytes:
         meta["payload_sha256"] = payload_sha256(tensors)
     if meta_change:
         meta_change(meta)
+    if rehash:
+        meta["metadata_sha256"] = metadata_sha256(meta)
     return st_save(tensors, metadata=meta)
 
 
-def with_meta(good: bytes, **changes: str | None) -> bytes:
+def with_meta(good: bytes, *, rehash: bool = True, **changes: str | None) -> bytes:
+    """``good`` with metadata changed; ``rehash``: its metadata_sha256 recomputed (unless
+    ``changes`` names it), so that only the change itself can be refused."""
     header, payload = split(good)
+    meta = header["__metadata__"]
     for k, v in changes.items():
         if v is None:
-            header["__metadata__"].pop(k, None)
+            meta.pop(k, None)
         else:
-            header["__metadata__"][k] = v
+            meta[k] = v
+    if rehash and "metadata_sha256" in meta and "metadata_sha256" not in changes:
+        meta["metadata_sha256"] = metadata_sha256(meta)
     return join(header, payload)
+
+
+def as_version_1(data: bytes) -> bytes:
+    """``data`` as format version 1's save_memory wrote it: the same canonical layout, no
+    metadata_sha256 (that writer did not know it), format_version "1"."""
+    from safetensors.torch import load as st_load
+
+    meta = dict(split(data)[0]["__metadata__"])
+    del meta["metadata_sha256"]
+    meta["format_version"] = "1"
+    return serialize(st_load(data), meta)
 
 
 class HashOnly:
@@ -425,7 +452,12 @@ def test_another_models_memory(model: TransformerLM, good: bytes) -> None:
 
 
 def test_format_and_version(model: TransformerLM, good: bytes) -> None:
-    refused(with_meta(good, format_version="2"), FormatVersionError, model, match="version")
+    for version in ("3", "0", "2.0", "", "v2"):
+        err = refused(with_meta(good, format_version=version), FormatVersionError, model,
+                      match="version")
+        assert "reads versions '1' and '2'" in str(err)
+        with pytest.raises(FormatVersionError):
+            read_memory_metadata(with_meta(good, format_version=version))
     refused(with_meta(good, format="something-else"), FormatVersionError, model)
     header, payload = split(good)
     del header["__metadata__"]
@@ -466,3 +498,160 @@ def test_size_limit(model: TransformerLM, good: bytes, tmp_path: Path) -> None:
     with pytest.raises(TooLargeError):
         load_memory(path, model, max_bytes=100)
     assert load_memory(path, model, max_bytes=len(good)).position == 37
+
+
+# format version 2: the metadata hash ---------------------------------------------------------
+def test_version_2_round_trip_covers_every_metadata_entry(model: TransformerLM) -> None:
+    state = state_after(model, 21)
+    notes = {"session.kind": "chat", "note": "caf\u00e9 \u2713 \U0001f600", "a\"b": "x\\y\n"}
+    data = save_memory(state, model, tokenizer_hash="c" * 64, metadata=notes)
+    meta = read_memory_metadata(data)
+    assert meta["format_version"] == mf.FORMAT_VERSION == "2"
+    assert all(meta[k] == v for k, v in notes.items())
+    # the documented encoding, computed here independently of the module
+    others = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    assert set(others) | {"metadata_sha256"} == set(meta)
+    canonical = json.dumps(dict(sorted(others.items())), ensure_ascii=True,
+                           separators=(",", ":")).encode("ascii")
+    assert meta["metadata_sha256"] == hashlib.sha256(canonical).hexdigest()
+    assert meta["metadata_sha256"] == metadata_sha256(meta) == metadata_sha256(others)
+    assert_states_equal(state, load_memory(data, model, tokenizer_hash="c" * 64))
+    # canonical: the same state and metadata give the same bytes, and re-saving a loaded file too
+    assert save_memory(load_memory(data, model), model, tokenizer_hash="c" * 64,
+                       metadata=notes) == data
+
+
+def edits_behind_the_hash(good: bytes) -> dict[str, bytes]:
+    """Files whose only fault is metadata changed without updating metadata_sha256."""
+    header_end = 8 + struct.unpack("<Q", good[:8])[0]
+    assert good.count(b'"note":"hi"') == 1
+    flipped = good.replace(b'"note":"hi"', b'"note":"hj"')  # one byte, the JSON still parses
+    assert len(flipped) == len(good) and flipped[header_end:] == good[header_end:]
+    return {
+        "byte flip in a value": flipped,
+        "created_by": with_meta(good, rehash=False, created_by="newllm 0.0.0"),
+        "config_name removed": with_meta(good, rehash=False, config_name=None),
+        "tokenizer_hash removed": with_meta(good, rehash=False, tokenizer_hash=None),
+        "entry added": with_meta(good, rehash=False, **{"session.turns": "3"}),
+        "relabelled as version 1": with_meta(good, rehash=False, format_version="1"),
+        "another well-formed hash": with_meta(good, metadata_sha256="0" * 64),
+    }
+
+
+def test_edited_metadata_is_refused_by_load_and_read(model: TransformerLM) -> None:
+    good = save_memory(state_after(model, 37), model, tokenizer_hash="a" * 64,
+                       metadata={"note": "hi"})
+    for what, data in edits_behind_the_hash(good).items():
+        err = refused(data, MetadataChecksumError, model, match="metadata_sha256",
+                      tokenizer_hash="a" * 64)
+        assert err.code == "metadata_checksum" and isinstance(err, ChecksumError), what
+        with pytest.raises(MetadataChecksumError):
+            read_memory_metadata(data)
+    # the same edits with the hash recomputed load: the hash is the only thing refusing them
+    for change in ({"created_by": "newllm 0.0.0"}, {"config_name": None},
+                   {"session.turns": "3"}, {"note": "hj"}):
+        data = with_meta(good, **change)
+        assert load_memory(data, model).position == 37
+        meta = read_memory_metadata(data)
+        assert all(meta.get(k) == v for k, v in change.items()), change
+
+
+def test_specific_problems_keep_their_codes_when_the_metadata_hash_is_stale(
+        model: TransformerLM, good: bytes) -> None:
+    """The metadata hash is checked last: a file with a specific fault gets that fault's error,
+    even if its metadata was edited without updating the hash."""
+    fp = read_memory_metadata(good)["model_fingerprint"]
+    for changes, error in [
+        ({"format_version": "3"}, FormatVersionError),
+        ({"position": "x"}, MetadataError),
+        ({"model_fingerprint": fp[::-1]}, ModelMismatchError),
+        ({"position": "36"}, TensorMismatchError),
+        ({"dtype": "float16"}, TensorMismatchError),
+        ({"payload_sha256": "0" * 64}, ChecksumError),  # the tensors' hash, not the metadata's
+    ]:
+        refused(with_meta(good, rehash=False, **changes), error, model)
+    refused(with_meta(good, rehash=False, created_by="x"), TokenizerMismatchError, model,
+            tokenizer_hash="b" * 64)
+
+    def poison(t: dict) -> None:
+        t["layers.1.v"][0, 0, 0, 0] = float("nan")
+    refused(with_meta(resave(good, poison), rehash=False, created_by="x"), NonFiniteError, model)
+
+
+@pytest.mark.parametrize("value", [None, "", "0" * 63, "0" * 65, "g" * 64, "A" * 64,
+                                   " " + "0" * 63])
+def test_missing_or_malformed_metadata_hash(model: TransformerLM, good: bytes,
+                                            value: str | None) -> None:
+    data = with_meta(good, metadata_sha256=value)
+    refused(data, MetadataError, model, match="metadata_sha256")
+    with pytest.raises(MetadataError, match="metadata_sha256"):
+        read_memory_metadata(data)
+
+
+def test_version_1_files_still_load(model: TransformerLM, good: bytes, tmp_path: Path) -> None:
+    v1 = as_version_1(good)
+    assert len(v1) < len(good) and b"metadata_sha256" not in v1
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(v1)
+    meta = read_memory_metadata(path)
+    assert meta["format_version"] == "1" and "metadata_sha256" not in meta
+    state = load_memory(path, model, tokenizer_hash="a" * 64)
+    assert_states_equal(state, load_memory(good, model))
+    moved = Session.load(path, model, HashOnly("a" * 64))
+    assert moved.tokens_seen == 37
+    # saved again, it is a version 2 file of the same tensors
+    again = read_memory_metadata(save_memory(state, model))
+    assert again["format_version"] == "2" and again["payload_sha256"] == meta["payload_sha256"]
+    # version 1 keeps its checks, but has no metadata hash: an informative edit goes unnoticed
+    refused(with_meta(v1, position="36"), TensorMismatchError, model)
+    refused(with_meta(v1, payload_sha256="0" * 64), ChecksumError, model)
+    refused(with_meta(v1, payload_sha256=None), MetadataError, model)
+    assert load_memory(with_meta(v1, created_by="edited"), model).position == 37
+
+
+def load_fuzz_script():
+    """``scripts/fuzz_memory.py`` as a module (the hardening tests load it the same way)."""
+    if "fuzz_memory" in sys.modules:
+        return sys.modules["fuzz_memory"]
+    path = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_memory.py"
+    spec = importlib.util.spec_from_file_location("fuzz_memory", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fuzz_cases_for_the_metadata_hash(model: TransformerLM) -> None:
+    fuzz = load_fuzz_script()
+    reference = state_after(model, 37)
+    good = save_memory(reference, model, tokenizer_hash="a" * 64,
+                       metadata={"session.kind": "chat", "session.turns": "2"})
+    cases = {c.name: c for c in fuzz.hostile_files(good, flips=0)}
+    by_category = {}
+    for c in cases.values():
+        by_category.setdefault(c.category, []).append(c)
+    hash_cases = by_category["meta-hash"]
+    assert {"meta-hash:missing", "meta-hash:wrong", "meta-hash:not-hex",
+            "meta-hash:stale-created_by='newllm 0.0.0'",
+            "meta-hash:stale-session.turns='20'"} <= set(cases)
+    assert [c.name for c in by_category["compat"]] == ["compat:v1"]
+    for case in hash_cases + by_category["compat"] + by_category["meta"]:
+        outcome = fuzz.run_case(case, model, reference, tokenizer_hash="a" * 64, max_bytes=None)
+        assert outcome.ok, (case.name, outcome.result, outcome.detail)
+        if case.name == "compat:v1":
+            assert outcome.result == "loaded-same"
+        else:
+            assert outcome.result == "refused", case.name
+    # the stale cases test the hash alone: recomputed, the same edits load
+    stale = [c for c in hash_cases if c.name.startswith("meta-hash:stale-")]
+    assert len(stale) >= 6 and all(c.codes == ("metadata_checksum",) for c in stale)
+    for case in stale:
+        fixed = fuzz.with_meta(case.data, metadata_sha256=metadata_sha256(fuzz.split(
+            case.data)[0]["__metadata__"]))
+        assert load_memory(fixed, model).position == 37, case.name
+    # a valid version 1 file that a loader refuses is a failure of the run
+    broken = fuzz.Case("compat:v1", with_meta(cases["compat:v1"].data, format_version="3"),
+                       may_load=True, must_load=True)
+    assert fuzz.run_case(broken, model, reference, tokenizer_hash=None,
+                         max_bytes=None).result == "refused-valid"
