@@ -5,7 +5,9 @@ header (tensor name -> dtype, shape, data_offsets, plus ``__metadata__``, a stri
 the tensor bytes. newllm's metadata includes ``payload_sha256``: SHA-256 over each tensor's
 ``name|dtype|shape|nbytes|`` followed by its raw bytes, in name order (see
 ``newllm.memory_file``). Recomputing it here proves that the tensors arrived unchanged without
-importing torch; the server checks it again when the file is uploaded.
+importing torch; the server checks it again when the file is uploaded. From format version 2 the
+metadata also carries ``metadata_sha256``, the SHA-256 of the other metadata entries as compact
+sorted ASCII JSON, which covers the header (and through ``payload_sha256`` the tensors) too.
 """
 
 from __future__ import annotations
@@ -106,14 +108,30 @@ def payload_sha256(data: bytes | memoryview) -> str:
     return h.hexdigest()
 
 
+def metadata_sha256(metadata: dict[str, str]) -> str:
+    """Recompute newllm's ``metadata_sha256`` (format version 2) from a file's metadata."""
+    entries = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    canonical = json.dumps(entries, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def verify(data: bytes | memoryview, expected_payload: str | None = None) -> MemoryFileInfo:
     """Check a memory file end to end; returns its header info or raises `IntegrityError`.
 
     Checks: the header parses; it carries ``payload_sha256``; that value equals
-    ``expected_payload`` (the export route's header) when given; and the tensors' bytes hash to
-    it. A file that passes is exactly what the source server wrote.
+    ``expected_payload`` (the export route's header) when given; the tensors' bytes hash to
+    it; and the metadata hashes to ``metadata_sha256`` (required from format version 2, checked
+    whenever present). A file that passes is exactly what the source server wrote.
     """
     info = inspect(data)
+    claimed_meta = info.metadata.get("metadata_sha256")
+    if claimed_meta is None and info.metadata.get("format_version", "1") != "1":
+        raise IntegrityError("the memory file has no metadata_sha256 in its metadata (format "
+                             f"version {info.metadata.get('format_version')!r} needs one); its "
+                             "header was altered")
+    if claimed_meta is not None and metadata_sha256(info.metadata) != claimed_meta:
+        raise IntegrityError("the memory file's metadata does not hash to its metadata_sha256; "
+                             "the header was damaged in transfer or edited")
     claimed = info.payload_sha256
     if not claimed:
         raise IntegrityError("the memory file has no payload_sha256 in its metadata; it was not "

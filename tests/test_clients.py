@@ -482,6 +482,21 @@ def test_damaged_memory_files_fail_verification(memory_file: bytes) -> None:
         memory.verify(memory_file, expected_payload="0" * 64)
 
 
+def test_edited_metadata_fails_verification(memory_file: bytes) -> None:
+    from newllm.memory_file import metadata_sha256
+
+    info = memory.verify(memory_file)
+    assert memory.metadata_sha256(info.metadata) == metadata_sha256(info.metadata) \
+        == info.metadata["metadata_sha256"]
+    edited = memory_file.replace(b'"position":"21"', b'"position":"31"')  # same length
+    assert edited != memory_file
+    with pytest.raises(IntegrityError, match="metadata_sha256"):
+        memory.verify(edited)
+    unhashed = memory_file.replace(b'"metadata_sha256"', b'"metadata_sha257"')
+    with pytest.raises(IntegrityError, match="no metadata_sha256"):
+        memory.verify(unhashed)
+
+
 def test_export_verifies_the_download(memory_file: bytes, tmp_path: Any) -> None:
     server = FakeServer()
     server.sessions["s"] = memory_file
