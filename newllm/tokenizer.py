@@ -14,6 +14,7 @@ tokens, it encodes the literal text ``<|endoftext|>`` as the EOS token (and deco
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +47,22 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+def _drop_useless_word_cache(backend: tokenizers.Tokenizer, json_str: str) -> None:
+    """Turn off the BPE word cache of a tokenizer without merges (the byte-level one).
+
+    The backend caches up to 10,000 pre-tokenized "words" with their tokens. Without merges
+    there is nothing to save by caching, and the byte-level tokenizer does not split on spaces,
+    so each cached word is a whole text (up to 256 characters): a loop encoding distinct short
+    texts grew ~25 MB before the cache was full, and a server's workers grew for many minutes
+    (found by scripts/soak.py). Tokenizers with merges keep the cache (real words, and it speeds
+    encoding up). The tokenizer's JSON, and so its hash, is unchanged.
+    """
+    model = json.loads(json_str).get("model") or {}
+    resize = getattr(backend.model, "_resize_cache", None)  # tokenizers >= 0.20
+    if model.get("type") == "BPE" and not model.get("merges") and resize is not None:
+        resize(0)
+
+
 class Tokenizer:
     """Text <-> token ids, backed by a `tokenizers.Tokenizer`.
 
@@ -68,6 +85,7 @@ class Tokenizer:
                 f"(size {self.vocab_size})"
             )
         self.eos_token_id = int(eos_token_id)
+        _drop_useless_word_cache(backend, self._json)
 
     # constructors --------------------------------------------------------------------------
     @classmethod
