@@ -54,8 +54,8 @@ def _drop_useless_word_cache(backend: tokenizers.Tokenizer, json_str: str) -> No
     there is nothing to save by caching, and the byte-level tokenizer does not split on spaces,
     so each cached word is a whole text (those under 256 characters): 3,000 distinct texts of
     200 characters took 19 MiB, a full cache ~60 MiB per process, and a server's workers grew
-    for many minutes (found by scripts/soak.py). Tokenizers with merges keep the cache (real words, and it speeds
-    encoding up). The tokenizer's JSON, and so its hash, is unchanged.
+    for many minutes (found by scripts/soak.py). Tokenizers with merges keep the cache (real
+    words, and it speeds encoding up). The tokenizer's JSON, and so its hash, is unchanged.
     """
     model = json.loads(json_str).get("model") or {}
     resize = getattr(backend.model, "_resize_cache", None)  # tokenizers >= 0.20
