@@ -117,8 +117,8 @@ def greedy_steps(step: Step, logits: Tensor, steps: int, *, warmup: int = 0,
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             tok = step(tok)[:, -1:].argmax(-1)  # (1, 1)
+            tokens.append(int(tok))  # reads the token back: waits for an accelerator too
             dt = time.perf_counter() - t0
-            tokens.append(int(tok))
             if i >= warmup:
                 times.append(dt)
                 if len(times) >= min_steps and sum(times) >= max_seconds:
@@ -136,14 +136,16 @@ def ours_decode(model: TransformerLM, ids: torch.Tensor, steps: int) -> tuple[fl
 
 def batched(model: TransformerLM, states: list[ModelState], steps: int) -> float:
     """Aggregate tokens/s of `decode_step` over these sessions (one untimed step first)."""
-    tokens = torch.zeros(len(states), dtype=torch.long)  # (B,)
+    tokens = torch.zeros(len(states), dtype=torch.long, device=model.device)  # (B,)
     with torch.no_grad():
         logits, states = model.decode_step(tokens, states)  # (B, V)
         tokens = logits.argmax(-1)  # (B,)
+        int(tokens[0])  # an accelerator has finished the untimed step
         t0 = time.perf_counter()
         for _ in range(steps):
             logits, states = model.decode_step(tokens, states)
             tokens = logits.argmax(-1)
+        int(tokens[0])  # ... and the timed ones
     return len(states) * steps / (time.perf_counter() - t0)
 
 
@@ -245,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batched-kinds", nargs="*", default=["pythia", "infini"],
                     choices=list(KINDS), help="kinds of the batched-decode part")
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' twin")
+    ap.add_argument("--device", default="cpu",
+                    help="where to run both implementations, e.g. cuda (default cpu); use --out "
+                         "to keep the results apart from the CPU ones")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     q = args.quick
     presets = dict(QUICK_PRESETS if q else KINDS)
     if args.kinds:
@@ -257,11 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     sessions = [1, 4] if q else [1, 4, 16]
     batch_context = 32 if q else 1024
     torch.manual_seed(0)
-    models = {k: TransformerLM(ModelConfig.from_name(p)).eval() for k, p in presets.items()}
-    hf = hf_twin(models["pythia"]) if "pythia" in models and not args.no_transformers else None
+    models = {k: TransformerLM(ModelConfig.from_name(p)).eval().to(device)
+              for k, p in presets.items()}
+    hf = (hf_twin(models["pythia"]).to(device) if "pythia" in models and not args.no_transformers
+          else None)
     vocab = min(m.config.vocab_size for m in models.values())
     length = max(contexts[-1], batch_context + BATCH_SPACING * max(sessions))
-    ids = torch.randint(0, vocab, (1, length))  # (1, T): one text for every point
+    ids = torch.randint(0, vocab, (1, length)).to(device)  # (1, T): one text for every point
     rows: dict[str, list[dict[str, Any]]] = {HF: []} if hf is not None else {}
     rows.update({k: [] for k in models})
     logits: dict[str, Tensor] = {}
@@ -315,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"quick": q, "contexts": contexts, "steps": steps, "min_steps": min_steps,
                 "max_seconds_per_point": max_seconds, "warmup_steps": 1,
                 "statistic": "median step", "dtype": "float32", "batch": 1,
+                "device": str(device),
                 "prefill_chunk": CHUNK, "presets": presets,
                 "transformers": hf is not None, "batched_sessions": sessions,
                 "batched_context": batch_context, "batched_spacing": BATCH_SPACING,
