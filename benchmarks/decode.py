@@ -1,15 +1,17 @@
 """decode: ms per generated token vs context length, every kind against transformers' GPT-NeoX.
 
-Batch 1, fp32, greedy, random weights. Full: the 70M presets of all six kinds at 128, 512,
-1,024, 4,096 and 16,384 tokens of context, beside transformers' `GPTNeoXForCausalLM` with the
-*same weights* as our ``pythia-70m`` (the greedy tokens must be equal: exit 1 otherwise). Quick:
-the tiny presets at 32 and 128 tokens.
+Batch 1, fp32, greedy, random weights; ours with the weights stored input-major, as the server
+and `newllm generate` run them (``--default-layout``: nn.Linear's layout). Full: the 70M presets
+of all six kinds at 128, 512, 1,024, 4,096 and 16,384 tokens of context, beside transformers'
+`GPTNeoXForCausalLM` with the *same weights* as our ``pythia-70m`` (the greedy tokens must be
+equal: exit 1 otherwise). Quick: the tiny presets at 32 and 128 tokens.
 
 The state at each context comes from a real prefill (chunks of 1,024 tokens) of one random text:
 each length extends the previous length's state (ours: states are values, so decoding from one
 leaves it intact; transformers: its cache is cropped back first), so both read the same chunks.
 At each point one untimed step is taken, then up to ``--steps`` tokens are decoded one at a time,
-each step timed; a point stops early once its timed steps add up to ``--max-seconds`` (never
+each step timed (our pythia and transformers in turns, one step of each, so both see the machine
+at the same moments); a point stops early once its timed steps add up to ``--max-seconds`` (never
 before ``--min-steps``), which bounds the slow long-context points. ``ms_per_token`` is the median
 step. Derived: our pythia's speed-up over transformers (goal: at least 1.3x at 1,024), each kind's
 speed relative to pythia, and each kind's slowdown from the shortest to the longest context (the
@@ -110,20 +112,37 @@ def greedy_steps(step: Step, logits: Tensor, steps: int, *, warmup: int = 0,
     ``warmup`` untimed steps first; then up to ``steps`` timed ones, stopping once they add up
     to ``max_seconds`` (never before ``min_steps``).
     """
-    tok = logits[:, -1:].argmax(-1)  # (1, 1)
-    times: list[float] = []
-    tokens: list[int] = []
+    out = interleaved_steps({"": step}, {"": logits}, steps, warmup=warmup,
+                            max_seconds=max_seconds, min_steps=min_steps)
+    return out[""]
+
+
+def interleaved_steps(steps_by: dict[str, Step], logits_by: dict[str, Tensor], steps: int, *,
+                      warmup: int = 0, max_seconds: float = float("inf"),
+                      min_steps: int = 1) -> dict[str, tuple[list[float], list[int]]]:
+    """`greedy_steps` for several decoders at once, one step of each in turn.
+
+    Decoders compared this way see the same machine at the same moments (a noisy neighbour
+    slows both), so their ratio is steadier than that of two runs one after the other. Stops
+    once the slowest decoder's timed steps add up to ``max_seconds`` (never before
+    ``min_steps``).
+    """
+    toks = {k: lg[:, -1:].argmax(-1) for k, lg in logits_by.items()}  # (1, 1) each
+    times: dict[str, list[float]] = {k: [] for k in steps_by}
+    tokens: dict[str, list[int]] = {k: [] for k in steps_by}
     with torch.no_grad():
         for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            tok = step(tok)[:, -1:].argmax(-1)  # (1, 1)
-            tokens.append(int(tok))  # reads the token back: waits for an accelerator too
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times.append(dt)
-                if len(times) >= min_steps and sum(times) >= max_seconds:
-                    break
-    return times, tokens
+            for name, step in steps_by.items():
+                t0 = time.perf_counter()
+                tok = step(toks[name])[:, -1:].argmax(-1)  # (1, 1)
+                tokens[name].append(int(tok))  # reads the token back: waits for an accelerator
+                dt = time.perf_counter() - t0
+                toks[name] = tok
+                if i >= warmup:
+                    times[name].append(dt)
+            if i - warmup + 1 >= min_steps and max(map(sum, times.values())) >= max_seconds:
+                break
+    return {k: (times[k], tokens[k]) for k in steps_by}
 
 
 def ours_decode(model: TransformerLM, ids: torch.Tensor, steps: int) -> tuple[float, list[int]]:
@@ -247,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batched-kinds", nargs="*", default=["pythia", "infini"],
                     choices=list(KINDS), help="kinds of the batched-decode part")
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' twin")
+    ap.add_argument("--default-layout", action="store_true",
+                    help="keep our weights in nn.Linear's layout instead of the input-major one "
+                         "the server uses (TransformerLM.use_input_major_weights)")
     ap.add_argument("--device", default="cpu",
                     help="where to run both implementations, e.g. cuda (default cpu); use --out "
                          "to keep the results apart from the CPU ones")
@@ -267,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
               for k, p in presets.items()}
     hf = (hf_twin(models["pythia"]).to(device) if "pythia" in models and not args.no_transformers
           else None)
+    if not args.default_layout:
+        for model in models.values():  # as the server runs them; transformers as it ships
+            model.use_input_major_weights()
     vocab = min(m.config.vocab_size for m in models.values())
     length = max(contexts[-1], batch_context + BATCH_SPACING * max(sessions))
     ids = torch.randint(0, vocab, (1, length)).to(device)  # (1, T): one text for every point
@@ -293,19 +318,19 @@ def main(argv: list[str] | None = None) -> int:
                 logits[kind], states[kind] = prefill(model, piece, states[kind])
         done = n
         kw = {"warmup": 1, "max_seconds": max_seconds, "min_steps": min_steps}
-        hf_tokens: list[int] = []
-        if hf is not None:
-            times, hf_tokens = greedy_steps(hf_step(hf, cache), logits[HF], steps, **kw)
-            rows[HF].append({"context": n, **point(times)})
         for kind, model in models.items():
             state = states[kind]
             assert state is not None and state.position == n
-            times, tokens = greedy_steps(ours_step(model, state), logits[kind], steps, **kw)
-            rows[kind].append({"context": n, **point(times)})
-            if kind == "pythia" and hf is not None:
-                m = min(len(tokens), len(hf_tokens))
-                same_tokens &= tokens[:m] == hf_tokens[:m]
-                compared += m
+            decoders = {kind: ours_step(model, state)}
+            if kind == "pythia" and hf is not None:  # the pair of the goal: measured in turns
+                decoders[HF] = hf_step(hf, cache)
+            measured = interleaved_steps(decoders, logits, steps, **kw)
+            for name, (times, _) in measured.items():
+                rows[name].append({"context": n, **point(times)})
+            if len(measured) == 2:
+                tokens, hf_tokens = measured[kind][1], measured[HF][1]
+                same_tokens &= tokens == hf_tokens
+                compared += len(tokens)
         print(f"context {n:6,d}: " + ", ".join(
             f"{k} {v[-1]['ms_per_token']:.1f} ms" for k, v in rows.items()), flush=True)
     states.clear()
@@ -324,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                 "max_seconds_per_point": max_seconds, "warmup_steps": 1,
                 "statistic": "median step", "dtype": "float32", "batch": 1,
                 "device": str(device),
+                "our_weight_layout": "out-in (nn.Linear)" if args.default_layout else
+                "input-major (TransformerLM.use_input_major_weights, as the server runs)",
+                "transformers_weight_layout": "out-in (as shipped)",
+                "pythia_and_transformers": "one step of each in turn",
                 "prefill_chunk": CHUNK, "presets": presets,
                 "transformers": hf is not None, "batched_sessions": sessions,
                 "batched_context": batch_context, "batched_spacing": BATCH_SPACING,

@@ -1,11 +1,12 @@
 """prefill: tokens/s of reading a prompt (512 ... 8,192 tokens), every kind against transformers.
 
-Batch 1, fp32, random weights, one forward call over the whole prompt from an empty state that
-returns the last token's logits and the new state (ours: ``model(ids, None, last_only=True)``;
-transformers' `GPTNeoXForCausalLM` with the *same weights* as our `pythia` model:
-``use_cache=True, logits_to_keep=1``, so both build a KV cache and skip the full-vocabulary
-logits). The two last-token logits are checked equal (exit 1 otherwise). Memory kinds read the
-prompt segment by segment inside the same call.
+Batch 1, fp32, random weights (ours stored input-major as the server runs them;
+``--default-layout``: nn.Linear's layout), one forward call over the whole prompt from an empty
+state that returns the last token's logits and the new state (ours:
+``model(ids, None, last_only=True)``; transformers' `GPTNeoXForCausalLM` with the *same weights*
+as our `pythia` model: ``use_cache=True, logits_to_keep=1``, so both build a KV cache and skip
+the full-vocabulary logits). The two last-token logits are checked equal (exit 1 otherwise).
+Memory kinds read the prompt segment by segment inside the same call.
 
 Full: the 70M presets of every kind at 512, 1,024, 2,048, 4,096, 8,192 tokens. Quick: the small
 presets (``small-pythia`` with its own transformers twin, ``small-infini``) at 128 and 256.
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="*", default=None,
                     help="prompt lengths (default 512 1024 2048 4096 8192)")
     ap.add_argument("--kinds", nargs="*", default=None, choices=list(KINDS))
+    ap.add_argument("--default-layout", action="store_true",
+                    help="keep our weights in nn.Linear's layout instead of the input-major one "
+                         "the server uses (TransformerLM.use_input_major_weights)")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per point (median)")
     args = ap.parse_args(argv)
     presets = dict(QUICK_PRESETS) if args.quick else dict(KINDS)
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     models = {k: TransformerLM(ModelConfig.from_name(p)).eval() for k, p in presets.items()}
     hf = hf_twin(models["pythia"]) if "pythia" in models else None
+    if not args.default_layout:
+        for model in models.values():  # as the server runs them; transformers as it ships
+            model.use_input_major_weights()
     vocab = min(m.config.vocab_size for m in models.values())
     rows: dict[str, list[dict[str, float]]] = {}
     max_diff = 0.0
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                "last_logits_equal_transformers": same}
     settings = {"quick": args.quick, "lengths": lengths, "repeat": repeat, "dtype": "float32",
                 "batch": 1, "presets": presets, "one_call": True,
+                "our_weight_layout": "out-in (nn.Linear)" if args.default_layout else
+                "input-major (TransformerLM.use_input_major_weights, as the server runs)",
                 "transformers_attention": getattr(hf.config, "_attn_implementation", None)
                 if hf is not None else None, "logits_tolerance": LOGITS_TOLERANCE}
     path = write_result("prefill", settings, results, args.out)

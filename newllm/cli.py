@@ -111,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.parser.error(str(e).replace("max_new_tokens", "--max-tokens"))
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     model, tokenizer = _load(args)
+    model.use_input_major_weights()  # the server's layout: its memory files continue exactly
     state = None
     if args.memory_in is not None:
         from newllm.memory_file import load_memory

@@ -70,6 +70,34 @@ class TransformerLM(nn.Module):
                 raise ValueError("tie_word_embeddings needs hidden_size == layer width")
             self.embed_out.weight = self.embed_in.weight
 
+    def use_input_major_weights(self) -> TransformerLM:
+        """Store every linear layer's weight input-major, for decoding; returns the model.
+
+        A weight keeps its shape (out, in), values, name, state dict and fingerprint; only its
+        memory order changes (a transposed view of an (in, out) tensor). ``F.linear`` then runs
+        as ``x @ W_t`` on contiguous ``W_t``, which MKL's one-row product reads about twice as
+        fast on the CPUs we measured (the LM head of pythia-70m: 4.7 vs 8.8 ms per token), while
+        prefill GEMMs are as fast as before. Outputs agree with the default layout up to float
+        rounding (a different summation order), not bit for bit, so both ends of a comparison
+        should use the same layout. A tied LM head is left alone (the embedding reads rows).
+        Meant for inference: training works but copies every weight gradient into this order.
+        """
+        tied = self.embed_in.weight if self.config.tie_word_embeddings else None
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module.weight is not tied:
+                    w = module.weight
+                    if w.dim() == 2 and w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+                        w.data = w.data.t().contiguous().t()
+        return self
+
+    def weights_input_major(self) -> bool:
+        """Whether every untied linear weight is stored input-major (see above)."""
+        tied = self.embed_in.weight if self.config.tie_word_embeddings else None
+        ws = [m.weight for m in self.modules() if isinstance(m, nn.Linear)
+              and m.weight is not tied and min(m.weight.shape) > 1]
+        return bool(ws) and all(w.t().is_contiguous() for w in ws)
+
     # state ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -51,6 +51,10 @@ def _check_schema(name: str, doc: dict) -> None:
         assert flat["kinds"] == res["constant_state_kinds"]
         assert flat["met"] == (flat["value"] <= flat["target"])
         assert "pythia_vs_transformers" not in res["goals"]  # 1,024 is not a quick context
+        assert settings["our_weight_layout"].startswith("input-major")
+        # our pythia and transformers are measured in turns: the same number of steps
+        assert [r["steps"] for r in res["rows"]["pythia"]] == \
+            [r["steps"] for r in res["rows"]["transformers_gpt_neox"]]
         batch = res["batched_tokens_per_s"]
         assert set(batch) == {"pythia", "infini"}
         assert all(list(by) == [str(b) for b in settings["batched_sessions"]]
@@ -155,3 +159,22 @@ def test_readme_performance_section_matches_results() -> None:
 def test_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_interleaved_steps_decode_like_separate_runs() -> None:
+    import torch
+
+    from benchmarks.decode import greedy_steps, interleaved_steps, ours_step
+    from newllm import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    a = TransformerLM(ModelConfig.from_name("tiny-pythia")).eval()
+    b = TransformerLM(ModelConfig.from_name("tiny-infini")).eval()
+    ids = torch.randint(0, 500, (1, 20))
+    with torch.no_grad():
+        (la, sa), (lb, sb) = a(ids), b(ids)
+    both = interleaved_steps({"a": ours_step(a, sa), "b": ours_step(b, sb)},
+                             {"a": la, "b": lb}, 6, warmup=1)
+    assert both["a"][1] == greedy_steps(ours_step(a, sa), la, 6, warmup=1)[1]
+    assert both["b"][1] == greedy_steps(ours_step(b, sb), lb, 6, warmup=1)[1]
+    assert len(both["a"][0]) == len(both["b"][0]) == 6 and len(both["a"][1]) == 7

@@ -242,3 +242,63 @@ def test_fingerprint_is_stable_across_releases_for_models_without_new_options() 
         "cd7191df7959c66d57618b525bfa5b0fdbf47293a82cf8387e4af2abb15e3f8b"
     shifted = cfg.replace(memory_key_shift=True)
     assert "memory_key_shift" in json.loads(shifted.fingerprint_json())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_input_major_weights_change_the_memory_order_only(name: str, tmp_path) -> None:
+    from newllm.checkpoint import from_pretrained, save_pretrained
+
+    model = make(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fingerprint = model.fingerprint()
+    assert not model.weights_input_major()
+    ids = torch.randint(0, 500, (1, 40))
+    with torch.no_grad():
+        ref, ref_state = model(ids)
+        ref_step, _ = model(ids[:, :1], ref_state)
+        assert model.use_input_major_weights() is model
+        assert model.weights_input_major()
+        head = model.embed_out.weight
+        assert not head.is_contiguous() and head.t().is_contiguous()
+        for k, v in model.state_dict().items():  # same values, names and shapes
+            assert torch.equal(v, before[k]), k
+        assert model.fingerprint() == fingerprint
+        logits, state = model(ids)
+        step, _ = model(ids[:, :1], state)
+    # a different summation order: equal up to float rounding, not bit for bit
+    torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(step, ref_step, atol=2e-5, rtol=1e-5)
+    save_pretrained(model, tmp_path / "ckpt")  # saved contiguous; loads in the default order
+    loaded = from_pretrained(tmp_path / "ckpt")
+    assert loaded.fingerprint() == fingerprint and not loaded.weights_input_major()
+    model.half()  # a dtype change keeps the order
+    assert model.weights_input_major()
+
+
+def test_input_major_weights_still_train() -> None:
+    model = make("tiny-infini").use_input_major_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 500, (2, 33))
+    losses = []
+    for _ in range(3):
+        logits, _ = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert model.weights_input_major()
+
+
+def test_rotary_tables_made_under_inference_mode_serve_autograd_later() -> None:
+    """Angle tables are shared between layers and calls; one first built inside
+    `torch.inference_mode` must not break a later forward that needs gradients."""
+    model = make("tiny-pythia")
+    ids = torch.randint(0, 500, (1, 7))
+    with torch.inference_mode():
+        ref, _ = model(ids)
+    logits, _ = model(ids)  # the same positions: the cached tables
+    logits.sum().backward()
+    torch.testing.assert_close(logits.detach(), ref)
+    assert model.layers[0].attention.query_key_value.weight.grad is not None

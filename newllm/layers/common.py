@@ -6,6 +6,7 @@ Shape letters: B batch, T new tokens, H heads, D head dim, C layer width, S segm
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,32 @@ class Step:
     contexts: Tensor | None = None  # (B, T, context_dim) context vectors (context models)
 
 
+# Angle tables are a pure function of (dims, base, start, length, device), so every layer and
+# every model shares one small cache: a decode step at position p computes its table once, not
+# once per layer. Only short tables (decode steps, short chunks) are kept.
+_ANGLES_CACHED_UP_TO = 256
+
+
+def _compute_angles(inv_freq: Tensor, start: int, length: int,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
+    freqs = (pos[:, None] * inv_freq.to(device=device, dtype=torch.float64)).float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_angles(dims: int, base: float, start: int, length: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode(False):  # plain tensors: usable later under autograd too
+        return _compute_angles(rotary_inv_freq(dims, base), start, length, device)
+
+
+def rotary_inv_freq(dims: int, base: float) -> Tensor:
+    """float32 inverse frequencies (dims / 2,), computed as transformers computes them."""
+    return 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.int64).float() / dims))
+
+
 class Rotary(nn.Module):
     """GPT-NeoX rotary embedding on the first ``rotary_dims`` dims of each head (rotate_half).
 
@@ -35,25 +62,17 @@ class Rotary(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.dims = config.rotary_dims
-        inv = 1.0 / (config.rotary_base ** (
-            torch.arange(0, self.dims, 2, dtype=torch.int64).float() / self.dims))
-        self.inv_freq = inv  # float32, as transformers computes it; not a parameter
-        self._cached: tuple[int, int, torch.device, Tensor, Tensor] | None = None
+        self.base = float(config.rotary_base)
+        self.inv_freq = rotary_inv_freq(self.dims, self.base)  # not a parameter
 
     def angles(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos, sin (length, dims) for positions start .. start+length-1 (last call cached)."""
-        c = self._cached
-        if c is not None and c[0] == start and c[1] == length and c[2] == device:
-            return c[3], c[4]
-        pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
-        freqs = (pos[:, None] * self.inv_freq.to(device=device, dtype=torch.float64)).float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        self._cached = (start, length, device, cos, sin)
-        return cos, sin
+        """cos, sin (length, dims) for positions start .. start+length-1 (short ones cached)."""
+        if length <= _ANGLES_CACHED_UP_TO:
+            return _shared_angles(self.dims, self.base, start, length, device)
+        return _compute_angles(self.inv_freq, start, length, device)
 
     def forward(self, x: Tensor, start: int) -> Tensor:
-        """Rotate x (B, H, T, D) as if its tokens sat at positions start .. start+T-1."""
+        """Rotate x (..., T, D) as if its tokens sat at positions start .. start+T-1."""
         if self.dims == 0:
             return x
         cos, sin = self.angles(start, x.shape[-2], x.device)  # (T, R)
@@ -66,10 +85,15 @@ class Rotary(nn.Module):
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """GPT-NeoX's fused QKV output (B, T, 3C), grouped per head, -> q, k, v each (B, H, T, D)."""
+    qkv = stack_qkv(qkv, num_heads)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def stack_qkv(qkv: Tensor, num_heads: int) -> Tensor:
+    """GPT-NeoX's fused QKV output (B, T, 3C) as one view (3, B, H, T, D): q, k, v."""
     B, T, three_c = qkv.shape
     D = three_c // (3 * num_heads)  # explicit: -1 cannot be inferred when T == 0
-    qkv = qkv.view(B, T, num_heads, 3, D).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
-    return qkv[0], qkv[1], qkv[2]
+    return qkv.view(B, T, num_heads, 3, D).permute(3, 0, 2, 1, 4)
 
 
 def merge_heads(x: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from newllm.layers.common import (
     causal_attention,
     kv_append,
     merge_heads,
-    split_qkv,
+    stack_qkv,
 )
 
 
@@ -53,9 +53,9 @@ class PythiaAttention(nn.Module):
         return {"k": shape, "v": shape}
 
     def forward(self, x: Tensor, state: KVState, step: Step) -> tuple[Tensor, KVState]:
-        q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (B, H, T, D) each
-        q = self.rotary(q, step.position)
-        k = self.rotary(k, step.position)
+        qkv = stack_qkv(self.query_key_value(x), self.num_heads)  # (3, B, H, T, D)
+        qk = self.rotary(qkv[:2], step.position)  # q and k rotated in one go
+        q, k, v = qk[0], qk[1], qkv[2]  # (B, H, T, D) each
         if not self.window:
             k_all, v_all, spare = kv_append(state.k, state.v, state._spare, k, v)
             out = causal_attention(q, k_all, v_all)  # (B, H, T, D)
