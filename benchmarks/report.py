@@ -108,6 +108,7 @@ def _decode(doc: Doc) -> list[str]:
            "relative to `pythia` at the same context); pythia speed-up = transformers / ours; "
            "last row: ms per token at the longest context / at the shortest:", ""]
     out += _table(head, body)
+    out += _layout(doc["settings"])
     goals = res.get("goals", {})
     if "pythia_vs_transformers" in goals:
         g = goals["pythia_vs_transformers"]
@@ -134,6 +135,21 @@ def _decode(doc: Doc) -> list[str]:
     return out + ["", f"Greedy tokens equal transformers': {'yes' if same else 'NO'}."]
 
 
+def _layout(settings: dict[str, Any]) -> list[str]:
+    """How the weights were stored, and how the pair was timed (results before these settings
+    existed: nothing)."""
+    ours = settings.get("our_weight_layout")
+    if ours is None:
+        return []
+    line = (f"Our weights: {ours.split(' (')[0]}"
+            + (" (`TransformerLM.use_input_major_weights`, as the server and `newllm generate` "
+               "run them)" if ours.startswith("input-major") else "")
+            + "; transformers' as it ships.")
+    if settings.get("pythia_and_transformers"):
+        line += f" Our `pythia` and transformers timed {settings['pythia_and_transformers']}."
+    return ["", line]
+
+
 def _prefill(doc: Doc) -> list[str]:
     res = doc["results"]
     rows = res["rows"]
@@ -149,6 +165,7 @@ def _prefill(doc: Doc) -> list[str]:
            + ", ".join(f"`{p}`" for p in presets.values())
            + "); speed-up = ours / transformers (pythia):", ""]
     out += _table(["prompt"] + [f"`{k}`" for k in kinds] + ["speed-up"], body)
+    out += _layout(doc["settings"])
     return out + ["", "Last-token logits equal transformers': "
                   f"{'yes' if res['last_logits_equal_transformers'] else 'NO'} (max difference "
                   f"{res['last_logits_max_abs_diff']:.1e})."]

@@ -24,7 +24,8 @@ CONTEXT_MODES = ("none", "input", "kv")
 
 # options added after the first release, with the value that means "not used": left out of the
 # fingerprint at that value (see ModelConfig.fingerprint_json)
-FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False}
+FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
+                                             "memory_write_gate": False}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class ModelConfig:
     # 1): a later query like token X then finds what came right after X, which is what recalling
     # a told fact needs (the short convolutions of modern linear-attention models do the same)
     memory_key_shift: bool = False
+    # a learned write strength per token and memory head, sigmoid of the token's memory key and
+    # value (starting at 0.5 everywhere): tokens written weakly barely change the memory or its
+    # normaliser, so a fact written strongly survives segments of filler written weakly
+    memory_write_gate: bool = False
     # pythia layers attend only within the current segment (KV dropped at segment ends), so a
     # memory model's whole state stays bounded; the memory presets set it
     segment_local: bool = False

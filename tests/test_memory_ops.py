@@ -160,3 +160,23 @@ def test_hierarchical_coarse_memory_is_an_infini_memory() -> None:
         _, si = infini(ids)
     torch.testing.assert_close(sh.layers[0].coarse, si.layers[0].memory[:, 0])
     torch.testing.assert_close(sh.layers[0].coarse_z, si.layers[0].z[:, 0])
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["linear", "delta"])
+def test_write_gate_scaling_features_is_the_gated_rule(delta: bool) -> None:
+    """`memory_write` fed β·σ(K) gives M += Σ β σ(k)ᵀ (v − retrieved(σ(k))), z += Σ β σ(k):
+    the retrieval ignores a per-token scale of the features."""
+    dk, dv, S = 6, 5, 7
+    g = torch.Generator().manual_seed(4)
+    M, z = random_memory(dk, dv, 2)
+    sk = elu1(torch.randn(S, dk, generator=g, dtype=torch.float64))
+    v = torch.randn(S, dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(S, 1, generator=g, dtype=torch.float64)
+    fast_M, fast_z = memory_write(beta * sk, v, M, z, delta)
+    ref_M, ref_z = M.clone(), z.clone()
+    for t in range(S):  # every token sees the memory before the segment, as in the fast path
+        target = v[t] - (sk[t] @ M) / (sk[t] @ z) if delta else v[t]
+        ref_M = ref_M + beta[t] * torch.outer(sk[t], target)
+        ref_z = ref_z + beta[t] * sk[t]
+    torch.testing.assert_close(fast_M, ref_M)
+    torch.testing.assert_close(fast_z, ref_z)

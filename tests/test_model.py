@@ -302,3 +302,31 @@ def test_rotary_tables_made_under_inference_mode_serve_autograd_later() -> None:
     logits.sum().backward()
     torch.testing.assert_close(logits.detach(), ref)
     assert model.layers[0].attention.query_key_value.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["tiny-infini", "tiny-multi-memory", "tiny-hierarchical"])
+def test_memory_write_gate_keeps_splits_exact_and_its_limits_are_the_plain_rules(
+        name: str) -> None:
+    gated = make(name, memory_write_gate=True)
+    with torch.no_grad():
+        for n, p in gated.named_parameters():
+            if n.endswith(("write_gate", "write_gate_bias")):
+                p.normal_(0.0, 0.3)
+    ids = torch.randint(0, 500, (2, 53))
+    with torch.no_grad():
+        whole = feed(gated, ids, [53])
+        torch.testing.assert_close(feed(gated, ids, [3, 14, 1, 0, 35]), whole,
+                                   atol=2e-5, rtol=1e-5)
+        plain = make(name)
+        assert not torch.allclose(feed(plain, ids, [53]), whole, atol=1e-4)  # β matters
+        weights = [p for n, p in gated.named_parameters() if n.endswith("write_gate")]
+        biases = [p for n, p in gated.named_parameters() if n.endswith("write_gate_bias")]
+        for w, b in zip(weights, biases, strict=True):
+            w.zero_()
+            b.fill_(40.0)  # β = 1 in float32: the plain delta rule
+        torch.testing.assert_close(feed(gated, ids, [53]), feed(plain, ids, [53]))
+        # a uniform β scales M and z alike, which the linear rule's read cancels
+        lin_gated = make(name, memory_write_gate=True, use_delta_rule=False)
+        lin_plain = make(name, use_delta_rule=False)
+        torch.testing.assert_close(feed(lin_gated, ids, [53]), feed(lin_plain, ids, [53]),
+                                   atol=2e-5, rtol=1e-5)

@@ -48,13 +48,14 @@ def test_one_step_lowers_the_loss(kind):
 
 
 def test_gates_have_their_own_group():
-    model = create_model("hierarchical", "tiny")
+    model = create_model("hierarchical", "tiny", memory_write_gate=True)
     cfg = TrainConfig(data=("x",), out="x", lr=1e-3, gate_lr=5e-2, weight_decay=0.1)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     names = {id(p): n for n, p in model.named_parameters()}
     gate_names = sorted(names[id(p)] for p in groups["gates"]["params"])
     assert gate_names == ["layers.0.attention.expand_bias", "layers.0.attention.expand_weight",
-                          "layers.0.attention.gate"]
+                          "layers.0.attention.gate", "layers.0.attention.write_gate",
+                          "layers.0.attention.write_gate_bias"]
     assert groups["gates"]["weight_decay"] == 0.0 and groups["gates"]["base_lr"] == 5e-2
     assert all(p.dim() >= 2 for p in groups["decay"]["params"])
     assert all(p.dim() < 2 for p in groups["no_decay"]["params"])

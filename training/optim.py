@@ -1,8 +1,9 @@
 """The optimizer of Phase 2: AdamW parameter groups (memory gates apart), the learning-rate
 schedule, and the gate values that are logged.
 
-Gates are the memory layers' ``...attention.gate`` (mix of memory read and local attention) and
-the hierarchical layer's ``expand_weight``/``expand_bias``. They get their own learning rate and
+Gates are the memory layers' ``...attention.gate`` (mix of memory read and local attention),
+the hierarchical layer's ``expand_weight``/``expand_bias`` and the optional write gate
+(``write_gate``/``write_gate_bias``, `memory_write_gate`). They get their own learning rate and
 no weight decay: with the model's rate and decay they stay near sigmoid(0) = 0.5, the known
 failure of Infini-attention reproductions.
 """
@@ -17,7 +18,8 @@ from torch import nn
 
 from training.config import TrainConfig
 
-GATE_SUFFIXES = ("attention.gate", "attention.expand_weight", "attention.expand_bias")
+GATE_SUFFIXES = ("attention.gate", "attention.expand_weight", "attention.expand_bias",
+                 "attention.write_gate", "attention.write_gate_bias")
 
 
 def is_gate(name: str) -> bool:

@@ -7,6 +7,8 @@ A memory is a matrix M (dk x dv) and a normaliser z (dk) per memory head, fed wi
 - read:   A = σ(Q) M / (σ(Q) z)          (an empty memory, z = 0, reads exactly zero)
 - linear: M += σ(K)ᵀ V,                  z += Σ_t σ(K_t)
 - delta:  M += σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z as linear (retrieval is zero while z = 0)
+- with ``memory_write_gate``, each token's σ(k) is scaled by a learned β ∈ (0, 1) in both
+  updates (the read is unchanged by such a scaling, so the delta rule's retrieval is too)
 
 Text is processed in segments of S tokens. Inside a segment, causal softmax attention over the
 segment's tokens (rotary at segment-local positions); across segments, the memory read with the
@@ -105,6 +107,9 @@ class SegmentMemoryAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((config.num_heads,), float(config.gate_init)))
         if config.memory_key_shift:  # weight of the previous token's key in a memory key
             self.key_shift = nn.Parameter(torch.ones(config.num_heads, 1, config.head_dim))
+        if config.memory_write_gate:  # write strength from a token's memory key and value
+            self.write_gate = nn.Parameter(torch.zeros(config.memory_heads, 2 * self.dk, 1))
+            self.write_gate_bias = nn.Parameter(torch.zeros(config.memory_heads, 1, 1))
 
     # subclass API ------------------------------------------------------------------------
     def memory_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
@@ -159,6 +164,25 @@ class SegmentMemoryAttention(nn.Module):
         prev = F.pad(seg_k, (0, 0, 1, 0))[:, :, :-1]  # (B, H, S, D): key of token t - 1
         return seg_k + self.key_shift.to(seg_k.dtype) * prev
 
+    def write_strength(self, mk: Tensor, mv: Tensor) -> Tensor:
+        """β (B, MH, S, 1) in (0, 1): how strongly each token of a complete segment is written
+        (``memory_write_gate``), from its memory key and value (float32, memory heads)."""
+        kv = torch.cat((mk, mv), dim=-1)  # (B, MH, S, 2 dk)
+        w, b = self.write_gate.float(), self.write_gate_bias.float()
+        return torch.sigmoid(kv @ w + b)
+
+    def write_features(self, mk: Tensor, mv: Tensor) -> Tensor:
+        """The key features a complete segment writes: σ(K), times β with the write gate.
+
+        A read σ(q) M / σ(q) z does not change when one token's features are scaled, so the
+        delta rule's retrieval inside `memory_write` is the same for β·σ(K) as for σ(K), and
+        passing β·σ(K) writes M += Σ β σ(k)ᵀ (v − retrieved), z += Σ β σ(k): the gated rule.
+        """
+        sk = elu1(mk)
+        if self.config.memory_write_gate:
+            sk = sk * self.write_strength(mk, mv)
+        return sk
+
     def forward(self, x: Tensor, state: Any, step: Step) -> tuple[Tensor, Any]:
         S = self.segment_len
         q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (B, H, T, D) each
@@ -180,7 +204,7 @@ class SegmentMemoryAttention(nn.Module):
             if o + n == S:  # the segment is complete: write it, open a new one
                 mk = self.to_memory_heads(self.memory_keys(seg_k)).float()
                 mv = self.to_memory_heads(seg_v).float()
-                fields = self.write(elu1(mk), mk, mv, state, pos // S)
+                fields = self.write(self.write_features(mk, mv), mk, mv, state, pos // S)
                 empty = seg_k[:, :, :0]
                 state = dataclasses.replace(state, open_k=empty, open_v=empty, **fields)
             else:
