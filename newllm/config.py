@@ -25,7 +25,7 @@ CONTEXT_MODES = ("none", "input", "kv")
 # options added after the first release, with the value that means "not used": left out of the
 # fingerprint at that value (see ModelConfig.fingerprint_json)
 FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
-                                             "memory_write_gate": False}
+                                             "memory_write_gate": False, "memory_history": 0}
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ class ModelConfig:
     # 1): a later query like token X then finds what came right after X, which is what recalling
     # a told fact needs (the short convolutions of modern linear-attention models do the same)
     memory_key_shift: bool = False
+    # the generalisation of the shift: memory keys add the keys of up to this many previous
+    # tokens of the segment, and memory queries add them too (learned per-channel weights; keys
+    # start as the shift, queries at 0), so a fact is stored and asked under a few tokens of
+    # context ("pass key is" -> 7) rather than one common word ("is" -> 7)
+    memory_history: int = 0
     # a learned write strength per token and memory head, sigmoid of the token's memory key and
     # value (starting at 0.5 everywhere): tokens written weakly barely change the memory or its
     # normaliser, so a fact written strongly survives segments of filler written weakly
@@ -98,6 +103,11 @@ class ModelConfig:
             raise ValueError(
                 f"layer width {self.layer_hidden} is not divisible by num_heads={self.num_heads}"
             )
+        if self.memory_history < 0:
+            raise ValueError(f"memory_history must be >= 0, got {self.memory_history}")
+        if self.memory_history and self.memory_key_shift:
+            raise ValueError("memory_history includes the key shift; set memory_history or "
+                             "memory_key_shift, not both")
         if self.layer_hidden % self.memory_heads:
             raise ValueError(
                 f"layer width {self.layer_hidden} is not divisible by "

@@ -330,3 +330,45 @@ def test_memory_write_gate_keeps_splits_exact_and_its_limits_are_the_plain_rules
         lin_plain = make(name, use_delta_rule=False)
         torch.testing.assert_close(feed(lin_gated, ids, [53]), feed(lin_plain, ids, [53]),
                                    atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-infini", "tiny-multi-memory", "tiny-hierarchical"])
+def test_memory_history_keeps_splits_exact_and_reduces_to_the_shift(name: str) -> None:
+    model = make(name, memory_history=3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("key_history", "query_history")):
+                p.normal_(0.0, 0.5)
+    ids = torch.randint(0, 500, (2, 53))
+    with torch.no_grad():
+        whole = feed(model, ids, [53])
+        torch.testing.assert_close(feed(model, ids, [3, 14, 1, 0, 35]), whole,
+                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(feed(model, ids, [1] * 53), whole, atol=2e-5, rtol=1e-5)
+        shifted = make(name, memory_key_shift=True)
+        assert not torch.allclose(feed(shifted, ids, [53]), whole, atol=1e-4)
+        for n, p in model.named_parameters():  # the first key weight alone: the shift
+            if n.endswith("key_history") and not n.endswith("query_history"):
+                p.zero_()
+                p[:, 0] = 1.0
+            if n.endswith("query_history"):
+                p.zero_()
+        torch.testing.assert_close(feed(model, ids, [53]), feed(shifted, ids, [53]))
+
+
+def test_memory_history_adds_earlier_keys_of_the_segment_only() -> None:
+    attn = make("tiny-infini", memory_history=2).layers[0].attention
+    with torch.no_grad():
+        attn.key_history.copy_(torch.tensor([0.5, 0.25]).view(1, 2, 1).expand_as(attn.key_history))
+        attn.query_history.fill_(2.0)
+    k = torch.randn(1, 4, 16, 16)  # (B, H, S, D)
+    mk = attn.memory_keys(k)
+    torch.testing.assert_close(mk[:, :, 0], k[:, :, 0])
+    torch.testing.assert_close(mk[:, :, 1], k[:, :, 1] + 0.5 * k[:, :, 0])
+    torch.testing.assert_close(mk[:, :, 2:],
+                               k[:, :, 2:] + 0.5 * k[:, :, 1:-1] + 0.25 * k[:, :, :-2])
+    q = torch.randn(1, 4, 3, 16)  # tokens 5, 6, 7 of the segment
+    mq = attn.memory_queries(q, k[:, :, :8], 5)
+    torch.testing.assert_close(mq, q + 2.0 * k[:, :, 4:7] + 2.0 * k[:, :, 3:6])
+    with pytest.raises(ValueError, match="not both"):
+        ModelConfig.from_name("tiny-infini", memory_history=2, memory_key_shift=True)

@@ -107,6 +107,12 @@ class SegmentMemoryAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((config.num_heads,), float(config.gate_init)))
         if config.memory_key_shift:  # weight of the previous token's key in a memory key
             self.key_shift = nn.Parameter(torch.ones(config.num_heads, 1, config.head_dim))
+        if config.memory_history:  # weights of the previous tokens' keys, for keys and queries
+            w = config.memory_history
+            start = torch.zeros(config.num_heads, w, config.head_dim)
+            start[:, 0] = 1.0  # keys begin as the one-token shift
+            self.key_history = nn.Parameter(start)
+            self.query_history = nn.Parameter(torch.zeros(config.num_heads, w, config.head_dim))
         if config.memory_write_gate:  # write strength from a token's memory key and value
             self.write_gate = nn.Parameter(torch.zeros(config.memory_heads, 2 * self.dk, 1))
             self.write_gate_bias = nn.Parameter(torch.zeros(config.memory_heads, 1, 1))
@@ -157,12 +163,33 @@ class SegmentMemoryAttention(nn.Module):
 
     def memory_keys(self, seg_k: Tensor) -> Tensor:
         """The keys a complete segment writes (B, H, S, D): its own keys, plus (with
-        ``memory_key_shift``) each previous token's key times a learned weight. The segment's
-        first token has no predecessor here (the shift does not cross segment boundaries)."""
-        if not self.config.memory_key_shift:
-            return seg_k
-        prev = F.pad(seg_k, (0, 0, 1, 0))[:, :, :-1]  # (B, H, S, D): key of token t - 1
-        return seg_k + self.key_shift.to(seg_k.dtype) * prev
+        ``memory_key_shift``) each previous token's key times a learned weight, or (with
+        ``memory_history`` w) the keys of the w previous tokens, each times its own weight. The
+        segment's first tokens have fewer predecessors here (history does not cross segment
+        boundaries)."""
+        if self.config.memory_key_shift:
+            prev = F.pad(seg_k, (0, 0, 1, 0))[:, :, :-1]  # (B, H, S, D): key of token t - 1
+            return seg_k + self.key_shift.to(seg_k.dtype) * prev
+        if self.config.memory_history:
+            return seg_k + self.history(seg_k, self.key_history, 0)
+        return seg_k
+
+    def memory_queries(self, qs: Tensor, seg_k: Tensor, o: int) -> Tensor:
+        """Queries (B, H, n, D) of the segment's tokens o .. o+n-1 as the memory reads them:
+        with ``memory_history``, plus the keys of each one's previous tokens in the segment."""
+        if not self.config.memory_history:
+            return qs
+        return qs + self.history(seg_k, self.query_history, o)
+
+    def history(self, seg_k: Tensor, weights: Tensor, o: int) -> Tensor:
+        """Σ_j weights[:, j] * key of token t - 1 - j, for t = o .. end of seg_k (B, H, ., D)."""
+        L = seg_k.shape[-2]
+        out = torch.zeros_like(seg_k[:, :, o:])
+        for j in range(min(weights.shape[1], L - 1)):  # lags beyond the segment add nothing
+            lag = j + 1
+            prev = F.pad(seg_k, (0, 0, lag, 0))[:, :, o:L]  # key of token t - lag (0 before 0)
+            out = out + weights[:, j:j + 1].to(seg_k.dtype) * prev
+        return out
 
     def write_strength(self, mk: Tensor, mv: Tensor) -> Tensor:
         """β (B, MH, S, 1) in (0, 1): how strongly each token of a complete segment is written
@@ -196,7 +223,7 @@ class SegmentMemoryAttention(nn.Module):
             seg_k = torch.cat((state.open_k, ks), dim=-2)  # (B, H, o+n, D) unrotated
             seg_v = torch.cat((state.open_v, vs), dim=-2)
             local = causal_attention(self.rotary(qs, o), self.rotary(seg_k, 0), seg_v)
-            qm = self.to_memory_heads(qs).float()  # the memory path runs in float32
+            qm = self.to_memory_heads(self.memory_queries(qs, seg_k, o)).float()  # in float32
             a_mem, active = self.read(elu1(qm), qs.float(), state)
             a_mem = a_mem.to(x.dtype)
             g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
