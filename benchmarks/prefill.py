@@ -17,13 +17,15 @@ presets (``small-pythia`` with its own transformers twin, ``small-infini``) at 1
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import new_figure, plot_path, save_figure, time_it, write_result
+from benchmarks.common import new_figure, plot_path, save_figure, write_result
 from benchmarks.decode import hf_twin
 from benchmarks.state_size import KINDS
 from newllm import ModelConfig, TransformerLM
@@ -42,6 +44,20 @@ def hf_prefill(hf: Any, ids: torch.Tensor) -> torch.Tensor:
 
     out = hf(ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]  # (V,)
+
+
+def round_robin(fns: dict[str, Any], repeat: int) -> dict[str, float]:
+    """Median seconds of each fn over ``repeat`` rounds, every round calling each fn once in
+    turn (after one untimed round), so a noisy moment of the machine falls on all of them."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for kind, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[kind].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 timed["transformers_gpt_neox"] = partial(hf_prefill, hf, ids)
                 diff = (ours_prefill(models["pythia"], ids) - hf_prefill(hf, ids)).abs().max()
                 max_diff = max(max_diff, float(diff))
-            for kind, fn in timed.items():
-                sec = time_it(fn, repeat)["median_s"]
+            for kind, sec in round_robin(timed, repeat).items():
                 rows.setdefault(kind, []).append(
                     {"tokens": n, "ms": 1000 * sec, "tokens_per_s": n / sec})
             print(f"{n:6d} tokens: " + ", ".join(
@@ -95,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                "last_logits_equal_transformers": same}
     settings = {"quick": args.quick, "lengths": lengths, "repeat": repeat, "dtype": "float32",
                 "batch": 1, "presets": presets, "one_call": True,
+                "timing": "median of the repeats; each repeat times every kind once, in turn",
                 "our_weight_layout": "out-in (nn.Linear)" if args.default_layout else
                 "input-major (TransformerLM.use_input_major_weights, as the server runs)",
                 "transformers_attention": getattr(hf.config, "_attn_implementation", None)

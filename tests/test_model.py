@@ -372,3 +372,30 @@ def test_memory_history_adds_earlier_keys_of_the_segment_only() -> None:
     torch.testing.assert_close(mq, q + 2.0 * k[:, :, 4:7] + 2.0 * k[:, :, 3:6])
     with pytest.raises(ValueError, match="not both"):
         ModelConfig.from_name("tiny-infini", memory_history=2, memory_key_shift=True)
+
+
+def test_recall_toy_script_builds_its_trials_and_writes_a_curve(tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "recall_toy.py"
+    spec = importlib.util.spec_from_file_location("recall_toy", path)
+    assert spec is not None and spec.loader is not None
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    gen = torch.Generator().manual_seed(0)
+    seq = toy.trials(64, gap=1, cue=[1, 2, 3], answer=4, common=0.5, gen=gen)
+    S = toy.SEGMENT
+    assert seq.shape == (64, 3 * S)
+    assert (seq[:, -7:-4] == torch.tensor([1, 2, 3])).all()  # the question's cue
+    for row in seq:  # the fact sits in segment 0 with the same answer
+        starts = [i for i in range(S - 3) if row[i:i + 3].tolist() == [1, 2, 3]]
+        assert any(row[p + 3:p + 7].tolist() == row[-4:].tolist() for p in starts)
+    assert (seq[:, S:2 * S] == 3).float().mean() > 0.3  # the common cue token in the filler
+    out = tmp_path / "toy.json"
+    assert toy.main(["--steps", "2", "--eval-every", "1", "--batch-size", "4",
+                     "--model-options", "memory_history=2", "--out", str(out)]) == 0
+    curve = json.loads(out.read_text())["curve"]
+    assert [r["step"] for r in curve] == [1, 2]
+    assert all(0 <= r["exact"] <= r["first_token"] <= 1 for r in curve)
