@@ -138,8 +138,13 @@ def test_passkey_layout_and_scoring(models):
         assert question // S - (fact_end - 1) // S == d
     perfect = passkey_accuracy(Induction(), tok, distances=(0, 2), trials=4)
     assert perfect["by_distance"] == {"0": 1.0, "2": 1.0}
+    assert perfect["first_token_by_distance"] == {"0": 1.0, "2": 1.0}
     random_model = passkey_accuracy(models["infini"], tok, distances=(1,), trials=3)
     assert random_model["by_distance"]["1"] == 0.0
+    assert 0.0 <= random_model["first_token_by_distance"]["1"] <= 1.0
+    # an untrained model over 500 tokens pays about ln(500) nats per answer token
+    assert random_model["answer_nll_by_distance"]["1"] > 4.0
+    assert perfect["answer_nll_by_distance"]["0"] < random_model["answer_nll_by_distance"]["1"]
 
 
 def test_reversal_curse_report(tmp_path, models):

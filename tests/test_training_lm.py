@@ -162,7 +162,8 @@ def test_recall_mixing_is_logged_and_deterministic(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()]
     assert any("recall_answer_loss" in r for r in lines)
     final = lines[-1]  # the evaluation at the end
-    assert set(final["passkey"]) == {"0", "1", "2"}
+    assert set(final["passkey"]) == set(final["passkey_first_token"]) == {"0", "1", "2"}
+    assert all(v > 0 for v in final["passkey_answer_nll"].values())
     assert final["val_loss_memory_reset"] != final["val_loss"]
     assert losses(tmp_path / "r1" / "metrics.jsonl") == losses(tmp_path / "r2" / "metrics.jsonl")
 

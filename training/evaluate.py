@@ -232,20 +232,32 @@ def passkey_accuracy(model: nn.Module, tokenizer: Any, distances: Sequence[int] 
 
     Greedy decoding returns the key iff the model's argmax is the key's next token at every
     answer position given the correct ones before (teacher forcing), so one pass scores it.
+    Two graded measures come with it, which move before exact recall does: the share whose first
+    answer token is right (``first_token_by_distance``) and the answer's mean loss in nats per
+    token (``answer_nll_by_distance``; guessing uniformly among the digit tokens costs more).
     """
     S = segment_len or model.config.segment_len
     filler = tokenizer.encode(filler_text) if filler_text else None
     rng = random.Random(seed)
     chunk = default_chunk(model)
-    out: dict[str, Any] = {"segment_len": S, "trials": trials, "by_distance": {}}
+    out: dict[str, Any] = {"segment_len": S, "trials": trials, "by_distance": {},
+                           "first_token_by_distance": {}, "answer_nll_by_distance": {}}
     for d in distances:
-        hits = 0
+        hits = firsts = 0
+        nll, count = 0.0, 0
         for _ in range(trials):
             ids, start, n = passkey_example(tokenizer, d, S, rng, filler)
             logits = feed(model, ids[:-1], chunk)  # (T-1, V)
-            pred = logits[start - 1:start - 1 + n].argmax(-1)
-            hits += int(torch.equal(pred.cpu(), ids[start:start + n]))
+            answer = logits[start - 1:start - 1 + n]
+            target = ids[start:start + n].to(answer.device)
+            pred = answer.argmax(-1)
+            hits += int(torch.equal(pred, target))
+            firsts += int(pred[0] == target[0])
+            nll += float(F.cross_entropy(answer.float(), target, reduction="sum"))
+            count += n
         out["by_distance"][str(d)] = hits / trials
+        out["first_token_by_distance"][str(d)] = firsts / trials
+        out["answer_nll_by_distance"][str(d)] = nll / count
     return out
 
 

@@ -454,7 +454,11 @@ class Trainer:
 
             acc = passkey_accuracy(self.model, self.tokenizer, (0, 1, 2), self.cfg.eval_passkey)
             record["passkey"] = acc["by_distance"]
+            record["passkey_first_token"] = acc["first_token_by_distance"]
+            record["passkey_answer_nll"] = acc["answer_nll_by_distance"]
             text += "  passkey " + " ".join(f"d{k}={v:.0%}" for k, v in acc["by_distance"].items())
+            text += " (first token " + " ".join(
+                f"d{k}={v:.0%}" for k, v in acc["first_token_by_distance"].items()) + ")"
         if len(record) > 1:
             self._write_metrics(record)
             _log(self.dist, text)
