@@ -304,19 +304,33 @@ def test_rotary_tables_made_under_inference_mode_serve_autograd_later() -> None:
     assert model.layers[0].attention.query_key_value.weight.grad is not None
 
 
+def make_with_random(name: str, suffixes: tuple[str, ...], std: float,
+                     **overrides: object) -> TransformerLM:
+    """`make`, then the parameters whose names end with ``suffixes`` drawn from N(0, std²)."""
+    model = make(name, **overrides)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(suffixes):
+                p.normal_(0.0, std)
+    return model
+
+
+def splits_agree(model: TransformerLM, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ids (B, 53) read in one piece, checked against uneven pieces and token by token."""
+    whole = feed(model, ids, [53])
+    torch.testing.assert_close(feed(model, ids, [3, 14, 1, 0, 35]), whole, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(feed(model, ids, [1] * 53), whole, atol=2e-5, rtol=1e-5)
+    return whole
+
+
 @pytest.mark.parametrize("name", ["tiny-infini", "tiny-multi-memory", "tiny-hierarchical"])
 def test_memory_write_gate_keeps_splits_exact_and_its_limits_are_the_plain_rules(
         name: str) -> None:
-    gated = make(name, memory_write_gate=True)
-    with torch.no_grad():
-        for n, p in gated.named_parameters():
-            if n.endswith(("write_gate", "write_gate_bias")):
-                p.normal_(0.0, 0.3)
+    gated = make_with_random(name, ("write_gate", "write_gate_bias"), 0.3,
+                             memory_write_gate=True)
     ids = torch.randint(0, 500, (2, 53))
     with torch.no_grad():
-        whole = feed(gated, ids, [53])
-        torch.testing.assert_close(feed(gated, ids, [3, 14, 1, 0, 35]), whole,
-                                   atol=2e-5, rtol=1e-5)
+        whole = splits_agree(gated, ids)
         plain = make(name)
         assert not torch.allclose(feed(plain, ids, [53]), whole, atol=1e-4)  # β matters
         weights = [p for n, p in gated.named_parameters() if n.endswith("write_gate")]
@@ -334,17 +348,10 @@ def test_memory_write_gate_keeps_splits_exact_and_its_limits_are_the_plain_rules
 
 @pytest.mark.parametrize("name", ["tiny-infini", "tiny-multi-memory", "tiny-hierarchical"])
 def test_memory_history_keeps_splits_exact_and_reduces_to_the_shift(name: str) -> None:
-    model = make(name, memory_history=3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("key_history", "query_history")):
-                p.normal_(0.0, 0.5)
+    model = make_with_random(name, ("key_history", "query_history"), 0.5, memory_history=3)
     ids = torch.randint(0, 500, (2, 53))
     with torch.no_grad():
-        whole = feed(model, ids, [53])
-        torch.testing.assert_close(feed(model, ids, [3, 14, 1, 0, 35]), whole,
-                                   atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(feed(model, ids, [1] * 53), whole, atol=2e-5, rtol=1e-5)
+        whole = splits_agree(model, ids)
         shifted = make(name, memory_key_shift=True)
         assert not torch.allclose(feed(shifted, ids, [53]), whole, atol=1e-4)
         for n, p in model.named_parameters():  # the first key weight alone: the shift
