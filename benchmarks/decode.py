@@ -127,7 +127,7 @@ def interleaved_steps(steps_by: dict[str, Step], logits_by: dict[str, Tensor], s
     once the slowest decoder's timed steps add up to ``max_seconds`` (never before
     ``min_steps``).
     """
-    toks = {k: lg[:, -1:].argmax(-1) for k, lg in logits_by.items()}  # (1, 1) each
+    toks = {k: logits_by[k][:, -1:].argmax(-1) for k in steps_by}  # (1, 1) each
     times: dict[str, list[float]] = {k: [] for k in steps_by}
     tokens: dict[str, list[int]] = {k: [] for k in steps_by}
     with torch.no_grad():
