@@ -68,6 +68,37 @@ def machine() -> dict[str, Any]:
     }
 
 
+def add_layout_flag(ap: Any) -> None:
+    """``--default-layout`` for the benchmarks that time our models against transformers."""
+    ap.add_argument("--default-layout", action="store_true",
+                    help="keep our weights in nn.Linear's layout instead of the input-major one "
+                         "the server uses (TransformerLM.use_input_major_weights)")
+
+
+def apply_layout(models: Any, default_layout: bool) -> str:
+    """Store our models' weights as the server runs them (unless ``default_layout``); returns
+    the layout for the result's settings. transformers' twin is left as it ships."""
+    if default_layout:
+        return "out-in (nn.Linear)"
+    for model in models:
+        model.use_input_major_weights()
+    return "input-major (TransformerLM.use_input_major_weights, as the server runs)"
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """Median seconds of each fn over ``repeat`` rounds, every round calling each fn once in
+    turn (after one untimed round), so a noisy moment of the machine falls on all of them."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for kind, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[kind].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def time_it(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> dict[str, float]:
     """Median and spread of ``repeat`` calls of fn, in seconds."""
     for _ in range(warmup):

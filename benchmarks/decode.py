@@ -36,7 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks.common import new_figure, plot_path, save_figure, write_result
+from benchmarks.common import (
+    add_layout_flag,
+    apply_layout,
+    new_figure,
+    plot_path,
+    save_figure,
+    write_result,
+)
 from benchmarks.state_size import KINDS
 from newllm import ModelConfig, TransformerLM
 from newllm.sizes import state_bytes
@@ -266,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batched-kinds", nargs="*", default=["pythia", "infini"],
                     choices=list(KINDS), help="kinds of the batched-decode part")
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' twin")
-    ap.add_argument("--default-layout", action="store_true",
-                    help="keep our weights in nn.Linear's layout instead of the input-major one "
-                         "the server uses (TransformerLM.use_input_major_weights)")
+    add_layout_flag(ap)
     ap.add_argument("--device", default="cpu",
                     help="where to run both implementations, e.g. cuda (default cpu); use --out "
                          "to keep the results apart from the CPU ones")
@@ -289,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
               for k, p in presets.items()}
     hf = (hf_twin(models["pythia"]).to(device) if "pythia" in models and not args.no_transformers
           else None)
-    if not args.default_layout:
-        for model in models.values():  # as the server runs them; transformers as it ships
-            model.use_input_major_weights()
+    layout = apply_layout(models.values(), args.default_layout)
     vocab = min(m.config.vocab_size for m in models.values())
     length = max(contexts[-1], batch_context + BATCH_SPACING * max(sessions))
     ids = torch.randint(0, vocab, (1, length)).to(device)  # (1, T): one text for every point
@@ -349,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_seconds_per_point": max_seconds, "warmup_steps": 1,
                 "statistic": "median step", "dtype": "float32", "batch": 1,
                 "device": str(device),
-                "our_weight_layout": "out-in (nn.Linear)" if args.default_layout else
-                "input-major (TransformerLM.use_input_major_weights, as the server runs)",
+                "our_weight_layout": layout,
                 "transformers_weight_layout": "out-in (as shipped)",
                 "pythia_and_transformers": "one step of each in turn",
                 "prefill_chunk": CHUNK, "presets": presets,

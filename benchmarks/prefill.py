@@ -17,15 +17,21 @@ presets (``small-pythia`` with its own transformers twin, ``small-infini``) at 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import new_figure, plot_path, save_figure, write_result
+from benchmarks.common import (
+    add_layout_flag,
+    apply_layout,
+    new_figure,
+    plot_path,
+    round_robin,
+    save_figure,
+    write_result,
+)
 from benchmarks.decode import hf_twin
 from benchmarks.state_size import KINDS
 from newllm import ModelConfig, TransformerLM
@@ -46,20 +52,6 @@ def hf_prefill(hf: Any, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[0, -1]  # (V,)
 
 
-def round_robin(fns: dict[str, Any], repeat: int) -> dict[str, float]:
-    """Median seconds of each fn over ``repeat`` rounds, every round calling each fn once in
-    turn (after one untimed round), so a noisy moment of the machine falls on all of them."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for kind, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[kind].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small presets, short prompts (< 1 min)")
@@ -67,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="*", default=None,
                     help="prompt lengths (default 512 1024 2048 4096 8192)")
     ap.add_argument("--kinds", nargs="*", default=None, choices=list(KINDS))
-    ap.add_argument("--default-layout", action="store_true",
-                    help="keep our weights in nn.Linear's layout instead of the input-major one "
-                         "the server uses (TransformerLM.use_input_major_weights)")
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per point (median)")
+    add_layout_flag(ap)
     args = ap.parse_args(argv)
     presets = dict(QUICK_PRESETS) if args.quick else dict(KINDS)
     if args.kinds:
@@ -80,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     models = {k: TransformerLM(ModelConfig.from_name(p)).eval() for k, p in presets.items()}
     hf = hf_twin(models["pythia"]) if "pythia" in models else None
-    if not args.default_layout:
-        for model in models.values():  # as the server runs them; transformers as it ships
-            model.use_input_major_weights()
+    layout = apply_layout(models.values(), args.default_layout)
     vocab = min(m.config.vocab_size for m in models.values())
     rows: dict[str, list[dict[str, float]]] = {}
     max_diff = 0.0
@@ -111,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"quick": args.quick, "lengths": lengths, "repeat": repeat, "dtype": "float32",
                 "batch": 1, "presets": presets, "one_call": True,
                 "timing": "median of the repeats; each repeat times every kind once, in turn",
-                "our_weight_layout": "out-in (nn.Linear)" if args.default_layout else
-                "input-major (TransformerLM.use_input_major_weights, as the server runs)",
+                "our_weight_layout": layout,
                 "transformers_attention": getattr(hf.config, "_attn_implementation", None)
                 if hf is not None else None, "logits_tolerance": LOGITS_TOLERANCE}
     path = write_result("prefill", settings, results, args.out)

@@ -82,21 +82,23 @@ class TransformerLM(nn.Module):
         should use the same layout. A tied LM head is left alone (the embedding reads rows).
         Meant for inference: training works but copies every weight gradient into this order.
         """
-        tied = self.embed_in.weight if self.config.tie_word_embeddings else None
         with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear) and module.weight is not tied:
-                    w = module.weight
-                    if w.dim() == 2 and w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
-                        w.data = w.data.t().contiguous().t()
+            for w in self._matvec_weights():
+                if w.is_contiguous():
+                    w.data = w.data.t().contiguous().t()
         return self
 
     def weights_input_major(self) -> bool:
         """Whether every untied linear weight is stored input-major (see above)."""
-        tied = self.embed_in.weight if self.config.tie_word_embeddings else None
-        ws = [m.weight for m in self.modules() if isinstance(m, nn.Linear)
-              and m.weight is not tied and min(m.weight.shape) > 1]
+        ws = self._matvec_weights()
         return bool(ws) and all(w.t().is_contiguous() for w in ws)
+
+    def _matvec_weights(self) -> list[nn.Parameter]:
+        """The linear weights whose memory order `use_input_major_weights` sets: all but a tied
+        LM head (and degenerate 1-row or 1-column ones, contiguous either way)."""
+        tied = self.embed_in.weight if self.config.tie_word_embeddings else None
+        return [m.weight for m in self.modules() if isinstance(m, nn.Linear)
+                and m.weight is not tied and min(m.weight.shape) > 1]
 
     # state ---------------------------------------------------------------------------------
     @property
