@@ -12,7 +12,8 @@ Rows come from training results, merged by checkpoint folder:
 For every row whose config is known (the checkpoint folder's ``config.json`` or a preset name)
 the size columns come from `newllm.sizes` (parameters, state bytes at 2,048 and 16,384 tokens and
 the share of a same-shape Pythia KV cache) and the speed column is measured here (decode ms/token
-at ``--speed-context`` tokens of context, random weights of that config, batch 1, fp32).
+at ``--speed-context`` tokens of context, random weights of that config, batch 1, fp32, the
+weights stored as the server runs them unless ``--default-layout``).
 
 Without any input, the bundled default checkpoint is evaluated; ``--quick`` evaluates untrained
 ``tiny-infini`` and ``tiny-pythia`` on the built-in paragraph instead (to exercise the path).
@@ -33,7 +34,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import PROSE, new_figure, plot_path, save_figure, write_result
+from benchmarks.common import (
+    PROSE,
+    add_layout_flag,
+    apply_layout,
+    new_figure,
+    plot_path,
+    save_figure,
+    write_result,
+)
 from benchmarks.decode import ours_decode
 from newllm import PRESETS, ModelConfig, TransformerLM
 from newllm.sizes import state_bytes
@@ -109,11 +118,13 @@ def from_metrics(path: Path) -> dict[str, Any]:
     return row
 
 
-def size_and_speed(config: ModelConfig, context: int, steps: int) -> dict[str, Any]:
+def size_and_speed(config: ModelConfig, context: int, steps: int,
+                   default_layout: bool = False) -> dict[str, Any]:
     pythia = ModelConfig.from_dict({**config.to_dict(), "layers": ["pythia"] * config.num_layers,
                                     "segment_local": False, "context_mode": "none"})
     torch.manual_seed(0)
     model = TransformerLM(config).eval()
+    apply_layout([model], default_layout)
     ids = torch.randint(0, config.vocab_size, (1, context))
     sec, _ = ours_decode(model, ids, steps)
     out: dict[str, Any] = {"config_name": config.name, "layers": list(config.layers),
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="text for --evaluate (default: a built-in paragraph)")
     ap.add_argument("--speed-context", type=int, default=None,
                     help="context of the decode timing (default 1024; quick 64)")
+    add_layout_flag(ap)
     args = ap.parse_args(argv)
     evaluate_specs = args.evaluate
     if evaluate_specs is None and not (args.eval or args.metrics):
@@ -182,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if config is None:
             problems.append(f"{key}: no config.json found, so no size or speed")
         else:
-            row.update(size_and_speed(config, context, steps))
+            row.update(size_and_speed(config, context, steps, args.default_layout))
         if "ppl" not in row and "val_ppl" not in row:
             problems.append(f"{key}: no perplexity (run newllm eval --data ... or train with "
                             "validation data)")
@@ -202,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": [str(p) for p in args.metrics], "evaluated": evaluate_specs or [],
                 "data": str(args.data) if args.data else "built-in paragraph",
                 "size_at_tokens": list(SIZE_AT), "decode_context": context,
-                "decode_steps": steps}
+                "decode_steps": steps,
+                "layout": apply_layout([], args.default_layout)}
     path = write_result("quality", settings, {"rows": table}, args.out)
     fig, ax = new_figure("Size vs quality", "session state bytes at 16,384 tokens (fp32)",
                          "perplexity", logy=True)

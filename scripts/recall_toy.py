@@ -5,9 +5,10 @@ Random tokens; in segment 0 a cue of ``--cue-len`` tokens followed by ``--answer
 the answer (the question). The cue's last token is also a common filler token (share
 ``--common``), as "is" is in "the pass key is 71432": a memory that keys a fact on one previous
 token sees that key again and again in the filler. A `tiny-infini` model (2 layers, 64 wide,
-16-token segments) is trained from scratch on fresh batches (loss on every token, the answer
-weighted x3; memory gates at their own learning rate), and every ``--eval-every`` steps scored
-on 256 new trials: exact answers (all tokens) and first-token accuracy.
+segments of ``--segment`` tokens, 16 by default) is trained from scratch on fresh batches (loss
+on every token, the answer weighted x3; memory gates at their own learning rate), and every
+``--eval-every`` steps scored on 256 new trials: exact answers (all tokens) and first-token
+accuracy.
 
     python scripts/recall_toy.py --model-options memory_history=3 --gap 1 --steps 3000
     python scripts/recall_toy.py --model-options memory_key_shift=true --gap 1 --steps 3000
@@ -29,18 +30,18 @@ from newllm import create_model
 from training.optim import is_gate
 from training.options import parse_overrides
 
-SEGMENT, VOCAB, FIRST_FREE = 16, 128, 7  # tokens below FIRST_FREE are reserved for the cue
+VOCAB, FIRST_FREE = 128, 7  # tokens below FIRST_FREE are reserved for the cue
 
 
-def trials(n: int, *, gap: int, cue: list[int], answer: int, common: float,
+def trials(n: int, *, segment: int, gap: int, cue: list[int], answer: int, common: float,
            gen: torch.Generator) -> torch.Tensor:
-    """n sequences (n, SEGMENT * (gap + 2)): fact in segment 0, question at the very end."""
-    length = SEGMENT * (gap + 2)
+    """n sequences (n, segment * (gap + 2)): fact in segment 0, question at the very end."""
+    length = segment * (gap + 2)
     seq = torch.randint(FIRST_FREE, VOCAB, (n, length), generator=gen)
     seq[torch.rand(n, length, generator=gen) < common] = cue[-1]
     ans = torch.randint(FIRST_FREE, VOCAB, (n, answer), generator=gen)
     c = len(cue)
-    starts = torch.randint(0, SEGMENT - c - answer + 1, (n,), generator=gen)
+    starts = torch.randint(0, segment - c - answer + 1, (n,), generator=gen)
     cue_t = torch.tensor(cue)
     for i, p in enumerate(starts.tolist()):
         seq[i, p:p + c] = cue_t
@@ -54,6 +55,7 @@ def trials(n: int, *, gap: int, cue: list[int], answer: int, common: float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-options", nargs="*", default=[], help="config overrides, k=v")
+    ap.add_argument("--segment", type=int, default=16, help="segment length (default 16)")
     ap.add_argument("--gap", type=int, default=1, help="segments of filler between (default 1)")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -65,18 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the curve here (JSON)")
     args = ap.parse_args(argv)
-    if args.cue_len < 1 or args.cue_len + args.answer > SEGMENT or args.gap < 0:
-        ap.error(f"need 1 <= --cue-len and --cue-len + --answer <= {SEGMENT}, --gap >= 0")
+    if args.cue_len < 1 or args.cue_len + args.answer > args.segment or args.gap < 0:
+        ap.error("need 1 <= --cue-len and --cue-len + --answer <= --segment, --gap >= 0")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     options = parse_overrides(args.model_options)
-    model = create_model("infini", "tiny", vocab_size=VOCAB, segment_len=SEGMENT, **options)
+    model = create_model("infini", "tiny", vocab_size=VOCAB, segment_len=args.segment, **options)
     named = list(model.named_parameters())
     opt = torch.optim.AdamW([{"params": [p for n, p in named if not is_gate(n)], "lr": 3e-3},
                              {"params": [p for n, p in named if is_gate(n)], "lr": 2e-2}],
                             weight_decay=0.0)
     cue = list(range(1, args.cue_len + 1))
-    kw = {"gap": args.gap, "cue": cue, "answer": args.answer, "common": args.common}
+    kw = {"segment": args.segment, "gap": args.gap, "cue": cue, "answer": args.answer,
+          "common": args.common}
     train_gen = torch.Generator().manual_seed(args.seed)
     eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
     A, curve, t0 = args.answer, [], time.time()

@@ -93,6 +93,7 @@ def _check_schema(name: str, doc: dict) -> None:
     if name == "quality":
         rows = {r["name"]: r for r in res["rows"]}
         assert set(rows) == {"tiny-infini", "tiny-pythia"}
+        assert settings["layout"].startswith("input-major")  # timed as the server runs them
         for r in rows.values():
             assert {"ppl", "parameters", "state_bytes_16384", "decode_ms_per_token"} <= set(r)
         assert set(rows["tiny-infini"]["passkey"]) == {"0", "1"}

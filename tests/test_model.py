@@ -392,8 +392,8 @@ def test_recall_toy_script_builds_its_trials_and_writes_a_curve(tmp_path) -> Non
     toy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toy)
     gen = torch.Generator().manual_seed(0)
-    seq = toy.trials(64, gap=1, cue=[1, 2, 3], answer=4, common=0.5, gen=gen)
-    S = toy.SEGMENT
+    S = 16
+    seq = toy.trials(64, segment=S, gap=1, cue=[1, 2, 3], answer=4, common=0.5, gen=gen)
     assert seq.shape == (64, 3 * S)
     assert (seq[:, -7:-4] == torch.tensor([1, 2, 3])).all()  # the question's cue
     for row in seq:  # the fact sits in segment 0 with the same answer
@@ -401,7 +401,7 @@ def test_recall_toy_script_builds_its_trials_and_writes_a_curve(tmp_path) -> Non
         assert any(row[p + 3:p + 7].tolist() == row[-4:].tolist() for p in starts)
     assert (seq[:, S:2 * S] == 3).float().mean() > 0.3  # the common cue token in the filler
     out = tmp_path / "toy.json"
-    assert toy.main(["--steps", "2", "--eval-every", "1", "--batch-size", "4",
+    assert toy.main(["--steps", "2", "--eval-every", "1", "--batch-size", "4", "--segment", "8",
                      "--model-options", "memory_history=2", "--out", str(out)]) == 0
     curve = json.loads(out.read_text())["curve"]
     assert [r["step"] for r in curve] == [1, 2]
