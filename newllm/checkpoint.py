@@ -448,7 +448,11 @@ def _fresh(preset: str, device: torch.device | str | None,
 def transfer_weights(target: TransformerLM, source: TransformerLM) -> tuple[list[str], list[str]]:
     """Copy into ``target`` every tensor of ``source`` with the same name and shape.
 
-    Returns (copied, kept): the names copied, and the names of ``target`` left as they were.
+    One rename: a memory layer's ``key_shift`` (``memory_key_shift``) becomes the first lag of
+    ``key_history`` (``memory_history``, which generalises the shift), the other lags left as
+    they start (0), so a shifted model given a history computes what it did before as long as
+    the query weights are 0, as they start. Returns (copied, kept): the names of ``target``
+    copied (or filled from ``key_shift``), and the names left as they were.
     """
     src = source.state_dict()
     copied, kept = [], []
@@ -456,10 +460,16 @@ def transfer_weights(target: TransformerLM, source: TransformerLM) -> tuple[list
     with torch.no_grad():
         for name, t in target.state_dict().items():
             s = src.get(name)
+            shift = src.get(name.removesuffix("key_history") + "key_shift")
             if tied and name == "embed_out.weight":  # the same tensor as embed_in.weight
                 (copied if "embed_in.weight" in copied else kept).append(name)
             elif s is not None and s.shape == t.shape:
                 t.copy_(s)
+                copied.append(name)
+            elif (name.endswith("attention.key_history") and shift is not None
+                  and shift.shape == t[:, :1].shape):
+                t.zero_()
+                t[:, :1] = shift
                 copied.append(name)
             else:
                 kept.append(name)

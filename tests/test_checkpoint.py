@@ -245,6 +245,25 @@ def test_init_from_pythia_copies_matching_tensors(tiny_model: ModelFactory) -> N
     assert kept == ["layers.0.attention.gate"]
 
 
+def test_transfer_turns_the_key_shift_into_the_first_lag_of_a_history(
+        tiny_model: ModelFactory) -> None:
+    shifted = tiny_model("tiny-infini", memory_key_shift=True)
+    with torch.no_grad():
+        shifted.layers[0].attention.key_shift.uniform_(-1.0, 1.0)  # not its start (ones)
+    target = tiny_model("tiny-infini", seed=5, memory_history=3, memory_write_gate=True)
+    copied, kept = transfer_weights(target, shifted)
+    history = target.layers[0].attention.key_history
+    assert "layers.0.attention.key_history" in copied
+    assert torch.equal(history[:, :1], shifted.layers[0].attention.key_shift)
+    assert not history[:, 1:].any()
+    assert set(kept) == {"layers.0.attention.query_history", "layers.0.attention.write_gate",
+                         "layers.0.attention.write_gate_bias"}
+    ids = torch.randint(0, 256, (2, 50))  # several segments, so the memory is read
+    with torch.no_grad():
+        target.layers[0].attention.write_gate_bias.fill_(30.0)  # write strength 1: plain rule
+        torch.testing.assert_close(target(ids)[0], shifted(ids)[0])
+
+
 def test_init_from_pythia_other_width(tiny_model: ModelFactory) -> None:
     source = tiny_model("tiny-pythia", seed=3)
     model = init_from_pythia(ModelConfig.from_name("tiny-context-pythia"), source)
