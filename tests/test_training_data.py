@@ -182,6 +182,28 @@ def test_recall_examples(tok):
     assert torch.equal(same, short) and not mask.any() and dist == -1
 
 
+def test_recall_examples_can_open_a_document_with_the_fact(tok):
+    S = 16
+    window = torch.tensor(tok.encode("z" * 160))
+    opening = D.RecallExamples(tok, S, at_start=1.0)
+    rng = random.Random(0)
+    for _ in range(10):
+        new, mask, dist = opening.make(window, rng)
+        assert int(new[0]) == tok.eos_token_id
+        assert tok.decode(new[1:].tolist()).startswith(" The pass key is ")
+        key = tok.decode(new[1:][mask].tolist())  # " 12345."
+        assert tok.decode(new.tolist()).endswith(f"What is the pass key? The pass key is{key}")
+        fact = tok.encode(f" The pass key is{key[:-1]}. Remember it.{key[:-1]} is the pass key.")
+        q0 = len(window) - len(tok.encode(f" What is the pass key? The pass key is{key}"))
+        assert tok.decode(new[1:1 + len(fact)].tolist()) == tok.decode(fact)
+        assert dist == q0 // S - len(fact) // S  # the fact ends at token len(fact)
+    mixed = D.RecallExamples(tok, S, at_start=0.5)
+    starts = [int(mixed.make(window, rng)[0][0]) == tok.eos_token_id for _ in range(200)]
+    assert 60 < sum(starts) < 140  # about half open with the fact
+    with pytest.raises(ValueError, match="at_start"):
+        D.RecallExamples(tok, S, at_start=1.5)
+
+
 def test_repeat_span_copies_earlier_prose_into_a_later_segment():
     window = torch.arange(1, 66)  # L + 1 = 65: 4 segments of 16 targets
     for seed in range(20):

@@ -51,6 +51,9 @@ class TrainConfig:
     recall_fraction: float = 0.0
     """share of training examples turned into synthetic pass-key recall examples (a key told
     early in real prose, asked for at the end, 0 or more segments later)"""
+    recall_at_start: float = 0.0
+    """share of recall examples that open with EOS and the fact (a fact told at the start of a
+    document or conversation), the rest placed anywhere before the question"""
     recall_weight: float = 1.0
     """loss weight of the answer tokens of recall examples (and of --repeat-fraction copies)"""
     repeat_fraction: float = 0.0
@@ -118,6 +121,8 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if self.lr <= 0 or self.gate_lr < 0:
             raise ValueError("--lr must be > 0 and --gate-lr >= 0")
+        if not 0.0 <= self.recall_at_start <= 1.0:
+            raise ValueError("--recall-at-start must be in [0, 1]")
         if not 0.0 <= self.recall_fraction <= 1.0 or self.recall_weight < 0:
             raise ValueError("--recall-fraction must be in [0, 1] and --recall-weight >= 0")
         if not 0.0 <= self.repeat_fraction <= 1.0 - self.recall_fraction or self.repeat_span < 2:

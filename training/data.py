@@ -367,11 +367,16 @@ class RecallExamples:
     written over it in some segment, and ``" What is the pass key? The pass key is N."`` over its
     end, ``distance`` segments later (0 = the same segment, up to as far as the window allows,
     chosen uniformly). The answer tokens are returned as a mask so the loss can weight them. Mixed
-    into training, these teach the memory to store and fetch a fact across segments.
+    into training, these teach the memory to store and fetch a fact across segments. With
+    ``at_start`` that share of examples opens with EOS and the fact instead, as a fact told at
+    the start of a conversation is: the first tokens after a document's start look different
+    to the layers below the memory, and a model never shown a fact there can miss it.
     """
 
-    def __init__(self, tokenizer: TextTokenizer, segment_len: int) -> None:
-        self.tokenizer, self.S = tokenizer, segment_len
+    def __init__(self, tokenizer: TextTokenizer, segment_len: int, at_start: float = 0.0) -> None:
+        if not 0.0 <= at_start <= 1.0:
+            raise ValueError(f"at_start must be in [0, 1], got {at_start}")
+        self.tokenizer, self.S, self.at_start = tokenizer, segment_len, at_start
         self.question = tokenizer.encode(" What is the pass key? The pass key is")
 
     def make(self, window: Tensor, rng: Any) -> tuple[Tensor, Tensor, int]:
@@ -391,14 +396,18 @@ class RecallExamples:
         if q0 - len(fact) < 0:
             return window, mask, -1
         q_seg = q0 // S
-        # segments where the fact can end (it must end before the question starts)
-        last_seg = (q0 - 1) // S
-        first_seg = (len(fact) - 1) // S
-        end_seg = rng.randint(first_seg, last_seg)
-        lo = max(end_seg * S + 1, len(fact))  # fact end (exclusive) within that segment
-        hi = min((end_seg + 1) * S, q0)
-        end = rng.randint(lo, max(lo, hi))
         new = window.clone()
+        if self.at_start and q0 > len(fact) and rng.random() < self.at_start:
+            new[0] = self.tokenizer.eos_token_id  # a document starts with the fact
+            end = 1 + len(fact)
+        else:
+            # segments where the fact can end (it must end before the question starts)
+            last_seg = (q0 - 1) // S
+            first_seg = (len(fact) - 1) // S
+            end_seg = rng.randint(first_seg, last_seg)
+            lo = max(end_seg * S + 1, len(fact))  # fact end (exclusive) within that segment
+            hi = min((end_seg + 1) * S, q0)
+            end = rng.randint(lo, max(lo, hi))
         new[end - len(fact):end] = torch.tensor(fact, dtype=window.dtype)
         new[q0:] = torch.tensor(tail, dtype=window.dtype)
         mask[n - 1 - len(answer):] = True  # targets t -> window[t + 1]

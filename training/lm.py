@@ -193,7 +193,8 @@ class Trainer:
             self.elapsed = float(info.get("elapsed_s", 0.0))
             _log(self.dist, f"resuming from {self.resume_from} (step {self.step})")
         self.net: nn.Module = self.model
-        self.recall = (D.RecallExamples(self.tokenizer, self.model.config.segment_len)
+        self.recall = (D.RecallExamples(self.tokenizer, self.model.config.segment_len,
+                                        cfg.recall_at_start)
                        if cfg.recall_fraction else None)
         if cfg.lct:
             from training.lct import ContextCache, LaggedContextLM
