@@ -75,14 +75,20 @@ def add_layout_flag(ap: Any) -> None:
                          "the server uses (TransformerLM.use_input_major_weights)")
 
 
+def layout_label(default_layout: bool) -> str:
+    """How our weights are stored, for a result's settings."""
+    if default_layout:
+        return "out-in (nn.Linear)"
+    return "input-major (TransformerLM.use_input_major_weights, as the server runs)"
+
+
 def apply_layout(models: Any, default_layout: bool) -> str:
     """Store our models' weights as the server runs them (unless ``default_layout``); returns
     the layout for the result's settings. transformers' twin is left as it ships."""
-    if default_layout:
-        return "out-in (nn.Linear)"
-    for model in models:
-        model.use_input_major_weights()
-    return "input-major (TransformerLM.use_input_major_weights, as the server runs)"
+    if not default_layout:
+        for model in models:
+            model.use_input_major_weights()
+    return layout_label(default_layout)
 
 
 def round_robin(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:

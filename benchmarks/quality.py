@@ -38,6 +38,7 @@ from benchmarks.common import (
     PROSE,
     add_layout_flag,
     apply_layout,
+    layout_label,
     new_figure,
     plot_path,
     save_figure,
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data": str(args.data) if args.data else "built-in paragraph",
                 "size_at_tokens": list(SIZE_AT), "decode_context": context,
                 "decode_steps": steps,
-                "layout": apply_layout([], args.default_layout)}
+                "layout": layout_label(args.default_layout)}
     path = write_result("quality", settings, {"rows": table}, args.out)
     fig, ax = new_figure("Size vs quality", "session state bytes at 16,384 tokens (fp32)",
                          "perplexity", logy=True)

@@ -445,6 +445,10 @@ def _fresh(preset: str, device: torch.device | str | None,
 
 
 # warm starts -------------------------------------------------------------------------------
+def _fits(source: Tensor | None, target: Tensor) -> bool:
+    return source is not None and source.shape == target.shape
+
+
 def transfer_weights(target: TransformerLM, source: TransformerLM) -> tuple[list[str], list[str]]:
     """Copy into ``target`` every tensor of ``source`` with the same name and shape.
 
@@ -460,14 +464,13 @@ def transfer_weights(target: TransformerLM, source: TransformerLM) -> tuple[list
     with torch.no_grad():
         for name, t in target.state_dict().items():
             s = src.get(name)
-            shift = src.get(name.removesuffix("key_history") + "key_shift")
             if tied and name == "embed_out.weight":  # the same tensor as embed_in.weight
                 (copied if "embed_in.weight" in copied else kept).append(name)
             elif s is not None and s.shape == t.shape:
                 t.copy_(s)
                 copied.append(name)
-            elif (name.endswith("attention.key_history") and shift is not None
-                  and shift.shape == t[:, :1].shape):
+            elif name.endswith("attention.key_history") and _fits(
+                    shift := src.get(name.removesuffix("key_history") + "key_shift"), t[:, :1]):
                 t.zero_()
                 t[:, :1] = shift
                 copied.append(name)
