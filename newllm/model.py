@@ -34,10 +34,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, state: Any, step: Step) -> tuple[Tensor, Any]:
         a, state = self.attention(self.input_layernorm(x), state, step)
+        return self.mix(x, a), state
+
+    def mix(self, x: Tensor, a: Tensor) -> Tensor:
+        """The residual stream after this layer, given its input x and mixer output a."""
         if self.parallel:
-            return x + a + self.mlp(self.post_attention_layernorm(x)), state
+            return x + a + self.mlp(self.post_attention_layernorm(x))
         h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h)), state
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class TransformerLM(nn.Module):
@@ -197,12 +201,7 @@ class TransformerLM(nn.Module):
                 a, ls = block.attention(h[b:b + 1], s.layers[li], Step(s.position, ctx))
                 outs.append(a)
                 new.append(ls)
-            a = torch.cat(outs, dim=0)
-            if block.parallel:
-                x = x + a + block.mlp(block.post_attention_layernorm(x))
-            else:
-                x = x + a
-                x = x + block.mlp(block.post_attention_layernorm(x))
+            x = block.mix(x, torch.cat(outs, dim=0))
             per_layer.append(new)
         logits = self.embed_out(self.final_layer_norm(x))[:, 0]  # (B, V)
         new_states = [

@@ -1,5 +1,6 @@
-"""Pieces shared by the token mixers: the per-call `Step`, rotary embeddings, the GPT-NeoX QKV
-split, causal attention with an offset, and a growable key/value buffer with value semantics.
+"""Pieces shared by the token mixers: the per-call `Step` (and `SlotStep`, its batched-decode
+counterpart), rotary embeddings, the GPT-NeoX QKV split, causal attention with an offset, a
+growable key/value buffer with value semantics, and the padded-buffer helpers of slot decoding.
 
 Shape letters: B batch, T new tokens, H heads, D head dim, C layer width, S segment length.
 """
@@ -7,7 +8,8 @@ Shape letters: B batch, T new tokens, H heads, D head dim, C layer width, S segm
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +26,109 @@ class Step:
     contexts: Tensor | None = None  # (B, T, context_dim) context vectors (context models)
 
 
+@dataclass
+class SlotStep:
+    """What every mixer is told about one batched decode step over slots (`newllm.slots`).
+
+    Row i of the step decodes one token for slot ``rows[i]``, at absolute position
+    ``position[i]``. Positions are known on the host too (``host_position``), so buffer
+    lengths, boundaries and masks are decided without reading the device. When the rows are
+    consecutive slots (the usual case: `Slots` keeps busy slots packed), ``span`` is that
+    slice and buffers are read as views instead of gathered copies.
+    """
+
+    rows: Tensor  # (N,) long, slot index of each row
+    position: Tensor  # (N,) long, absolute position of each row's new token
+    host_position: tuple[int, ...]
+    span: slice | None = None
+    contexts: Tensor | None = None  # (N, 1, context_dim) context vectors (context models)
+    _angles: dict[tuple[float, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def take(self, buffer: Tensor) -> Tensor:
+        """The step's rows of a slot buffer (slots, ...) -> (N, ...): a view when consecutive."""
+        return buffer[self.span] if self.span is not None else buffer.index_select(0, self.rows)
+
+    def rotate(self, rotary: Rotary, x: Tensor, period: int = 0) -> Tensor:
+        """Rotate x (N, H, 1, D) at each row's position (``position % period`` if given)."""
+        if rotary.dims == 0:
+            return x
+        key = (rotary.base, rotary.dims, period)
+        if key not in self._angles:
+            pos = self.position % period if period else self.position
+            cos, sin = _compute_angles_at(rotary.inv_freq, pos, x.device)  # (N, R)
+            self._angles[key] = (cos.view(-1, 1, 1, rotary.dims), sin.view(-1, 1, 1, rotary.dims))
+        cos, sin = self._angles[key]
+        return rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def length_mask(lengths: Tensor, width: int) -> Tensor:
+    """(N, 1, 1, width) bool: key j of row i is visible when j < lengths[i]."""
+    return (torch.arange(width, device=lengths.device) < lengths.view(-1, 1)).view(
+        -1, 1, 1, width)
+
+
+@dataclass
+class KVSlots:
+    """Padded key/value buffers (slots, H, capacity, D) of a slot batch (`newllm.slots`).
+
+    How many entries of a row are valid follows from that slot's position, so no lengths are
+    stored here; entries past a row's length are stale and always masked out.
+    """
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def zeros(cls, slots: int, heads: int, capacity: int, head_dim: int, device: Any,
+              dtype: torch.dtype) -> KVSlots:
+        k = torch.zeros(slots, heads, capacity, head_dim, device=device, dtype=dtype)
+        return cls(k, k.clone())
+
+    def reserve(self, needed: int) -> None:
+        """Room for ``needed`` entries per row (capacity doubles; existing entries are kept)."""
+        self.k, self.v = grow_time(self.k, needed), grow_time(self.v, needed)
+
+    def load(self, row: int, k: Tensor, v: Tensor) -> None:
+        """Put one state's (1, H, n, D) keys and values in ``row`` (the rest zeroed)."""
+        n = k.shape[-2]
+        self.reserve(n + 1)
+        self.k[row].zero_()
+        self.v[row].zero_()
+        self.k[row, :, :n] = k[0]
+        self.v[row, :, :n] = v[0]
+
+    def extract(self, row: int, n: int) -> tuple[Tensor, Tensor]:
+        """Copies of the first ``n`` entries of ``row``, as one state's (1, H, n, D)."""
+        return self.k[row:row + 1, :, :n].clone(), self.v[row:row + 1, :, :n].clone()
+
+
+def grow_time(buffer: Tensor, needed: int) -> Tensor:
+    """A slot buffer (slots, H, cap, D) with room for ``needed`` entries: itself, or a copy
+    with the capacity doubled until it fits (the new part zero)."""
+    cap = buffer.shape[2]
+    if needed <= cap:
+        return buffer
+    new_cap = max(cap, 16)
+    while new_cap < needed:
+        new_cap *= 2
+    out = buffer.new_zeros(buffer.shape[0], buffer.shape[1], new_cap, buffer.shape[3])
+    out[:, :, :cap] = buffer
+    return out
+
+
 # Angle tables are a pure function of (dims, base, start, length, device), so every layer and
 # every model shares one small cache: a decode step at position p computes its table once, not
 # once per layer. Only short tables (decode steps, short chunks) are kept.
 _ANGLES_CACHED_UP_TO = 256
+
+
+def _compute_angles_at(inv_freq: Tensor, positions: Tensor,
+                       device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin (N, dims) at the given positions (N,): the same arithmetic as below, per row."""
+    pos = positions.to(device=device, dtype=torch.float64)
+    freqs = (pos[:, None] * inv_freq.to(device=device, dtype=torch.float64)).float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
 
 
 def _compute_angles(inv_freq: Tensor, start: int, length: int,
@@ -76,7 +177,10 @@ class Rotary(nn.Module):
         if self.dims == 0:
             return x
         cos, sin = self.angles(start, x.shape[-2], x.device)  # (T, R)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return self.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotate x (..., T, D) by angle tables that broadcast against (..., T, dims)."""
         rot, rest = x[..., : self.dims], x[..., self.dims:]
         half = self.dims // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)

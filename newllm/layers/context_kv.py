@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from newllm.config import ModelConfig
-from newllm.layers.common import GrowBuffer, Step, kv_append, merge_heads
+from newllm.layers.common import GrowBuffer, KVSlots, SlotStep, Step, kv_append, merge_heads
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,38 @@ class ContextKVAttention(nn.Module):
         out = w[..., :-1] @ v_all + w[..., -1:] * v_own  # (B, H, T, D)
         assert k_all.shape[-2] == n_old + ends.numel()
         return self.dense(merge_heads(out)), ContextKVState(k_all, v_all, spare)
+
+    # slots (see newllm.slots): one padded buffer of chunk-end keys/values per slot ----------
+    def slot_init(self, slots: int, device: Any, dtype: torch.dtype) -> KVSlots:
+        return KVSlots.zeros(slots, self.num_heads, 16, self.head_dim, device, dtype)
+
+    def slot_load(self, buf: KVSlots, row: int, state: ContextKVState, position: int) -> None:
+        buf.load(row, state.k, state.v)
+
+    def slot_extract(self, buf: KVSlots, row: int, position: int) -> ContextKVState:
+        return ContextKVState(*buf.extract(row, position // self.chunk))
+
+    def slot_step(self, x: Tensor, buf: KVSlots, step: SlotStep) -> Tensor:
+        """One token per row: x (N, 1, C) -> (N, 1, C); a row that ends a chunk stores it."""
+        assert step.contexts is not None, "context_kv needs the context block's contexts"
+        N, H, D = x.shape[0], self.num_heads, self.head_dim
+        q = self.query(x).view(N, 1, H, D).transpose(1, 2)  # (N, H, 1, D)
+        kv = self.key_value(step.contexts).view(N, 1, H, 2, D).permute(3, 0, 2, 1, 4)
+        k_own, v_own = kv[0], kv[1]  # (N, H, 1, D)
+        chunks = step.position // self.chunk  # (N,) finished chunks before each row's token
+        width = max(p // self.chunk for p in step.host_position)
+        buf.reserve(width + 1)
+        keys, values = step.take(buf.k)[:, :, :width], step.take(buf.v)[:, :, :width]
+        scale = 1.0 / math.sqrt(D)
+        s_chunks = (q @ keys.transpose(-1, -2)) * scale  # (N, H, 1, J)
+        hidden = torch.arange(width, device=x.device).view(1, -1) >= chunks.view(-1, 1)  # (N, J)
+        s_chunks = s_chunks.masked_fill(hidden.view(N, 1, 1, width), float("-inf"))
+        s_own = (q * k_own).sum(-1, keepdim=True) * scale  # (N, H, 1, 1)
+        w = torch.softmax(torch.cat((s_chunks, s_own), dim=-1).float(), dim=-1).to(q.dtype)
+        out = w[..., :-1] @ values + w[..., -1:] * v_own  # (N, H, 1, D)
+        ends = [i for i, p in enumerate(step.host_position) if (p + 1) % self.chunk == 0]
+        if ends:  # these rows finish a chunk: their own context becomes its key/value
+            e = torch.tensor(ends, device=x.device)
+            buf.k[step.rows[e], :, chunks[e]] = k_own[e, :, 0]
+            buf.v[step.rows[e], :, chunks[e]] = v_own[e, :, 0]
+        return self.dense(merge_heads(out))

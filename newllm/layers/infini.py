@@ -42,7 +42,10 @@ class InfiniAttention(SegmentMemoryAttention):
         return {"memory": (B, NB, MH, dk, dk), "z": (B, NB, MH, dk)}
 
     def read(self, sq: Tensor, q: Tensor, state: InfiniState) -> tuple[Tensor, Tensor]:
-        M, z = state.memory.sum(dim=1), state.z.sum(dim=1)  # (B, MH, dk, dk), (B, MH, dk)
+        if self.num_banks == 1:  # a view: no copy of the memory per step
+            M, z = state.memory[:, 0], state.z[:, 0]  # (B, MH, dk, dk), (B, MH, dk)
+        else:
+            M, z = state.memory.sum(dim=1), state.z.sum(dim=1)
         active = z.flatten(1).sum(dim=1) > 0  # (B,)
         return memory_read(sq, M, z), active
 
@@ -53,6 +56,9 @@ class InfiniAttention(SegmentMemoryAttention):
         cycle = segment // self.segments_per_bank
         return cycle % self.num_banks, cycle >= self.num_banks and segment % \
             self.segments_per_bank == 0
+
+    def write_group(self, segment: int) -> tuple[int, bool]:
+        return self.bank_for(segment)
 
     def write(self, sk: Tensor, k: Tensor, v: Tensor, state: InfiniState,
               segment: int) -> dict[str, Tensor]:

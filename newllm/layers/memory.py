@@ -21,6 +21,7 @@ complete; until then the open segment's (unrotated) keys and values are part of 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from newllm.config import ModelConfig
-from newllm.layers.common import Rotary, Step, causal_attention, merge_heads, split_qkv
+from newllm.layers.common import (
+    Rotary,
+    SlotStep,
+    Step,
+    causal_attention,
+    length_mask,
+    merge_heads,
+    split_qkv,
+)
 
 
 def elu1(x: Tensor) -> Tensor:
@@ -79,6 +88,21 @@ def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
     return M_new, z_new
 
 
+@dataclass
+class MemorySlots:
+    """A memory layer's state for a slot batch (`newllm.slots`): every tensor (slots, ...).
+
+    The open segment sits in fixed buffers of S entries; how many are valid follows from the
+    slot's position (``position % S``). ``rot_k`` holds the same keys rotated at their
+    segment-local positions, so local attention does not rotate the segment again every step.
+    """
+
+    fields: dict[str, Tensor]  # the memory's own tensors (float32), by state field name
+    open_k: Tensor  # (slots, H, S, D) unrotated keys of the open segment
+    open_v: Tensor  # (slots, H, S, D)
+    rot_k: Tensor  # (slots, H, S, D)
+
+
 class SegmentMemoryAttention(nn.Module):
     """Segment-local causal attention + a compressive memory, gated per head.
 
@@ -127,6 +151,10 @@ class SegmentMemoryAttention(nn.Module):
     def write(self, sk: Tensor, k: Tensor, v: Tensor, state: Any,
               segment: int) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def write_group(self, segment: int) -> Any:
+        """Segments whose writes `write` handles alike (one call for all rows of a group)."""
+        return None
 
     # shared machinery ----------------------------------------------------------------------
     def memory_state(self, batch_size: int, device: Any) -> dict[str, Tensor]:
@@ -242,3 +270,81 @@ class SegmentMemoryAttention(nn.Module):
             return torch.zeros_like(x), state
         out = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
         return self.dense(merge_heads(out)), state
+
+    # slots (see newllm.slots) ---------------------------------------------------------------
+    def slot_init(self, slots: int, device: Any, dtype: torch.dtype) -> MemorySlots:
+        z = torch.zeros(slots, self.num_heads, self.segment_len, self.head_dim, device=device,
+                        dtype=dtype)
+        return MemorySlots(self.memory_state(slots, device), z, z.clone(), z.clone())
+
+    def slot_load(self, buf: MemorySlots, row: int, state: Any, position: int) -> None:
+        for name, t in buf.fields.items():
+            t[row] = getattr(state, name)[0]
+        o = state.open_k.shape[-2]
+        for t in (buf.open_k, buf.open_v, buf.rot_k):
+            t[row].zero_()
+        buf.open_k[row, :, :o] = state.open_k[0]
+        buf.open_v[row, :, :o] = state.open_v[0]
+        buf.rot_k[row, :, :o] = self.rotary(state.open_k[0], 0)
+
+    def slot_extract(self, buf: MemorySlots, row: int, position: int) -> Any:
+        o = position % self.segment_len
+        return self.state_class(
+            **{name: t[row:row + 1].clone() for name, t in buf.fields.items()},
+            open_k=buf.open_k[row:row + 1, :, :o].clone(),
+            open_v=buf.open_v[row:row + 1, :, :o].clone())
+
+    def _rows_state(self, buf: MemorySlots, take: Any) -> Any:
+        """A state object over some rows' memory tensors, for `read` and `write`."""
+        return self.state_class(**{name: take(t) for name, t in buf.fields.items()},
+                                open_k=None, open_v=None)
+
+    def slot_step(self, x: Tensor, buf: MemorySlots, step: SlotStep) -> Tensor:
+        """One token per row: x (N, 1, C) -> (N, 1, C). Reads the memory as it was before this
+        token; the rows whose token completes a segment then write it into their memory."""
+        S, N = self.segment_len, x.shape[0]
+        q, k, v = split_qkv(self.query_key_value(x), self.num_heads)  # (N, H, 1, D) each
+        o = step.position % S  # (N,) the token's place in its segment
+        rows = step.rows
+        buf.open_k[rows, :, o] = k[:, :, 0]
+        buf.open_v[rows, :, o] = v[:, :, 0]
+        buf.rot_k[rows, :, o] = step.rotate(self.rotary, k, S)[:, :, 0]
+        width = max(p % S for p in step.host_position) + 1
+        local = F.scaled_dot_product_attention(
+            step.rotate(self.rotary, q, S), step.take(buf.rot_k)[:, :, :width],
+            step.take(buf.open_v)[:, :, :width], attn_mask=length_mask(o + 1, width))
+        qm = q
+        if self.config.memory_history:  # + the keys of the previous tokens of the segment
+            w, hist = self.query_history, torch.zeros_like(q)
+            for j in range(w.shape[1]):
+                at = o - (j + 1)
+                prev = buf.open_k[rows, :, at.clamp_min(0)].unsqueeze(2)  # (N, H, 1, D)
+                prev = torch.where((at >= 0).view(N, 1, 1, 1), prev, torch.zeros_like(prev))
+                hist = hist + w[:, j:j + 1].to(q.dtype) * prev
+            qm = q + hist
+        qm = self.to_memory_heads(qm).float()
+        a_mem, active = self.read(elu1(qm), q.float(), self._rows_state(buf, step.take))
+        g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
+        out = g * self.from_memory_heads(a_mem.to(x.dtype)) + (1 - g) * local  # (N, H, 1, D)
+        ends = [i for i, p in enumerate(step.host_position) if p % S == S - 1]
+        if ends:
+            self._slot_write(buf, step, ends)
+        return self.dense(merge_heads(out))
+
+    def _slot_write(self, buf: MemorySlots, step: SlotStep, ends: list[int]) -> None:
+        """Write the complete segments of rows ``ends`` into their slots' memories (one `write`
+        call per `write_group`, e.g. per memory bank; one group in most configs)."""
+        S = self.segment_len
+        groups: dict[Any, list[int]] = {}
+        for i in ends:
+            groups.setdefault(self.write_group(step.host_position[i] // S), []).append(i)
+        for members in groups.values():
+            rows = step.rows[torch.tensor(members, device=step.rows.device)]  # (W,)
+            seg_k, seg_v = buf.open_k[rows], buf.open_v[rows]  # (W, H, S, D)
+            mk = self.to_memory_heads(self.memory_keys(seg_k)).float()
+            mv = self.to_memory_heads(seg_v).float()
+            segment = step.host_position[members[0]] // S
+            fields = self.write(self.write_features(mk, mv), mk, mv,
+                                self._rows_state(buf, lambda t, r=rows: t[r]), segment)
+            for name, t in fields.items():
+                buf.fields[name][rows] = t

@@ -8,17 +8,22 @@ after rotation), which grows by one entry per token: 2 * C values per token per 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from newllm.config import ModelConfig
 from newllm.layers.common import (
     GrowBuffer,
+    KVSlots,
     Rotary,
+    SlotStep,
     Step,
     causal_attention,
     kv_append,
+    length_mask,
     merge_heads,
     stack_qkv,
 )
@@ -73,3 +78,32 @@ class PythiaAttention(nn.Module):
         if not outs:
             return torch.zeros_like(x), state
         return self.dense(merge_heads(torch.cat(outs, dim=-2))), state
+
+    # slots (see newllm.slots): a padded KV buffer per slot, its length given by the position -
+    def kept(self, position: int) -> int:
+        """KV entries a state holds after ``position`` tokens."""
+        return position % self.window if self.window else position
+
+    def slot_init(self, slots: int, device: Any, dtype: torch.dtype) -> KVSlots:
+        cap = self.window or 64
+        return KVSlots.zeros(slots, self.num_heads, cap, self.head_dim, device, dtype)
+
+    def slot_load(self, buf: KVSlots, row: int, state: KVState, position: int) -> None:
+        buf.load(row, state.k, state.v)
+
+    def slot_extract(self, buf: KVSlots, row: int, position: int) -> KVState:
+        return KVState(*buf.extract(row, self.kept(position)))
+
+    def slot_step(self, x: Tensor, buf: KVSlots, step: SlotStep) -> Tensor:
+        """One token per row: x (N, 1, C) -> (N, 1, C); the rows' keys/values join their slots."""
+        qkv = stack_qkv(self.query_key_value(x), self.num_heads)  # (3, N, H, 1, D)
+        q, k = step.rotate(self.rotary, qkv[0]), step.rotate(self.rotary, qkv[1])
+        width = max(self.kept(p) for p in step.host_position) + 1  # longest row after the write
+        buf.reserve(width)
+        kept = step.position % self.window if self.window else step.position  # (N,)
+        buf.k[step.rows, :, kept] = k[:, :, 0]
+        buf.v[step.rows, :, kept] = qkv[2][:, :, 0]
+        keys, values = step.take(buf.k)[:, :, :width], step.take(buf.v)[:, :, :width]
+        out = F.scaled_dot_product_attention(q, keys, values,
+                                             attn_mask=length_mask(kept + 1, width))
+        return self.dense(merge_heads(out))  # (N, 1, C)

@@ -1,0 +1,191 @@
+"""`Slots`: the batch state. Many sessions' states stacked in fixed buffers, decoded together.
+
+A `ModelState` is one session's state as a value: what is saved, moved and branched. `Slots` is
+how many sessions are computed on at once: every layer's state lives in tensors with a leading
+slot dimension (memory matrices and normalisers stacked; the open segment's keys/values in fixed
+(slots, H, S, D) buffers; `pythia` and Context-KV caches in padded buffers that double their
+capacity when a row needs more), plus the context block's last context and a position per slot.
+How many buffer entries of a slot are valid follows from its position, which the host knows, so
+a step decides lengths, segment boundaries and masks without reading the device.
+
+    slots = Slots(model, 32)
+    a = slots.add(state_a)                # a session joins: its state is copied into a slot
+    b = slots.add(state_b)                # ... at any position, of any length
+    logits = slots.step([a, b], [t_a, t_b])   # (2, V): one token each, one forward for both
+    state_a = slots.remove(a)             # it leaves: its state comes back out as a value
+
+`step` runs one forward over the rows: embedding, MLPs and LM head as one batch, and in every
+mixer the attention over per-row lengths with masks, memory reads over the stacked memories,
+and segment-boundary writes for just the rows that complete a segment (`slot_step` of each
+mixer in `newllm.layers`). No Python loop over sessions. Busy slots are kept packed at rows
+0..n-1 (a leaving session's row is filled with the last busy one), so the rows of a step are
+read as views, not gathered copies. The plain reference is one `model(token, state)` call per
+session; the tests hold the two together (logits within float tolerance, and states taken out
+that save to memory files which continue with the same tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from newllm.layers.common import SlotStep
+from newllm.state import ModelState
+
+
+def _tensors(buf: Any) -> list[tuple[Any, str]]:
+    """(owner, name) of every tensor in a mixer's slot buffer (a dataclass, maybe with a dict)."""
+    out: list[tuple[Any, str]] = []
+    for f in dataclasses.fields(buf):
+        value = getattr(buf, f.name)
+        if isinstance(value, Tensor):
+            out.append((buf, f.name))
+        elif isinstance(value, dict):
+            out.extend((value, k) for k in value)
+    return out
+
+
+def _get(owner: Any, name: str) -> Tensor:
+    return owner[name] if isinstance(owner, dict) else getattr(owner, name)
+
+
+class SlotsFull(RuntimeError):
+    """Every slot is busy."""
+
+
+class Slots:
+    """A fixed number of slots for one model (see the module docstring)."""
+
+    def __init__(self, model: Any, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.model = model
+        self.num_slots = num_slots
+        dev, dt = model.device, model.dtype
+        self.layers = [b.attention.slot_init(num_slots, dev, dt) for b in model.layers]
+        self.context = (model.context_block.initial(num_slots, dev, dt)
+                        if model.context_block is not None else None)  # (slots, Cc)
+        self.position: list[int] = []  # per busy row
+        self._handles: list[int] = []  # handle of each busy row
+        self._row: dict[int, int] = {}  # handle -> row
+        self._next = 0
+
+    # bookkeeping ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __contains__(self, handle: object) -> bool:
+        return handle in self._row
+
+    @property
+    def free(self) -> int:
+        return self.num_slots - len(self._handles)
+
+    def position_of(self, handle: int) -> int:
+        return self.position[self._lookup(handle)]
+
+    def _lookup(self, handle: int) -> int:
+        try:
+            return self._row[handle]
+        except KeyError:
+            raise KeyError(f"no session in slot handle {handle}") from None
+
+    # in and out ----------------------------------------------------------------------------
+    def add(self, state: ModelState) -> int:
+        """Copy a one-session state into a free slot; returns the slot's handle."""
+        if state.batch_size != 1:
+            raise ValueError(f"a slot takes a state of batch size 1, got {state.batch_size}")
+        if not self.free:
+            raise SlotsFull(f"all {self.num_slots} slots are busy")
+        row = len(self._handles)
+        with torch.no_grad():
+            for block, buf, ls in zip(self.model.layers, self.layers, state.layers, strict=True):
+                block.attention.slot_load(buf, row, ls, state.position)
+            if self.context is not None:
+                assert state.context is not None, "a context model's state has a context"
+                self.context[row] = state.context[0]
+        handle, self._next = self._next, self._next + 1
+        self._handles.append(handle)
+        self.position.append(state.position)
+        self._row[handle] = row
+        return handle
+
+    def state(self, handle: int) -> ModelState:
+        """A copy of the slot's state as a `ModelState` (the slot keeps going)."""
+        row = self._lookup(handle)
+        pos = self.position[row]
+        layers = tuple(block.attention.slot_extract(buf, row, pos)
+                       for block, buf in zip(self.model.layers, self.layers, strict=True))
+        ctx = None if self.context is None else self.context[row:row + 1].clone()
+        return ModelState(pos, layers, ctx)
+
+    def remove(self, handle: int) -> ModelState:
+        """Take a session out: its state, and its slot freed (the last busy row moves in)."""
+        state = self.state(handle)
+        self.discard(handle)
+        return state
+
+    def discard(self, handle: int) -> None:
+        """Free a slot without reading its state."""
+        row = self._lookup(handle)
+        last = len(self._handles) - 1
+        if row != last:  # keep busy rows packed: move the last one into the hole
+            for buf in self.layers:
+                for owner, name in _tensors(buf):
+                    t = _get(owner, name)
+                    t[row] = t[last]
+            if self.context is not None:
+                self.context[row] = self.context[last]
+            moved = self._handles[last]
+            self._handles[row], self.position[row] = moved, self.position[last]
+            self._row[moved] = row
+        self._handles.pop()
+        self.position.pop()
+        del self._row[handle]
+
+    # the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, handles: Sequence[int], tokens: Sequence[int] | Tensor) -> Tensor:
+        """One token for each of these slots, in one forward; logits (N, V) in their order."""
+        N = len(handles)
+        if N == 0:
+            raise ValueError("step needs at least one slot")
+        if len(set(handles)) != N:
+            raise ValueError("a slot appears twice in one step")
+        model = self.model
+        rows = [self._lookup(h) for h in handles]
+        order = sorted(range(N), key=rows.__getitem__)
+        rows = [rows[i] for i in order]
+        span = slice(rows[0], rows[0] + N) if rows[-1] - rows[0] == N - 1 else None
+        dev = model.device
+        ids = torch.as_tensor(tokens, dtype=torch.long).to(dev)
+        if ids.shape != (N,):
+            raise ValueError(f"{N} slots but tokens of shape {tuple(ids.shape)}")
+        host = tuple(self.position[r] for r in rows)
+        step = SlotStep(torch.tensor(rows, device=dev), torch.tensor(host, device=dev), host,
+                        span)
+        x = model.embed_in(ids[torch.tensor(order, device=dev)].view(N, 1))  # (N, 1, hidden)
+        if self.context is not None:
+            step.contexts, last = model.context_block(x, step.take(self.context))  # (N, 1, Cc)
+            self.context[step.rows] = last
+            if model.config.context_mode == "input":
+                x = step.contexts
+        for block, buf in zip(model.layers, self.layers, strict=True):
+            x = block.mix(x, block.attention.slot_step(block.input_layernorm(x), buf, step))
+        logits = model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
+        for r in rows:
+            self.position[r] += 1
+        out = torch.empty_like(logits)
+        out[torch.tensor(order, device=dev)] = logits
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of the slot buffers (spare capacity included)."""
+        total = 0 if self.context is None else self.context.nbytes
+        for buf in self.layers:
+            total += sum(_get(o, n).nbytes for o, n in _tensors(buf))
+        return total

@@ -1,0 +1,133 @@
+"""Slots (the batch state) against the plain reference: one ``model(token, state)`` per session.
+
+For every kind: sessions at different positions decoded together, one crossing a segment
+boundary during the batch, one joining mid-way, one leaving, give the logits each gives alone,
+and the states taken out of the slots save to memory files that load and continue with the
+same greedy tokens as the sequential path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_PRESETS, make_tiny_model
+
+from newllm.generation import SamplingParams, generate
+from newllm.memory_file import load_memory, save_memory
+from newllm.slots import Slots, SlotsFull
+from newllm.state import ModelState
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{p: (p, {}) for p in TINY_PRESETS},
+    "infini-banks-history-gate": ("tiny-infini", {"num_memory_banks": 2, "segments_per_bank": 1,
+                                                  "memory_history": 2,
+                                                  "memory_write_gate": True}),
+    "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,
+                                                   "memory_key_shift": True, "memory_heads": 2}),
+    "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
+    "pythia-no-window": ("tiny-infini", {"segment_local": False}),
+}
+
+
+def model_for(variant: str) -> Any:
+    preset, options = VARIANTS[variant]
+    return make_tiny_model(preset, init_std=0.1, **options)  # peaked: greedy has no near-ties
+
+
+def read(model: Any, n: int, seed: int) -> ModelState:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return model(torch.randint(1, 500, (1, n), generator=g))[1]
+
+
+def greedy(model: Any, state: ModelState, first: int, n: int = 12) -> list[int]:
+    params = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
+    return generate(model, [first], state, params).collect().token_ids
+
+
+def assert_states_close(a: ModelState, b: ModelState) -> None:
+    assert a.position == b.position
+    fa, fb = a.flat_tensors(), b.flat_tensors()
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        assert fa[name].shape == fb[name].shape and fa[name].dtype == fb[name].dtype, name
+        torch.testing.assert_close(fa[name], fb[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_slots_decode_like_separate_sessions(variant: str) -> None:
+    model = model_for(variant)
+    # positions 3, 14 (crosses the segment boundary at 16 on its 3rd step), 29, and 40 (joins)
+    starts = {"a": read(model, 3, 1), "b": read(model, 14, 2), "c": read(model, 29, 3)}
+    late = read(model, 40, 4)
+    slots = Slots(model, 4)
+    handle = {name: slots.add(s) for name, s in starts.items()}
+    ref = dict(starts)
+    g = torch.Generator().manual_seed(5)
+    for t in range(24):
+        if t == 4:  # joins mid-way
+            handle["d"], ref["d"] = slots.add(late), late
+        if t == 9:  # leaves mid-way; what it takes out is its state
+            assert_states_close(slots.remove(handle.pop("a")), ref.pop("a"))
+        names = sorted(handle, reverse=t % 2 == 1)  # rows in any order
+        tokens = torch.randint(1, 500, (len(names),), generator=g)
+        logits = slots.step([handle[n] for n in names], tokens)
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                alone, ref[n] = model(tokens[i].view(1, 1), ref[n])
+                torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+    assert ref["b"].position > 16  # "b" crossed a segment boundary inside the batch
+    for name, h in handle.items():
+        out = slots.state(h)
+        assert_states_close(out, ref[name])
+        # the state taken out saves to a file that loads and continues like the sequential one
+        loaded = load_memory(save_memory(out, model), model)
+        assert greedy(model, loaded, 7) == greedy(model, ref[name], 7)
+
+
+@pytest.mark.parametrize("variant", ["tiny-infini", "tiny-context-kv", "pythia-no-window"])
+def test_a_state_goes_into_a_slot_and_out_unchanged(variant: str) -> None:
+    """In and out with no step between: the same memory file, byte for byte."""
+    model = model_for(variant)
+    slots = Slots(model, 3)
+    states = [read(model, n, n) for n in (0, 21, 70)]
+    handles = [slots.add(s) for s in states]
+    slots.discard(handles[0])  # the last row moves into the freed one
+    for s, h in zip(states[1:], handles[1:], strict=True):
+        assert save_memory(slots.state(h), model) == save_memory(s, model)
+
+
+@pytest.mark.parametrize("variant", ["tiny-infini", "tiny-context-kv", "pythia-no-window"])
+def test_a_freed_slot_is_reused_and_stale_values_do_not_leak(variant: str) -> None:
+    """A slot whose last session was left with NaN in its buffers serves the next one exactly."""
+    model = model_for(variant)
+    slots = Slots(model, 2)
+    h = slots.add(read(model, 30, 1))
+    for buf in slots.layers:  # poison every buffer of both slots
+        for t in [v for v in vars(buf).values() if isinstance(v, torch.Tensor)]:
+            t.fill_(float("nan"))
+    slots.discard(h)
+    short, long = read(model, 5, 2), read(model, 60, 3)
+    hs = [slots.add(short), slots.add(long)]  # the short row is read as wide as the long one
+    logits = slots.step(hs, torch.tensor([9, 9]))
+    with torch.no_grad():
+        for i, state in enumerate((short, long)):
+            alone, _ = model(torch.tensor([[9]]), state)
+            torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_slots_refuse_what_they_cannot_hold() -> None:
+    model = model_for("tiny-pythia")
+    slots = Slots(model, 1)
+    h = slots.add(read(model, 4, 1))
+    with pytest.raises(SlotsFull):
+        slots.add(read(model, 4, 2))
+    with pytest.raises(ValueError, match="batch size 1"):
+        Slots(model, 2).add(model.init_state(2))
+    with pytest.raises(ValueError, match="twice"):
+        slots.step([h, h], torch.tensor([1, 2]))
+    with pytest.raises(KeyError, match="no session"):
+        slots.step([h + 1], torch.tensor([1]))
+    assert slots.position_of(h) == 4 and len(slots) == 1 and slots.free == 0
