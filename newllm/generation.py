@@ -19,9 +19,10 @@ Choices, written down:
   the model's EOS) also ends generation with "stop"; its text is never released.
 - **Determinism**: sampling runs on the CPU with a `torch.Generator` seeded per request, so the
   same seed gives the same tokens for the same logits. Greedy decoding (temperature 0) needs none.
-- ``generate_batch`` runs independent sessions together with `TransformerLM.decode_step` and
-  gives what separate `generate` calls give; `GenerationRun` is the per-session step that both
-  use, for callers (the server) that run their own batching loop.
+- ``generate_batch`` runs independent sessions together on `newllm.slots.Slots` (one forward
+  per step for all of them, prompts read in chunks in the same loop) and gives what separate
+  `generate` calls give; `GenerationRun` is the per-session sampler that both use, for callers
+  (the server) that run their own batching loop.
 - Bad arguments raise `InvalidParameter`, a ValueError whose ``.param`` names the argument,
   before any work is done.
 """
@@ -450,44 +451,64 @@ def generate(model: Any, prompt_ids: Sequence[int] | Tensor, state: ModelState |
 def generate_batch(model: Any, prompts: Sequence[Sequence[int] | Tensor],
                    states: Sequence[ModelState | None] | None = None,
                    params_list: SamplingParams | Sequence[SamplingParams | None] | None = None,
-                   decode: Decode | None = None, *,
-                   vocab_size: int | None = None) -> list[TokenStream]:
+                   decode: Decode | None = None, *, vocab_size: int | None = None,
+                   max_batch: int | None = None) -> list[TokenStream]:
     """Several independent generations at once; the same results as separate `generate` calls.
 
-    Each prompt is prefilled on its own (prompts differ in length and states in position), then
-    every unfinished session advances one token per batched `model.decode_step`; sessions that
-    finish drop out (after their last token is consumed). Returns finished `TokenStream`s.
+    Continuous batching over `Slots` (at most ``max_batch`` sessions at once, default all):
+    prompts are read in chunks by the `Scheduler`, each session joins a slot when its prompt is
+    read and leaves when it finishes (after its last token is consumed), and every step decodes
+    one token for all sessions in the slots in one forward. Returns finished `TokenStream`s.
+    A model without slot support (any object with ``forward(ids, state)``) is run one
+    generation at a time.
     """
+    from newllm.model import TransformerLM  # local: newllm.model does not import generation
+    from newllm.scheduler import Scheduler
+    from newllm.slots import Slots
+
     n = len(prompts)
     states = list(states) if states is not None else [None] * n
     if params_list is None or isinstance(params_list, SamplingParams):
         params_list = [params_list] * n
     if len(states) != n or len(params_list) != n:
         raise ValueError(f"{n} prompts but {len(states)} states and {len(params_list)} params")
+    if max_batch is not None:
+        _check_int("max_batch", max_batch, 1, 2**31 - 1)
     runs = [GenerationRun(model, p, s, sp, decode, vocab_size)
             for p, s, sp in zip(prompts, states, params_list, strict=True)]
+    if not isinstance(model, TransformerLM):
+        for run in runs:
+            for _ in _steps(model, run):
+                pass
+        return [TokenStream(run, iter(())) for run in runs]
+    slots = Slots(model, max(1, min(n, max_batch or n)))
+    sched = Scheduler(model, slots)
+    queue = list(range(n))  # prompts not yet handed to the scheduler (it reads them in turn)
+    live: dict[int, tuple[int, Tensor]] = {}  # session -> (slot handle, next-token logits (V,))
+    reading = 0  # sessions queued in the scheduler, not yet in a slot
     with torch.no_grad():
-        current: dict[int, tuple[Tensor, ModelState]] = {}  # session -> (logits (V,), state)
-        for i, run in enumerate(runs):
-            ids = torch.tensor([run.prompt_ids], dtype=torch.long, device=model.device)
-            logits, state = model(ids, run.start_state, last_only=True)  # (1, 1, V)
-            if run.params.max_new_tokens == 0:
-                run.finish_empty(state)
-            else:
-                current[i] = (logits[0, -1], state)
-        while current:
-            order = sorted(current)
-            tokens = [runs[i].take(current[i][0]).id for i in order]
-            logits, new_states = model.decode_step(
-                torch.tensor(tokens, dtype=torch.long, device=model.device),  # (B,)
-                [current[i][1] for i in order],
-            )  # (B, V)
+        while queue or reading or live:
+            while queue and len(live) + reading < slots.num_slots:
+                i = queue.pop(0)
+                sched.read(i, runs[i].prompt_ids, runs[i].start_state)
+                reading += 1
+            order = list(live)
+            tokens = {live[i][0]: runs[i].take(live[i][1]).id for i in order}
+            ready, logits = sched.step(tokens)
             for row, i in enumerate(order):
+                assert logits is not None
+                handle = live[i][0]
                 if runs[i].done:
-                    runs[i].state = new_states[row]
-                    del current[i]
+                    runs[i].state = slots.remove(handle)
+                    del live[i]
                 else:
-                    current[i] = (logits[row], new_states[row])
+                    live[i] = (handle, logits[row])
+            for i, last, state in ready:
+                reading -= 1
+                if runs[i].params.max_new_tokens == 0:
+                    runs[i].finish_empty(state)
+                else:
+                    live[i] = (slots.add(state), last)
     return [TokenStream(run, iter(())) for run in runs]
 
 

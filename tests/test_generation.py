@@ -354,7 +354,9 @@ def test_generate_refuses_bad_input(models):
 
 
 # batching ------------------------------------------------------------------------------------
-def test_generate_batch_equals_separate_generate_calls(models):
+@pytest.mark.parametrize("max_batch", [None, 2])
+def test_generate_batch_equals_separate_generate_calls(models, max_batch):
+    """All sessions in slots at once, or at most two at a time (the rest wait their turn)."""
     cases = [
         ("tiny-pythia", prompt(3, seed=1), 12),
         ("tiny-pythia", prompt(17, seed=2), 5),
@@ -369,7 +371,7 @@ def test_generate_batch_equals_separate_generate_calls(models):
         states = [None, base, None, base]
         params = [SamplingParams(max_new_tokens=n, temperature=0, **NO_EOS) for *_, n in cases]
         params[3] = SamplingParams(max_new_tokens=20, temperature=0.8, seed=11, **NO_EOS)
-        batch = generate_batch(model, prompts, states, params)
+        batch = generate_batch(model, prompts, states, params, max_batch=max_batch)
         for got, ids, state, p in zip(batch, prompts, states, params, strict=True):
             want = generate(model, ids, state, p).collect()
             assert got.token_ids == want.token_ids, preset

@@ -16,6 +16,7 @@ from conftest import TINY_PRESETS, make_tiny_model
 
 from newllm.generation import SamplingParams, generate
 from newllm.memory_file import load_memory, save_memory
+from newllm.scheduler import Scheduler
 from newllm.slots import Slots, SlotsFull
 from newllm.state import ModelState
 
@@ -131,3 +132,40 @@ def test_slots_refuse_what_they_cannot_hold() -> None:
     with pytest.raises(KeyError, match="no session"):
         slots.step([h + 1], torch.tensor([1]))
     assert slots.position_of(h) == 4 and len(slots) == 1 and slots.free == 0
+
+
+@pytest.mark.parametrize("variant", ["tiny-infini", "tiny-context-kv", "pythia-no-window",
+                                     "mixed"])
+def test_chunked_prefill_interleaved_with_decoding_is_exact(variant: str) -> None:
+    """A 45-token prompt read 8 tokens per step while two sessions decode gives the logits and
+    state of reading it at once; the decoding sessions are unaffected."""
+    model = model_for(variant)
+    slots = Slots(model, 3)
+    sched = Scheduler(model, slots, prefill_chunk=8)
+    ref = {slots.add(read(model, n, n)): read(model, n, n) for n in (6, 15)}
+    prompt = torch.randint(1, 500, (45,), generator=torch.Generator().manual_seed(9)).tolist()
+    base = read(model, 11, 11)
+    sched.read("p", prompt, base)
+    ready: list[Any] = []
+    steps = 0
+    while not ready:
+        tokens = {h: 3 + steps for h in ref}
+        ready, logits = sched.step(tokens)
+        assert logits is not None
+        with torch.no_grad():
+            for row, h in enumerate(tokens):
+                alone, ref[h] = model(torch.tensor([[tokens[h]]]), ref[h])
+                torch.testing.assert_close(logits[row], alone[0, -1], atol=1e-5, rtol=1e-5)
+        steps += 1
+    assert steps == 6  # ceil(45 / 8): one chunk per step
+    (key, last, after), = ready
+    with torch.no_grad():
+        once, whole = model(torch.tensor([prompt]), base)
+    assert key == "p"
+    torch.testing.assert_close(last, once[0, -1], atol=1e-5, rtol=1e-5)
+    assert_states_close(after, whole)
+    # several short prompts share one step's chunk
+    for k in range(3):
+        sched.read(k, [5, 6], base)
+    ready, logits = sched.step({})
+    assert [r[0] for r in ready] == [0, 1, 2] and logits is None and not sched.busy
