@@ -53,6 +53,10 @@ def _get(owner: Any, name: str) -> Tensor:
     return owner[name] if isinstance(owner, dict) else getattr(owner, name)
 
 
+def _none(*_: Any) -> None:
+    return None
+
+
 class SlotsFull(RuntimeError):
     """Every slot is busy."""
 
@@ -150,7 +154,10 @@ class Slots:
     # the step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, handles: Sequence[int], tokens: Sequence[int] | Tensor) -> Tensor:
-        """One token for each of these slots, in one forward; logits (N, V) in their order."""
+        """One token for each of these slots, in one forward; logits (N, V) in their order.
+
+        A step that raises leaves every slot as it was before it, so the caller can retry the
+        rows (e.g. one by one, to find the one that failed)."""
         N = len(handles)
         if N == 0:
             raise ValueError("step needs at least one slot")
@@ -168,15 +175,26 @@ class Slots:
         host = tuple(self.position[r] for r in rows)
         step = SlotStep(torch.tensor(rows, device=dev), torch.tensor(host, device=dev), host,
                         span)
-        x = model.embed_in(ids[torch.tensor(order, device=dev)].view(N, 1))  # (N, 1, hidden)
+        undo = [u for block, buf in zip(model.layers, self.layers, strict=True)
+                if (u := getattr(block.attention, "slot_backup", _none)(buf, step)) is not None]
         if self.context is not None:
-            step.contexts, last = model.context_block(x, step.take(self.context))  # (N, 1, Cc)
-            self.context[step.rows] = last
-            if model.config.context_mode == "input":
-                x = step.contexts
-        for block, buf in zip(model.layers, self.layers, strict=True):
-            x = block.mix(x, block.attention.slot_step(block.input_layernorm(x), buf, step))
-        logits = model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
+            last_context = step.take(self.context).clone()
+        try:
+            x = model.embed_in(ids[torch.tensor(order, device=dev)].view(N, 1))  # (N, 1, hidden)
+            if self.context is not None:
+                step.contexts, last = model.context_block(x, last_context)  # (N, 1, Cc)
+                self.context[step.rows] = last
+                if model.config.context_mode == "input":
+                    x = step.contexts
+            for block, buf in zip(model.layers, self.layers, strict=True):
+                x = block.mix(x, block.attention.slot_step(block.input_layernorm(x), buf, step))
+            logits = model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
+        except BaseException:  # a failed step leaves every slot as it was: it can be retried
+            for u in undo:
+                u()
+            if self.context is not None:
+                self.context[step.rows] = last_context
+            raise
         for r in rows:
             self.position[r] += 1
         out = torch.empty_like(logits)

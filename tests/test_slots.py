@@ -169,3 +169,28 @@ def test_chunked_prefill_interleaved_with_decoding_is_exact(variant: str) -> Non
         sched.read(k, [5, 6], base)
     ready, logits = sched.step({})
     assert [r[0] for r in ready] == [0, 1, 2] and logits is None and not sched.busy
+
+
+@pytest.mark.parametrize("variant", ["tiny-infini", "tiny-context-kv", "mixed"])
+def test_a_step_that_fails_part_way_leaves_the_slots_as_they_were(
+        variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last layer raises after the memory layers wrote a completed segment: the slots are
+    restored, and the step then retried gives the reference logits."""
+    model = model_for(variant)
+    slots = Slots(model, 2)
+    states = [read(model, 15, 1), read(model, 7, 2)]  # the first completes a segment (16)
+    handles = [slots.add(s) for s in states]
+    last = model.layers[-1].attention
+    real = last.slot_step
+    monkeypatch.setattr(last, "slot_step", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        slots.step(handles, torch.tensor([4, 5]))
+    for h, s in zip(handles, states, strict=True):
+        assert_states_close(slots.state(h), s)
+    monkeypatch.setattr(last, "slot_step", real)
+    logits = slots.step(handles, torch.tensor([4, 5]))
+    with torch.no_grad():
+        for i, s in enumerate(states):
+            alone, after = model(torch.tensor([[4 + i]]), s)
+            torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+            assert_states_close(slots.state(handles[i]), after)

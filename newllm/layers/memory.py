@@ -21,6 +21,7 @@ complete; until then the open segment's (unrotated) keys and values are part of 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,6 +331,22 @@ class SegmentMemoryAttention(nn.Module):
         if ends:
             self._slot_write(buf, step, ends)
         return self.dense(merge_heads(out))
+
+    def slot_backup(self, buf: MemorySlots, step: SlotStep) -> Callable[[], None] | None:
+        """What undoes this step's memory writes (for a step that fails part-way): the memory
+        of the rows that complete a segment, copied. Everything else a step writes lies past
+        the rows' valid lengths until their positions advance, which a failed step never does."""
+        S = self.segment_len
+        ends = [i for i, p in enumerate(step.host_position) if p % S == S - 1]
+        if not ends:
+            return None
+        rows = step.rows[torch.tensor(ends, device=step.rows.device)]
+        saved = {name: t[rows].clone() for name, t in buf.fields.items()}
+
+        def restore() -> None:
+            for name, t in saved.items():
+                buf.fields[name][rows] = t
+        return restore
 
     def _slot_write(self, buf: MemorySlots, step: SlotStep, ends: list[int]) -> None:
         """Write the complete segments of rows ``ends`` into their slots' memories (one `write`
