@@ -503,12 +503,15 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int] | Tensor],
                     del live[i]
                 else:
                     live[i] = (handle, logits[row])
-            for i, last, state in ready:
-                reading -= 1
+            for p in ready:
+                if p.error is not None:
+                    raise p.error
+                assert p.logits is not None
+                i, reading = int(p.key), reading - 1  # type: ignore[call-overload]
                 if runs[i].params.max_new_tokens == 0:
-                    runs[i].finish_empty(state)
+                    runs[i].finish_empty(p.state)
                 else:
-                    live[i] = (slots.add(state), last)
+                    live[i] = (slots.add(p.state), p.logits)
     return [TokenStream(run, iter(())) for run in runs]
 
 

@@ -15,8 +15,8 @@ of a text does: `TransformerLM.forward`).
 
     sched = Scheduler(model, Slots(model, 32))
     sched.read("a", prompt_ids, state)          # queue a prompt
-    ready, logits = sched.step({handle: token}) # ready: prompts read in full this step
-    for key, last_logits, state_after in ready: ... slots.add(state_after) ...
+    done, logits = sched.step({handle: token})  # done: prompts read in full this step
+    for p in done: ... slots.add(p.state), sample from p.logits ...
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Prompt:
     state: ModelState
     done: int = 0
     logits: Tensor | None = None  # (V,) after the last token read so far
+    error: Exception | None = None  # the forward pass failed on this prompt
 
 
 class Scheduler:
@@ -70,26 +71,30 @@ class Scheduler:
         return bool(self.waiting)
 
     @torch.no_grad()
-    def prefill(self) -> list[tuple[Hashable, Tensor, ModelState]]:
-        """Read up to ``prefill_chunk`` waiting prompt tokens; the prompts now read in full, as
-        (key, last logits (V,), state after the prompt)."""
-        budget, ready = self.prefill_chunk, []
+    def prefill(self) -> list[Prompt]:
+        """Read up to ``prefill_chunk`` waiting prompt tokens. Returns the prompts that are
+        done: read in full (``logits`` (V,) after the last token, ``state`` after the prompt)
+        or failed (``error`` set: the forward pass raised on that prompt; the others go on)."""
+        budget, done = self.prefill_chunk, []
         while budget > 0 and self.waiting:
             p = self.waiting[0]
             piece = p.ids[p.done:p.done + budget]
             x = torch.tensor([piece], dtype=torch.long, device=self.model.device)  # (1, T)
-            logits, p.state = self.model(x, p.state, last_only=True)  # (1, 1, V)
+            try:
+                logits, p.state = self.model(x, p.state, last_only=True)  # (1, 1, V)
+            except Exception as e:  # noqa: BLE001 - this prompt alone fails
+                p.error = e
+                done.append(self.waiting.popleft())
+                continue
             p.logits, p.done, budget = logits[0, -1], p.done + len(piece), budget - len(piece)
             if p.done == len(p.ids):
-                self.waiting.popleft()
-                ready.append((p.key, p.logits, p.state))
-        return ready
+                done.append(self.waiting.popleft())
+        return done
 
-    def step(self, tokens: Mapping[int, int]) -> tuple[list[tuple[Hashable, Tensor, ModelState]],
-                                                       Tensor | None]:
+    def step(self, tokens: Mapping[int, int]) -> tuple[list[Prompt], Tensor | None]:
         """One step: a prefill share, then one token for each slot in ``tokens`` (handle ->
-        token). Returns the prompts read in full and the decode logits (N, V) in the order of
-        ``tokens`` (None when no slot decoded)."""
-        ready = self.prefill()
+        token). Returns the prompts done this step (see `prefill`) and the decode logits (N, V)
+        in the order of ``tokens`` (None when no slot decoded)."""
+        done = self.prefill()
         logits = (self.slots.step(list(tokens), list(tokens.values())) if tokens else None)
-        return ready, logits
+        return done, logits

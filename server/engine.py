@@ -10,10 +10,14 @@ One turn (a request):
    serves other jobs); load the session's memory and `Transcript` (a worker keeps recent
    states in memory and reuses one while the file's metadata, payload hash and position
    included, is unchanged), work out which part of the request is new (`server.transcript`:
-   409 if the history diverged), tokenize it, prefill it in chunks. A turn that would create a
-   session is refused here (503) when the store is full of busy sessions.
-2. **decode**: every live choice of every turn in the batch takes one token per step; the
-   model runs them together with `TransformerLM.decode_step` (sessions at different positions).
+   409 if the history diverged), tokenize it and queue it to be read. A turn that would create
+   a session is refused here (503) when the store is full of busy sessions.
+2. **read and decode**: the parts are the library's. `newllm.scheduler.Scheduler` decides each
+   step: a chunk of the waiting prompts is read (so a long prompt delays the others by one
+   chunk per step), then every live choice of every turn takes one token, all of them in one
+   forward over `newllm.slots.Slots` (each choice holds a slot from the end of its prompt to
+   its last token). A turn is admitted while its choices fit in the free slots
+   (``--max-batch-size`` slots; a turn wider than that runs when the worker is idle).
 3. **finish**: save the state and the extended transcript atomically, release the lock, report
    usage. A failure before this point leaves the session exactly as it was; so does a failed
    save (disk full or read-only: 507/503 for this request, see `server.store`).
@@ -30,7 +34,7 @@ Failures are per turn: a turn whose choice fails (an error while sampling, or lo
 not finite or beyond ``MAX_LOGIT``, which only a damaged or forged memory produces: 422
 ``non_finite_memory``) gets its error and is dropped, its session unchanged; the other turns in
 the batch go on. If the batched forward pass itself fails, each row is retried alone so that
-only the turn that caused it fails.
+only the turn that caused it fails (a failed step leaves the slots as they were).
 
 Cancellation: when the HTTP side sees its client go away mid-turn it drops a cancel flag
 (`SessionStore.cancel`); before each step the worker drops flagged turns (and parked jobs)
@@ -64,6 +68,8 @@ from torch import Tensor
 # is what generate_batch uses, and continuous batching with streaming needs it a step at a time
 from newllm.generation import GenerationRun, SamplingParams, score
 from newllm.memory_file import MemoryFileError, load_memory, save_memory
+from newllm.scheduler import PREFILL_CHUNK, Prompt, Scheduler
+from newllm.slots import Slots
 from newllm.state import ModelState
 from server import metrics
 from server.protocol import ApiError, usage
@@ -81,7 +87,6 @@ from server.transcript import (
 
 log = logging.getLogger("newllm.server")
 
-PREFILL_CHUNK = 512  # tokens per forward call when reading a prompt (bounds attention memory)
 CACHE_STATES = 32  # session states a worker keeps in memory (reused while the file is unchanged)
 CACHE_BYTES = 256 << 20  # ... and at most this many bytes of them
 MAX_LOGIT = 1e6  # |logit| beyond this (or NaN/inf) means a broken state, not a confident model
@@ -104,6 +109,11 @@ def prefill(model: Any, ids: list[int], state: ModelState) -> tuple[Tensor, Mode
     return logits[0, -1], state
 
 
+def _width(job: dict[str, Any]) -> int:
+    """Slots a job's turn needs at most: one per choice of each prompt."""
+    return int(job["n"]) * (1 if job["op"] == "chat" else len(job["prompts"]))
+
+
 def _header_of(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:8 + n]).get("__metadata__", {})
@@ -117,13 +127,13 @@ def healthy(logits: Tensor) -> bool:
 
 @dataclass
 class Task:
-    """One choice of one turn."""
+    """One choice of one turn, from the end of its prompt to its last token."""
 
     choice: int
     run: GenerationRun
     logits: Tensor  # (V,) logits for the next token
-    state: ModelState  # the state after the prompt and the tokens taken so far
     prompt_state: ModelState  # the state after the prompt (rebuilds memory after a stop string)
+    slot: int | None = None  # its slot while it decodes (the state lives there)
 
     @property
     def finished(self) -> bool:
@@ -147,12 +157,20 @@ class Turn:
     prompts: list[tuple[str, list[int]]]  # (new text, its token ids) per prompt
     new_units: list[str]
     loaded: bool  # the turn continues a memory read from the session's file
+    start: ModelState  # the state its prompts are read after
+    params: list[SamplingParams]  # per choice of a prompt
+    reading: int = 0  # prompts not yet read in full
     tasks: list[Task] = field(default_factory=list)
     failed: bool = False  # an error was sent; the turn is dropped unsaved
 
     @property
+    def width(self) -> int:
+        """Slots the turn needs at most: one per choice."""
+        return len(self.prompts) * int(self.job["n"])
+
+    @property
     def finished(self) -> bool:
-        return all(t.finished for t in self.tasks)
+        return not self.reading and all(t.finished for t in self.tasks)
 
     @property
     def wants_tokens(self) -> bool:
@@ -171,17 +189,36 @@ class Engine:
         # session id -> (the file's metadata, the state it holds)
         self.cache: OrderedDict[str, tuple[dict[str, str], ModelState]] = OrderedDict()
         self._pieces: dict[int, tuple[str, list[int]]] = {}
+        self.slots = Slots(model, 1)
+        self.scheduler = Scheduler(model, self.slots, PREFILL_CHUNK)
+        self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
+
+    def _use_slots(self, n: int) -> None:
+        """Serve with ``n`` slots (only while none is busy)."""
+        assert not len(self.slots) and not self.scheduler.busy
+        self.slots = Slots(self.model, n)
+        self.scheduler = Scheduler(self.model, self.slots, PREFILL_CHUNK)
+
+    def _fits(self, width: int, active: list[Turn]) -> bool:
+        """Whether a turn this wide can start now: its choices fit in the free slots, or the
+        worker is idle (a turn wider than all slots then runs alone, with more slots)."""
+        used = sum(t.width for t in active)
+        if not active and width > self.slots.num_slots:
+            self._use_slots(width)
+        return used + width <= self.slots.num_slots
 
     # the loop ----------------------------------------------------------------------------------
     def serve(self, queue: Any, send: Send, max_batch: int) -> None:
         """Take jobs from LitServe's request queue until the sentinel; never returns otherwise."""
         parked: deque[Job] = deque()  # taken, not started: their session is busy
         active: list[Turn] = []
+        if self.slots.num_slots != max_batch:
+            self._use_slots(max_batch)
         while True:
             tried: set[str] = set()  # sessions found busy in this pass
             for item in list(parked):  # oldest first, so one session's turns keep their order
                 sid = item[3]["session_id"]
-                if len(active) >= max_batch:
+                if not self._fits(_width(item[3]), active):
                     break
                 if sid in tried:
                     continue
@@ -189,7 +226,8 @@ class Engine:
                     parked.remove(item)
                 else:
                     tried.add(sid)
-            while len(active) < max_batch and len(parked) < MAX_PARKED:
+            while len(parked) < MAX_PARKED and (
+                    not active or sum(t.width for t in active) < self.slots.num_slots):
                 try:
                     if active:
                         item = queue.get_nowait()
@@ -201,7 +239,8 @@ class Engine:
                     return
                 busy = item[3]["session_id"] is not None and any(
                     p[3]["session_id"] == item[3]["session_id"] for p in parked)
-                if busy or not self._admit(item, active, send):
+                if busy or not self._fits(_width(item[3]), active) or not self._admit(
+                        item, active, send):
                     parked.append(item)
             if not active:
                 if len(parked) >= MAX_PARKED:  # nothing to do until a parked session frees
@@ -231,7 +270,6 @@ class Engine:
             turn = self.open(rqid, uid, job)
             if turn is None:
                 return False
-            self._start(turn, send)
             active.append(turn)
         except Exception as e:  # noqa: BLE001 - reported to the client
             if turn is not None:
@@ -295,30 +333,52 @@ class Engine:
                            param="messages" if job["op"] == "chat" else "prompt")
         if sid is not None and created:
             self.store.check_room(sid, self.locks)  # StoreFull -> 503 before generating
-        turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units,
-                    loaded=state is not None)
-        start = state if state is not None else self.model.init_state(1)
         p = job["params"]
         stop = list(dict.fromkeys(p["stop"] + ([CHAT_STOP] if job["op"] == "chat" else [])))
-        for pi, (_, ids) in enumerate(prompts):
-            logits, after = prefill(self.model, ids, start)
-            if not healthy(logits):
-                raise self._broken(turn)
-            for j in range(job["n"]):
-                seed = None if p["seed"] is None else p["seed"] + j
-                try:
-                    params = SamplingParams(
-                        max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
-                        top_k=p["top_k"], top_p=p["top_p"], seed=seed, stop=tuple(stop[:16]),
-                        top_logprobs=job["top_logprobs"])
-                except ValueError as e:
-                    raise ApiError(400, str(e), code="invalid_value") from None
-                run = GenerationRun(self.model, ids, start, params, self.tokenizer.decode,
-                                    self.vocab)
-                if params.max_new_tokens == 0:
-                    run.finish_empty(after)
-                turn.tasks.append(Task(pi * job["n"] + j, run, logits, after, after))
+        try:
+            params = [SamplingParams(
+                max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
+                top_k=p["top_k"], top_p=p["top_p"],
+                seed=None if p["seed"] is None else p["seed"] + j, stop=tuple(stop[:16]),
+                top_logprobs=job["top_logprobs"]) for j in range(job["n"])]
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        start = state if state is not None else self.model.init_state(1)
+        turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units,
+                    loaded=state is not None, start=start, params=params)
+        for pi, (_, ids) in enumerate(prompts):  # read by the scheduler, a chunk per step
+            self.scheduler.read((uid, pi), ids, start)
+            self.reading[(uid, pi)] = turn
+            turn.reading += 1
         return turn
+
+    def _prompt_read(self, prompt: Prompt, send: Send) -> None:
+        """A prompt of a turn has been read: its choices start, each in a slot of its own."""
+        turn = self.reading.pop(prompt.key)  # type: ignore[arg-type]
+        pi = int(prompt.key[1])  # type: ignore[index]
+        turn.reading -= 1
+        if turn.failed:
+            return
+        try:
+            if prompt.error is not None:
+                raise prompt.error
+            assert prompt.logits is not None
+            if not healthy(prompt.logits):
+                raise self._broken(turn)
+            ids = turn.prompts[pi][1]
+            for j, params in enumerate(turn.params):
+                run = GenerationRun(self.model, ids, turn.start, params, self.tokenizer.decode,
+                                    self.vocab)
+                task = Task(pi * len(turn.params) + j, run, prompt.logits, prompt.state)
+                if params.max_new_tokens == 0:
+                    run.finish_empty(prompt.state)
+                else:
+                    task.slot = self.slots.add(prompt.state)
+                turn.tasks.append(task)
+            if not turn.reading:  # all its prompts read: the response starts
+                self._start(turn, send)
+        except Exception as e:  # noqa: BLE001 - this turn alone fails
+            self._abort(turn, self._api_error(e, "reading the prompt failed"), send)
 
     @staticmethod
     def _broken(turn: Turn) -> ApiError:
@@ -406,8 +466,7 @@ class Engine:
         for pi, (text, ids) in enumerate(turn.prompts):
             tokens = None
             if job["logprobs"] is not None:
-                start = turn.tasks[pi * job["n"]].run.start_state
-                scores = score(self.model, ids, start, top_logprobs=job["logprobs"])
+                scores = score(self.model, ids, turn.start, top_logprobs=job["logprobs"])
                 tokens = [self._token(s.id, s.logprob, s.top_logprobs) for s in scores]
             for j in range(job["n"]):
                 send(turn.rqid, turn.uid, {"t": "echo", "c": pi * job["n"] + j, "text": text,
@@ -437,13 +496,14 @@ class Engine:
 
     @torch.no_grad()
     def step(self, turns: list[Turn], send: Send) -> None:
-        """One token for every live choice of every turn, decoded as one batch.
+        """One scheduler step: a chunk of the waiting prompts, then one token for every live
+        choice of every turn, all in one forward over the slots.
 
-        A turn that fails here is marked ``failed``, its lock released and its error sent;
-        the others go on (see the module docstring)."""
+        A turn that fails here is marked ``failed``, its lock and slots released and its error
+        sent; the others go on (see the module docstring)."""
         live: list[tuple[Turn, Task, int]] = []
         for turn in turns:
-            if turn.failed:
+            if turn.failed or turn.reading:  # its choices start when all its prompts are read
                 continue
             try:
                 picked = []
@@ -461,37 +521,35 @@ class Engine:
                     event.update(self._token(tok.id, tok.logprob, tok.top_logprobs))
                 send(turn.rqid, turn.uid, event)
                 live.append((turn, task, tok.id))
+        for prompt in self.scheduler.prefill():
+            self._prompt_read(prompt, send)
         if not live:
             return
         metrics.BATCH.observe(len(live))
-        for (turn, task, _), out in zip(live, self._decode(live, send), strict=True):
-            if out is None or turn.failed:
+        for (turn, task, _), logits in zip(live, self._decode(live, send), strict=True):
+            if logits is None or turn.failed:
                 continue
-            logits, state = out
-            task.state = state
             if task.run.done:
-                task.run.state = state
+                assert task.slot is not None
+                task.run.state, task.slot = self.slots.remove(task.slot), None
                 send(turn.rqid, turn.uid, {"t": "end", "c": task.choice,
                                            "finish_reason": task.run.finish_reason})
             else:
                 task.logits = logits
 
-    def _decode(self, live: list[tuple[Turn, Task, int]],
-                send: Send) -> list[tuple[Tensor, ModelState] | None]:
-        """decode_step over the batch; if it fails, row by row, failing only the bad rows'
-        turns (None for those)."""
-        def run(rows: list[tuple[Turn, Task, int]]) -> list[tuple[Tensor, ModelState]]:
-            ids = torch.tensor([i for _, _, i in rows], dtype=torch.long,
-                               device=self.model.device)  # (B,)
-            logits, states = self.model.decode_step(ids, [task.state for _, task, _ in rows])
-            return list(zip(logits, states, strict=True))  # logits (B, V)
+    def _decode(self, live: list[tuple[Turn, Task, int]], send: Send) -> list[Tensor | None]:
+        """One `Slots.step` over the batch; if it fails (the slots are then as they were), row
+        by row, failing only the bad rows' turns (None for those)."""
+        def run(rows: list[tuple[Turn, Task, int]]) -> list[Tensor]:
+            handles = [task.slot for _, task, _ in rows]
+            return list(self.slots.step(handles, [i for _, _, i in rows]))  # (B, V)
 
         try:
             return list(run(live))
         except Exception:  # noqa: BLE001 - find the row that caused it
             if len(live) > 1:
                 log.exception("batched decoding failed; retrying each row alone")
-        outs: list[tuple[Tensor, ModelState] | None] = []
+        outs: list[Tensor | None] = []
         for row in live:
             turn = row[0]
             try:
@@ -583,6 +641,15 @@ class Engine:
                 "created": turn.created, "reset": bool(turn.job["reset"]), "bytes": len(data)}
 
     def _release(self, turn: Turn) -> None:
+        """Give back what the turn holds: its session's lock, its slots, its unread prompts."""
+        for task in turn.tasks:
+            if task.slot is not None:
+                self.slots.discard(task.slot)
+                task.slot = None
+        for pi in range(len(turn.prompts)):
+            if self.reading.pop((turn.uid, pi), None) is not None:
+                self.scheduler.cancel((turn.uid, pi))
+                turn.reading -= 1
         if turn.session_id is not None and self.locks.holds(turn.session_id):
             self.locks.release(turn.session_id)
 

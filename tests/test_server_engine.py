@@ -20,6 +20,7 @@ import torch
 
 from newllm.checkpoint import load_checkpoint
 from newllm.memory_file import load_memory, read_memory_metadata, save_memory
+from newllm.slots import Slots
 from server import engine as engine_module
 from server.engine import SENTINEL, Engine
 from server.protocol import ChatRequest, CompletionRequest, chat_job, completion_job
@@ -190,21 +191,21 @@ def test_a_turn_failing_mid_decode_fails_alone(worker: Any, local: Any, failure:
     w = worker()
     far = 300  # the bad session's memory is past this position, the good one never gets there
     bad_file = put_state(w, "far", read(model, tokenizer.encode("x" * far)))
-    real_step = model.decode_step
+    real_step = Slots.step
     calls = [0]
 
-    def decode_step(tokens: Any, states: list[Any]) -> Any:
+    def step(self: Slots, handles: list[int], tokens: Any) -> Any:
         calls[0] += 1
-        if failure == "raise" and calls[0] > 3 and any(s.position > far for s in states):
+        far_rows = [row for row, h in enumerate(handles) if self.position_of(h) > far]
+        if failure == "raise" and calls[0] > 3 and far_rows:
             raise RuntimeError("this state broke the forward pass")
-        logits, out = real_step(tokens, states)
+        logits = real_step(self, handles, tokens)
         if failure == "nan" and calls[0] > 3:
-            for row, s in enumerate(states):
-                if s.position > far:
-                    logits[row] = float("nan")
-        return logits, out
+            for row in far_rows:
+                logits[row] = float("nan")
+        return logits
 
-    monkeypatch.setattr(model, "decode_step", decode_step)
+    monkeypatch.setattr(Slots, "step", step)
     good = w.submit(chat("c", "near", max_tokens=40))
     bad = w.submit(chat("go on", "far", max_tokens=40, metadata={"session_input": "new"}))
     w.start()

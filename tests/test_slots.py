@@ -158,17 +158,17 @@ def test_chunked_prefill_interleaved_with_decoding_is_exact(variant: str) -> Non
                 torch.testing.assert_close(logits[row], alone[0, -1], atol=1e-5, rtol=1e-5)
         steps += 1
     assert steps == 6  # ceil(45 / 8): one chunk per step
-    (key, last, after), = ready
+    (done,) = ready
     with torch.no_grad():
         once, whole = model(torch.tensor([prompt]), base)
-    assert key == "p"
-    torch.testing.assert_close(last, once[0, -1], atol=1e-5, rtol=1e-5)
-    assert_states_close(after, whole)
+    assert done.key == "p" and done.error is None
+    torch.testing.assert_close(done.logits, once[0, -1], atol=1e-5, rtol=1e-5)
+    assert_states_close(done.state, whole)
     # several short prompts share one step's chunk
     for k in range(3):
         sched.read(k, [5, 6], base)
     ready, logits = sched.step({})
-    assert [r[0] for r in ready] == [0, 1, 2] and logits is None and not sched.busy
+    assert [r.key for r in ready] == [0, 1, 2] and logits is None and not sched.busy
 
 
 @pytest.mark.parametrize("variant", ["tiny-infini", "tiny-context-kv", "mixed"])
