@@ -72,18 +72,10 @@ from newllm.scheduler import PREFILL_CHUNK, Prompt, Scheduler
 from newllm.slots import Slots
 from newllm.state import ModelState
 from server import metrics
+from server.prompts import Prompter
 from server.protocol import ApiError, usage
 from server.store import SessionStore, StoreFull, StoreWriteError, read_header_metadata
-from server.transcript import (
-    CHAT_STOP,
-    Diverged,
-    KindMismatch,
-    Transcript,
-    message_unit,
-    new_messages,
-    new_text_start,
-    render_chat,
-)
+from server.transcript import CHAT_STOP, Diverged, KindMismatch, Transcript, message_unit
 
 log = logging.getLogger("newllm.server")
 
@@ -188,7 +180,7 @@ class Engine:
         self.vocab = min(int(tokenizer.vocab_size), model.config.vocab_size)
         # session id -> (the file's metadata, the state it holds)
         self.cache: OrderedDict[str, tuple[dict[str, str], ModelState]] = OrderedDict()
-        self._pieces: dict[int, tuple[str, list[int]]] = {}
+        self.prompter = Prompter(tokenizer, model.config.eos_token_id)
         self.slots = Slots(model, 1)
         self.scheduler = Scheduler(model, self.slots, PREFILL_CHUNK)
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
@@ -319,9 +311,9 @@ class Engine:
         mode = job["input_mode"]
         try:
             if job["op"] == "chat":
-                prompts, new_units = self._chat_prompt(job, transcript, sid, mode)
+                prompts, new_units = self.prompter.chat(job, transcript, sid, mode)
             else:
-                prompts, new_units = self._text_prompts(job, transcript, sid, mode), []
+                prompts, new_units = self.prompter.text(job, transcript, sid, mode), []
         except (Diverged, KindMismatch) as e:
             raise ApiError(409, str(e), code="session_conflict",
                            param="messages" if job["op"] == "chat" else "prompt") from None
@@ -409,53 +401,6 @@ class Engine:
                            code="session_unusable", param="metadata.session_id") from None
         return state, transcript
 
-    def _chat_prompt(self, job: dict[str, Any], t: Transcript, sid: str | None,
-                     mode: str) -> tuple[list[tuple[str, list[int]]], list[str]]:
-        units = [message_unit(role, content) for role, content in job["messages"]]
-        skip = new_messages(t, units, mode) if sid is not None else 0
-        new = [(role, content) for role, content in job["messages"][skip:]]
-        text = render_chat(new, t.open_reply)
-        return [(text, self.tokenizer.encode(text))], units[skip:]
-
-    def _text_prompts(self, job: dict[str, Any], t: Transcript, sid: str | None,
-                      mode: str) -> list[tuple[str, list[int]]]:
-        """(new text, its ids) per prompt. A token-id prompt on a session is matched as the
-        text it decodes to (kind check and re-sent transcript), then cut at the token where
-        the new text starts."""
-        prompts = []
-        for p in job["prompts"]:
-            if isinstance(p, str):
-                start = new_text_start(t, p, mode) if sid is not None else 0
-                text = p[start:]
-                ids = self.tokenizer.encode(text)
-            else:
-                text, ids = self.tokenizer.decode(p), list(p)
-                start = new_text_start(t, text, mode) if sid is not None else 0
-                if start:
-                    cut = self._token_prefix(ids, text, start)
-                    text, ids = text[start:], ids[cut:]
-            if not ids:
-                if sid is not None:
-                    raise ApiError(400, f"the prompt adds no new text to session {sid!r} (it "
-                                   "already consumed all of it); send new text",
-                                   code="empty_prompt", param="prompt")
-                ids = [self.model.config.eos_token_id]  # an empty text starts after EOS
-            prompts.append((text, ids))
-        return prompts
-
-    def _token_prefix(self, ids: list[int], text: str, start: int) -> int:
-        """How many leading ``ids`` spell ``text[:start]`` (``text`` is what ``ids`` decode
-        to); Diverged when ``start`` falls inside a token."""
-        target, size, k = len(text[:start].encode("utf-8")), 0, 0
-        while k < len(ids) and size < target:
-            size += len(self._piece(ids[k])[1])
-            k += 1
-        if size == target and self.tokenizer.decode(ids[:k]) == text[:start]:
-            return k
-        raise Diverged("the token prompt re-sends this session's transcript, but the "
-                       "transcript does not end on one of its token boundaries; send only the "
-                       "new tokens with metadata.session_input='new'")
-
     # events ------------------------------------------------------------------------------------
     def _start(self, turn: Turn, send: Send) -> None:
         send(turn.rqid, turn.uid, {"t": "start",
@@ -467,32 +412,10 @@ class Engine:
             tokens = None
             if job["logprobs"] is not None:
                 scores = score(self.model, ids, turn.start, top_logprobs=job["logprobs"])
-                tokens = [self._token(s.id, s.logprob, s.top_logprobs) for s in scores]
+                tokens = [self.prompter.token(s.id, s.logprob, s.top_logprobs) for s in scores]
             for j in range(job["n"]):
                 send(turn.rqid, turn.uid, {"t": "echo", "c": pi * job["n"] + j, "text": text,
                                            "tokens": tokens})
-
-    def _token(self, token_id: int, lp: float | None,
-               top: tuple[tuple[int, float], ...]) -> dict[str, Any]:
-        text, raw = self._piece(token_id)
-        return {"token": text, "bytes": raw, "lp": lp,
-                "top": [[*self._piece(i), v] for i, v in top]}
-
-    def _piece(self, token_id: int) -> tuple[str, list[int]]:
-        """A token's text and bytes, as OpenAI shows them (``bytes:\\xe2`` for a partial
-        character), so that distinct tokens get distinct names in ``top_logprobs``."""
-        if token_id not in self._pieces:
-            raw = _token_bytes(self.tokenizer, token_id)
-            if raw is None:
-                text = self.tokenizer.decode([token_id])
-                self._pieces[token_id] = (text, list(text.encode("utf-8", "replace")))
-            else:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-                self._pieces[token_id] = (text, list(raw))
-        return self._pieces[token_id]
 
     @torch.no_grad()
     def step(self, turns: list[Turn], send: Send) -> None:
@@ -518,7 +441,7 @@ class Engine:
             for task, tok in picked:
                 event: dict[str, Any] = {"t": "tok", "c": task.choice, "text": tok.text}
                 if turn.wants_tokens:
-                    event.update(self._token(tok.id, tok.logprob, tok.top_logprobs))
+                    event.update(self.prompter.token(tok.id, tok.logprob, tok.top_logprobs))
                 send(turn.rqid, turn.uid, event)
                 live.append((turn, task, tok.id))
         for prompt in self.scheduler.prefill():
@@ -657,22 +580,6 @@ class Engine:
     def _fail(rqid: int, uid: str, error: ApiError, send: Send) -> None:
         send(rqid, uid, {"t": "error", "status": error.status, **error.body()})
         send(rqid, uid, None)
-
-
-def _token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
-    """The bytes of a byte-level BPE token (GPT-2 alphabet), or None for other tokenizers."""
-    global _UNICODE_TO_BYTE
-    if _UNICODE_TO_BYTE is None:
-        from newllm.tokenizer import byte_to_unicode
-
-        _UNICODE_TO_BYTE = {ch: b for b, ch in byte_to_unicode().items()}
-    name = tokenizer.backend.id_to_token(token_id)
-    if name is None or not all(ch in _UNICODE_TO_BYTE for ch in name):
-        return None
-    return bytes(_UNICODE_TO_BYTE[ch] for ch in name)
-
-
-_UNICODE_TO_BYTE: dict[str, int] | None = None
 
 
 def worker_threads(threads: int, workers: int) -> int:
