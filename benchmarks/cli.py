@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("state_size", "decode", "prefill", "transfer", "server", "quality", "move")
+BENCHMARKS = ("state_size", "decode", "engine", "prefill", "transfer", "server", "quality",
+              "move")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,6 +189,34 @@ def _transfer(doc: Doc) -> list[str]:
              "the prompt):", ""] + _table(head, body))
 
 
+def _engine(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    rows, share = res["tokens_per_s"], res["slots_share_of_batched_state"]
+    ways = [("batched_state", "one batched state (ceiling)"), ("slots", "slots (the engine)"),
+            ("decode_step", "`decode_step` (before)")]
+    body = [[label] + [_n(rows[n][w]) if w in rows[n] else "-" for n in rows]
+            for w, label in ways]
+    body.append(["slots / ceiling"] + [_pct(share[n]) for n in rows])
+    out = [f"Batched decode of `{s['model']}` (fp32, {s['threads']} torch thread"
+           f"{'s' if s['threads'] != 1 else ''}), aggregate tokens/s; the ceiling is one forward "
+           f"over one batched state with every row at ~{s['context']:,} tokens, the slots hold "
+           f"sessions at different positions ({s['context']:,} + {s['spacing']} i tokens):", ""]
+    out += _table(["sessions"] + list(rows), body)
+    g = res.get("goal")
+    if g:
+        diff = res["slots_max_abs_logit_diff"]
+        out += ["", f"Goal, slots at least {_pct(g['target'])} of the ceiling at "
+                f"{g['sessions']} sessions: {_pct(g['value'])}, "
+                f"{'met' if g['met'] else 'NOT met'}. Slots' logits against one call per "
+                f"session: within {diff:.1e}."]
+    chunks = res["prefill_chunks"]
+    out += ["", f"Reading a prompt in pieces ({s['prefill_tokens']:,} tokens after the context; "
+            f"the scheduler reads {res['prefill_chunk_chosen']} per step):", ""]
+    out += _table(["piece (tokens)", "tokens/s", "ms per piece"],
+                  [[c, _n(r["tokens_per_s"]), _ms(r["ms_per_chunk"])] for c, r in chunks.items()])
+    return out
+
+
 def _server(doc: Doc) -> list[str]:
     res, s = doc["results"], doc["settings"]
     flat = [(r["clients"], s["max_batch_size"][name], name, r)
@@ -257,6 +285,7 @@ def _move(doc: Doc) -> list[str]:
 SECTIONS: dict[str, tuple[str, Callable[[Doc], list[str]]]] = {
     "state_size": ("Session state vs context length", _state_size),
     "decode": ("Decode speed", _decode),
+    "engine": ("Batched decoding (slots)", _engine),
     "prefill": ("Prefill speed", _prefill),
     "transfer": ("Moving a session", _transfer),
     "server": ("Server under load", _server),

@@ -1,18 +1,19 @@
 """server: latency and throughput of `newllm serve` under concurrent sessions, batching on vs off.
 
 Two servers (``python -m server``, started with `benchmarks.live`) on free loopback ports, one
-with ``--max-batch-size 1`` (batching off) and one with ``--max-batch-size 8`` (on), each with its
-own temporary session folder; both run, but only one at a time is under load. For each
-number of concurrent clients (1, 8, 32), every client runs in its own thread with its own session
-and sends streamed completions (greedy, a short new prompt each turn) until the level's duration
-is over; a request still running then finishes (each is bounded by ``--request-timeout``, after
-which it counts as an error), so a level lasts at most duration + timeout. Per level: time to
-first token (the first streamed piece), per-request latency p50/p95/p99, aggregate generated
-tokens/s and errors (must be 0). Afterwards every session's memory file is downloaded
+with ``--max-batch-size 1`` (batching off) and one with ``--max-batch-size 32`` (on: 32 slots,
+the default), each with its own temporary session folder; both run, but only one at a time is
+under load. For each number of concurrent clients (1, 8, 32, 128), every client runs in its
+own thread with its own session and sends streamed completions (greedy, a short new prompt
+each turn) until the level's duration is over; a request still running then finishes (each is
+bounded by ``--request-timeout``, after which it counts as an error), so a level lasts at most
+duration + timeout. Per level: time to first token (the first streamed piece), per-request
+latency p50/p95/p99, aggregate generated tokens/s and errors (must be 0). Afterwards every
+session's memory file is downloaded
 (``GET /v1/sessions/{id}/memory``) and loaded with `newllm.load_memory` into the same checkpoint:
 each must be valid. Exits 1 on any error, invalid file or lost session.
 
-    python -m benchmarks.server [--quick] [--checkpoint PATH] [--clients 1 8 32] [--duration 20]
+    python -m benchmarks.server [--quick] [--checkpoint PATH] [--clients 1 8 32 128] [--duration 20]
 """
 
 from __future__ import annotations
@@ -137,18 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=None,
                     help="checkpoint folder or preset (default: the bundled default model)")
     ap.add_argument("--clients", type=int, nargs="*", default=None,
-                    help="concurrent clients per level (default 1 8 32)")
+                    help="concurrent clients per level (default 1 8 32 128)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level (default 20)")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="new tokens per turn")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens generated per turn")
     ap.add_argument("--workers", type=int, default=1, help="inference workers per server")
-    ap.add_argument("--batch-size", type=int, default=8,
+    ap.add_argument("--batch-size", type=int, default=32,
                     help="--max-batch-size of the batching-on server")
     ap.add_argument("--request-timeout", type=float, default=120.0,
                     help="seconds one request may take before it counts as an error")
     args = ap.parse_args(argv)
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
-    levels = args.clients or ([1, 4] if args.quick else [1, 8, 32])
+    levels = args.clients or ([1, 4] if args.quick else [1, 8, 32, 128])
     duration = args.duration or (2.0 if args.quick else 20.0)
     max_tokens = args.max_tokens or (8 if args.quick else 32)
     configs = {"batching_off": 1, "batching_on": args.batch_size}

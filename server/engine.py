@@ -126,6 +126,7 @@ class Task:
     logits: Tensor  # (V,) logits for the next token
     prompt_state: ModelState  # the state after the prompt (rebuilds memory after a stop string)
     slot: int | None = None  # its slot while it decodes (the state lives there)
+    healthy: bool = True  # ``logits`` are finite and sane (see `healthy`)
 
     @property
     def finished(self) -> bool:
@@ -181,6 +182,7 @@ class Engine:
         # session id -> (the file's metadata, the state it holds)
         self.cache: OrderedDict[str, tuple[dict[str, str], ModelState]] = OrderedDict()
         self.prompter = Prompter(tokenizer, model.config.eos_token_id)
+        self.max_batch = 1  # slots per worker, set by `serve`
         self.slots = Slots(model, 1)
         self.scheduler = Scheduler(model, self.slots, PREFILL_CHUNK)
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
@@ -194,23 +196,25 @@ class Engine:
     def _fits(self, width: int, active: list[Turn]) -> bool:
         """Whether a turn this wide can start now: its choices fit in the free slots, or the
         worker is idle (a turn wider than all slots then runs alone, with more slots)."""
-        used = sum(t.width for t in active)
-        if not active and width > self.slots.num_slots:
-            self._use_slots(width)
-        return used + width <= self.slots.num_slots
+        if not active and self.slots.num_slots != max(self.max_batch, width):
+            self._use_slots(max(self.max_batch, width))  # back to max_batch once it is done
+        return sum(t.width for t in active) + width <= self.slots.num_slots
 
     # the loop ----------------------------------------------------------------------------------
     def serve(self, queue: Any, send: Send, max_batch: int) -> None:
         """Take jobs from LitServe's request queue until the sentinel; never returns otherwise."""
-        parked: deque[Job] = deque()  # taken, not started: their session is busy
+        parked: deque[Job] = deque()  # taken, not started: session busy or no room yet
         active: list[Turn] = []
+        self.max_batch = max_batch
         if self.slots.num_slots != max_batch:
             self._use_slots(max_batch)
         while True:
             tried: set[str] = set()  # sessions found busy in this pass
+            waiting_room = False  # a parked job waits for slots: it goes before new ones
             for item in list(parked):  # oldest first, so one session's turns keep their order
                 sid = item[3]["session_id"]
                 if not self._fits(_width(item[3]), active):
+                    waiting_room = True
                     break
                 if sid in tried:
                     continue
@@ -218,7 +222,7 @@ class Engine:
                     parked.remove(item)
                 else:
                     tried.add(sid)
-            while len(parked) < MAX_PARKED and (
+            while not waiting_room and len(parked) < MAX_PARKED and (
                     not active or sum(t.width for t in active) < self.slots.num_slots):
                 try:
                     if active:
@@ -231,8 +235,10 @@ class Engine:
                     return
                 busy = item[3]["session_id"] is not None and any(
                     p[3]["session_id"] == item[3]["session_id"] for p in parked)
-                if busy or not self._fits(_width(item[3]), active) or not self._admit(
-                        item, active, send):
+                if busy or not self._fits(_width(item[3]), active):
+                    parked.append(item)
+                    waiting_room = not busy
+                elif not self._admit(item, active, send):
                     parked.append(item)
             if not active:
                 if len(parked) >= MAX_PARKED:  # nothing to do until a parked session frees
@@ -432,7 +438,7 @@ class Engine:
                 picked = []
                 for task in turn.tasks:
                     if not task.finished:
-                        if not healthy(task.logits):
+                        if not task.healthy:
                             raise self._broken(turn)
                         picked.append((task, task.run.take(task.logits)))
             except Exception as e:  # noqa: BLE001 - this turn alone fails
@@ -449,7 +455,7 @@ class Engine:
         if not live:
             return
         metrics.BATCH.observe(len(live))
-        for (turn, task, _), logits in zip(live, self._decode(live, send), strict=True):
+        for (turn, task, _), (logits, ok) in zip(live, self._decode(live, send), strict=True):
             if logits is None or turn.failed:
                 continue
             if task.run.done:
@@ -458,28 +464,32 @@ class Engine:
                 send(turn.rqid, turn.uid, {"t": "end", "c": task.choice,
                                            "finish_reason": task.run.finish_reason})
             else:
-                task.logits = logits
+                task.logits, task.healthy = logits, ok
 
-    def _decode(self, live: list[tuple[Turn, Task, int]], send: Send) -> list[Tensor | None]:
-        """One `Slots.step` over the batch; if it fails (the slots are then as they were), row
-        by row, failing only the bad rows' turns (None for those)."""
-        def run(rows: list[tuple[Turn, Task, int]]) -> list[Tensor]:
+    def _decode(self, live: list[tuple[Turn, Task, int]],
+                send: Send) -> list[tuple[Tensor | None, bool]]:
+        """One `Slots.step` over the batch: (logits (V,), healthy) per row. If the step fails
+        (the slots are then as they were), row by row, failing only the bad rows' turns (None
+        for those)."""
+        def run(rows: list[tuple[Turn, Task, int]]) -> list[tuple[Tensor | None, bool]]:
             handles = [task.slot for _, task, _ in rows]
-            return list(self.slots.step(handles, [i for _, _, i in rows]))  # (B, V)
+            logits = self.slots.step(handles, [i for _, _, i in rows])  # (B, V)
+            ok = (logits.abs().amax(dim=1) <= MAX_LOGIT).tolist()  # one check for the batch
+            return list(zip(logits, ok, strict=True))
 
         try:
-            return list(run(live))
+            return run(live)
         except Exception:  # noqa: BLE001 - find the row that caused it
             if len(live) > 1:
                 log.exception("batched decoding failed; retrying each row alone")
-        outs: list[Tensor | None] = []
+        outs: list[tuple[Tensor | None, bool]] = []
         for row in live:
             turn = row[0]
             try:
-                outs.append(None if turn.failed else run([row])[0])
+                outs.append((None, False) if turn.failed else run([row])[0])
             except Exception as e:  # noqa: BLE001 - this turn alone fails
                 self._abort(turn, self._api_error(e, "decoding failed"), send)
-                outs.append(None)
+                outs.append((None, False))
         return outs
 
     def _abort(self, turn: Turn, error: ApiError, send: Send) -> None:

@@ -37,7 +37,8 @@ class ServerSettings:
                               "(default: ~/.local/share/newllm/sessions)")
     api_key: str | None = _f(None, "Bearer key required on every route but /health "
                                    "(default: $NEWLLM_API_KEY)")
-    max_batch_size: int = _f(1, "sessions decoded together per worker (1 = no batching)")
+    max_batch_size: int = _f(32, "slots per worker: sessions decoded together in one forward "
+                                 "(1 = no batching; replies then repeat exactly under load)")
     max_sessions: int = _f(1000, "sessions kept; the least recently used idle one is evicted")
     max_request_bytes: int = _f(32 * MiB, "largest request body (memory uploads excepted)")
     max_memory_bytes: int = _f(512 * MiB, "largest memory file PUT /v1/sessions/{id}/memory "

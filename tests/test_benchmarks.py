@@ -99,6 +99,12 @@ def _check_schema(name: str, doc: dict) -> None:
         assert set(rows["tiny-infini"]["passkey"]) == {"0", "1"}
         assert "memory_ppl_ratio" in rows["tiny-infini"]
         assert rows["tiny-infini"]["state_bytes_16384"] < rows["tiny-pythia"]["state_bytes_16384"]
+    if name == "engine":
+        rows = res["tokens_per_s"]
+        assert list(rows) == [str(n) for n in settings["sessions"]]
+        assert all({"batched_state", "slots", "decode_step"} <= set(r) for r in rows.values())
+        assert res["slots_max_abs_logit_diff"] <= 1e-4
+        assert res["prefill_chunk_chosen"] > 0 and res["prefill_chunks"]
     if name == "move":
         assert res["answers_identical_after_move"] is True and not res["mismatches"]
         assert list(res["by_distance"]) == [str(d) for d in settings["distances_segments"]]
@@ -134,7 +140,9 @@ def test_report_renders_every_result(quick_results: Path) -> None:
     assert "| slowdown (128 / 32) |" in decode and "constant-state kinds" in decode
     assert "| `pythia` |" in decode and "| `infini` |" in decode  # batched decode per kind
     server = text.split("### Server under load")[1].split("###")[0]
-    assert "| 4 | on (8) |" in server and "Batching speed-up" in server
+    assert "| 4 | on (32) |" in server and "Batching speed-up" in server
+    engine = text.split("### Batched decoding (slots)")[1].split("###")[0]
+    assert "slots / ceiling" in engine and "| 128 |" in engine  # the prefill pieces
     assert report.markdown(quick_results / "empty").startswith("No benchmark results")
 
 

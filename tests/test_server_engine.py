@@ -340,3 +340,58 @@ def test_token_prompts_on_sessions_are_matched_like_text(worker: Any, local: Any
     assert kinds(events) == ["error"] and events[0]["status"] == 409
     assert events[0]["error"]["code"] == "session_conflict"
     assert "chat" in events[0]["error"]["message"]
+
+
+# slots ------------------------------------------------------------------------------------
+def test_turns_wider_than_the_free_slots_wait_their_turn(worker: Any) -> None:
+    """Two slots: a turn of 2 prompts x 2 choices (4 slots, wider than all of them) runs when
+    the worker is idle, a 2-choice turn waits until two slots are free; every reply is what it
+    is alone, and the slots go back to two afterwards."""
+    jobs = [complete(["Once", "Twice"], n=2, max_tokens=6), complete("Seven", n=2, max_tokens=9),
+            complete("Eight", max_tokens=12), chat("hello", "s", max_tokens=10)]
+    alone = [text(worker(max_batch=1).start().run(j)) for j in jobs]
+    w = worker(max_batch=2)
+    uids = [w.submit(j) for j in jobs]
+    w.start()
+    together = [w.result(u) for u in uids]
+    assert [text(e) for e in together] == alone
+    assert all(kinds(e)[-1] == "done" for e in together)
+    assert {e["c"] for e in together[0] if e["t"] == "tok"} == {0, 1, 2, 3}
+    w.close()
+    assert w.engine.slots.num_slots == 2 and not len(w.engine.slots)
+
+
+def test_a_long_prompt_is_read_in_chunks_while_others_decode(worker: Any,
+                                                             monkeypatch: Any) -> None:
+    """A 300-token prompt is read 32 tokens per step: a turn already decoding takes tokens in
+    between (its reply is unchanged), and the long one's reply is what it is alone."""
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 32)
+    long_prompt = "a fairly long prompt about rivers, " * 9  # 315 bytes: 10 chunks
+    jobs = [complete("The river", max_tokens=30),  # 30 tokens, no EOS before
+            complete(long_prompt, max_tokens=5)]
+    alone = [text(worker(max_batch=1).start().run(j)) for j in jobs]
+    w = worker(max_batch=2)
+    first = w.submit(jobs[0])
+    seen: dict[str, int] = {}
+
+    def toks() -> int:
+        return sum(1 for e in list(w.events[first]) if e and e["t"] == "tok")
+
+    real = w.engine._prompt_read
+
+    def prompt_read(prompt: Any, send: Any) -> None:
+        if prompt.key[0] != first:
+            seen["read"] = toks()  # the first turn's tokens when the long prompt is read
+        real(prompt, send)
+
+    monkeypatch.setattr(w.engine, "_prompt_read", prompt_read)
+    w.start()
+    while not toks():
+        time.sleep(0.001)
+    seen["submit"] = toks()
+    second = w.submit(jobs[1])
+    results = [w.result(first), w.result(second)]
+    assert [text(e) for e in results] == alone
+    assert w.engine.scheduler.prefill_chunk == 32
+    assert len(text(results[0])) and last(results[0], "end")["finish_reason"] == "length"
+    assert seen["read"] - seen["submit"] >= 8  # ~10 decode steps ran while it was read
