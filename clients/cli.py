@@ -47,7 +47,7 @@ import httpx
 from clients import errors, memory
 from clients._base import normalize_url
 from clients.client import Client, move_session, write_file_atomic
-from clients.types import ChatResult, CompletionResult
+from clients.types import ChatResult, CompletionResult, ImportResult
 
 PROG = "newllm-client"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -252,8 +252,10 @@ def cmd_import(client: Client, args: argparse.Namespace) -> int:
         printer.finish()
     emit(args, result.model_dump(), None)
     if not args.json:
+        converted = result.conversion_text()
         note(f"{'created' if result.created else 'replaced'} session {result.id!r}: "
-             f"{result.tokens_seen} tokens seen, {result.bytes:,} bytes")
+             f"{result.tokens_seen} tokens seen, {result.bytes:,} bytes"
+             + (f"; {converted}" if converted else ""))
     return EXIT_OK
 
 
@@ -273,9 +275,10 @@ def cmd_move(client: Client, args: argparse.Namespace) -> int:
     emit(args, result.model_dump(), None)
     if not args.json:
         verb = "moved" if result.source_deleted else "copied"
+        converted = ImportResult(id=result.new_id, converted=result.converted).conversion_text()
         note(f"{verb} session {result.session!r} ({result.bytes:,} bytes, {result.tokens_seen} "
              f"tokens seen, payload sha256 verified) from {result.source} to {result.target} "
-             f"as {result.new_id!r}")
+             f"as {result.new_id!r}" + (f"; {converted}" if converted else ""))
     return EXIT_OK
 
 

@@ -407,8 +407,12 @@ class Client:
         upload = progress and partial(progress, "upload")
         result = target.import_memory(new_id, data, progress=upload)
         landed = target.memory_headers(new_id) or {}
-        if landed.get(memory.PAYLOAD_HEADER.lower()) != payload \
-                or result.tokens_seen != info.tokens_seen:
+        # what the target stores: the file as sent, or its conversion to the target's
+        # precision (then the target says it received the file as sent)
+        stored = payload if not result.converted else result.payload_sha256
+        if (landed.get(memory.PAYLOAD_HEADER.lower()) != stored
+                or (result.converted and result.received_payload_sha256 != payload)
+                or result.tokens_seen != info.tokens_seen):
             if result.created:
                 target.delete_session(new_id, missing_ok=True)
             raise IntegrityError(f"session {new_id!r} on {target.base_url} does not match the "
@@ -424,7 +428,8 @@ class Client:
         return MoveResult(session=session, new_id=new_id, source=self.base_url,
                           target=target.base_url, bytes=len(data),
                           tokens_seen=info.tokens_seen or 0, payload_sha256=payload,
-                          created=result.created, source_deleted=deleted)
+                          created=result.created, source_deleted=deleted,
+                          converted=result.converted)
 
     # operations ------------------------------------------------------------------------------
     def health(self) -> bool:

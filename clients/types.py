@@ -158,7 +158,11 @@ class SessionInfo(_Model):
 
 
 class ImportResult(_Model):
-    """The answer to ``PUT /v1/sessions/{id}/memory``."""
+    """The answer to ``PUT /v1/sessions/{id}/memory``.
+
+    ``converted`` is set when the file was written at another precision or on another device
+    than the server runs (``{"from": {"dtype", "device"}, "to": {...}}``): the server then
+    stores the converted state, whose ``payload_sha256`` differs from the one received."""
 
     id: str
     created: bool = False
@@ -166,6 +170,17 @@ class ImportResult(_Model):
     bytes: int = 0
     kind: str = ""
     turns: int = 0
+    payload_sha256: str | None = None  # of the state stored (older servers: not sent)
+    received_payload_sha256: str | None = None  # of the file received
+    converted: dict[str, Any] | None = None
+
+    def conversion_text(self) -> str:
+        """``"converted from bfloat16 (cuda) to float32 (cpu)"``, or "" when nothing was."""
+        if not self.converted:
+            return ""
+        a, b = self.converted.get("from", {}), self.converted.get("to", {})
+        return (f"converted from {a.get('dtype')} ({a.get('device') or 'device not recorded'}) "
+                f"to {b.get('dtype')} ({b.get('device')})")
 
 
 class MoveResult(_Model):
@@ -180,3 +195,4 @@ class MoveResult(_Model):
     payload_sha256: str
     created: bool
     source_deleted: bool
+    converted: dict[str, Any] | None = None  # see ImportResult

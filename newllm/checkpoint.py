@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from newllm.config import PRESETS, ModelConfig
-from newllm.model import TransformerLM
+from newllm.model import TransformerLM, checkpoint_fingerprint
 from newllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ def build_model(config: ModelConfig, tensors: dict[str, Tensor], *,
         raise CheckpointError(f"{source}: tensors of the wrong shape: {_short(wrong)}")
     model.to(dtype=resolve_dtype(dtype) or tensors["embed_in.weight"].dtype)
     model.load_state_dict(tensors, strict=True)
+    # which checkpoint this is, from the tensors as stored (memory files carry it, so a state
+    # moves between copies of this checkpoint served at other precisions)
+    model.remember_checkpoint(checkpoint_fingerprint(config, {n: tensors[n] for n in expected}))
     if device is not None:
         model.to(device)
     return model.eval()
@@ -436,6 +439,7 @@ def _fresh(preset: str, device: torch.device | str | None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FALLBACK_SEED)
         model = TransformerLM(config)
+    model.remember_checkpoint()  # the float32 weights of the seed are the checkpoint
     target = resolve_dtype(dtype)
     if device is not None or target is not None:
         model.to(device=device, dtype=target)

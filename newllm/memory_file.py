@@ -18,6 +18,11 @@ batch_size         rows of the state (a decimal integer)
 layer_kinds        JSON list of the layer types, e.g. ``["infini", "pythia"]``
 payload_sha256     `payload_sha256` of the tensors, so a transfer can be verified end to end
 created_by         ``newllm <version>``
+checkpoint_fingerprint  `TransformerLM.checkpoint_fingerprint()`: the checkpoint, whatever
+                   precision or device served it (optional: files before it lack it)
+config_fingerprint SHA-256 of the config (optional), so a refusal can say what differs
+device_type        ``cpu``, ``cuda``, ... of the model that wrote it (optional, informative)
+torch_version      torch's version there (optional, informative)
 metadata_sha256    `metadata_sha256` of every other metadata entry (reserved keys and the caller's
                    own, e.g. a server's ``session.*`` transcript): SHA-256, lowercase hex, of the
                    UTF-8 bytes of ``json.dumps(entries, sort_keys=True, ensure_ascii=True,
@@ -41,9 +46,13 @@ with a specific problem gets that problem's code) the metadata hash, and only th
 `ModelState`. Every refusal is a `MemoryFileError` (a ValueError) whose ``.code`` names the
 problem. `read_memory_metadata` checks the framing, the metadata and its hash (no model needed).
 
-dtype policy: a memory file's tensors must have the model's dtype exactly (the fingerprint already
-binds the weights' dtype). To move a state between dtypes, convert it with ``state.to(dtype=...)``
-and save it for a model of that dtype.
+Moves across precision and device: a file loads into the model whose `fingerprint` wrote it,
+and also into any copy of the *same checkpoint* served at another precision or on another
+device (same ``checkpoint_fingerprint``): its tensors are then converted to what the receiving
+model keeps (memory tensors stay float32; the open segment, KV caches and contexts take the
+model's dtype), after every check on the file as written, and `load_memory_report` says from
+what. ``strict=True`` refuses such a file instead (`ConversionRefusedError`). A file of another
+checkpoint is `ModelMismatchError`, whose message says whether the config or the weights differ.
 """
 
 from __future__ import annotations
@@ -76,7 +85,8 @@ MAX_POSITION = 1 << 24
 MAX_BATCH = 1 << 16
 RESERVED_KEYS = ("format", "format_version", "model_fingerprint", "config_name",
                  "tokenizer_hash", "dtype", "position", "batch_size", "layer_kinds",
-                 "payload_sha256", "created_by", "metadata_sha256")
+                 "payload_sha256", "created_by", "metadata_sha256", "checkpoint_fingerprint",
+                 "config_fingerprint", "device_type", "torch_version")
 REQUIRED_KEYS = {  # format_version -> the keys a file of that version must carry
     "1": ("format", "format_version", "model_fingerprint", "dtype", "position", "batch_size",
           "layer_kinds", "payload_sha256"),
@@ -123,6 +133,12 @@ class MetadataError(MemoryFileError):
 
 class ModelMismatchError(MemoryFileError):
     code = "model_mismatch"
+
+
+class ConversionRefusedError(MemoryFileError):
+    """The file is of this checkpoint at another precision, and conversions were refused."""
+
+    code = "conversion_refused"
 
 
 class TokenizerMismatchError(MemoryFileError):
@@ -179,6 +195,12 @@ def payload_sha256(tensors: ModelState | Mapping[str, Tensor]) -> str:
     flat = tensors.flat_tensors() if isinstance(tensors, ModelState) else dict(tensors)
     return _payload_hash([(n, ST_NAME[t.dtype], list(t.shape), _raw_bytes(t))
                           for n, t in flat.items()])
+
+
+def config_fingerprint(config: Any) -> str:
+    """The ``config_fingerprint`` of a model config: SHA-256 of what the model fingerprint
+    hashes of it."""
+    return hashlib.sha256(config.fingerprint_json().encode()).hexdigest()
 
 
 def metadata_sha256(metadata: Mapping[str, str]) -> str:
@@ -238,6 +260,10 @@ def save_memory(state: ModelState, model: Any, path: str | Path | None = None, *
         "layer_kinds": json.dumps(list(model.config.layers)),
         "payload_sha256": payload_sha256(tensors),
         "created_by": f"newllm {newllm.__version__}",
+        "checkpoint_fingerprint": model.checkpoint_fingerprint(),
+        "config_fingerprint": config_fingerprint(model.config),
+        "device_type": model.device.type,
+        "torch_version": torch.__version__,
     }
     if tokenizer_hash is not None:
         meta["tokenizer_hash"] = str(tokenizer_hash)
@@ -451,7 +477,8 @@ def _check_metadata(meta: dict[str, str]) -> tuple[int, int, torch.dtype]:
     missing = [k for k in REQUIRED_KEYS[version] if k not in meta]
     if missing:
         raise MetadataError(f"memory file metadata lacks {missing}; the file is corrupt")
-    for key in ("model_fingerprint", "payload_sha256", "metadata_sha256"):
+    for key in ("model_fingerprint", "payload_sha256", "metadata_sha256",
+                "checkpoint_fingerprint", "config_fingerprint"):
         if key in meta and not _HEX64.fullmatch(meta[key]):
             raise MetadataError(f"metadata {key!r} is not a SHA-256 hex digest (64 lowercase "
                                 f"hex digits); the file is corrupt or was edited")
@@ -494,26 +521,75 @@ def read_memory_metadata(source: bytes | str | Path, *,
 
 
 # loading -----------------------------------------------------------------------------------
-def _check_model(meta: dict[str, str], model: Any, tokenizer_hash: str | None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """A state converted on load: written at one precision/device, continued at another."""
+
+    from_dtype: str
+    to_dtype: str
+    from_device: str | None  # None: the file does not say (written before it was recorded)
+    to_device: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"from": {"dtype": self.from_dtype, "device": self.from_device},
+                "to": {"dtype": self.to_dtype, "device": self.to_device}}
+
+    def __str__(self) -> str:
+        where = f" on {self.from_device}" if self.from_device else ""
+        return (f"converted from {self.from_dtype}{where} to {self.to_dtype} on "
+                f"{self.to_device}")
+
+
+def _check_model(meta: dict[str, str], model: Any, tokenizer_hash: str | None,
+                 strict: bool) -> Conversion | None:
+    """The file belongs to this model (None) or to this checkpoint at another precision (the
+    conversion to make); anything else is refused, saying which part differs."""
+    conversion = None
     if meta["model_fingerprint"] != model.fingerprint():
-        theirs = f"config {meta.get('config_name')!r}, layers {meta['layer_kinds']}"
-        ours = f"config {model.config.name!r}, layers {json.dumps(list(model.config.layers))}"
-        why = ("the same architecture with different weights" if theirs == ours
-               else f"a different model ({theirs}; this one: {ours})")
-        raise ModelMismatchError(
-            f"this memory was written by {why} (fingerprint {meta['model_fingerprint'][:12]}..., "
-            f"this model {model.fingerprint()[:12]}...); load it into the model that wrote it"
-        )
+        # same checkpoint at another precision (at the same one, the fingerprints would agree)
+        same_checkpoint = (meta.get("checkpoint_fingerprint") == model.checkpoint_fingerprint()
+                           and meta["dtype"] != _dtype_name(model.dtype))
+        if not same_checkpoint:
+            raise ModelMismatchError(_mismatch(meta, model))
+        conversion = Conversion(meta["dtype"], _dtype_name(model.dtype),
+                                meta.get("device_type"), model.device.type)
+        if strict:
+            raise ConversionRefusedError(
+                f"this memory is of this checkpoint but was written in {meta['dtype']} "
+                f"({meta.get('device_type') or 'device not recorded'}) and this model runs "
+                f"in {_dtype_name(model.dtype)} ({model.device.type}); strict moves refuse "
+                f"conversions (drop strict / --strict-moves to convert it)")
     theirs_tok = meta.get("tokenizer_hash")
     if tokenizer_hash is not None and theirs_tok is not None and theirs_tok != tokenizer_hash:
         raise TokenizerMismatchError(
             f"this memory was written with another tokenizer ({theirs_tok[:12]}..., this one "
             f"{tokenizer_hash[:12]}...); its token ids would mean other text here"
         )
+    return conversion
+
+
+def _mismatch(meta: dict[str, str], model: Any) -> str:
+    """Why a file of another checkpoint is refused: what differs, as far as the file says."""
+    theirs = f"config {meta.get('config_name')!r}, layers {meta['layer_kinds']}"
+    ours = f"config {model.config.name!r}, layers {json.dumps(list(model.config.layers))}"
+    same_config = meta.get("config_fingerprint") == config_fingerprint(model.config) \
+        if "config_fingerprint" in meta else theirs == ours
+    if not same_config:
+        why = f"a model with another config ({theirs}; this one: {ours})"
+    elif "checkpoint_fingerprint" in meta:
+        why = ("the same config with other weights (another checkpoint: another training run "
+               "or step)")
+    else:  # an older file: no checkpoint identity, so precision cannot be told from weights
+        why = (f"the same architecture with different weights, or this checkpoint at another "
+               f"precision ({meta['dtype']}; this model: {_dtype_name(model.dtype)}) by a "
+               f"newllm that did not record the checkpoint")
+    return (f"this memory was written by {why} (fingerprint {meta['model_fingerprint'][:12]}..., "
+            f"this model {model.fingerprint()[:12]}...); load it into the checkpoint that "
+            f"wrote it")
 
 
 def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
-                   dtype: torch.dtype) -> None:
+                   dtype: torch.dtype, converting: bool) -> None:
     expected = model.state_shapes(batch, position)
     missing = sorted(set(expected) - set(parsed.entries))
     extra = sorted(set(parsed.entries) - set(expected))
@@ -522,10 +598,11 @@ def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
             f"memory file tensors do not match the model's state: missing {missing}, "
             f"unexpected {extra}"
         )
-    want = {n: ST_NAME.get(dt) for n, dt in model.state_dtypes().items()}
-    if dtype != model.dtype:
+    if dtype != model.dtype and not converting:  # this very model's fingerprint, other dtype
         raise TensorMismatchError(f"memory file dtype is {dtype}, the model runs in "
                                   f"{model.dtype}; save the state for a {dtype} model")
+    # what the model that wrote it keeps: this model, or this checkpoint in ``dtype``
+    want = {n: ST_NAME.get(dt) for n, dt in model.state_dtypes(dtype).items()}
     for name, shape in expected.items():
         e = parsed.entries[name]
         if tuple(e.shape) != tuple(shape):
@@ -566,23 +643,43 @@ def _check_values(tensors: Mapping[str, Tensor], position: int) -> None:
 
 
 def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str | None = None,
-                max_bytes: int | None = None) -> ModelState:
+                max_bytes: int | None = None, strict: bool = False) -> ModelState:
     """A new `ModelState` for ``model`` from a memory file, after checking everything.
 
     ``source`` is the file's bytes or its path; ``max_bytes`` bounds the file size (checked
     before reading a path). Order of checks: framing, metadata (version "1" or "2", keys
-    well formed), model fingerprint, tokenizer hash (when both sides know one), tensor names,
-    dtypes, shapes, payload hash, finiteness, value ranges, and last the metadata hash (so that
-    a file whose only fault is edited metadata gets `MetadataChecksumError`, and any other
-    fault its own error). Nothing is changed: the model is only read, and the state is new.
+    well formed), model fingerprint (or the checkpoint's, for a file of this checkpoint at
+    another precision: converted, unless ``strict``), tokenizer hash (when both sides know
+    one), tensor names, dtypes, shapes, payload hash, finiteness, value ranges, and last the
+    metadata hash (so that a file whose only fault is edited metadata gets
+    `MetadataChecksumError`, and any other fault its own error). Nothing is changed: the model
+    is only read, and the state is new. `load_memory_report` also says what was converted.
     """
+    return load_memory_report(source, model, tokenizer_hash=tokenizer_hash,
+                              max_bytes=max_bytes, strict=strict).state
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedMemory:
+    """What `load_memory_report` found: the state, and the conversion made (None: none)."""
+
+    state: ModelState
+    conversion: Conversion | None
+    metadata: dict[str, str]
+
+
+def load_memory_report(source: bytes | str | Path, model: Any, *,
+                       tokenizer_hash: str | None = None, max_bytes: int | None = None,
+                       strict: bool = False) -> LoadedMemory:
+    """`load_memory`, with the file's metadata and the conversion it took (see the module
+    docstring: moves across precision and device)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     parsed = _parse(source, max_bytes)
     position, batch, dtype = _check_metadata(parsed.metadata)
-    _check_model(parsed.metadata, model, tokenizer_hash)
-    _check_tensors(parsed, model, position, batch, dtype)
+    conversion = _check_model(parsed.metadata, model, tokenizer_hash, strict)
+    _check_tensors(parsed, model, position, batch, dtype, conversion is not None)
     digest = _payload_hash([(e.name, e.dtype, e.shape, parsed.data[e.begin:e.end])
                             for e in parsed.entries.values()])
     if digest != parsed.metadata["payload_sha256"]:
@@ -598,11 +695,20 @@ def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str |
                                  f"poison every later token; refusing it")
     _check_values(tensors, position)
     _check_metadata_hash(parsed.metadata)
+    want = model.state_dtypes()
+    tensors = {n: t.to(device=model.device, dtype=want[n]) for n, t in tensors.items()}
+    if conversion is not None:
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"tensor {name!r} holds values that {conversion.to_dtype} "
+                                     f"cannot represent (converting from "
+                                     f"{conversion.from_dtype}); continue it at the precision "
+                                     f"that wrote it")
     template = model.init_state(batch)
-    tensors = {n: t.to(model.device) for n, t in tensors.items()}
     layers = []
     for i, layer_state in enumerate(template.layers):
         prefix = f"layers.{i}."
         fields = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
         layers.append(dataclasses.replace(layer_state, **fields))
-    return ModelState(position, tuple(layers), tensors.get("context.last"))
+    state = ModelState(position, tuple(layers), tensors.get("context.last"))
+    return LoadedMemory(state, conversion, dict(parsed.metadata))

@@ -58,6 +58,8 @@ class TransformerLM(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.layer_hidden, eps=config.layer_norm_eps)
         self.embed_out = nn.Linear(config.layer_hidden, config.vocab_size, bias=False)
         self._fingerprint: tuple[Any, str] | None = None
+        # (fingerprint of the weights as loaded, checkpoint fingerprint): see checkpoint_fingerprint
+        self._checkpoint: tuple[str, str] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -131,18 +133,20 @@ class TransformerLM(nn.Module):
             shapes["context.last"] = (batch_size, self.config.context_dim)
         return shapes
 
-    def state_dtypes(self) -> dict[str, torch.dtype]:
-        """Flat tensor name -> dtype of a state: the model's dtype, except memory tensors, which
-        every memory layer keeps in float32."""
+    def state_dtypes(self, dtype: torch.dtype | None = None) -> dict[str, torch.dtype]:
+        """Flat tensor name -> dtype of a state: the model's dtype (or ``dtype``: what a copy
+        of this model in that precision keeps), except memory tensors, which every memory
+        layer keeps in float32."""
+        dtype = dtype or self.dtype
         out: dict[str, torch.dtype] = {}
         for i, block in enumerate(self.layers):
             mixer = block.attention
             names = mixer.state_shapes(1, 0)
-            dtypes = mixer.state_dtypes(self.dtype) if hasattr(mixer, "state_dtypes") else {}
+            dtypes = mixer.state_dtypes(dtype) if hasattr(mixer, "state_dtypes") else {}
             for name in names:
-                out[f"layers.{i}.{name}"] = dtypes.get(name, self.dtype)
+                out[f"layers.{i}.{name}"] = dtypes.get(name, dtype)
         if self.context_block is not None:
-            out["context.last"] = self.dtype
+            out["context.last"] = dtype
         return out
 
     # forward -------------------------------------------------------------------------------
@@ -215,6 +219,34 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def checkpoint_fingerprint(self) -> str:
+        """Which checkpoint these weights are, whatever precision or device serves them.
+
+        `checkpoint_fingerprint` of the weights as they were loaded (recorded by
+        `remember_checkpoint`: `newllm.checkpoint` does it before converting a checkpoint to
+        the dtype asked for, and ``model.to(...)`` keeps the record), so a bfloat16 and a
+        float32 copy of one checkpoint agree. Weights changed since (training) are their own
+        checkpoint: the canonical fingerprint of the current values. `fingerprint` is the
+        exact in-memory copy (dtype included)."""
+        if self._checkpoint is not None and self._checkpoint[0] == self.fingerprint():
+            return self._checkpoint[1]
+        return checkpoint_fingerprint(self.config, self.state_dict())
+
+    def remember_checkpoint(self, fingerprint: str | None = None) -> None:
+        """Record that the current weights are checkpoint ``fingerprint`` (default: their own
+        canonical fingerprint), e.g. before converting them to another dtype."""
+        self._checkpoint = (self.fingerprint(),
+                            fingerprint or checkpoint_fingerprint(self.config, self.state_dict()))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TransformerLM:
+        """``to``/``cuda``/``half``...: the checkpoint a converted copy came from is kept."""
+        known = self._checkpoint is not None and self._checkpoint[0] == self.fingerprint()
+        out = super()._apply(fn, recurse)
+        if known:
+            assert self._checkpoint is not None
+            self._checkpoint = (self.fingerprint(), self._checkpoint[1])
+        return out
+
     def fingerprint(self) -> str:
         """SHA-256 of the config and every weight (names, dtypes, shapes, bytes), hex.
 
@@ -232,3 +264,14 @@ class TransformerLM(nn.Module):
         digest = h.hexdigest()
         self._fingerprint = (key, digest)
         return digest
+
+
+def checkpoint_fingerprint(config: ModelConfig, tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the config and every weight as float32 (names, shapes, values), hex: the same
+    for a checkpoint stored in half precision and its float32 copy (the upcast is exact)."""
+    h = hashlib.sha256(b"newllm-checkpoint-1|" + config.fingerprint_json().encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

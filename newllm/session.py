@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from newllm.memory_file import TensorMismatchError, load_memory, save_memory
+from newllm.memory_file import (
+    Conversion,
+    TensorMismatchError,
+    load_memory_report,
+    save_memory,
+)
 from newllm.state import ModelState
 
 
@@ -125,20 +130,25 @@ class Session:
         return save_memory(self._state, self.model, path,
                            tokenizer_hash=_tokenizer_hash(self.tokenizer), metadata=metadata)
 
-    def restore(self, source: bytes | str | Path, *, max_bytes: int | None = None) -> None:
-        """Replace this session's memory with a memory file's; on any error nothing changes."""
-        self._state = load_memory(source, self.model,
-                                  tokenizer_hash=_tokenizer_hash(self.tokenizer),
-                                  max_bytes=max_bytes)
+    def restore(self, source: bytes | str | Path, *, max_bytes: int | None = None,
+                strict: bool = False) -> Conversion | None:
+        """Replace this session's memory with a memory file's; on any error nothing changes.
+
+        A file of this checkpoint written at another precision or on another device is
+        converted (returned: what was converted from), unless ``strict``, which refuses it."""
+        loaded = load_memory_report(source, self.model,
+                                    tokenizer_hash=_tokenizer_hash(self.tokenizer),
+                                    max_bytes=max_bytes, strict=strict)
+        self._state = loaded.state
+        return loaded.conversion
 
     @classmethod
     def load(cls, source: bytes | str | Path, model: Any, tokenizer: Any = None, *,
-             max_bytes: int | None = None) -> Session:
-        """A session over ``model`` holding a memory file's state (fully checked first)."""
-        state = load_memory(source, model, tokenizer_hash=_tokenizer_hash(tokenizer),
-                            max_bytes=max_bytes)
+             max_bytes: int | None = None, strict: bool = False) -> Session:
+        """A session over ``model`` holding a memory file's state (fully checked first; see
+        `restore` for files written at another precision)."""
         session = cls(model, tokenizer)
-        session._state = state
+        session.restore(source, max_bytes=max_bytes, strict=strict)
         return session
 
 

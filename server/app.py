@@ -58,7 +58,12 @@ from litserve.loops.base import LitLoop
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
-from newllm.memory_file import MemoryFileError, load_memory, read_memory_metadata, save_memory
+from newllm.memory_file import (
+    MemoryFileError,
+    load_memory_report,
+    payload_sha256,
+    save_memory,
+)
 from server import metrics
 from server.http import Guard, install_error_handlers, read_json
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
@@ -429,8 +434,10 @@ class SessionSpec(LitSpec):
         model, tokenizer_sha = self._validator
         limit = self.settings.max_memory_bytes
         try:
-            state = load_memory(body, model, tokenizer_hash=tokenizer_sha, max_bytes=limit)
-            transcript = Transcript.from_metadata(read_memory_metadata(body))
+            loaded = load_memory_report(body, model, tokenizer_hash=tokenizer_sha,
+                                        max_bytes=limit, strict=self.settings.strict_moves)
+            state = loaded.state
+            transcript = Transcript.from_metadata(loaded.metadata)
         except MemoryFileError as e:
             raise ApiError(413 if e.code == "too_large" else 400, f"memory file refused: {e}",
                            code=e.code, param="body") from None
@@ -454,9 +461,14 @@ class SessionSpec(LitSpec):
             raise ApiError(503, str(e), code="too_many_sessions") from None
         finally:
             locks.release(sid)
+        conversion = loaded.conversion
+        if conversion is not None:
+            log.info("session %r: memory %s", sid, conversion)
         return {"id": sid, "object": "session", "created": created,
                 "tokens_seen": state.position, "bytes": len(data), "kind": transcript.kind,
-                "turns": transcript.turns}
+                "turns": transcript.turns, "payload_sha256": payload_sha256(state),
+                "received_payload_sha256": loaded.metadata["payload_sha256"],
+                "converted": None if conversion is None else conversion.as_dict()}
 
     async def delete_session(self, session_id: str) -> Response:
         sid = _session_id(session_id)

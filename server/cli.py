@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ServerSettings.__dataclass_fields__
     for f in fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":  # a switch
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
         kind: Any = int if f.type == "int" else str
         if f.name in ("max_request_bytes", "max_memory_bytes"):
             kind = parse_bytes

@@ -46,6 +46,8 @@ class ServerSettings:
     max_tokens_limit: int = _f(4096, "largest max_tokens a request may ask for")
     max_prompt_tokens: int = _f(16384, "largest prompt (new tokens of one request)")
     dtype: str | None = _f(None, "float32, bfloat16 or float16 (default: the checkpoint's)")
+    strict_moves: bool = _f(False, "refuse memory files of this checkpoint written at another "
+                                   "precision (default: convert them and say so)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda")
     model_name: str | None = _f(None, "the id /v1/models lists (default: the model's config name)")
     log_level: str = _f("info", "debug, info, warning or error")

@@ -5,6 +5,7 @@ metadata refused, version 1 files without it still loaded)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -286,7 +287,8 @@ def refused(data: bytes, error: type[MemoryFileError], model: TransformerLM,
     before = session.get_memory_state()
     snapshot = {k: v.clone() for k, v in before.flat_tensors().items()}
     with pytest.raises(error, match=match) as info:
-        session.restore(data, max_bytes=kwargs.get("max_bytes"))
+        session.restore(data, max_bytes=kwargs.get("max_bytes"),
+                        strict=bool(kwargs.get("strict", False)))
     assert type(info.value) is error and info.value.code == error.code
     assert isinstance(info.value, ValueError) and str(info.value)
     assert session.get_memory_state() is before and session.tokens_seen == 20
@@ -442,13 +444,80 @@ def test_low_precision_models_keep_memory_in_float32() -> None:
 def test_another_models_memory(model: TransformerLM, good: bytes) -> None:
     other_weights = make("tiny-infini", seed=5)
     err = refused(save_memory(state_after(other_weights, 37), other_weights),
-                  ModelMismatchError, model, match="different weights")
-    assert "load it into the model that wrote it" in str(err)
+                  ModelMismatchError, model, match="same config with other weights")
+    assert "load it into the checkpoint that wrote it" in str(err)
     other_config = make("tiny-pythia")
     refused(save_memory(state_after(other_config, 37), other_config), ModelMismatchError, model,
             match="tiny-pythia")
     delta = make("tiny-infini", use_delta_rule=False)  # same shapes, another config
-    refused(save_memory(state_after(delta, 37), delta), ModelMismatchError, model)
+    refused(save_memory(state_after(delta, 37), delta), ModelMismatchError, model,
+            match="another config")
+
+
+# moves across precision ----------------------------------------------------------------------
+def copies() -> dict[torch.dtype, TransformerLM]:
+    """One checkpoint (tiny-infini as loaded) served at three precisions."""
+    from newllm.checkpoint import load_checkpoint
+
+    return {dt: load_checkpoint("tiny-infini", dtype=dt)[0]
+            for dt in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+@pytest.mark.parametrize("src,dst", [(torch.bfloat16, torch.float32),
+                                     (torch.float32, torch.bfloat16),
+                                     (torch.float16, torch.float32)])
+def test_a_state_moves_to_the_same_checkpoint_at_another_precision(src: torch.dtype,
+                                                                   dst: torch.dtype) -> None:
+    models = copies()
+    writer, reader = models[src], models[dst]
+    assert writer.fingerprint() != reader.fingerprint()
+    assert writer.checkpoint_fingerprint() == reader.checkpoint_fingerprint()
+    state = state_after(writer, 37)
+    data = save_memory(state, writer)
+    meta = read_memory_metadata(data)
+    assert meta["dtype"] == str(src).removeprefix("torch.") and meta["device_type"] == "cpu"
+    assert meta["torch_version"] == torch.__version__
+    report = mf.load_memory_report(data, reader)
+    assert report.conversion is not None
+    assert report.conversion.as_dict() == {
+        "from": {"dtype": str(src).removeprefix("torch."), "device": "cpu"},
+        "to": {"dtype": str(dst).removeprefix("torch."), "device": "cpu"}}
+    assert "converted from" in str(report.conversion)
+    got, want = report.state.flat_tensors(), reader.state_dtypes()
+    for name, t in got.items():  # what the reader keeps: memory float32, the rest its dtype
+        assert t.dtype == want[name], name
+        torch.testing.assert_close(t, state.flat_tensors()[name].to(t.dtype), rtol=0, atol=0)
+    with torch.no_grad():  # and it continues
+        logits, _ = reader(torch.tensor([[3]]), report.state)
+    assert bool(torch.isfinite(logits).all())
+    assert mf.load_memory_report(save_memory(state_after(reader, 5), reader),
+                                 reader).conversion is None
+    err = refused(data, mf.ConversionRefusedError, reader, strict=True)
+    assert str(src).removeprefix("torch.") in str(err) and str(dst).removeprefix(
+        "torch.") in str(err)
+
+
+def test_a_conversion_that_overflows_is_refused() -> None:
+    models = copies()
+    state = state_after(models[torch.float32], 5)
+    big = state.layers[0].open_k * 1e6  # finite in float32, beyond float16
+    state = ModelState(5, (dataclasses.replace(state.layers[0], open_k=big),
+                           *state.layers[1:]), state.context)
+    data = save_memory(state, models[torch.float32])
+    err = refused(data, NonFiniteError, models[torch.float16], match="cannot represent")
+    assert "float16" in str(err)
+
+
+def test_files_of_the_previous_release_still_load() -> None:
+    """No checkpoint keys (written before them): loads into the model that wrote it; at another
+    precision it is refused, the message naming precision as a possible cause."""
+    models = copies()
+    data = save_memory(state_after(models[torch.float32], 20), models[torch.float32])
+    old = with_meta(data, checkpoint_fingerprint=None, config_fingerprint=None,
+                    device_type=None, torch_version=None)
+    assert "checkpoint_fingerprint" not in read_memory_metadata(old)
+    assert load_memory(old, models[torch.float32]).position == 20
+    refused(old, ModelMismatchError, models[torch.bfloat16], match="another precision")
 
 
 def test_format_and_version(model: TransformerLM, good: bytes) -> None:

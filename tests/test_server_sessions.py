@@ -76,3 +76,45 @@ def test_move_session_and_survive_restart(tmp_path: Path) -> None:
         for srv in (a, b, restarted):
             if srv is not None:
                 srv.kill()
+
+
+def test_moves_across_precision_are_converted_unless_strict(tmp_path: Path) -> None:
+    """One checkpoint served in float32, bfloat16 and float16 (and float32 with --strict-moves):
+    bf16 -> fp32, fp32 -> bf16 and fp16 -> fp32 moves through the client library are accepted,
+    reported as converted, and the next turn works; the strict server refuses, naming both
+    dtypes, and keeps nothing."""
+    from clients import Client, move_session
+    from clients.errors import MemoryRefused
+
+    servers = {name: ServerProcess(tmp_path / name, *args) for name, args in {
+        "fp32": (), "bf16": ("--dtype", "bfloat16"), "fp16": ("--dtype", "float16"),
+        "strict": ("--strict-moves",)}.items()}
+    try:
+        for srv in servers.values():
+            srv.wait_ready()
+        for src, dst in (("bf16", "fp32"), ("fp32", "bf16"), ("fp16", "fp32")):
+            sid = f"{src}-to-{dst}"
+            turn(servers[src], sid, "My name is Ada.")
+            a = Client(servers[src].url, api_key=servers[src].api_key)
+            b = Client(servers[dst].url, api_key=servers[dst].api_key)
+            moved = move_session(sid, a, b)
+            want = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+            assert moved.converted == {"from": {"dtype": want[src], "device": "cpu"},
+                                       "to": {"dtype": want[dst], "device": "cpu"}}
+            assert moved.source_deleted
+            text, seen = turn(servers[dst], sid, "What is my name?")
+            assert seen > moved.tokens_seen
+            with servers[dst].http() as http:  # stored at the server's own precision
+                sessions = http.get("/v1/sessions").json()["data"]
+            assert sid in [s["id"] for s in sessions]
+        turn(servers["bf16"], "s", "Hello.")
+        data = Client(servers["bf16"].url, api_key=servers["bf16"].api_key).export_memory("s")
+        with pytest.raises(MemoryRefused) as refused:
+            Client(servers["strict"].url,
+                   api_key=servers["strict"].api_key).import_memory("s", data)
+        assert refused.value.code == "conversion_refused"
+        assert "bfloat16" in str(refused.value) and "float32" in str(refused.value)
+        assert not (tmp_path / "strict" / "s.safetensors").exists()
+    finally:
+        for srv in servers.values():
+            srv.kill()
