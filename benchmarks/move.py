@@ -17,6 +17,14 @@ Recall is exact when the first number of the answer is N. Reported per distance:
 the move, without the move (the answers must be identical, token for token: exit 1 otherwise)
 and with the memory reset.
 
+Moves across precision (library level, the same `load_memory_report` a server's upload runs):
+the checkpoint is loaded in float32, bfloat16 and float16; for each of ``--precision-prompts``
+(50) places in the filler, a session reads ``--prompt-tokens`` (512) tokens at the writer's
+precision, its memory file is loaded at the reader's (converted), and (a) 32 greedy tokens
+continue it there, compared with continuing where it was written and with the reader reading
+the same prompt itself (no move); (b) the next 1,024 tokens of the text are scored each way
+(perplexity). Pairs: bf16 -> fp32, fp32 -> bf16, fp16 -> fp32.
+
     python -m benchmarks.move [--quick] [--checkpoint PATH] [--filler FILE] [--distances 2 4 8]
 """
 
@@ -51,6 +59,72 @@ def trial_prompt(tok: Any, key: int, filler: list[int], n_filler: int,
     return [tok.eos_token_id] + tok.encode(FACT.format(key=key)) + prose
 
 
+PAIRS = (("bfloat16", "float32"), ("float32", "bfloat16"), ("float16", "float32"))
+
+
+def precision_moves(checkpoint: str | None, filler_text: str, prompts: int, prompt_tokens: int,
+                    next_tokens: int, seed: int) -> dict[str, Any]:
+    """Greedy agreement and perplexity after moves between precisions (see the docstring)."""
+    import math
+
+    import torch
+
+    from newllm import load_checkpoint
+    from newllm.generation import SamplingParams, generate
+    from newllm.memory_file import load_memory_report, save_memory
+
+    models, tok = {}, None
+    for name in {d for pair in PAIRS for d in pair}:
+        models[name], tok = load_checkpoint(checkpoint, dtype=getattr(torch, name))
+    assert tok is not None
+    ids = tok.encode(filler_text)
+    need = prompt_tokens + next_tokens + 1
+    if len(ids) < need:
+        ids = ids * (need // len(ids) + 1)
+    rng = random.Random(seed)
+    params = SamplingParams(max_new_tokens=32, temperature=0, stop_token_ids=())
+
+    def greedy(model: Any, state: Any, first: int) -> list[int]:
+        return generate(model, [first], state, params).collect().token_ids
+
+    def nll(model: Any, state: Any, text: list[int]) -> float:
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([text[:-1]]), state)
+        target = torch.tensor(text[1:])
+        return float(torch.nn.functional.cross_entropy(logits[0].float(), target,
+                                                       reduction="sum"))
+
+    out: dict[str, Any] = {}
+    for src, dst in PAIRS:
+        same_written = same_reader = 0
+        sums = {"written": 0.0, "moved": 0.0, "reader": 0.0}
+        for _ in range(prompts):
+            at = rng.randrange(len(ids) - need)
+            prompt, after = ids[at:at + prompt_tokens], ids[at + prompt_tokens - 1:at + need]
+            with torch.no_grad():
+                _, written = models[src](torch.tensor([prompt[:-1]]))
+                _, read_here = models[dst](torch.tensor([prompt[:-1]]))
+            moved = load_memory_report(save_memory(written, models[src]), models[dst])
+            assert moved.conversion is not None, "a move between precisions must convert"
+            base = greedy(models[src], written, prompt[-1])
+            got = greedy(models[dst], moved.state, prompt[-1])
+            same_written += got == base
+            same_reader += got == greedy(models[dst], read_here, prompt[-1])
+            sums["written"] += nll(models[src], written, after)
+            sums["moved"] += nll(models[dst], moved.state, after)
+            sums["reader"] += nll(models[dst], read_here, after)
+        n = prompts * next_tokens
+        out[f"{src}->{dst}"] = {
+            "greedy_identical_to_written": same_written / prompts,
+            "greedy_identical_to_reader_alone": same_reader / prompts,
+            "ppl_written": math.exp(sums["written"] / n), "ppl_moved": math.exp(sums["moved"] / n),
+            "ppl_reader_alone": math.exp(sums["reader"] / n)}
+        row = out[f"{src}->{dst}"]
+        print(f"{src} -> {dst}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
+              flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny-infini, 2 trials, 1 distance")
@@ -64,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="segments of prose between fact and question (default 2 4 8)")
     ap.add_argument("--trials", type=int, default=None, help="random facts per distance")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision-prompts", type=int, default=None,
+                    help="places in the filler for the precision moves (default 50)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="tokens a session reads before a precision move (default 512)")
     args = ap.parse_args(argv)
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
     distances = args.distances or ([2] if args.quick else [2, 4, 8])
@@ -113,17 +191,24 @@ def main(argv: list[str] | None = None) -> int:
                     f"{k} {v:.0%}" for k, v in by_distance[str(d)].items()), flush=True)
     overall = {k: sum(r[k] for r in by_distance.values()) / len(by_distance)
                for k in ("moved", "not_moved", "reset")}
+    n_prompts = args.precision_prompts or (2 if args.quick else 50)
+    prompt_tokens = args.prompt_tokens or (48 if args.quick else 512)
+    next_tokens = 64 if args.quick else 1024
+    precision = precision_moves(checkpoint, text, n_prompts, prompt_tokens, next_tokens,
+                                args.seed)
     identical = not mismatches
     results = {"by_distance": by_distance, "overall": overall,
                "answers_identical_after_move": identical, "mismatches": mismatches[:10],
                "trials_per_distance": trials,
-               "moved_file_bytes_mean": sum(moved_bytes) / len(moved_bytes)}
+               "moved_file_bytes_mean": sum(moved_bytes) / len(moved_bytes),
+               "precision_moves": precision}
     settings = {"quick": args.quick, "checkpoint": checkpoint or "default",
                 "model": model.config.name, "fingerprint": model.fingerprint(),
                 "segment_len": S, "distances_segments": distances, "trials": trials,
                 "seed": args.seed, "filler": str(args.filler) if args.filler else "built-in",
                 "fact": FACT, "question": QUESTION, "decoding": "greedy, 8 tokens",
-                "servers": 2, "loopback": True}
+                "servers": 2, "loopback": True, "precision_prompts": n_prompts,
+                "precision_prompt_tokens": prompt_tokens, "precision_next_tokens": next_tokens}
     path = write_result("move", settings, results, args.out)
     fig, ax = new_figure(f"Pass-key recall after a move ({model.config.name})",
                          "segments of prose between fact and question", "exact recall",

@@ -279,7 +279,25 @@ def _move(doc: Doc) -> list[str]:
             + _table(["prose between fact and question (segments)", "after the move",
                       "without the move", "memory reset"], body)
             + ["", f"Answers after the move identical to those without it: {same}; "
-                   f"memory file moved: {_bytes(res['moved_file_bytes_mean'])}."])
+                   f"memory file moved: {_bytes(res['moved_file_bytes_mean'])}."]
+            + _precision(res.get("precision_moves"), s))
+
+
+def _precision(rows: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
+    if not rows:
+        return []
+    body = [[f"{pair.replace('->', ' -> ')}", _pct(r["greedy_identical_to_written"]),
+             _pct(r["greedy_identical_to_reader_alone"]),
+             " / ".join(f"{r[k]:.2f}" for k in ("ppl_written", "ppl_moved", "ppl_reader_alone"))]
+            for pair, r in rows.items()]
+    return (["", f"Moves across precision ({s['precision_prompts']} places in the filler; a "
+             f"session reads {s['precision_prompt_tokens']} tokens at the writer's precision, "
+             "its memory file is converted on load at the reader's): 32 greedy tokens "
+             "identical to continuing where it was written, and to the reader reading the "
+             f"prompt itself; perplexity of the next {s['precision_next_tokens']:,} tokens "
+             "continuing where written / after the move / read by the reader alone:", ""]
+            + _table(["move", "same as where written", "same as reader alone",
+                      "perplexity written / moved / reader"], body))
 
 
 SECTIONS: dict[str, tuple[str, Callable[[Doc], list[str]]]] = {

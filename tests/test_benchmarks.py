@@ -112,6 +112,11 @@ def _check_schema(name: str, doc: dict) -> None:
             assert set(acc) == {"moved", "not_moved", "reset"}
             assert all(0 <= v <= 1 for v in acc.values())
             assert acc["moved"] == acc["not_moved"]
+        precision = res["precision_moves"]
+        assert set(precision) == {"bfloat16->float32", "float32->bfloat16", "float16->float32"}
+        for r in precision.values():
+            assert 0 <= r["greedy_identical_to_written"] <= 1
+            assert r["ppl_moved"] > 1 and r["ppl_written"] > 1
 
 
 @pytest.mark.parametrize("name", cli.BENCHMARKS)
