@@ -34,6 +34,12 @@ PROSE = (
 )
 
 
+def results_folder(out: Path | None, quick: bool) -> Path:
+    """Where a run writes: ``out``, or ``benchmarks/results`` (``results/quick`` for a
+    ``--quick`` run, so a smoke run never replaces the measured results the README quotes)."""
+    return out or (RESULTS / "quick" if quick else RESULTS)
+
+
 def machine() -> dict[str, Any]:
     """Where a measurement was taken: CPU model, cores, memory, versions."""
     cpu = platform.processor() or platform.machine()

@@ -41,6 +41,7 @@ from benchmarks.common import (
     apply_layout,
     new_figure,
     plot_path,
+    results_folder,
     save_figure,
     write_result,
 )
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to run both implementations, e.g. cuda (default cpu); use --out "
                          "to keep the results apart from the CPU ones")
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     device = torch.device(args.device)
     q = args.quick
     presets = dict(QUICK_PRESETS if q else KINDS)

@@ -32,7 +32,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import new_figure, plot_path, round_robin, save_figure, write_result
+from benchmarks.common import (
+    new_figure,
+    plot_path,
+    results_folder,
+    round_robin,
+    save_figure,
+    write_result,
+)
 from newllm.scheduler import PREFILL_CHUNK
 from newllm.slots import Slots
 from newllm.state import ModelState
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (server default 1)")
     ap.add_argument("--out", type=Path, default=None, help="results folder")
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     torch.set_num_threads(args.threads)
     from newllm import load_checkpoint
 

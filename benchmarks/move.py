@@ -37,7 +37,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PROSE, new_figure, plot_path, save_figure, write_result
+from benchmarks.common import (
+    PROSE,
+    new_figure,
+    plot_path,
+    results_folder,
+    save_figure,
+    write_result,
+)
 from benchmarks.live import running_servers
 from clients import move_session
 
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=None,
                     help="tokens a session reads before a precision move (default 512)")
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
     distances = args.distances or ([2] if args.quick else [2, 4, 8])
     trials = args.trials or (2 if args.quick else 30)

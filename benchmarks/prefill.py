@@ -28,6 +28,7 @@ from benchmarks.common import (
     apply_layout,
     new_figure,
     plot_path,
+    results_folder,
     round_robin,
     save_figure,
     write_result,
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per point (median)")
     add_layout_flag(ap)
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     presets = dict(QUICK_PRESETS) if args.quick else dict(KINDS)
     if args.kinds:
         presets = {k: v for k, v in presets.items() if k in args.kinds}

@@ -41,6 +41,7 @@ from benchmarks.common import (
     layout_label,
     new_figure,
     plot_path,
+    results_folder,
     save_figure,
     write_result,
 )
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="context of the decode timing (default 1024; quick 64)")
     add_layout_flag(ap)
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     evaluate_specs = args.evaluate
     if evaluate_specs is None and not (args.eval or args.metrics):
         evaluate_specs = ["tiny-infini", "tiny-pythia"] if args.quick else ["default"]

@@ -26,7 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PROSE, new_figure, plot_path, save_figure, write_result
+from benchmarks.common import (
+    PROSE,
+    new_figure,
+    plot_path,
+    results_folder,
+    save_figure,
+    write_result,
+)
 from benchmarks.live import LiveServer, running_servers
 from clients import Client
 
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--request-timeout", type=float, default=120.0,
                     help="seconds one request may take before it counts as an error")
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
     levels = args.clients or ([1, 4] if args.quick else [1, 8, 32, 128])
     duration = args.duration or (2.0 if args.quick else 20.0)

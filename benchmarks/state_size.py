@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import new_figure, plot_path, save_figure, write_result
+from benchmarks.common import new_figure, plot_path, results_folder, save_figure, write_result
 from newllm import ModelConfig, TransformerLM
 from newllm.sizes import state_bytes
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short contexts only (< 1 minute)")
     ap.add_argument("--out", type=Path, default=None, help="results folder")
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     lengths = [512, 2048, 16384, 65536]
     run_limit = 0 if args.quick else 4096
     rows: dict[str, list[dict[str, object]]] = {}

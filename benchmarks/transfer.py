@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import PROSE, new_figure, plot_path, save_figure, time_it, write_result
+from benchmarks.common import (
+    PROSE,
+    new_figure,
+    plot_path,
+    results_folder,
+    save_figure,
+    time_it,
+    write_result,
+)
 from benchmarks.decode import prefill
 from benchmarks.live import running_servers
 from newllm import ModelConfig, TransformerLM, load_checkpoint, load_memory, save_memory
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pythia", default=None,
                     help="reference Pythia preset (default pythia-70m; quick: tiny-pythia)")
     args = ap.parse_args(argv)
+    args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
     lengths = args.lengths or ([100, 1000] if args.quick else [100, 10000])
     reference = args.pythia or ("tiny-pythia" if args.quick else "pythia-70m")

@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 # commands --------------------------------------------------------------------------------------
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from newllm.checkpoint import load_checkpoint
+    from newllm.config import PRESETS
 
+    if args.checkpoint in PRESETS:  # a preset is an architecture, not a trained model
+        print(f"note: {args.checkpoint!r} is a preset with random (untrained) weights: its text "
+              "is noise. Leave out --checkpoint for the bundled trained model, or pass a "
+              "trained checkpoint folder.", file=sys.stderr)
     return load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
 
 

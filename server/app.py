@@ -531,5 +531,7 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
                               "max_memory_bytes": settings.max_memory_bytes})],
     )
     server.uvicorn_graceful_timeout = 10
+    # no redirects from "/path/" to "/path": they were built from the client's Host header
+    server.app.router.redirect_slashes = False
     install_error_handlers(server.app)
     return server

@@ -31,6 +31,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from server.settings import MiB, ServerSettings
@@ -72,13 +73,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+METRICS_PREFIX = "newllm-metrics-"
+
+
 def _metrics_dir() -> str | None:
-    """Give prometheus_client's multiprocess mode a fresh folder (returns it to clean up)."""
+    """Give prometheus_client's multiprocess mode a fresh folder (returns it to clean up).
+
+    The folder is named after this process (``newllm-metrics-<pid>-...``); folders left by
+    servers that were killed (kill -9 runs no cleanup) are removed here when their process is
+    gone."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
-    folder = tempfile.mkdtemp(prefix="newllm-metrics-")
+    sweep_metrics_dirs(Path(tempfile.gettempdir()))
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     return folder
+
+
+def sweep_metrics_dirs(tmp: Path) -> list[Path]:
+    """Remove metrics folders of servers that no longer run; returns what was removed."""
+    removed = []
+    for folder in tmp.glob(f"{METRICS_PREFIX}*"):
+        pid = folder.name[len(METRICS_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)) or not folder.is_dir():
+            continue  # older unnamed folders (pid unknown) and live servers' are left alone
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _announce(host: str, port: int, keyed: bool) -> None:
@@ -192,8 +223,9 @@ def serve(settings: ServerSettings) -> int:
     log.info("fingerprint %s", info.fingerprint)
     log.info("sessions in %s (at most %d)", server.lit_api.spec.store.folder,
              settings.max_sessions)
-    log.info("listening on http://%s:%d (%d workers, batch %d, %s)", settings.host,
-             settings.port, settings.workers, settings.max_batch_size,
+    log.info("listening on http://%s:%d (%d worker%s, %d slots each, %s)", settings.host,
+             settings.port, settings.workers, "" if settings.workers == 1 else "s",
+             settings.max_batch_size,
              "API key required" if settings.api_key else "no API key")
     _install_signals(server)
     threading.Thread(target=_announce, args=(settings.host, settings.port,

@@ -5,8 +5,10 @@
 Content-Length, or while the body is read, so an oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
 for memory uploads (``PUT /v1/sessions/{id}/memory``) and ``--max-request-bytes`` for every
-other route. `install_error_handlers` turns every error, FastAPI's own 404/405 and the session
-store's write failures (507/503, `server.store.StoreWriteError`) included, into
+other route. ``HEAD`` is answered as ``GET`` without a body (health checkers use it). JSON
+bodies nested too deeply or holding lone surrogates get 400 (`read_json`).
+`install_error_handlers` turns every error, FastAPI's own 404/405 and the session store's
+write failures (507/503, `server.store.StoreWriteError`) included, into
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -37,10 +39,38 @@ async def read_json(request: Request) -> Any:
     if not body:
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_body")
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}",
                        code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise ApiError(400, f"{where} holds a lone surrogate (\\ud800-\\udfff without its pair); "
+                       "that is not Unicode text: send valid UTF-16 pairs or the character "
+                       "itself", code="invalid_text", param=where)
+    return data
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The path (``messages.0.content``) of the first string that is not valid Unicode text
+    (a lone UTF-16 surrogate, which JSON's \\u escapes can carry), or None. No recursion: the
+    nesting is as deep as the parser allowed."""
+    todo: list[tuple[str, Any]] = [("body", data)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where.removeprefix("body.")
+        elif isinstance(value, dict):
+            todo.extend((f"{where}.{k}", v) for k, v in value.items())
+            todo.extend((f"{where}.<key>", k) for k in value)
+        elif isinstance(value, list):
+            todo.extend((f"{where}.{i}", v) for i, v in enumerate(value))
+    return None
 
 
 
@@ -84,13 +114,19 @@ class Guard:
             await self.app(scope, receive, send)
             return
         route, t0, status = route_label(scope["path"]), time.monotonic(), [500]
+        head = scope.get("method") == "HEAD"  # answered as GET without the body (RFC 9110)
+        if head:
+            scope = {**scope, "method": "GET"}
 
         async def send_counted(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                metrics.REQUESTS.labels(route, str(status[0])).inc()
-                metrics.LATENCY.labels(route).observe(time.monotonic() - t0)
+            elif message["type"] == "http.response.body":
+                if not message.get("more_body"):
+                    metrics.REQUESTS.labels(route, str(status[0])).inc()
+                    metrics.LATENCY.labels(route).observe(time.monotonic() - t0)
+                if head:
+                    message = {**message, "body": b""}
             await send(message)
 
         headers = dict(scope["headers"])

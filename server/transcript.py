@@ -144,6 +144,8 @@ class Transcript:
             raise ValueError("malformed session metadata: count and first hash disagree")
         if len(lengths) > count:
             raise ValueError("malformed session metadata: more lengths than pieces")
+        if turns > count:  # every turn adds at least one piece
+            raise ValueError("malformed session metadata: more turns than pieces")
         return cls(kind, count, chain, first, lengths, open_reply, turns, first_length)
 
 

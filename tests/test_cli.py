@@ -173,3 +173,8 @@ def test_missing_optional_module_names_it(capsys, monkeypatch):
     assert main(["train", "--steps", "1"]) == 1
     err = capsys.readouterr().err
     assert "training.cli" in err and "Traceback" not in err
+
+
+def test_a_preset_is_announced_as_untrained(capsys):
+    assert main(["generate", *GREEDY, "--prompt", "hi", "--max-tokens", "2"]) == 0
+    assert "random (untrained) weights" in capsys.readouterr().err

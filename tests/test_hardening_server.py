@@ -340,3 +340,59 @@ def test_deeply_nested_metadata_uploads_get_400(server: ServerProcess,
             statuses.append(client.put("/v1/sessions/victim-deep/memory",
                                        content=case.data).status_code)
     assert statuses == [400, 400], statuses
+
+
+# round 2 ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body", [
+    {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2},
+    {"model": MODEL, "messages": [{"role": "system", "content": "a\udfffb"},
+                                  {"role": "user", "content": "hi"}], "max_tokens": 2},
+    {"model": MODEL, "messages": [{"role": "user",
+                                   "content": [{"type": "text", "text": "\udc00"}]}]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["\ud801"]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+     "metadata": {"\ud800": "x"}},
+])
+def test_lone_surrogates_get_400_not_500(http: httpx.Client, body: dict[str, Any]) -> None:
+    raw = json.dumps(body)  # ensure_ascii: the surrogate travels as a \\ud800 escape
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        if path == "/v1/completions":
+            raw = raw.replace('"messages"', '"prompt": "\\ud800", "ignored"')
+        r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_text"
+
+
+def test_deeply_nested_json_gets_400(http: httpx.Client) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = http.post(path, content=b"[" * 30_000 + b"]" * 30_000,  # under the 64 KiB limit
+                      headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+
+
+def test_head_health_and_no_redirect_built_from_the_host_header(server: ServerProcess,
+                                                                http: httpx.Client) -> None:
+    r = httpx.head(server.url + "/health", trust_env=False)
+    assert r.status_code == 200 and r.content == b""
+    assert http.head("/v1/models").status_code == 200
+    for path in ("/metrics/", "/v1/sessions/"):  # were 307 to http://evil.example/...
+        r = http.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+        assert r.status_code in (404, 405) and "location" not in r.headers, (path, r.headers)
+        assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
+
+
+def test_an_upload_claiming_more_turns_than_it_has_is_refused(http: httpx.Client) -> None:
+    from safetensors.torch import load as st_load
+
+    from newllm.memory_file import metadata_sha256, serialize
+
+    data = make_session(http, "turns-real")
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n])["__metadata__"]
+    meta["session.turns"] = "1000000"
+    meta["metadata_sha256"] = metadata_sha256(meta)
+    forged = serialize(st_load(data), meta)
+    r = http.put("/v1/sessions/turns-forged/memory", content=forged)
+    assert r.status_code == 400 and "turns" in r.json()["error"]["message"], r.text
+    listed = {s["id"]: s for s in http.get("/v1/sessions").json()["data"]}
+    assert "turns-forged" not in listed and listed["turns-real"]["turns"] == 1

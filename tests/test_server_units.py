@@ -343,3 +343,32 @@ def test_sse_events_survive_clients_that_split_on_every_unicode_line_break():
     lines = event.splitlines()
     assert lines == [lines[0], ""] and lines[0].startswith("data: ")
     assert json.loads(lines[0][6:])["choices"][0]["text"] == text
+
+
+def test_metrics_folders_of_dead_servers_are_swept(tmp_path: Any) -> None:
+    """kill -9 leaves a metrics folder behind; the next start removes it, never a live one."""
+    import subprocess
+    import sys
+
+    from server.cli import METRICS_PREFIX, sweep_metrics_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    gone = tmp_path / f"{METRICS_PREFIX}{dead}-abc"
+    live = tmp_path / f"{METRICS_PREFIX}{os.getpid()}-def"
+    old_style = tmp_path / f"{METRICS_PREFIX}xyz"  # before pids were in the name: left alone
+    for folder in (gone, live, old_style):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    assert sweep_metrics_dirs(tmp_path) == [gone]
+    assert not gone.exists() and live.exists() and old_style.exists()
+
+
+def test_a_quick_benchmark_run_writes_beside_the_results() -> None:
+    from pathlib import Path
+
+    from benchmarks.common import RESULTS, results_folder
+
+    assert results_folder(None, False) == RESULTS
+    assert results_folder(None, True) == RESULTS / "quick"
+    assert results_folder(Path("x"), True) == Path("x")
