@@ -474,12 +474,15 @@ class SessionSpec(LitSpec):
         sid = _session_id(session_id)
 
         def delete() -> bool:
+            running = self.store.running(sid)
+            if running is not None:  # a turn holds the session: cancel it rather than wait
+                self.store.cancel(running, "deleted")
             locks = self.store.locks()
             if not locks.acquire(sid, LOCK_WAIT_S):
                 raise ApiError(409, f"session {sid!r} stayed busy for {LOCK_WAIT_S:.0f} s; "
                                "retry", code="session_busy", param="session_id")
             try:
-                return self.store.delete(sid, locks)
+                return self.store.delete(sid, locks) or running is not None
             finally:
                 locks.release(sid)
 

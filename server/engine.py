@@ -277,8 +277,16 @@ class Engine:
 
     def _drop_cancelled(self, turn: Turn, send: Send) -> None:
         turn.failed = True
+        reason = self.store.cancel_reason(turn.uid)
         self._release(turn)
         self.store.clear_cancel(turn.uid)
+        if reason == "deleted":  # DELETE of the session: the client is still there, tell it
+            log.info("request %s cancelled: session %r is being deleted", turn.uid,
+                     turn.session_id)
+            self._fail(turn.rqid, turn.uid, ApiError(
+                409, f"session {turn.session_id!r} was deleted during this turn; nothing of "
+                "the turn was kept", code="session_deleted", param="metadata.session_id"), send)
+            return
         log.info("request %s cancelled by its client: turn dropped, session %r unchanged",
                  turn.uid, turn.session_id)
         send(turn.rqid, turn.uid, None)
@@ -302,9 +310,12 @@ class Engine:
         if sid is not None and not self.locks.try_acquire(sid):
             return None
         try:
+            if sid is not None:
+                self.store.mark_running(sid, uid)  # a DELETE of the session cancels this turn
             return self._open(rqid, uid, job, sid)
         except BaseException:
             if sid is not None:
+                self.store.clear_running(sid, uid)
                 self.locks.release(sid)
             raise
 
@@ -584,6 +595,7 @@ class Engine:
                 self.scheduler.cancel((turn.uid, pi))
                 turn.reading -= 1
         if turn.session_id is not None and self.locks.holds(turn.session_id):
+            self.store.clear_running(turn.session_id, turn.uid)
             self.locks.release(turn.session_id)
 
     @staticmethod

@@ -24,9 +24,12 @@ can never both take the last free place. A turn that would create a session asks
 reserved, so a new session created by someone else in the meantime can still make the final
 write fail (also 503, the session file unchanged).
 
-Cancel flags: the HTTP process whose client went away mid-turn drops an empty file
+Cancel flags: the HTTP process whose client went away mid-turn drops a file
 ``{dir}/.cancel/{request uid}``; the worker serving that request sees it, drops the turn without
-saving it and removes the flag (`cancel`, `cancelled`, `clear_cancel`). Flags nobody consumed
+saving it and removes the flag (`cancel`, `cancelled`, `clear_cancel`). A worker notes which
+request runs a turn of a session (``.cancel/{id}.running``), so ``DELETE`` of a busy session
+cancels that turn (reason "deleted": it ends with a 409 ``session_deleted`` error) instead of
+waiting for it. Flags nobody consumed
 (the turn had already ended) are removed after `CANCEL_TTL_S` and at start-up.
 
 Storage faults: an ``OSError`` while writing, deleting or locking a session (disk full, quota,
@@ -397,10 +400,11 @@ class SessionStore:
             raise ValueError(f"invalid request uid {uid[:40]!r}")
         return self.cancel_folder / uid
 
-    def cancel(self, uid: str) -> None:
-        """Ask the worker serving request ``uid`` to drop it unsaved (see module docstring)."""
+    def cancel(self, uid: str, reason: str = "") -> None:
+        """Ask the worker serving request ``uid`` to drop it unsaved (see module docstring);
+        ``reason`` "deleted": its session is being deleted (the turn ends with an error)."""
         self.cancel_folder.mkdir(exist_ok=True)
-        self._flag(uid).touch()
+        self._flag(uid).write_text(reason)
         cutoff = time.time() - CANCEL_TTL_S
         for flag in self.cancel_folder.iterdir():
             try:
@@ -412,9 +416,34 @@ class SessionStore:
     def cancelled(self, uid: str) -> bool:
         return bool(REQUEST_UID.fullmatch(uid)) and (self.cancel_folder / uid).exists()
 
+    def cancel_reason(self, uid: str) -> str:
+        """The reason a cancelled request was given ("" when none, or not cancelled)."""
+        try:
+            return self._flag(uid).read_text()[:64]
+        except (OSError, ValueError):
+            return ""
+
     def clear_cancel(self, uid: str) -> None:
         if REQUEST_UID.fullmatch(uid):
             (self.cancel_folder / uid).unlink(missing_ok=True)
+
+    # which request runs a turn of a session (so DELETE can cancel it) ------------------------
+    def mark_running(self, session_id: str, uid: str) -> None:
+        """Note that request ``uid`` holds ``session_id``'s lock for a turn."""
+        self.cancel_folder.mkdir(exist_ok=True)
+        (self.cancel_folder / f"{check_session_id(session_id)}.running").write_text(uid)
+
+    def clear_running(self, session_id: str, uid: str) -> None:
+        if self.running(session_id) == uid:
+            (self.cancel_folder / f"{session_id}.running").unlink(missing_ok=True)
+
+    def running(self, session_id: str) -> str | None:
+        """The request running a turn of ``session_id`` now, if any."""
+        try:
+            uid = (self.cancel_folder / f"{check_session_id(session_id)}.running").read_text()
+        except OSError:
+            return None
+        return uid if REQUEST_UID.fullmatch(uid) else None
 
 
 def _unlock(fd: int) -> None:

@@ -336,6 +336,32 @@ def test_a_stream_closed_mid_turn_saves_nothing(server: ServerProcess) -> None:
     assert session_info(server, sid) == before
 
 
+def test_delete_of_a_busy_session_cancels_its_turn(server: ServerProcess) -> None:
+    """DELETE while a 500-token turn streams: the turn is cancelled (its stream ends with a
+    session_deleted error, long before 500 tokens), the session is gone, DELETE answers 200."""
+    sid = "busy-delete"
+    chat(server.openai(), "c", sid, temperature=0, max_tokens=4)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "c"}], "temperature": 0,
+            "max_tokens": 500, "stream": True,
+            "metadata": {"session_id": sid, "reset_session": "true"}}
+    with server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        events: list[str] = []
+        deleted = None
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 3 and deleted is None:
+                with server.http() as other:
+                    deleted = other.delete(f"/v1/sessions/{sid}")
+    assert deleted is not None and deleted.status_code == 200, deleted.text if deleted else None
+    assert deleted.json()["deleted"] is True
+    assert any("session_deleted" in e for e in events), events[-3:]
+    assert len(events) < 400  # cut off, not run to the end
+    with server.http() as http:
+        assert http.get(f"/v1/sessions/{sid}/memory").status_code == 404
+
+
 def _metric_values(server: ServerProcess) -> dict[str, float]:
     with server.http() as http:
         text = http.get("/metrics").text
