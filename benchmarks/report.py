@@ -79,9 +79,17 @@ def _state_size(doc: Doc) -> list[str]:
             cells.append(_bytes(r["fp32_bytes"]) + ("" if kind == "pythia"
                                                       else f" ({-100 * cut:+.1f}%)"))
         body.append(cells)
-    return (["Session state (fp32) per kind at the 70M presets, and its change against "
-             "Pythia's KV cache:", ""]
-            + _table(["kind"] + [f"{n:,} tokens" for n in lengths], body))
+    out = (["Session state (fp32) per kind at the 70M presets, and its change against "
+            "Pythia's KV cache:", ""]
+           + _table(["kind"] + [f"{n:,} tokens" for n in lengths], body))
+    if "worst_in_segment_fp32_bytes" in rows["pythia"][0]:
+        worst = [[f"`{kind}`"] + [_bytes(r["worst_in_segment_fp32_bytes"]) for r in rs]
+                 for kind, rs in rows.items()]
+        out += ["", "These lengths are segment boundaries, where a memory layer's open segment "
+                "is empty: the best case. The worst case: the state at the last token of the "
+                "segment that follows (open segment full, S - 1 tokens later):", ""]
+        out += _table(["kind"] + [f"~{n:,} tokens" for n in lengths], worst)
+    return out
 
 
 def _decode(doc: Doc) -> list[str]:

@@ -3,7 +3,9 @@
 For each 70M preset the state is *measured* from a real state (run the model over the text, or,
 for long contexts, a state built at that position with the declared shapes — flagged in the
 JSON) and checked against the closed-form formula in `newllm.sizes`; fp32 and fp16 bytes.
-Headline: reduction against `pythia-70m` at 2,048, 16,384 and 65,536 tokens.
+Headline: reduction against `pythia-70m` at 2,048, 16,384 and 65,536 tokens. The lengths are
+multiples of every segment length, where an open segment is empty (the best case); each row
+also gives the worst case within the same segment (open segment full), from the formula.
 
     python -m benchmarks.state_size [--quick]
 """
@@ -17,7 +19,7 @@ import torch
 
 from benchmarks.common import new_figure, plot_path, results_folder, save_figure, write_result
 from newllm import ModelConfig, TransformerLM
-from newllm.sizes import state_bytes
+from newllm.sizes import state_bytes, worst_state_bytes
 
 KINDS = {
     "pythia": "pythia-70m",
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             if got != formula:
                 raise SystemExit(f"{kind} at {n}: measured {got} bytes, formula {formula}")
             rows[kind].append({"tokens": n, "fp32_bytes": got, "fp16_bytes": got // 2,
-                               "formula_bytes": formula, "measured_by": how})
+                               "formula_bytes": formula, "measured_by": how,
+                               # the lengths are segment boundaries (best case): the largest
+                               # state in the same segment, its open segment full
+                               "worst_in_segment_fp32_bytes": worst_state_bytes(cfg, n)})
         print(f"{kind:15s}", " ".join(f"{r['fp32_bytes']:>12,}" for r in rows[kind]))
     headline = {}
     for kind in KINDS:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from newllm.generation import SamplingParams
+from newllm.sizes import worst_position
 
 PROG = "newllm"
 # subcommand -> (module, function, help); the function takes the remaining argv
@@ -151,14 +152,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def state_bytes(model: Any, position: int) -> int:
-    """Bytes of one session's state after ``position`` tokens (from the model's state shapes)."""
-    total = 0
-    for shape in model.state_shapes(1, position).values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total * model.dtype.itemsize
+    """Bytes of one session's state after ``position`` tokens (from the model's state shapes
+    and dtypes: memory tensors are float32 whatever the model's dtype)."""
+    dtypes = model.state_dtypes()
+    return sum(math.prod(shape) * dtypes[name].itemsize
+               for name, shape in model.state_shapes(1, position).items())
 
 
 def state_growth_per_1k(model: Any) -> float:
@@ -183,6 +181,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_token_id,
                       "sha256": tokenizer.sha256},
         "state_bytes": {str(p): state_bytes(model, p) for p in INFO_POSITIONS},
+        # the largest state in the same segment (open segment full): sizes swing within one
+        "state_bytes_worst_in_segment": {
+            str(p): state_bytes(model, worst_position(model.config, p)) for p in INFO_POSITIONS},
         "state_bytes_per_1k_tokens": state_growth_per_1k(model),
     }
     if args.json:
@@ -197,7 +198,9 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"sha256 {tokenizer.sha256}")
     print(f"session state ({report['dtype']}):")
     for p in INFO_POSITIONS:
-        print(f"  after {p:>6,} tokens: {report['state_bytes'][str(p)]:>12,} bytes")
+        print(f"  after {p:>6,} tokens: {report['state_bytes'][str(p)]:>12,} bytes "
+              f"(at most {report['state_bytes_worst_in_segment'][str(p)]:,} within its "
+              f"segment, the open segment full)")
     growth = report["state_bytes_per_1k_tokens"]
     print(f"  growth: {growth:,.0f} bytes per 1k tokens"
           + (" (fixed-size memory)" if growth == 0 else ""))

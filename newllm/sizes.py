@@ -53,3 +53,18 @@ def state_bytes(config: ModelConfig, position: int, batch_size: int = 1,
                 bytes_per_value: int = 4) -> int:
     """Bytes of a state after ``position`` tokens (4 per value in fp32, 2 in fp16/bf16)."""
     return state_values(config, position, batch_size) * bytes_per_value
+
+
+def worst_position(config: ModelConfig, position: int) -> int:
+    """The last position of the segment ``position`` is in, where the open segment is full
+    and the state is largest. A memory layer's state swings by up to 2·C·S values between
+    segment boundaries, so sizes at multiples of S are the best case; this is the worst case
+    around ``position`` (for kinds that only grow, the size S - 1 tokens later at most)."""
+    S = config.segment_len
+    return position + (S - 1 - position % S)
+
+
+def worst_state_bytes(config: ModelConfig, position: int, batch_size: int = 1,
+                      bytes_per_value: int = 4) -> int:
+    """`state_bytes` at `worst_position`: at most this much anywhere near ``position``."""
+    return state_bytes(config, worst_position(config, position), batch_size, bytes_per_value)

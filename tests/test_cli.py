@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 import types
 
@@ -143,9 +144,20 @@ def test_info_reports_size_fingerprint_and_state_bytes(capsys):
     per_token = model.config.num_layers * 2 * model.config.hidden_size * 4  # k and v, fp32
     assert report["state_bytes"]["1000"] == 1000 * per_token
     assert report["state_bytes_per_1k_tokens"] == 1000 * per_token
+    assert main(["info", "--checkpoint", "tiny-infini", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    infini, _ = load_checkpoint("tiny-infini")
+    S = infini.config.segment_len
+    for p in ("1000", "8000", "64000"):  # the worst is the largest state of that segment
+        start = int(p) - int(p) % S
+        sizes = [sum(math.prod(s) * 4 for s in infini.state_shapes(1, q).values())
+                 for q in range(start, start + S)]
+        assert report["state_bytes_worst_in_segment"][p] == max(sizes)
+        assert report["state_bytes"][p] in sizes
     assert main(["info", "--checkpoint", "tiny-infini"]) == 0
     text = capsys.readouterr().out
     assert "fingerprint:" in text and "0 bytes per 1k tokens (fixed-size memory)" in text
+    assert "within its segment" in text
 
 
 def test_dispatch_passes_the_remaining_arguments(monkeypatch):
