@@ -354,7 +354,7 @@ class AsyncClient:
         payload = str(info.payload_sha256)
         if not overwrite and await target.memory_headers(new_id) is not None:
             raise Conflict(f"{target.base_url} already has a session {new_id!r}; pass "
-                           "overwrite=True (--overwrite) to replace it", code="session_exists")
+                           "overwrite=True to replace it", code="session_exists")
         upload = progress and partial(progress, "upload")
         result = await target.import_memory(new_id, data, progress=upload)
         landed = await target.memory_headers(new_id) or {}

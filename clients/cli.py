@@ -245,6 +245,9 @@ def cmd_export(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_import(client: Client, args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    if not args.overwrite and client.memory_headers(args.session) is not None:
+        raise errors.Conflict(f"{client.base_url} already has a session {args.session!r}; "
+                              "pass --overwrite to replace it", code="session_exists")
     printer = ProgressPrinter(f"import {args.session}", args.progress)
     try:
         result = client.import_memory(args.session, data, progress=printer)
@@ -268,6 +271,11 @@ def cmd_move(client: Client, args: argparse.Namespace) -> int:
         result = move_session(args.session, source, target, args.new_id,
                               keep_source=args.keep_source, overwrite=args.overwrite,
                               progress=printer.staged)
+    except errors.Conflict as e:  # the library's wording names its argument; say the flag
+        if e.code != "session_exists":
+            raise
+        raise errors.Conflict(str(e).replace("overwrite=True", "--overwrite"),
+                              code=e.code) from None
     finally:
         printer.finish()
         source.close()
@@ -382,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("import", cmd_import, "upload a memory file as a session")
     p.add_argument("session")
     p.add_argument("file", help="memory file ('-': stdin)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing session")
 
     p = command("move", cmd_move, "move a session to another server (verified, then deleted "
                                   "at the source)")

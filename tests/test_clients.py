@@ -716,3 +716,23 @@ def test_api_error_repr_and_class_hierarchy() -> None:
     assert isinstance(e, BadRequest) and isinstance(e, APIError)
     assert "truncated" in repr(e) and str(e) == "no"
     assert issubclass(RequestTimeout, ServerUnavailable)
+
+
+def test_cli_import_and_move_refuse_to_replace_a_session_alike(
+        fake_cli: tuple[FakeServer, FakeServer], memory_file: bytes, tmp_path: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Both refuse an existing target session unless --overwrite, in the CLI's own words."""
+    a, b = fake_cli
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(memory_file)
+    a.sessions["s"] = b.sessions["s"] = memory_file
+    assert cli.main(["import", "s", str(f)]) != 0
+    err = capsys.readouterr().err
+    assert "already has a session 's'" in err and "--overwrite" in err
+    assert "overwrite=True" not in err
+    assert cli.main(["move", "s", "--to", URL_B, "--to-api-key", KEY]) != 0
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err and "s" in a.sessions
+    assert cli.main(["import", "s", str(f), "--overwrite"]) == 0
+    assert cli.main(["move", "s", "--to", URL_B, "--to-api-key", KEY, "--overwrite"]) == 0
+    assert b.sessions["s"] == memory_file
