@@ -295,6 +295,13 @@ class AsyncClient:
         await asyncio.to_thread(write_file_atomic, Path(path), data)
         return Path(path)
 
+    async def store_id(self) -> str | None:
+        """As `clients.client.Client.store_id`."""
+        async def consume(response: httpx.Response) -> str | None:
+            return response.headers.get(memory.STORE_HEADER)
+
+        return await self._call("GET", "/health", consume=consume, what="GET /health")
+
     async def memory_headers(self, session: str) -> dict[str, str] | None:
         async def consume(response: httpx.Response) -> dict[str, str]:
             return {k: v for k, v in response.headers.items() if k.startswith("x-newllm-")}
@@ -350,6 +357,11 @@ class AsyncClient:
             raise ValueError("source and target are the same session; pass new_id to copy it")
         download = progress and partial(progress, "download")
         data, headers = await self._download(session, download)
+        if new_id == session and memory.same_store(headers, await target.store_id()):
+            raise Conflict(f"{self.base_url} and {target.base_url} share one session store: "
+                           f"session {session!r} is already there, and moving it onto itself "
+                           "would delete it; nothing was changed (pass new_id to copy it)",
+                           code="same_store")
         info = memory.verify(data, headers.get(memory.PAYLOAD_HEADER))
         payload = str(info.payload_sha256)
         if not overwrite and await target.memory_headers(new_id) is not None:
@@ -358,8 +370,10 @@ class AsyncClient:
         upload = progress and partial(progress, "upload")
         result = await target.import_memory(new_id, data, progress=upload)
         landed = await target.memory_headers(new_id) or {}
-        if landed.get(memory.PAYLOAD_HEADER.lower()) != payload \
-                or result.tokens_seen != info.tokens_seen:
+        stored = payload if not result.converted else result.payload_sha256  # see Client
+        if (landed.get(memory.PAYLOAD_HEADER.lower()) != stored
+                or (result.converted and result.received_payload_sha256 != payload)
+                or result.tokens_seen != info.tokens_seen):
             if result.created:
                 await target.delete_session(new_id, missing_ok=True)
             raise IntegrityError(f"session {new_id!r} on {target.base_url} does not match the "
@@ -375,7 +389,8 @@ class AsyncClient:
         return MoveResult(session=session, new_id=new_id, source=self.base_url,
                           target=target.base_url, bytes=len(data),
                           tokens_seen=info.tokens_seen or 0, payload_sha256=payload,
-                          created=result.created, source_deleted=deleted)
+                          created=result.created, source_deleted=deleted,
+                          converted=result.converted)
 
     # operations ------------------------------------------------------------------------------
     async def health(self) -> bool:

@@ -341,6 +341,14 @@ class Client:
         write_file_atomic(Path(path), data)
         return Path(path)
 
+    def store_id(self) -> str | None:
+        """The server's session-store id (``X-Newllm-Store-Id``; None from older servers):
+        equal for servers that share one session folder."""
+        def consume(response: httpx.Response) -> str | None:
+            return response.headers.get(memory.STORE_HEADER)
+
+        return self._call("GET", "/health", consume=consume, what="GET /health")
+
     def memory_headers(self, session: str) -> dict[str, str] | None:
         """The export route's ``X-Newllm-*`` headers without the file; None if no session."""
         def consume(response: httpx.Response) -> dict[str, str]:
@@ -399,6 +407,11 @@ class Client:
             raise ValueError("source and target are the same session; pass new_id to copy it")
         download = progress and partial(progress, "download")
         data, headers = self._download(session, download)
+        if new_id == session and memory.same_store(headers, target.store_id()):
+            raise Conflict(f"{self.base_url} and {target.base_url} share one session store: "
+                           f"session {session!r} is already there, and moving it onto itself "
+                           "would delete it; nothing was changed (pass new_id to copy it)",
+                           code="same_store")
         info = memory.verify(data, headers.get(memory.PAYLOAD_HEADER))
         payload = str(info.payload_sha256)
         if not overwrite and target.memory_headers(new_id) is not None:

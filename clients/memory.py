@@ -22,6 +22,13 @@ from clients.errors import IntegrityError
 
 MAX_HEADER_BYTES = 1 << 20  # newllm refuses larger headers, and so does the client
 PAYLOAD_HEADER = "X-Newllm-Payload-Sha256"  # the export route's copy of payload_sha256
+STORE_HEADER = "X-Newllm-Store-Id"  # on every response: which session store the server uses
+
+
+def same_store(headers: Any, target_store: str | None) -> bool:
+    """Whether a download's headers name the same session store as ``target_store``."""
+    source_store = headers.get(STORE_HEADER)
+    return bool(source_store) and source_store == target_store
 
 
 @dataclass(frozen=True)

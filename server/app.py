@@ -529,7 +529,7 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=settings.workers,
         timeout=False, model_metadata=info.card(), restart_workers=True,
-        middlewares=[(Guard, {"api_key": settings.api_key,
+        middlewares=[(Guard, {"api_key": settings.api_key, "store_id": store.store_id(),
                               "max_bytes": settings.max_request_bytes,
                               "max_memory_bytes": settings.max_memory_bytes})],
     )

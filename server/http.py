@@ -98,8 +98,11 @@ class Guard:
     """ASGI middleware: API key, request body limit, request metrics (see module docstring)."""
 
     def __init__(self, app: Any, api_key: str | None, max_bytes: int,
-                 max_memory_bytes: int | None = None) -> None:
+                 max_memory_bytes: int | None = None, store_id: str | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        # every response names the session store (X-Newllm-Store-Id), so clients can tell two
+        # servers that share one store apart from two that do not
+        self.store_header = [(b"x-newllm-store-id", store_id.encode())] if store_id else []
         self.max_memory_bytes = max_memory_bytes if max_memory_bytes is not None else max_bytes
         self.api_key = api_key.encode() if api_key else None
 
@@ -121,6 +124,9 @@ class Guard:
         async def send_counted(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if self.store_header:
+                    message = {**message,
+                               "headers": [*message.get("headers", []), *self.store_header]}
             elif message["type"] == "http.response.body":
                 if not message.get("more_body"):
                     metrics.REQUESTS.labels(route, str(status[0])).inc()

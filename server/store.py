@@ -228,6 +228,25 @@ class SessionStore:
         for stale in [*self.folder.glob(".*.tmp"), *self.cancel_folder.iterdir()]:
             stale.unlink(missing_ok=True)
 
+    def store_id(self) -> str:
+        """This store's identity: a random id kept in ``{dir}/.store-id``, made on first use.
+        Two servers that share a session folder share it, so a client can tell that moving a
+        session between them would move it onto itself (`clients.move_session` refuses)."""
+        path = self.folder / ".store-id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: of two servers starting together, one writes it, both read the same
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            time.sleep(0.05)
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(16).hex())
+        return path.read_text().strip()
+
     def locks(self) -> StripeLocks:
         return StripeLocks(self.lock_folder)
 

@@ -118,3 +118,34 @@ def test_moves_across_precision_are_converted_unless_strict(tmp_path: Path) -> N
     finally:
         for srv in servers.values():
             srv.kill()
+
+
+def test_a_move_between_servers_sharing_a_folder_loses_nothing(tmp_path: Path) -> None:
+    """Two servers on one session folder (the same store id): moving a session from one to
+    the other would move it onto itself; it is refused and the session stays on both. A copy
+    under a new id still works. Servers on different folders have different store ids."""
+    from clients import Client, move_session
+    from clients.errors import Conflict
+
+    a = ServerProcess(tmp_path / "shared")
+    b = ServerProcess(tmp_path / "shared")
+    c = ServerProcess(tmp_path / "other")
+    try:
+        for srv in (a, b, c):
+            srv.wait_ready()
+        ca, cb, cc = (Client(s.url, api_key=s.api_key) for s in (a, b, c))
+        assert ca.store_id() == cb.store_id() != cc.store_id()
+        turn(a, "carol", "My name is Carol.")
+        before = ca.export_memory("carol")
+        for overwrite in (False, True):
+            with pytest.raises(Conflict, match="share one session store") as e:
+                move_session("carol", ca, cb, overwrite=overwrite)
+            assert e.value.code == "same_store"
+        assert ca.export_memory("carol") == before == cb.export_memory("carol")
+        copied = move_session("carol", ca, cb, "carol-2")  # a rename within the store
+        assert copied.source_deleted and cb.export_memory("carol-2")
+        moved = move_session("carol-2", cb, cc)  # another store: a real move
+        assert moved.source_deleted and cc.export_memory("carol-2")
+    finally:
+        for srv in (a, b, c):
+            srv.kill()
