@@ -357,7 +357,8 @@ class AsyncClient:
             raise ValueError("source and target are the same session; pass new_id to copy it")
         download = progress and partial(progress, "download")
         data, headers = await self._download(session, download)
-        if new_id == session and memory.same_store(headers, await target.store_id()):
+        if (new_id == session and headers.get(memory.STORE_HEADER)
+                and memory.same_store(headers, await target.store_id())):
             raise Conflict(f"{self.base_url} and {target.base_url} share one session store: "
                            f"session {session!r} is already there, and moving it onto itself "
                            "would delete it; nothing was changed (pass new_id to copy it)",
