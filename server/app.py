@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -208,6 +209,7 @@ class SessionSpec(LitSpec):
         self.api_path = "/v1/chat/completions"
         self.settings, self.info, self.store = settings, info, store
         self._validator: tuple[Any, str] | None = None  # (model, tokenizer sha) in HTTP processes
+        self._uploading = 0  # memory uploads this process is receiving (see import_memory)
         for path, endpoint, methods in [
             ("/v1/chat/completions", self.chat_completions, ["POST"]),
             ("/v1/completions", self.completions, ["POST"]),
@@ -418,17 +420,34 @@ class SessionSpec(LitSpec):
         return Response(data, media_type="application/octet-stream", headers=headers)
 
     async def import_memory(self, session_id: str, request: Request) -> Response:
+        """Receive a memory file: streamed to a temp file in the store's folder (never whole
+        in this process's memory while it arrives), then checked and installed. At most
+        ``--max-uploads`` at once per HTTP process; more are drained and answered 429."""
         sid = _session_id(session_id)
-        body = await request.body()
+        if self._uploading >= self.settings.max_uploads:
+            async for _ in request.stream():  # read and drop it, so the client gets the answer
+                pass
+            metrics.TRANSFERS.labels("import", "refused").inc()
+            raise ApiError(429, f"{self._uploading} memory uploads are being received by this "
+                           f"server (--max-uploads {self.settings.max_uploads}); retry shortly",
+                           code="too_many_uploads", retry_after=1)
+        self._uploading += 1
+        fd, name = tempfile.mkstemp(dir=self.store.folder, prefix=".upload.", suffix=".tmp")
         try:
-            result = await asyncio.to_thread(self._install, sid, body)
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():  # the Guard cuts it off past the limit
+                    f.write(chunk)
+            result = await asyncio.to_thread(self._install, sid, name)
         except (ApiError, StoreWriteError):
             metrics.TRANSFERS.labels("import", "refused").inc()
             raise
+        finally:
+            self._uploading -= 1
+            Path(name).unlink(missing_ok=True)
         metrics.TRANSFERS.labels("import", "ok").inc()
         return JSONResponse(result, status_code=201 if result["created"] else 200)
 
-    def _install(self, sid: str, body: bytes) -> dict[str, Any]:
+    def _install(self, sid: str, body: str | bytes) -> dict[str, Any]:
         if self._validator is None:
             raise ApiError(503, "this process cannot validate memory files", code="unavailable")
         model, tokenizer_sha = self._validator

@@ -44,10 +44,11 @@ class ApiError(Exception):
     """An error to send as ``{"error": {...}}`` with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.retry_after = retry_after  # seconds, sent as Retry-After
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -43,6 +43,9 @@ class ServerSettings:
     max_request_bytes: int = _f(32 * MiB, "largest request body (memory uploads excepted)")
     max_memory_bytes: int = _f(512 * MiB, "largest memory file PUT /v1/sessions/{id}/memory "
                                           "accepts (checked before the body is read whole)")
+    max_uploads: int = _f(2, "memory uploads one HTTP process receives at once (each is "
+                             "streamed to a temp file, then checked); more get 429 with "
+                             "Retry-After, so memory use stays bounded")
     max_tokens_limit: int = _f(4096, "largest max_tokens a request may ask for")
     max_prompt_tokens: int = _f(16384, "largest prompt (new tokens of one request)")
     dtype: str | None = _f(None, "float32, bfloat16 or float16 (default: the checkpoint's)")

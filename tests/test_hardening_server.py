@@ -396,3 +396,49 @@ def test_an_upload_claiming_more_turns_than_it_has_is_refused(http: httpx.Client
     assert r.status_code == 400 and "turns" in r.json()["error"]["message"], r.text
     listed = {s["id"]: s for s in http.get("/v1/sessions").json()["data"]}
     assert "turns-forged" not in listed and listed["turns-real"]["turns"] == 1
+
+
+def _peak_rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_parallel_uploads_keep_the_http_process_memory_bounded(tmp_path: Path) -> None:
+    """8 parallel 100 MB uploads: at most --max-uploads (2) are received at once, each streamed
+    to a temp file; the others get 429 with Retry-After. No server process's peak memory grows
+    by more than 350 MiB (before: each upload was held whole, ~850 MiB of growth here)."""
+    import threading
+
+    from test_server import descendants
+
+    srv = ServerProcess(tmp_path / "s", "--max-memory-bytes", "128MiB", "--max-uploads", "2")
+    try:
+        srv.wait_ready()
+        family = descendants(srv.proc.pid) | {srv.proc.pid}
+        before = {p: _peak_rss_mib(p) for p in family}
+        body = b"\0" * (100 << 20)  # not a memory file: refused after it is received
+        answers: list[httpx.Response] = []
+
+        def upload(i: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=300, trust_env=False,
+                              headers={"Authorization": f"Bearer {KEY}"}) as h:
+                answers.append(h.put(f"/v1/sessions/u{i}/memory", content=body))
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) <= {400, 429} and 400 in codes and 429 in codes, codes
+        busy = [r for r in answers if r.status_code == 429]
+        assert all(r.headers["retry-after"] == "1" and
+                   r.json()["error"]["code"] == "too_many_uploads" for r in busy)
+        growth = {p: _peak_rss_mib(p) - before[p] for p in family}
+        assert max(growth.values()) < 350, growth
+        assert not list((tmp_path / "s").glob(".*.tmp"))  # temp files removed
+    finally:
+        srv.kill()
