@@ -6,9 +6,11 @@ Retry policy (`RetryPolicy`): a request is retried, with exponential backoff
 ``Retry-After`` raises the wait, never above ``max_backoff``), at most ``max_retries`` times,
 when the server answers 503 or the connection failed *before the request was sent* (connect
 errors and timeouts, pool timeouts). Failures after the request was sent (read/write errors and
-timeouts, a dropped connection) are retried only for idempotent routes (GET, PUT, DELETE): a
-chat or completion might already have run and changed its session. Any 4xx or other 5xx
-raises at once. A stream is retried only before its first byte.
+timeouts, a dropped connection) are retried only for idempotent requests: GET, PUT, DELETE,
+and chats and completions on a session, which carry an ``Idempotency-Key`` (`turn_headers`)
+that the server uses to apply a turn once however often it arrives. A chat or completion
+without a session changes nothing on the server but is not retried after it was sent. Any 4xx
+or other 5xx raises at once. A stream is retried only before its first byte.
 
 Timeouts: ``timeout=`` is seconds (read, write and pool; connecting takes at most 10 s of it)
 or an ``httpx.Timeout``; the default waits 120 s for an answer and 10 s to connect. In a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,15 +101,22 @@ class RetryPolicy:
         return wait * (1.0 - self.jitter * self.rng.random())
 
     def should_retry(self, attempt: int, error: Exception | None, method: str,
-                     status: int | None = None) -> bool:
-        """Whether a failed attempt (``attempt`` retries done so far) is worth another try."""
+                     status: int | None = None, idempotent: bool = False) -> bool:
+        """Whether a failed attempt (``attempt`` retries done so far) is worth another try;
+        ``idempotent``: the request carries an Idempotency-Key (a retry cannot apply it twice)."""
         if attempt >= self.max_retries:
             return False
         if status is not None:
             return status == 503
         if isinstance(error, _BEFORE_SEND):
             return True
-        return isinstance(error, _AFTER_SEND) and method in IDEMPOTENT
+        return isinstance(error, _AFTER_SEND) and (idempotent or method in IDEMPOTENT)
+
+
+def turn_headers(session: str | None) -> dict[str, str]:
+    """Headers of a chat or completion request: on a session, a fresh ``Idempotency-Key``,
+    which every retry of the request repeats, so the server applies the turn once."""
+    return {"Idempotency-Key": uuid.uuid4().hex} if session is not None else {}
 
 
 def transport_error(error: httpx.TransportError, url: str, attempts: int) -> ServerUnavailable:

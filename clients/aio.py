@@ -159,6 +159,7 @@ class AsyncClient:
                     retry: bool = True, **kwargs: Any) -> Any:
         """Send with retries (see `clients._base`); as `Client._call`."""
         attempt = 0
+        keyed = "Idempotency-Key" in (kwargs.get("headers") or {})
         while True:
             try:
                 request = self._http.build_request(
@@ -166,7 +167,7 @@ class AsyncClient:
                 response = await self._http.send(request, stream=stream or consume is not None)
                 status = response.status_code
                 if status >= 400 and retry and self.retry.should_retry(attempt, None, method,
-                                                                       status):
+                                                                       status, keyed):
                     wait = self.retry.delay(attempt, response.headers.get("retry-after"))
                     await response.aclose()
                     await self._sleep(wait)
@@ -186,7 +187,7 @@ class AsyncClient:
                 finally:
                     await response.aclose()
             except httpx.TransportError as e:
-                if retry and self.retry.should_retry(attempt, e, method):
+                if retry and self.retry.should_retry(attempt, e, method, idempotent=keyed):
                     await self._sleep(self.retry.delay(attempt))
                     attempt += 1
                     continue
@@ -217,7 +218,8 @@ class AsyncClient:
         body = _base.request_body(model or await self.model_name(), session, reset_session,
                                   session_input, sampling, stream=False)
         body["messages"] = _base.messages_list(messages)
-        answer = await self._json("POST", "/v1/chat/completions", "the chat request", json=body)
+        answer = await self._json("POST", "/v1/chat/completions", "the chat request", json=body,
+                                headers=_base.turn_headers(session))
         return _base.parse_result(ChatResult, answer, "the chat request")
 
     async def complete(self, prompt: str | list[int], session: str | None = None, *,
@@ -229,7 +231,7 @@ class AsyncClient:
         body.update(prompt=prompt, echo=echo or None, logprobs=logprobs)
         body = {k: v for k, v in body.items() if v is not None}
         answer = await self._json("POST", "/v1/completions", "the completion request",
-                                  json=body)
+                                  json=body, headers=_base.turn_headers(session))
         return _base.parse_result(CompletionResult, answer, "the completion request")
 
     def stream_chat(self, messages: str | list[dict[str, Any]], session: str | None = None, *,
@@ -240,7 +242,8 @@ class AsyncClient:
                                       reset_session, session_input, sampling, stream=True)
             body["messages"] = _base.messages_list(messages)
             return await self._call("POST", "/v1/chat/completions", stream=True,
-                                    what="the chat request", json=body)
+                                    what="the chat request", json=body,
+                                headers=_base.turn_headers(session))
         return AsyncStream(open_response, chat=True)
 
     def stream_complete(self, prompt: str | list[int], session: str | None = None, *,
@@ -253,7 +256,8 @@ class AsyncClient:
             body.update(prompt=prompt, echo=echo or None, logprobs=logprobs)
             body = {k: v for k, v in body.items() if v is not None}
             return await self._call("POST", "/v1/completions", stream=True,
-                                    what="the completion request", json=body)
+                                    what="the completion request", json=body,
+                                headers=_base.turn_headers(session))
         return AsyncStream(open_response, chat=False)
 
     # sessions and memory ---------------------------------------------------------------------

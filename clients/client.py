@@ -198,6 +198,7 @@ class Client:
               retry: bool = True, **kwargs: Any) -> Any:
         """Send with retries; a response (open if ``stream``) or what ``consume`` returns."""
         attempt = 0
+        keyed = "Idempotency-Key" in (kwargs.get("headers") or {})
         while True:
             try:
                 request = self._http.build_request(
@@ -205,7 +206,7 @@ class Client:
                 response = self._http.send(request, stream=stream or consume is not None)
                 status = response.status_code
                 if status >= 400 and retry and self.retry.should_retry(attempt, None, method,
-                                                                       status):
+                                                                       status, keyed):
                     wait = self.retry.delay(attempt, response.headers.get("retry-after"))
                     response.close()
                     self._sleep(wait)
@@ -225,7 +226,7 @@ class Client:
                 finally:
                     response.close()
             except httpx.TransportError as e:
-                if retry and self.retry.should_retry(attempt, e, method):
+                if retry and self.retry.should_retry(attempt, e, method, idempotent=keyed):
                     self._sleep(self.retry.delay(attempt))
                     attempt += 1
                     continue
@@ -258,7 +259,8 @@ class Client:
         body = _base.request_body(model or self.model_name(), session, reset_session,
                                   session_input, sampling, stream=False)
         body["messages"] = _base.messages_list(messages)
-        answer = self._json("POST", "/v1/chat/completions", "the chat request", json=body)
+        answer = self._json("POST", "/v1/chat/completions", "the chat request", json=body,
+                                headers=_base.turn_headers(session))
         return _base.parse_result(ChatResult, answer, "the chat request")
 
     def complete(self, prompt: str | list[int], session: str | None = None, *,
@@ -270,7 +272,8 @@ class Client:
                                   session_input, sampling, stream=False)
         body.update(prompt=prompt, echo=echo or None, logprobs=logprobs)
         body = {k: v for k, v in body.items() if v is not None}
-        answer = self._json("POST", "/v1/completions", "the completion request", json=body)
+        answer = self._json("POST", "/v1/completions", "the completion request", json=body,
+                                headers=_base.turn_headers(session))
         return _base.parse_result(CompletionResult, answer, "the completion request")
 
     def stream_chat(self, messages: str | list[dict[str, Any]], session: str | None = None, *,
@@ -283,7 +286,8 @@ class Client:
                                       session_input, sampling, stream=True)
             body["messages"] = _base.messages_list(messages)
             return self._call("POST", "/v1/chat/completions", stream=True,
-                              what="the chat request", json=body)
+                              what="the chat request", json=body,
+                                headers=_base.turn_headers(session))
         return Stream(open_response, chat=True)
 
     def stream_complete(self, prompt: str | list[int], session: str | None = None, *,
@@ -297,7 +301,8 @@ class Client:
             body.update(prompt=prompt, echo=echo or None, logprobs=logprobs)
             body = {k: v for k, v in body.items() if v is not None}
             return self._call("POST", "/v1/completions", stream=True,
-                              what="the completion request", json=body)
+                              what="the completion request", json=body,
+                                headers=_base.turn_headers(session))
         return Stream(open_response, chat=False)
 
     # sessions and memory ---------------------------------------------------------------------

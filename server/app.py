@@ -65,7 +65,7 @@ from newllm.memory_file import (
     payload_sha256,
     save_memory,
 )
-from server import metrics
+from server import metrics, replies
 from server.http import Guard, install_error_handlers, read_json
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
@@ -194,6 +194,13 @@ class NewllmAPI(ls.LitAPI):
 
 
 # HTTP side ---------------------------------------------------------------------------------------
+def _idempotency_key(request: Request, job: dict[str, Any]) -> str | None:
+    """The request's ``Idempotency-Key`` (`server.replies`); ignored without a session."""
+    if job["session_id"] is None:
+        return None
+    return replies.check_key(request.headers.get("idempotency-key"))
+
+
 def _session_id(session_id: str) -> str:
     try:
         return check_session_id(session_id)
@@ -247,6 +254,7 @@ class SessionSpec(LitSpec):
         req = parse_request(ChatRequest, await read_json(request))
         self._check_model(req.model)
         job = chat_job(req, self.settings.max_tokens_limit)
+        job["idempotency_key"] = _idempotency_key(request, job)
         builder = ChatBuilder(self.info.name, self._fp(), job["n"], logprobs=job["logprobs"],
                               include_usage=bool(req.stream_options and
                                                  req.stream_options.include_usage))
@@ -257,6 +265,7 @@ class SessionSpec(LitSpec):
         req = parse_request(CompletionRequest, await read_json(request))
         self._check_model(req.model)
         job = completion_job(req, self.settings.max_tokens_limit, self.info.vocab_size)
+        job["idempotency_key"] = _idempotency_key(request, job)
         builder = CompletionBuilder(self.info.name, self._fp(), job["n"] * len(job["prompts"]),
                                     logprobs=job["logprobs"] is not None,
                                     include_usage=bool(req.stream_options and
@@ -467,8 +476,11 @@ class SessionSpec(LitSpec):
             raise ApiError(400, f"memory file refused: it holds {state.batch_size} sequences; "
                            "a session continues one (save the state of a batch of 1)",
                            code="tensor_mismatch", param="body")
-        data = save_memory(state, model, tokenizer_hash=tokenizer_sha,
-                           metadata=transcript.to_metadata())
+        meta = transcript.to_metadata()
+        answered = replies.load(loaded.metadata)  # the session's idempotent turns move with it
+        if answered:
+            meta.update(replies.remember_all(answered))
+        data = save_memory(state, model, tokenizer_hash=tokenizer_sha, metadata=meta)
         locks = self.store.locks()
         if not locks.acquire(sid, LOCK_WAIT_S):
             raise ApiError(409, f"session {sid!r} stayed busy for {LOCK_WAIT_S:.0f} s; retry",

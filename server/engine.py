@@ -71,7 +71,7 @@ from newllm.memory_file import MemoryFileError, load_memory, save_memory
 from newllm.scheduler import PREFILL_CHUNK, Prompt, Scheduler
 from newllm.slots import Slots
 from newllm.state import ModelState
-from server import metrics
+from server import metrics, replies
 from server.prompts import Prompter
 from server.protocol import ApiError, usage
 from server.store import SessionStore, StoreFull, StoreWriteError, read_header_metadata
@@ -153,6 +153,7 @@ class Turn:
     start: ModelState  # the state its prompts are read after
     params: list[SamplingParams]  # per choice of a prompt
     reading: int = 0  # prompts not yet read in full
+    replies: dict[str, Any] = field(default_factory=dict)  # the session's idempotent answers
     tasks: list[Task] = field(default_factory=list)
     failed: bool = False  # an error was sent; the turn is dropped unsaved
 
@@ -186,6 +187,7 @@ class Engine:
         self.slots = Slots(model, 1)
         self.scheduler = Scheduler(model, self.slots, PREFILL_CHUNK)
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
+        self.recording: dict[str, list[dict[str, Any]]] = {}  # uid -> events (idempotent turns)
 
     def _use_slots(self, n: int) -> None:
         """Serve with ``n`` slots (only while none is busy)."""
@@ -206,6 +208,7 @@ class Engine:
         parked: deque[Job] = deque()  # taken, not started: session busy or no room yet
         active: list[Turn] = []
         self.max_batch = max_batch
+        send = self._recorded(send)
         if self.slots.num_slots != max_batch:
             self._use_slots(max_batch)
         while True:
@@ -253,6 +256,14 @@ class Engine:
                 active.remove(turn)
                 self.finish(turn, send)
 
+    def _recorded(self, send: Send) -> Send:
+        """``send``, also keeping the events of turns with an Idempotency-Key (`recording`)."""
+        def record(rqid: int, uid: str, data: Any) -> None:
+            if data is not None and uid in self.recording:
+                self.recording[uid].append(data)
+            send(rqid, uid, data)
+        return record
+
     def _admit(self, item: Job, active: list[Turn], send: Send) -> bool:
         """Open a job and add it to ``active``; False when its session is busy (park it).
 
@@ -269,6 +280,12 @@ class Engine:
             if turn is None:
                 return False
             active.append(turn)
+        except replies.Replay as r:  # a retry of a turn that ran: its first answer again
+            log.info("request %s repeats an Idempotency-Key of session %r: answered from the "
+                     "record, nothing run", uid, job["session_id"])
+            for event in replies.answer(r.entry, r.session):
+                send(rqid, uid, event)
+            send(rqid, uid, None)
         except Exception as e:  # noqa: BLE001 - reported to the client
             if turn is not None:
                 self._release(turn)
@@ -314,6 +331,7 @@ class Engine:
                 self.store.mark_running(sid, uid)  # a DELETE of the session cancels this turn
             return self._open(rqid, uid, job, sid)
         except BaseException:
+            self.recording.pop(uid, None)
             if sid is not None:
                 self.store.clear_running(sid, uid)
                 self.locks.release(sid)
@@ -321,10 +339,22 @@ class Engine:
 
     def _open(self, rqid: int, uid: str, job: dict[str, Any], sid: str | None) -> Turn:
         state, transcript, created = None, Transcript(), sid is not None
+        kept: dict[str, Any] = {}
+        key = job.get("idempotency_key") if sid is not None else None
         if sid is not None:
             created = not self.store.exists(sid)
             if not job["reset"] and not created:
-                state, transcript = self._load(sid)
+                state, transcript, kept = self._load(sid)
+        if key is not None:
+            try:
+                replies.lookup(kept, key, job)
+            except replies.Replay as r:  # answered before: say so with the session as it is
+                assert sid is not None and state is not None
+                r.session = {"id": sid, "tokens_seen": state.position,
+                             "turns": transcript.turns, "created": False, "reset": False,
+                             "bytes": self.store.path(sid).stat().st_size}
+                raise
+            self.recording[uid] = []
         mode = job["input_mode"]
         try:
             if job["op"] == "chat":
@@ -354,7 +384,7 @@ class Engine:
             raise ApiError(400, str(e), code="invalid_value") from None
         start = state if state is not None else self.model.init_state(1)
         turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units,
-                    loaded=state is not None, start=start, params=params)
+                    loaded=state is not None, start=start, params=params, replies=kept)
         for pi, (_, ids) in enumerate(prompts):  # read by the scheduler, a chunk per step
             self.scheduler.read((uid, pi), ids, start)
             self.reading[(uid, pi)] = turn
@@ -400,15 +430,16 @@ class Engine:
         return ApiError(500, "the model produced non-finite logits; check the checkpoint",
                         code="non_finite_logits")
 
-    def _load(self, sid: str) -> tuple[ModelState, Transcript]:
+    def _load(self, sid: str) -> tuple[ModelState, Transcript, dict[str, Any]]:
         path = self.store.path(sid)
         try:
             meta = read_header_metadata(path)
             transcript = Transcript.from_metadata(meta)
+            kept = replies.load(meta)
             cached = self.cache.get(sid)
             if cached is not None and cached[0] == meta:  # payload hash, position, everything
                 self.cache.move_to_end(sid)
-                return cached[1], transcript
+                return cached[1], transcript, kept
             state = load_memory(path, self.model, tokenizer_hash=self.tokenizer.sha256)
             if state.batch_size != 1:
                 raise ValueError(f"its memory holds {state.batch_size} sequences, not 1")
@@ -416,7 +447,7 @@ class Engine:
             raise ApiError(409, f"session {sid!r} cannot be continued by this server: {e}; "
                            "DELETE it or pass metadata.reset_session='true'",
                            code="session_unusable", param="metadata.session_id") from None
-        return state, transcript
+        return state, transcript, kept
 
     # events ------------------------------------------------------------------------------------
     def _start(self, turn: Turn, send: Send) -> None:
@@ -522,8 +553,11 @@ class Engine:
         if self.store.cancelled(turn.uid):  # the client went away during the last step
             self._drop_cancelled(turn, send)
             return
+        prompt_tokens = sum(len(ids) for _, ids in turn.prompts)
+        completion = sum(len(t.run.tokens) for t in turn.tasks)
+        counts = usage(prompt_tokens, completion)
         try:
-            session = self._save(turn) if turn.session_id is not None else None
+            session = self._save(turn, counts) if turn.session_id is not None else None
         except Exception as e:  # noqa: BLE001 - reported; the session file is unchanged
             error: ApiError | None = self._api_error(
                 e, f"saving session {turn.session_id!r} failed")
@@ -534,10 +568,7 @@ class Engine:
         if error is not None:
             self._fail(turn.rqid, turn.uid, error, send)
             return
-        prompt_tokens = sum(len(ids) for _, ids in turn.prompts)
-        completion = sum(len(t.run.tokens) for t in turn.tasks)
-        send(turn.rqid, turn.uid, {"t": "done", "usage": usage(prompt_tokens, completion),
-                                   "session": session})
+        send(turn.rqid, turn.uid, {"t": "done", "usage": counts, "session": session})
         send(turn.rqid, turn.uid, None)
 
     def saved_state(self, task: Task) -> ModelState:
@@ -559,7 +590,7 @@ class Engine:
         ids = ids[:keep] + self.tokenizer.encode(reply[len(self.tokenizer.decode(ids[:keep])):])
         return prefill(self.model, ids, task.prompt_state)[1] if ids else task.prompt_state
 
-    def _save(self, turn: Turn) -> dict[str, Any]:
+    def _save(self, turn: Turn, counts: dict[str, Any]) -> dict[str, Any]:
         sid = turn.session_id
         assert sid is not None
         task = turn.tasks[0]
@@ -572,8 +603,15 @@ class Engine:
                                                 lengths=[len(new_text), len(reply)],
                                                 open_reply=False)
         state = self.saved_state(task)
+        meta = transcript.to_metadata()
+        key = turn.job.get("idempotency_key")
+        if key is not None:  # saved with the turn: a retry finds it (server.replies)
+            events = [*self.recording.get(turn.uid, []), {"t": "done", "usage": counts}]
+            meta.update(replies.remember(turn.replies, key, turn.job, events))
+        elif turn.replies:
+            meta.update(replies.remember_all(turn.replies))
         data = save_memory(state, self.model, tokenizer_hash=self.tokenizer.sha256,
-                           metadata=transcript.to_metadata())
+                           metadata=meta)
         self.store.write(sid, data, self.locks)
         self.cache[sid] = (_header_of(data), state)
         self.cache.move_to_end(sid)
@@ -586,6 +624,7 @@ class Engine:
 
     def _release(self, turn: Turn) -> None:
         """Give back what the turn holds: its session's lock, its slots, its unread prompts."""
+        self.recording.pop(turn.uid, None)
         for task in turn.tasks:
             if task.slot is not None:
                 self.slots.discard(task.slot)

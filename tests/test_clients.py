@@ -262,12 +262,20 @@ def test_errors_after_sending_are_retried_only_when_idempotent() -> None:
     server.script = [httpx.ReadError("reset", request=req)]
     with client(server, sleeps) as c:
         with pytest.raises(ServerUnavailable) as info:
-            c.chat("hi", session="s")  # the turn may have run: never sent twice
+            c.chat("hi")  # no session, no key: it may have run, it is not sent twice
         assert len(server.requests) == 1 and sleeps == []
+        assert "idempotency-key" not in server.requests[0].headers
         assert info.value.code == "connection_error" and info.value.status is None
         server.script = [httpx.ReadError("reset", request=req)]
         assert c.sessions() == []  # a GET is safe to repeat
-    assert sleeps == [0.5]
+        assert sleeps == [0.5]
+        server.script = [httpx.ReadError("reset", request=req)]
+        c.chat("hi", session="s")  # a turn carries its key: retried, the server applies it once
+        first, again = server.requests[-2:]
+        assert first.headers["idempotency-key"] == again.headers["idempotency-key"]
+        c.chat("hi", session="s")  # a new turn, a new key
+        assert server.requests[-1].headers["idempotency-key"] != first.headers["idempotency-key"]
+    assert sleeps == [0.5, 0.5]
 
 
 def test_timeouts_raise_request_timeout_after_retries() -> None:

@@ -498,3 +498,29 @@ def test_metrics_aggregate_processes(server: ServerProcess) -> None:
     assert lines['newllm_tokens_total{kind="completion"}'] >= 2
     assert lines['newllm_memory_transfers_total{op="import",result="refused"}'] >= 1
     assert lines["newllm_sessions"] >= 1 and lines["newllm_session_memory_bytes"] > 0
+
+
+def test_idempotency_key_answers_a_retry_without_applying_it(server: ServerProcess) -> None:
+    """The same request with the same Idempotency-Key (a client retry after a timeout): the
+    same completion, streamed or not, and the session has one turn, not two."""
+    client = server.openai()
+    key = {"Idempotency-Key": "retry-test-1"}
+    first = chat(client, "Once upon a time", "idem-live", temperature=0, max_tokens=8,
+                 extra_headers=key)
+    again = chat(client, "Once upon a time", "idem-live", temperature=0, max_tokens=8,
+                 extra_headers=key)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert first.model_extra["session"]["turns"] == again.model_extra["session"]["turns"] == 1
+    assert again.model_extra["session"]["replayed"] is True
+    assert again.usage.completion_tokens == first.usage.completion_tokens
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Once upon a time"}], temperature=0,
+        max_tokens=8, stream=True, metadata={"session_id": "idem-live"}, extra_headers=key)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        first.choices[0].message.content
+    assert session_info(server, "idem-live")["turns"] == 1
+    with server.http() as http:
+        bad = http.post("/v1/chat/completions", headers={"Idempotency-Key": "no spaces!"},
+                        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "metadata": {"session_id": "idem-live"}})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_idempotency_key"

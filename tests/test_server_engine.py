@@ -395,3 +395,39 @@ def test_a_long_prompt_is_read_in_chunks_while_others_decode(worker: Any,
     assert w.engine.scheduler.prefill_chunk == 32
     assert len(text(results[0])) and last(results[0], "end")["finish_reason"] == "length"
     assert seen["read"] - seen["submit"] >= 8  # ~10 decode steps ran while it was read
+
+
+# idempotent turns -----------------------------------------------------------------------------
+def keyed(job: dict[str, Any], key: str) -> dict[str, Any]:
+    return {**job, "idempotency_key": key}
+
+
+def test_a_retried_turn_with_its_key_is_answered_not_applied_again(worker: Any) -> None:
+    """Five copies of one first message with one Idempotency-Key (a client's retries, all at
+    once): one turn is applied, every copy gets its answer; a later retry too; the key with
+    another request is refused; a new key is a new turn."""
+    w = worker()
+    uids = [w.submit(keyed(chat("hello there", "idem", max_tokens=6), "k-1")) for _ in range(5)]
+    w.start()
+    results = [w.result(u) for u in uids]
+    texts = {text(r) for r in results}
+    assert len(texts) == 1 and texts.pop()
+    sessions = [last(r, "done")["session"] for r in results]
+    assert all(s["turns"] == 1 for s in sessions)
+    assert sum(bool(s.get("replayed")) for s in sessions) == 4
+    before = w.store.read("idem")
+    later = w.run(keyed(chat("hello there", "idem", max_tokens=6), "k-1"))
+    assert text(later) == text(results[0]) and last(later, "done")["session"]["replayed"]
+    assert last(later, "done")["usage"] == last(results[0], "done")["usage"]
+    assert w.store.read("idem") == before  # nothing applied
+    reused = w.run(keyed(chat("something else", "idem", max_tokens=6,
+                              metadata={"session_input": "new"}), "k-1"))
+    assert kinds(reused) == ["error"] and reused[0]["status"] == 422
+    assert reused[0]["error"]["code"] == "idempotency_key_reused"
+    fresh = w.run(keyed(chat("again", "idem", max_tokens=6, metadata={"session_input": "new"}),
+                        "k-2"))
+    assert last(fresh, "done")["session"]["turns"] == 2
+    # both keys are in the window and survive the next turn without a key
+    w.run(chat("more", "idem", max_tokens=2, metadata={"session_input": "new"}))
+    again = w.run(keyed(chat("hello there", "idem", max_tokens=6), "k-1"))
+    assert text(again) == text(results[0]) and last(again, "done")["session"]["turns"] == 3
