@@ -77,6 +77,7 @@ from server.store import (
     StoreFull,
     StoreWriteError,
     check_session_id,
+    write_error,
 )
 from server.transcript import Transcript
 
@@ -441,20 +442,40 @@ class SessionSpec(LitSpec):
                            f"server (--max-uploads {self.settings.max_uploads}); retry shortly",
                            code="too_many_uploads", retry_after=1)
         self._uploading += 1
-        fd, name = tempfile.mkstemp(dir=self.store.folder, prefix=".upload.", suffix=".tmp")
+        name = None
         try:
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():  # the Guard cuts it off past the limit
-                    f.write(chunk)
+            name = await self._receive(sid, request)
             result = await asyncio.to_thread(self._install, sid, name)
         except (ApiError, StoreWriteError):
             metrics.TRANSFERS.labels("import", "refused").inc()
             raise
         finally:
             self._uploading -= 1
-            Path(name).unlink(missing_ok=True)
+            if name is not None:
+                Path(name).unlink(missing_ok=True)
         metrics.TRANSFERS.labels("import", "ok").inc()
         return JSONResponse(result, status_code=201 if result["created"] else 200)
+
+    async def _receive(self, sid: str, request: Request) -> str:
+        """Stream an upload into a temp file of the session folder; its path. A full or
+        unwritable disk is that request's 507/503 (the rest of the body is read and dropped,
+        so the client gets the answer)."""
+        name = None
+        try:
+            fd, name = tempfile.mkstemp(dir=self.store.folder, prefix=".upload.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():  # the Guard cuts it off past the limit
+                    f.write(chunk)
+            return name
+        except OSError as e:
+            if name is not None:
+                Path(name).unlink(missing_ok=True)
+            try:
+                async for _ in request.stream():
+                    pass
+            except Exception:  # noqa: BLE001 - the body was already consumed
+                pass
+            raise write_error(e, f"receiving the memory of session {sid!r}") from None
 
     def _install(self, sid: str, body: str | bytes) -> dict[str, Any]:
         if self._validator is None:

@@ -319,7 +319,10 @@ def test_server_killed_mid_import_keeps_old_or_new_file(live: Live, local: Any, 
     meta = read_header_metadata(path)
     if keeps == "old":
         assert after == old
-        assert len(temp_files(live.dir)) == 1  # the interrupted write's temp file
+        # the interrupted write's temp file (and the upload's, streamed in before the check)
+        assert [n for n in temp_files(live.dir) if not n.startswith(".upload.")] \
+            == [n for n in temp_files(live.dir) if n.startswith(f".imp-{point}.")]
+        assert len([n for n in temp_files(live.dir) if n.startswith(f".imp-{point}.")]) == 1
     else:  # the uploaded state, re-serialised by the server
         source = read_header_metadata(live.dir / "imp-source.safetensors")
         assert after != old and meta["payload_sha256"] == source["payload_sha256"]
