@@ -38,7 +38,10 @@ only the turn that caused it fails (a failed step leaves the slots as they were)
 
 Cancellation: when the HTTP side sees its client go away mid-turn it drops a cancel flag
 (`SessionStore.cancel`); before each step the worker drops flagged turns (and parked jobs)
-without saving anything. Parked jobs: a worker takes a job from the shared queue only while its
+without saving anything. ``DELETE`` of a session flags the turn that holds it (the worker notes
+which one, `SessionStore.mark_running`), which then ends with a 409 ``session_deleted`` error.
+A turn with an ``Idempotency-Key`` already saved in its session is answered from the record
+without running (`server.replies`); otherwise its events are recorded and saved with it. Parked jobs: a worker takes a job from the shared queue only while its
 batch has a free place, and keeps jobs whose session is busy aside (at most ``MAX_PARKED``), so
 a busy session never stops it from serving other jobs, and turns of one session start in the
 order they arrived.
@@ -57,7 +60,6 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from queue import Empty
 from typing import Any
 
@@ -76,12 +78,12 @@ from server.prompts import Prompter
 from server.protocol import ApiError, usage
 from server.store import SessionStore, StoreFull, StoreWriteError, read_header_metadata
 from server.transcript import CHAT_STOP, Diverged, KindMismatch, Transcript, message_unit
+from server.turns import MAX_LOGIT, Task, Turn, healthy, job_width
 
 log = logging.getLogger("newllm.server")
 
 CACHE_STATES = 32  # session states a worker keeps in memory (reused while the file is unchanged)
 CACHE_BYTES = 256 << 20  # ... and at most this many bytes of them
-MAX_LOGIT = 1e6  # |logit| beyond this (or NaN/inf) means a broken state, not a confident model
 MAX_PARKED = 256  # jobs a worker keeps aside while their sessions are busy
 PARK_POLL_S = 0.005  # how often parked jobs are retried while nothing else runs
 SENTINEL = (None, None, None, None)  # LitServe's "shut down" item on the request queue
@@ -101,74 +103,10 @@ def prefill(model: Any, ids: list[int], state: ModelState) -> tuple[Tensor, Mode
     return logits[0, -1], state
 
 
-def _width(job: dict[str, Any]) -> int:
-    """Slots a job's turn needs at most: one per choice of each prompt."""
-    return int(job["n"]) * (1 if job["op"] == "chat" else len(job["prompts"]))
-
-
 def _header_of(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8:8 + n]).get("__metadata__", {})
     return {str(k): str(v) for k, v in meta.items()}
-
-
-def healthy(logits: Tensor) -> bool:
-    """Finite logits (V,) of a sane size (see ``MAX_LOGIT``); NaN fails the comparison."""
-    return bool(logits.detach().abs().max() <= MAX_LOGIT)
-
-
-@dataclass
-class Task:
-    """One choice of one turn, from the end of its prompt to its last token."""
-
-    choice: int
-    run: GenerationRun
-    logits: Tensor  # (V,) logits for the next token
-    prompt_state: ModelState  # the state after the prompt (rebuilds memory after a stop string)
-    slot: int | None = None  # its slot while it decodes (the state lives there)
-    healthy: bool = True  # ``logits`` are finite and sane (see `healthy`)
-
-    @property
-    def finished(self) -> bool:
-        return self.run.state is not None
-
-    @property
-    def text(self) -> str:
-        return "".join(t.text for t in self.run.tokens)
-
-
-@dataclass
-class Turn:
-    """One request being served."""
-
-    rqid: int
-    uid: str
-    job: dict[str, Any]
-    session_id: str | None
-    transcript: Transcript
-    created: bool
-    prompts: list[tuple[str, list[int]]]  # (new text, its token ids) per prompt
-    new_units: list[str]
-    loaded: bool  # the turn continues a memory read from the session's file
-    start: ModelState  # the state its prompts are read after
-    params: list[SamplingParams]  # per choice of a prompt
-    reading: int = 0  # prompts not yet read in full
-    replies: dict[str, Any] = field(default_factory=dict)  # the session's idempotent answers
-    tasks: list[Task] = field(default_factory=list)
-    failed: bool = False  # an error was sent; the turn is dropped unsaved
-
-    @property
-    def width(self) -> int:
-        """Slots the turn needs at most: one per choice."""
-        return len(self.prompts) * int(self.job["n"])
-
-    @property
-    def finished(self) -> bool:
-        return not self.reading and all(t.finished for t in self.tasks)
-
-    @property
-    def wants_tokens(self) -> bool:
-        return bool(self.job["want_tokens"])
 
 
 class Engine:
@@ -216,7 +154,7 @@ class Engine:
             waiting_room = False  # a parked job waits for slots: it goes before new ones
             for item in list(parked):  # oldest first, so one session's turns keep their order
                 sid = item[3]["session_id"]
-                if not self._fits(_width(item[3]), active):
+                if not self._fits(job_width(item[3]), active):
                     waiting_room = True
                     break
                 if sid in tried:
@@ -238,7 +176,7 @@ class Engine:
                     return
                 busy = item[3]["session_id"] is not None and any(
                     p[3]["session_id"] == item[3]["session_id"] for p in parked)
-                if busy or not self._fits(_width(item[3]), active):
+                if busy or not self._fits(job_width(item[3]), active):
                     parked.append(item)
                     waiting_room = not busy
                 elif not self._admit(item, active, send):
