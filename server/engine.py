@@ -41,9 +41,11 @@ Cancellation: when the HTTP side sees its client go away mid-turn it drops a can
 without saving anything. ``DELETE`` of a session flags the turn that holds it (the worker notes
 which one, `SessionStore.mark_running`), which then ends with a 409 ``session_deleted`` error.
 A turn with an ``Idempotency-Key`` already saved in its session is answered from the record
-without running (`server.replies`); otherwise its events are recorded and saved with it. Parked jobs: a worker takes a job from the shared queue only while its
-batch has a free place, and keeps jobs whose session is busy aside (at most ``MAX_PARKED``), so
-a busy session never stops it from serving other jobs, and turns of one session start in the
+without running (`server.replies`); otherwise its events are recorded and saved with it.
+
+Parked jobs: a worker takes a job from the shared queue only while its slots have room, and
+keeps jobs whose session is busy (or that wait for room) aside (at most ``MAX_PARKED``), so a
+busy session never stops it from serving other jobs, and turns of one session start in the
 order they arrived.
 
 Events sent to the HTTP side (plain dicts; ``c`` is the choice index):
