@@ -2,15 +2,16 @@
 answer parsing and the server-sent-events stream decoder. No I/O happens here.
 
 Retry policy (`RetryPolicy`): a request is retried, with exponential backoff
-``min(max_backoff, backoff * 2**attempt)`` (minus up to ``jitter`` of it at random; a 503's
+``min(max_backoff, backoff * 2**attempt)`` (minus up to ``jitter`` of it at random; a
 ``Retry-After`` raises the wait, never above ``max_backoff``), at most ``max_retries`` times,
-when the server answers 503 or the connection failed *before the request was sent* (connect
-errors and timeouts, pool timeouts). Failures after the request was sent (read/write errors and
-timeouts, a dropped connection) are retried only for idempotent requests: GET, PUT, DELETE,
-and chats and completions on a session, which carry an ``Idempotency-Key`` (`turn_headers`)
-that the server uses to apply a turn once however often it arrives. A chat or completion
-without a session changes nothing on the server but is not retried after it was sent. Any 4xx
-or other 5xx raises at once. A stream is retried only before its first byte.
+when the server answers 503 or 429 (too many uploads at once) or the connection failed before
+the request was sent (connect errors and timeouts, pool timeouts). Failures after the request
+was sent (read/write errors and timeouts, a dropped connection) are retried only for
+idempotent requests: GET, PUT, DELETE, and chats and completions on a session, which carry an
+``Idempotency-Key`` (`turn_headers`) that the server uses to apply a turn once however often it
+arrives. A chat or completion without a session changes nothing on the server but is not
+retried after it was sent. Any 4xx or other 5xx raises at once. A stream is retried only before
+its first byte.
 
 Timeouts: ``timeout=`` is seconds (read, write and pool; connecting takes at most 10 s of it)
 or an ``httpx.Timeout``; the default waits 120 s for an answer and 10 s to connect. In a
@@ -106,8 +107,8 @@ class RetryPolicy:
         ``idempotent``: the request carries an Idempotency-Key (a retry cannot apply it twice)."""
         if attempt >= self.max_retries:
             return False
-        if status is not None:
-            return status == 503
+        if status is not None:  # busy (503) or too many at once (429): both say when to retry
+            return status in (429, 503)
         if isinstance(error, _BEFORE_SEND):
             return True
         return isinstance(error, _AFTER_SEND) and (idempotent or method in IDEMPOTENT)

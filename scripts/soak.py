@@ -234,6 +234,7 @@ class Workload:
         self.sessions = [Session(f"soak-{i:03d}") for i in range(sessions)]
         self.blobs: list[tuple[bytes, str, int]] = []  # exported files: (data, kind, turns)
         self.lock = threading.Lock()
+        self.throttled = 0  # uploads answered 429 (too many at once) and retried
         self.tally = Tally()
 
     def checkout(self, rng: random.Random) -> Session | None:
@@ -354,6 +355,13 @@ class Workload:
                 return None
             data, kind, turns = rng.choice(self.blobs)
         r = http.put(f"/v1/sessions/{s.id}/memory", content=data)
+        for _ in range(20):  # too many uploads at once (--max-uploads): wait as told, retry
+            if r.status_code != 429:
+                break
+            with self.lock:
+                self.throttled += 1
+            time.sleep(float(r.headers.get("retry-after", "1")))
+            r = http.put(f"/v1/sessions/{s.id}/memory", content=data)
         if r.status_code != (200 if s.exists else 201):
             return f"import {s.id}: {r.status_code} {r.text[:200]}"
         if r.json().get("turns") != turns:
@@ -505,6 +513,7 @@ def run(duration: float, *, warmup: float = 10.0, clients: int = 8, sessions: in
                             "p95": round(percentile(v, 0.95) * 1000, 1)}
                        for op, v in sorted(work.tally.latency.items())},
         "errors": {"count": len(work.tally.errors), "first": work.tally.errors[:10]},
+        "uploads_throttled_and_retried": work.throttled,
         "sessions": {"pool": sessions, **sessions_report},
         "rss_mib": {"start": round(start["rss_bytes"] / MiB, 1),
                     "end": round(end["rss_bytes"] / MiB, 1),

@@ -291,7 +291,7 @@ def test_timeouts_raise_request_timeout_after_retries() -> None:
     (400, BadRequest, "invalid_value"), (401, AuthError, "invalid_api_key"),
     (403, AuthError, "forbidden"), (404, NotFound, "session_not_found"),
     (409, Conflict, "session_conflict"), (413, PayloadTooLarge, "request_too_large"),
-    (422, BadRequest, "invalid_value"), (429, RateLimited, "rate_limited"),
+    (422, BadRequest, "invalid_value"),
     (500, ServerError, "internal_error"), (502, ServerError, "bad_gateway"),
 ])
 def test_errors_map_to_types_and_are_never_retried(status: int, cls: type, code: str) -> None:
@@ -304,6 +304,22 @@ def test_errors_map_to_types_and_are_never_retried(status: int, cls: type, code:
     assert (e.status, e.code, e.param, str(e)) == (status, code, "messages",
                                                    f"the server says {code}")
     assert len(server.requests) == 1 and sleeps == []
+
+
+def test_too_many_at_once_is_retried_as_told_then_raised(memory_file: bytes) -> None:
+    """429 (e.g. too many uploads at once) is retried after its Retry-After, like 503; when
+    retries run out it raises RateLimited."""
+    server, sleeps = FakeServer(), []
+    busy = error(429, "2 memory uploads are being received", "too_many_uploads")
+    busy.headers["Retry-After"] = "2"
+    server.script = [busy]
+    with client(server, sleeps) as c:
+        assert c.import_memory("s", memory_file).created
+        assert sleeps == [2.0]
+        server.script = [error(429, "slow down", "rate_limited")] * 4
+        with pytest.raises(RateLimited):
+            c.import_memory("t", memory_file)
+    assert sleeps == [2.0, 0.5, 1.0, 2.0]
 
 
 def test_refused_memory_upload_is_memory_refused(memory_file: bytes) -> None:
