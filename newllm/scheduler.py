@@ -6,11 +6,12 @@ step over every slot that has a token to take (`Slots.step`). A prompt longer th
 read over several steps, so a long prompt delays the sessions already decoding by at most one
 chunk per token they take; several short prompts share one step's chunk.
 
-The chunk size (`PREFILL_CHUNK`, 128 tokens) comes from measurement (`benchmarks/decode.py
---prefill-chunks`, bundled model, 2-core CPU, one thread): reading a prompt in pieces of 128
-runs at ~90% of the throughput of the best piece size (256-512) while one piece costs about as
-much as one decode step over 32 sessions (~21 ms), so a joining prompt at most doubles one step
-of the others. Reading in pieces gives the same logits and state as reading at once (any split
+The chunk size (`PREFILL_CHUNK`, 128 tokens) comes from measurement (`benchmarks/engine.py`,
+bundled model, 2-core CPU, one thread; README "Batched decoding"): reading a prompt in pieces
+of 128 runs at ~86% of the throughput of the best piece size (256) while one piece costs about
+as much as one decode step over 32 sessions (~23 ms), so a joining prompt at most doubles one
+step of the others; pieces of 512 or more were slower per token and would stall the others for
+100 ms and more. Reading in pieces gives the same logits and state as reading at once (any split
 of a text does: `TransformerLM.forward`).
 
     sched = Scheduler(model, Slots(model, 32))
