@@ -17,7 +17,8 @@ a step decides lengths, segment boundaries and masks without reading the device.
 `step` runs one forward over the rows: embedding, MLPs and LM head as one batch, and in every
 mixer the attention over per-row lengths with masks, memory reads over the stacked memories,
 and segment-boundary writes for just the rows that complete a segment (`slot_step` of each
-mixer in `newllm.layers`). No Python loop over sessions. Busy slots are kept packed at rows
+mixer in `newllm.layers`). No per-session tensor work: the host only does O(rows) integer
+bookkeeping (lengths, which rows end a segment). Busy slots are kept packed at rows
 0..n-1 (a leaving session's row is filled with the last busy one), so the rows of a step are
 read as views, not gathered copies. The plain reference is one `model(token, state)` call per
 session; the tests hold the two together (logits within float tolerance, and states taken out
