@@ -183,7 +183,9 @@ class TransformerLM(nn.Module):
         tokens (B,) and B single-row states at any positions. The embedding, MLPs and LM head
         run batched (most of the weights are read once for all sessions); each mixer runs per
         session, since sessions sit at different positions with different caches and segments.
-        Returns logits (B, V) and the B new states; equal to B separate forward calls.
+        Returns logits (B, V) and the B new states; equal to B separate forward calls. For
+        many sessions decoded together step after step, `newllm.slots.Slots` is much faster
+        (every mixer batched too); this stays as a simple path over `ModelState` values.
         """
         B = tokens.shape[0]
         if len(states) != B:
