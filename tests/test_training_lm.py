@@ -215,3 +215,48 @@ def test_init_with_changed_options_copies_the_matching_weights(tmp_path):
     assert set(new) - set(old) == {"layers.0.attention.key_shift"}
     for name in ("embed_in.weight", "layers.1.mlp.dense_h_to_4h.weight"):  # moved by ~lr only
         torch.testing.assert_close(new[name], old[name], atol=1e-6, rtol=0)
+
+
+def test_a_signal_saves_that_step_and_the_resumed_run_equals_an_uninterrupted_one(
+        tmp_path, monkeypatch, capsys):
+    """SIGINT during a random step: the run stops after it, saves a checkpoint there, prints
+    the command that resumes it and exits 130; resuming gives the uninterrupted run's weights."""
+    import os
+    import signal
+
+    from training.cli import train_main
+    from training.lm import Trainer
+
+    data = write_corpus(tmp_path / "data")
+    straight = run(tmp_path, data, "a", 6)
+    at = random.Random(5).randint(0, 3)  # the step during which the signal comes
+    real = Trainer.train_step
+
+    def step(self, i):
+        out = real(self, i)
+        if i == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    argv = ["--data", str(data), "--out", str(tmp_path / "b"), "--preset", "tiny-infini",
+            "--steps", "6", "--batch-size", "2", "--segments", "2", "--tbptt-segments", "1",
+            "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--save-every", "3",
+            "--cache-dir", "none"]
+    assert train_main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"SIGINT at step {at + 1} of 6" in err and "resume with:" in err
+    assert f"--out {tmp_path / 'b'}" in err and err.rstrip().endswith("--resume")
+    assert (tmp_path / "b" / "checkpoints" / f"step-{at + 1:07d}").is_dir()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    monkeypatch.undo()
+    resumed = run(tmp_path, data, "b", 6)
+    assert resumed["fingerprint"] == straight["fingerprint"]
+
+
+def test_the_run_says_what_it_built(tmp_path, capsys):
+    data = write_corpus(tmp_path / "data")
+    run(tmp_path, data, "a", 1)
+    err = capsys.readouterr().err
+    assert "model 'tiny-infini':" in err and "parameters" in err and "fresh weights" in err
+    assert "tokens per step" in err and "threads" in err

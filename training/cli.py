@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,8 +34,11 @@ def _run(fn: Callable[[], Any]) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except _Interrupted:
+        return 130
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (nothing saved: it came before the first step, or twice)",
+              file=sys.stderr)
         return 130
     if result is not None:
         print(json.dumps(result, indent=1, default=str))
@@ -59,8 +63,21 @@ def train_main(argv: list[str] | None = None) -> int:
 
     def go() -> dict[str, Any] | None:
         summary = train(dataclass_from_args(TrainConfig, args))
+        if summary.get("interrupted"):  # saved where it stopped: say how to go on, exit 130
+            argv_ = list(sys.argv[1:] if argv is None else argv)
+            resume = shlex.join(["newllm", "train", *argv_,
+                                 *([] if "--resume" in argv_ else ["--resume"])])
+            if os.environ.get("RANK", "0") == "0":
+                print(f"interrupted ({summary['interrupted']}) at step {summary['steps']}; "
+                      f"checkpoint {summary['checkpoint']}\nresume with:\n  {resume}",
+                      file=sys.stderr)
+            raise _Interrupted
         return summary if os.environ.get("RANK", "0") == "0" else None  # rank 0 reports
     return _run(go)
+
+
+class _Interrupted(Exception):
+    """Training stopped on a signal after saving (exit 130; the resume command was printed)."""
 
 
 # eval -------------------------------------------------------------------------------------------

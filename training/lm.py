@@ -33,7 +33,9 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -156,6 +158,34 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
     config = ModelConfig.from_name(cfg.preset, **overrides)
     torch.manual_seed(cfg.seed)
     return TransformerLM(config)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM during training ask the run to stop after the current step,
+    save a checkpoint there and say how to resume; a second signal aborts at once (no save).
+    Installed only in the main thread (signal handlers live there); the previous handlers come
+    back when the run ends."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None  # the signal that asked to stop
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.name is not None:  # asked twice: stop now, without saving
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: stopping after this step to save a checkpoint "
+              "(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -385,11 +415,68 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         self._trim_metrics()
         seg_len = self.model.config.segment_len if has_memory(self.model) else self.length
-        mark_t, mark_step, last_loss = time.perf_counter(), self.step, float("nan")
+        self.last_loss = float("nan")
         tokens_per_step = cfg.batch_size * self.length * d.world_size
         end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
         started = time.perf_counter()
+        self._banner(tokens_per_step, end)
+        stop = StopRequest()
+        with stop:
+            self._loop(stop, end, tokens_per_step, seg_len, started)
+        if stop.name is not None:  # interrupted: save where it stands, say how to go on
+            folder = self.save()
+            barrier(d)
+            _log(d, f"{stop.name} at step {self.step} of {cfg.steps}: checkpoint saved in "
+                    f"{folder}; the same command again continues from it (--resume, the default)")
+            return {"interrupted": stop.name, "steps": self.step,
+                    "tokens_seen": self.tokens_seen, "checkpoint": str(folder),
+                    "out": str(self.out), "fingerprint": self.model.fingerprint()}
+        val = self._eval_and_log()
+        if not list_checkpoints(self.out) or list_checkpoints(self.out)[-1] != \
+                checkpoint_dir(self.out, self.step):
+            self.save()
+        if d.is_main:
+            from newllm.checkpoint import save_pretrained
+
+            save_pretrained(self.model, self.out, self.tokenizer)
+        barrier(d)
+        return {"steps": self.step, "tokens_seen": self.tokens_seen, "loss": self.last_loss,
+                "val_loss": val, "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
+                "out": str(self.out), "fingerprint": self.model.fingerprint()}
+
+    def _banner(self, tokens_per_step: int, end: int) -> None:
+        """What this run is: the model, where its weights come from, what trains, how much."""
+        cfg, m = self.cfg, self.model
+        c = m.config
+        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        why = ""
+        if cfg.preset and not cfg.init:
+            from newllm.config import ModelConfig
+
+            preset = ModelConfig.from_name(cfg.preset)
+            if preset.vocab_size != c.vocab_size:
+                why = (f" (the preset's vocabulary of {preset.vocab_size:,} is cut to the "
+                       f"tokenizer's {c.vocab_size:,}, so fewer embedding rows)")
+        source = (f"resumed from {self.resume_from}" if self.resume_from is not None
+                  else f"initialised from {cfg.init}" if cfg.init
+                  else f"fresh weights (seed {cfg.seed})")
+        frozen = ("context block frozen" if c.has_context_block and cfg.freeze_context
+                  else "nothing frozen")
+        _log(self.dist, f"model {c.name!r}: {m.num_parameters():,} parameters{why}, "
+                        f"{trainable:,} trained ({frozen}); layers {list(c.layers)}; {source}")
+        _log(self.dist, f"run: {tokens_per_step:,} tokens per step, steps {self.step} to "
+                        f"{end} ({(end - self.step) * tokens_per_step:,} tokens to go); "
+                        f"device {self.dist.device}, {torch.get_num_threads()} threads, "
+                        f"{self.dist.world_size} process(es)")
+
+    def _loop(self, stop: StopRequest, end: int, tokens_per_step: int, seg_len: int,
+              started: float) -> None:
+        cfg, d = self.cfg, self.dist
+        mark_t, mark_step = time.perf_counter(), self.step
         while self.step < end:
+            asked = float(stop.name is not None)
+            if (mean_across(d, asked) if d.enabled else asked) > 0:  # every rank stops together
+                break
             if cfg.time_limit and mean_across(
                     d, float(time.perf_counter() - started > 60 * cfg.time_limit)) > 0:
                 _log(d, f"time limit of {cfg.time_limit} min reached at step {self.step}")
@@ -400,7 +487,7 @@ class Trainer:
             self.step += 1
             self.tokens_seen += tokens_per_step
             if self.step % max(1, cfg.log_every) == 0 or self.step == end:
-                last_loss = mean_across(d, loss)
+                last_loss = self.last_loss = mean_across(d, loss)
                 now = time.perf_counter()
                 rate = (self.step - mark_step) * tokens_per_step / max(now - mark_t, 1e-9)
                 eta = (end - self.step) * tokens_per_step / max(rate, 1e-9)
@@ -424,18 +511,6 @@ class Trainer:
                 self._eval_and_log()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save()
-        val = self._eval_and_log()
-        if not list_checkpoints(self.out) or list_checkpoints(self.out)[-1] != \
-                checkpoint_dir(self.out, self.step):
-            self.save()
-        if d.is_main:
-            from newllm.checkpoint import save_pretrained
-
-            save_pretrained(self.model, self.out, self.tokenizer)
-        barrier(d)
-        return {"steps": self.step, "tokens_seen": self.tokens_seen, "loss": last_loss,
-                "val_loss": val, "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
-                "out": str(self.out), "fingerprint": self.model.fingerprint()}
 
     def _eval_and_log(self) -> float | None:
         if not self.dist.is_main:
