@@ -139,7 +139,21 @@ def test_passkey_layout_and_scoring(models):
     perfect = passkey_accuracy(Induction(), tok, distances=(0, 2), trials=4)
     assert perfect["by_distance"] == {"0": 1.0, "2": 1.0}
     assert perfect["first_token_by_distance"] == {"0": 1.0, "2": 1.0}
+    assert "note" in perfect  # no memory layers: the report says what that means
+
+    class SpaceOnly(Induction):
+        """Right about the space before the key and nothing else."""
+
+        def forward(self, ids, state=None):
+            logits, seen = super().forward(ids, state)
+            logits.fill_(-10.0)
+            logits[..., tok.encode(" ")[0]] = 10.0
+            return logits, seen
+
+    spaces = passkey_accuracy(SpaceOnly(), tok, distances=(0, 2), trials=4)
+    assert spaces["first_token_by_distance"] == {"0": 0.0, "2": 0.0}  # the space is not free
     random_model = passkey_accuracy(models["infini"], tok, distances=(1,), trials=3)
+    assert "note" not in random_model
     assert random_model["by_distance"]["1"] == 0.0
     assert 0.0 <= random_model["first_token_by_distance"]["1"] <= 1.0
     # an untrained model over 500 tokens pays about ln(500) nats per answer token

@@ -533,7 +533,7 @@ class Trainer:
             record["passkey_first_token"] = acc["first_token_by_distance"]
             record["passkey_answer_nll"] = acc["answer_nll_by_distance"]
             text += "  passkey " + " ".join(f"d{k}={v:.0%}" for k, v in acc["by_distance"].items())
-            text += " (first token " + " ".join(
+            text += " (first digit " + " ".join(
                 f"d{k}={v:.0%}" for k, v in acc["first_token_by_distance"].items()) + ")"
         if len(record) > 1:
             self._write_metrics(record)
