@@ -97,3 +97,23 @@ def test_errors_are_one_clear_line(tmp_path, corpus, capsys):
     assert "no context block" in capsys.readouterr().err
     assert main(["bogus"]) == 2
     assert main(["--help"]) == 0
+
+
+def test_eval_windows_default_to_the_training_length(tmp_path, corpus, capsys):
+    """eval without --window uses the length the run trained on (recorded in its checkpoints);
+    a model without memory asked for a longer window gets a warning in the report and on
+    stderr."""
+    out = tmp_path / "run"
+    assert train_main(["--data", str(corpus), "--out", str(out), "--preset", "tiny-pythia",
+                       "--steps", "1", "--batch-size", "2", "--seq-len", "48",
+                       "--cache-dir", "none", "--eval-every", "0"]) == 0
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(out), "--data", str(corpus / "d1.txt")]) == 0
+    ppl = last_json(capsys.readouterr().out)["perplexity"]
+    assert ppl["window"] == ppl["trained_length"] == 48
+    assert ppl["window_from"] == "the training length" and "warning" not in ppl
+    assert eval_main(["--checkpoint", str(out), "--data", str(corpus / "d1.txt"),
+                      "--window", "96"]) == 0
+    captured = capsys.readouterr()
+    ppl = last_json(captured.out)["perplexity"]
+    assert "longer than the 48 tokens" in ppl["warning"] and "warning:" in captured.err

@@ -90,7 +90,8 @@ class EvalConfig:
     data: tuple[str, ...] = ()
     """text files, folders or JSONL for perplexity; every document is scored on its own"""
     window: int = 0
-    """sliding window in tokens (0 = 4 x segment_len)"""
+    """sliding window in tokens (0 = the length the checkpoint was trained on, when its run
+    folder records it; else 4 x segment_len)"""
     stride: int = 0
     """tokens the window moves by (0 = window / 2)"""
     max_docs: int = 0
@@ -123,6 +124,26 @@ class EvalConfig:
     """also write the JSON report to this file"""
 
 
+def trained_length(checkpoint: str) -> int | None:
+    """The example length a run folder's training used (from its latest checkpoint's
+    ``trainer_state.json``), or None when the folder records none."""
+    folder = Path(checkpoint) if checkpoint else None
+    if folder is None or not folder.is_dir():
+        return None
+    from training.train_state import STATE_JSON, list_checkpoints
+
+    found = [folder / STATE_JSON] if (folder / STATE_JSON).is_file() else []
+    found += [c / STATE_JSON for c in list_checkpoints(folder)[-1:]]
+    for path in found:
+        try:
+            length = json.loads(path.read_text()).get("example_length")
+        except (OSError, ValueError):
+            continue
+        if isinstance(length, int) and length > 0:
+            return length
+    return None
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every evaluation ``cfg`` asks for and return the report."""
     import torch
@@ -150,9 +171,21 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.data:
         docs = D.read_documents(cfg.data)[: cfg.max_docs or None]
         ids = [(name, document_ids(tok, text, cfg.max_tokens)) for name, text in docs]
-        window = cfg.window or 4 * S
+        trained = trained_length(cfg.checkpoint)
+        window = cfg.window or trained or 4 * S
         stride = cfg.stride or max(1, window // 2)
         report["perplexity"] = perplexity(model, ids, window, stride)
+        report["perplexity"]["window_from"] = (
+            "--window" if cfg.window else "the training length" if trained
+            else "4 x segment_len (no training length recorded)")
+        if trained:
+            report["perplexity"]["trained_length"] = trained
+        if trained and window > trained and not has_memory(model):
+            warning = (f"window {window} is longer than the {trained} tokens this model was "
+                       "trained on, and it has no memory: its perplexity will rise for reasons "
+                       "that are not the text")
+            report["perplexity"]["warning"] = warning
+            print(f"warning: {warning}", file=sys.stderr)
         if cfg.memory and not has_memory(model):
             report["memory"] = {"skipped": "the model has no memory layers"}
         elif cfg.memory:
