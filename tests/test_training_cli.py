@@ -117,3 +117,15 @@ def test_eval_windows_default_to_the_training_length(tmp_path, corpus, capsys):
     captured = capsys.readouterr()
     ppl = last_json(captured.out)["perplexity"]
     assert "longer than the 48 tokens" in ppl["warning"] and "warning:" in captured.err
+
+
+def test_lct_speed_explains_its_two_numbers(capsys):
+    from training.cli import lct_speed_main
+
+    assert lct_speed_main(["--seq-len", "16", "--batch-size", "2", "--repeats", "1"]) == 0
+    captured = capsys.readouterr()
+    report = last_json(captured.out)
+    assert report["speedup"] > 0 and report["block_speedup"] > 0
+    assert set(report["explain"]) == {"speedup", "block_speedup", "seeds"}
+    assert "22x" in report["explain"]["seeds"]
+    assert ("SLOWER" in captured.err) == (report["speedup"] < 1)  # said plainly when slower

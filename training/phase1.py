@@ -213,6 +213,11 @@ def context_report(block: ContextBlock, contexts: Tensor, emb: Tensor,
     gap = float((exact[0].cpu() - contexts[:n]).abs().max()) if n else 0.0
     rank = effective_rank(contexts)
     return {"effective_rank": rank, "effective_rank_pct": 100.0 * rank / C,
+            "effective_rank_explained": (
+                "how many of the context's dimensions the contexts really use (from the spread "
+                "of their singular values), as a share of context_dim; low means contexts "
+                "collapse onto few directions. The seeds reported 89.7% on train and 89.4% on "
+                "validation data after Phase 1 converged; an unconverged or tiny run is lower"),
             "identity_cosine": float(cos.mean()) if len(cos) else 0.0,
             "identity_mapping": bool(len(cos) and float(cos.mean()) > 0.95),
             "fixed_point_vs_sequential_max_abs": gap}
