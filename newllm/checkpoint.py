@@ -493,9 +493,14 @@ def init_from_pythia(config: ModelConfig, source: TransformerLM) -> TransformerL
     """
     model = TransformerLM(config).to(device=source.device, dtype=source.dtype)
     copied, kept = transfer_weights(model, source)
-    if not copied:
-        log.warning("init_from_pythia copied nothing: no tensor of %r matches the source",
-                    config.name)
+    if not copied:  # a fresh model under the name of a warm start would mislead a whole run
+        s = source.config
+        raise CheckpointError(
+            f"init_from_pythia: no tensor of {config.name!r} (hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size}) has a name and shape of the source {s.name!r} (hidden "
+            f"{s.hidden_size}, vocab {s.vocab_size}); build the config from the source's, "
+            f"e.g. source.config.replace(name=..., layers=(...), segment_local=True), so the "
+            f"shapes agree")
     log.info("init_from_pythia: copied %d tensors %s; fresh %d %s", len(copied), copied,
              len(kept), kept)
     return model

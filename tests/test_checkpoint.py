@@ -264,6 +264,17 @@ def test_transfer_turns_the_key_shift_into_the_first_lag_of_a_history(
         torch.testing.assert_close(target(ids)[0], shifted(ids)[0])
 
 
+def test_init_from_pythia_refuses_a_config_that_shares_nothing(
+        tiny_model: ModelFactory) -> None:
+    source = tiny_model("tiny-pythia", seed=3)
+    unrelated = ModelConfig.from_name("tiny-infini", hidden_size=32, vocab_size=300,
+                                      intermediate_size=96)
+    with pytest.raises(CheckpointError, match="source.config.replace"):
+        init_from_pythia(unrelated, source)
+    fits = source.config.replace(name="mine", layers=("infini", "pythia"))  # the documented way
+    assert init_from_pythia(fits, source).embed_in.weight.shape == source.embed_in.weight.shape
+
+
 def test_init_from_pythia_other_width(tiny_model: ModelFactory) -> None:
     source = tiny_model("tiny-pythia", seed=3)
     model = init_from_pythia(ModelConfig.from_name("tiny-context-pythia"), source)
