@@ -467,9 +467,11 @@ class SessionSpec(LitSpec):
                 async for chunk in request.stream():  # the Guard cuts it off past the limit
                     f.write(chunk)
             return name
-        except OSError as e:
+        except BaseException as e:  # nothing of a failed upload stays in the folder
             if name is not None:
                 Path(name).unlink(missing_ok=True)
+            if not isinstance(e, OSError):  # e.g. 413 past the limit, a client gone
+                raise
             try:
                 async for _ in request.stream():
                     pass

@@ -308,6 +308,7 @@ def test_a_chunked_body_over_the_limit_is_cut_off(server: ServerProcess, http: h
         assert time.monotonic() < deadline, "no 413 was counted"
         time.sleep(0.1)
     assert not (server.session_dir / "big.safetensors").exists()
+    assert not list(server.session_dir.glob(".upload.*.tmp"))  # the cut-off upload's temp file
     assert http.get("/health").status_code == 200
 
 
