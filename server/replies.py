@@ -5,8 +5,11 @@ turn must not be applied twice. A chat or completion request on a session may ca
 ``Idempotency-Key`` header (1 to 64 characters from ``A-Z a-z 0-9 . _ : -``). The worker saves
 the key with the turn, in the session's memory file (metadata ``session.replies``: the last
 `WINDOW` keys of the session, each with a hash of its request and the events of its answer), in
-the same atomic write as the turn itself. A request whose key is already there gets that first
-answer again (streamed or not, as it asks), and the session is left as it is; a key reused with
+the same atomic write as the turn itself. The oldest keys go first when the window would pass
+`MAX_TOTAL_BYTES`, and an answer too large for it alone keeps only its key (a retry then gets
+409 ``idempotent_answer_not_kept``: it ran, nothing is applied again). A request whose key is
+already there gets that first answer again (streamed or not, as it asks), and the session is
+left as it is; a key reused with
 a different request is refused (422 ``idempotency_key_reused``). Two copies sent at once queue
 on the session's lock like any two turns, so the second is answered from the first. The window
 travels with the session (export, import, move). A request without a session ignores the key:
@@ -26,6 +29,7 @@ from server.protocol import ApiError
 META_KEY = "session.replies"
 WINDOW = 16  # keys kept per session, oldest dropped first
 MAX_EVENT_BYTES = 64 << 10  # the JSON of one answer's events; larger answers are compacted
+MAX_TOTAL_BYTES = 256 << 10  # all of a session's kept answers (memory file headers stay < 1 MiB)
 KEY = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 
 
@@ -76,6 +80,11 @@ def lookup(replies: dict[str, dict[str, Any]], key: str, job: dict[str, Any]) ->
         raise ApiError(422, f"Idempotency-Key {key!r} was used for a different request on "
                        "this session; use a new key for a new request",
                        code="idempotency_key_reused", param="Idempotency-Key")
+    if entry.get("too_large"):
+        raise ApiError(409, f"the request with Idempotency-Key {key!r} already ran and its turn "
+                       "was applied; its answer was too large to keep for a replay (read the "
+                       "session instead)", code="idempotent_answer_not_kept",
+                       param="Idempotency-Key")
     raise Replay(entry)
 
 
@@ -87,7 +96,14 @@ def remember(replies: dict[str, dict[str, Any]], key: str, job: dict[str, Any],
     kept[key] = {"h": request_hash(job), "events": events}
     while len(kept) > WINDOW:
         kept.pop(next(iter(kept)))
-    return {META_KEY: json.dumps(kept, separators=(",", ":"), ensure_ascii=True)}
+    text = json.dumps(kept, separators=(",", ":"), ensure_ascii=True)
+    while len(text) > MAX_TOTAL_BYTES and len(kept) > 1:  # the file header stays small
+        kept.pop(next(iter(kept)))
+        text = json.dumps(kept, separators=(",", ":"), ensure_ascii=True)
+    if len(text) > MAX_TOTAL_BYTES:  # this answer alone is too large: keep that it ran
+        kept[key] = {"h": kept[key]["h"], "events": [], "too_large": True}
+        text = json.dumps(kept, separators=(",", ":"), ensure_ascii=True)
+    return {META_KEY: text}
 
 
 def remember_all(replies: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -109,6 +125,7 @@ def _compact(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if e.get("t") == "end" and e["c"] in texts:
                 out.append({"t": "tok", "c": e["c"], "text": texts.pop(e["c"])})
             out.append({k: v for k, v in e.items() if k != "tokens"})
+    out += [{"t": "tok", "c": c, "text": t} for c, t in texts.items()]  # choices with no end
     return out
 
 

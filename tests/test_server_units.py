@@ -372,3 +372,26 @@ def test_a_quick_benchmark_run_writes_beside_the_results() -> None:
     assert results_folder(None, False) == RESULTS
     assert results_folder(None, True) == RESULTS / "quick"
     assert results_folder(Path("x"), True) == Path("x")
+
+
+def test_idempotent_answers_stay_within_their_budget() -> None:
+    """The kept answers never pass MAX_TOTAL_BYTES (the memory file's header stays small): the
+    oldest go first, and one answer too large alone keeps only that it ran (409 on a retry)."""
+    from server import replies
+
+    job = {"op": "chat", "messages": [["user", "hi"]]}
+    kept: dict[str, Any] = {}
+    piece = "x" * 20_000
+    for i in range(16):  # 16 answers of ~20 KB each would be ~320 KB
+        events = [{"t": "tok", "c": 0, "text": piece}, {"t": "end", "c": 0}]
+        kept = replies.load(replies.remember(kept, f"k{i}", job, events))
+    text = replies.remember(kept, "k-last", job, [])[replies.META_KEY]
+    assert len(text) <= replies.MAX_TOTAL_BYTES and "k15" in kept and "k0" not in kept
+    huge = [{"t": "tok", "c": 0, "text": "y" * (replies.MAX_TOTAL_BYTES + 1)}]
+    kept = replies.load(replies.remember({}, "big", job, huge))
+    assert kept["big"]["too_large"] and kept["big"]["events"] == []
+    with pytest.raises(ApiError) as e:
+        replies.lookup(kept, "big", job)
+    assert e.value.status == 409 and e.value.code == "idempotent_answer_not_kept"
+    with pytest.raises(replies.Replay):  # a kept answer replays
+        replies.lookup(replies.load(replies.remember({}, "k", job, [])), "k", job)
