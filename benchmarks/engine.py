@@ -40,24 +40,14 @@ from benchmarks.common import (
     save_figure,
     write_result,
 )
+from benchmarks.decode import BATCH_SPACING, batch_states
 from newllm.scheduler import PREFILL_CHUNK
 from newllm.slots import Slots
 from newllm.state import ModelState
 
-SPACING = 7  # session i sits at context + 7 i tokens
 GOAL_SESSIONS, GOAL_SHARE = 32, 0.8  # slots / batched_state at 32 sessions
 DECODE_STEP_MAX = 32  # decode_step is measured up to this many sessions
 CHUNKS = (16, 32, 64, 128, 256, 512, 1024)
-
-
-def sessions_at(model: Any, ids: torch.Tensor, context: int, n: int) -> list[ModelState]:
-    """n one-row states at context + 7 i tokens of ids (1, T)."""
-    with torch.no_grad():
-        _, base = model(ids[:, :context])
-        out = [base]
-        for i in range(1, n):
-            out.append(model(ids[:, context:context + SPACING * i], base)[1])
-    return out
 
 
 def check_slots(model: Any, states: list[ModelState]) -> float:
@@ -77,7 +67,7 @@ def check_slots(model: Any, states: list[ModelState]) -> float:
 def decode_level(model: Any, ids: torch.Tensor, context: int, n: int,
                  repeat: int) -> dict[str, float]:
     """tokens/s of the three ways at n sessions."""
-    states = sessions_at(model, ids, context, n)
+    states = batch_states(model, ids, context, n)
     with torch.no_grad():
         _, batched = model(ids[:, :context].expand(n, -1))
     slots = Slots(model, n)
@@ -147,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (3 if args.quick else 20)
     prefill_total = 256 if args.quick else 2048
     g = torch.Generator().manual_seed(0)
-    need = context + SPACING * max(levels) + prefill_total
+    need = context + BATCH_SPACING * max(levels) + prefill_total
     ids = torch.randint(1, model.config.vocab_size, (1, need), generator=g)
-    worst = check_slots(model, sessions_at(model, ids, context, min(max(levels), 8)))
+    worst = check_slots(model, batch_states(model, ids, context, min(max(levels), 8)))
     rows = {}
     for n in levels:
         rows[str(n)] = decode_level(model, ids, context, n, repeat)
@@ -167,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                            "met": v >= GOAL_SHARE}
     settings = {"quick": args.quick, "checkpoint": checkpoint or "default",
                 "model": model.config.name, "sessions": levels, "context": context,
-                "spacing": SPACING, "repeat": repeat, "dtype": "float32",
+                "spacing": BATCH_SPACING, "repeat": repeat, "dtype": "float32",
                 "weights": "input-major", "threads": args.threads,
                 "prefill_tokens": prefill_total}
     path = write_result("engine", settings, results, args.out)

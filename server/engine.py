@@ -140,7 +140,7 @@ class Engine:
         worker is idle (a turn wider than all slots then runs alone, with more slots)."""
         if not active and self.slots.num_slots != max(self.max_batch, width):
             self._use_slots(max(self.max_batch, width))  # back to max_batch once it is done
-        return sum(t.width for t in active) + width <= self.slots.num_slots
+        return _used(active) + width <= self.slots.num_slots
 
     # the loop ----------------------------------------------------------------------------------
     def serve(self, queue: Any, send: Send, max_batch: int) -> None:
@@ -166,7 +166,7 @@ class Engine:
                 else:
                     tried.add(sid)
             while not waiting_room and len(parked) < MAX_PARKED and (
-                    not active or sum(t.width for t in active) < self.slots.num_slots):
+                    not active or _used(active) < self.slots.num_slots):
                 try:
                     if active:
                         item = queue.get_nowait()
@@ -581,6 +581,11 @@ class Engine:
     def _fail(rqid: int, uid: str, error: ApiError, send: Send) -> None:
         send(rqid, uid, {"t": "error", "status": error.status, **error.body()})
         send(rqid, uid, None)
+
+
+def _used(active: list[Turn]) -> int:
+    """Slots the active turns hold or will hold (one per choice)."""
+    return sum(t.width for t in active)
 
 
 def worker_threads(threads: int, workers: int) -> int:

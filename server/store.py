@@ -240,9 +240,11 @@ class SessionStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:  # O_EXCL: of two servers starting together, one writes it, both read the same
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            time.sleep(0.05)
-            return path.read_text().strip()
+        except FileExistsError:  # another server is writing it: wait for its few bytes
+            deadline = time.monotonic() + 5
+            while not (found := path.read_text().strip()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return found
         with os.fdopen(fd, "w") as f:
             f.write(os.urandom(16).hex())
         return path.read_text().strip()
@@ -450,19 +452,22 @@ class SessionStore:
     def mark_running(self, session_id: str, uid: str) -> None:
         """Note that request ``uid`` holds ``session_id``'s lock for a turn."""
         self.cancel_folder.mkdir(exist_ok=True)
-        (self.cancel_folder / f"{check_session_id(session_id)}.running").write_text(uid)
+        self._running_path(session_id).write_text(uid)
 
     def clear_running(self, session_id: str, uid: str) -> None:
         if self.running(session_id) == uid:
-            (self.cancel_folder / f"{session_id}.running").unlink(missing_ok=True)
+            self._running_path(session_id).unlink(missing_ok=True)
 
     def running(self, session_id: str) -> str | None:
         """The request running a turn of ``session_id`` now, if any."""
         try:
-            uid = (self.cancel_folder / f"{check_session_id(session_id)}.running").read_text()
+            uid = self._running_path(session_id).read_text()
         except OSError:
             return None
         return uid if REQUEST_UID.fullmatch(uid) else None
+
+    def _running_path(self, session_id: str) -> Path:
+        return self.cancel_folder / f"{check_session_id(session_id)}.running"
 
 
 def _unlock(fd: int) -> None:

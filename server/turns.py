@@ -72,7 +72,7 @@ class Turn:
     @property
     def width(self) -> int:
         """Slots the turn needs at most: one per choice."""
-        return len(self.prompts) * int(self.job["n"])
+        return job_width(self.job)
 
     @property
     def finished(self) -> bool:

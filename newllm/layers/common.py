@@ -44,6 +44,10 @@ class SlotStep:
     contexts: Tensor | None = None  # (N, 1, context_dim) context vectors (context models)
     _angles: dict[tuple[float, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
+    def ending(self, period: int) -> list[int]:
+        """Indices of the rows whose token is the last of a period (a segment, a chunk)."""
+        return [i for i, p in enumerate(self.host_position) if (p + 1) % period == 0]
+
     def take(self, buffer: Tensor) -> Tensor:
         """The step's rows of a slot buffer (slots, ...) -> (N, ...): a view when consecutive."""
         return buffer[self.span] if self.span is not None else buffer.index_select(0, self.rows)

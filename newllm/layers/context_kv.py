@@ -103,7 +103,7 @@ class ContextKVAttention(nn.Module):
         s_own = (q * k_own).sum(-1, keepdim=True) * scale  # (N, H, 1, 1)
         w = torch.softmax(torch.cat((s_chunks, s_own), dim=-1).float(), dim=-1).to(q.dtype)
         out = w[..., :-1] @ values + w[..., -1:] * v_own  # (N, H, 1, D)
-        ends = [i for i, p in enumerate(step.host_position) if (p + 1) % self.chunk == 0]
+        ends = step.ending(self.chunk)
         if ends:  # these rows finish a chunk: their own context becomes its key/value
             e = torch.tensor(ends, device=x.device)
             buf.k[step.rows[e], :, chunks[e]] = k_own[e, :, 0]

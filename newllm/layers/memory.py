@@ -327,7 +327,7 @@ class SegmentMemoryAttention(nn.Module):
         a_mem, active = self.read(elu1(qm), q.float(), self._rows_state(buf, step.take))
         g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
         out = g * self.from_memory_heads(a_mem.to(x.dtype)) + (1 - g) * local  # (N, H, 1, D)
-        ends = [i for i, p in enumerate(step.host_position) if p % S == S - 1]
+        ends = step.ending(S)
         if ends:
             self._slot_write(buf, step, ends)
         return self.dense(merge_heads(out))
@@ -336,8 +336,7 @@ class SegmentMemoryAttention(nn.Module):
         """What undoes this step's memory writes (for a step that fails part-way): the memory
         of the rows that complete a segment, copied. Everything else a step writes lies past
         the rows' valid lengths until their positions advance, which a failed step never does."""
-        S = self.segment_len
-        ends = [i for i, p in enumerate(step.host_position) if p % S == S - 1]
+        ends = step.ending(self.segment_len)
         if not ends:
             return None
         rows = step.rows[torch.tensor(ends, device=step.rows.device)]
