@@ -13,7 +13,9 @@ ran before, in eval mode.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,18 @@ from newllm.model import TransformerLM
 from newllm.tokenizer import Tokenizer
 
 MODEL_SEED = 0
+
+
+def need_program(name: str, package: str) -> str:
+    """The path of the program ``name``; where it is missing, skip the test saying which Debian
+    package brings it, or fail when ``NEWLLM_REQUIRE_SERVICES=1`` (CI: these tests must run)."""
+    path = shutil.which(name)
+    if path is None:
+        why = f"{name} not found (Debian package {package}; .ci/run installs it)"
+        if os.environ.get("NEWLLM_REQUIRE_SERVICES") == "1":
+            pytest.fail(why + " but NEWLLM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip(why)
+    return path
 TINY_PRESETS = sorted(name for name in PRESETS if name.startswith("tiny-"))
 
 
