@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clients import Client
 
@@ -73,10 +74,12 @@ def descendants(pid: int) -> set[int]:
 
 
 def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_size: int = 1,
-                 workers: int = 1, api_key: str | None = None) -> LiveServer:
+                 workers: int = 1, api_key: str | None = None,
+                 extra: list[str] | None = None) -> LiveServer:
     """Start a server (not waiting for it); its log and sessions go under ``folder``.
 
-    ``checkpoint`` None serves the bundled default model; ``api_key`` makes it require one.
+    ``checkpoint`` None serves the bundled default model; ``api_key`` makes it require one;
+    ``extra``: more flags (e.g. ``["--session-store", redis.url]``).
     """
     port = free_port()
     log = folder / f"{name}.log"
@@ -86,6 +89,7 @@ def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_s
             "--workers", str(workers), "--log-level", "warning"]
     if checkpoint is not None:
         argv += ["--checkpoint", checkpoint]
+    argv += extra or []
     env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
     if api_key:
         env["NEWLLM_API_KEY"] = api_key  # the environment, not argv: not shown by ps
@@ -129,11 +133,77 @@ def stop_server(server: LiveServer) -> None:
     server.process.wait(5)
 
 
+@dataclass
+class RedisProcess:
+    """A ``redis-server`` subprocess on a loopback port, its data in ``folder``."""
+
+    url: str
+    port: int
+    folder: Path
+    process: subprocess.Popen
+    appendonly: bool = True
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+
+def start_redis(folder: Path, *, port: int | None = None, appendonly: bool = True,
+                binary: str = "redis-server", timeout: float = 20.0) -> RedisProcess:
+    """Start redis-server on 127.0.0.1 (a free port, or ``port`` to restart one where it was),
+    its data and log in ``folder``, AOF persistence on unless ``appendonly`` is False; wait
+    until it answers PING."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+            "--save", "", "--appendonly", "yes" if appendonly else "no",
+            "--appendfsync", "always", "--daemonize", "no", "--protected-mode", "no",
+            "--logfile", str(folder / "redis.log")]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    server = RedisProcess(f"redis://127.0.0.1:{port}/0", port, folder, process, appendonly)
+    deadline = time.monotonic() + timeout
+    client = server.client()
+    while True:
+        if process.poll() is not None:
+            log = folder / "redis.log"
+            raise RuntimeError(f"redis-server exited with {process.returncode}: "
+                               f"{log.read_text()[-2000:] if log.exists() else ''}")
+        try:
+            if client.ping():
+                return server
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        if time.monotonic() > deadline:
+            stop_redis(server)
+            raise RuntimeError(f"redis-server on port {port} did not answer in {timeout:g} s")
+        time.sleep(0.05)
+
+
+def stop_redis(server: RedisProcess) -> None:
+    """SIGTERM (Redis writes its AOF and exits), again each second while it refuses (it does
+    while an AOF rewrite runs), SIGKILL after 20 s."""
+    for _ in range(20):
+        if server.process.poll() is not None:
+            return
+        server.process.terminate()
+        try:
+            server.process.wait(1)
+        except subprocess.TimeoutExpired:
+            pass
+    server.process.kill()
+    server.process.wait(5)
+
+
 @contextmanager
 def running_servers(checkpoint: str | None, batch_sizes: dict[str, int], workers: int = 1,
                     folder: Path | None = None,
-                    api_keys: dict[str, str] | None = None) -> Iterator[dict[str, LiveServer]]:
-    """Servers named like ``batch_sizes``' keys, started together, ready, and always stopped.
+                    api_keys: dict[str, str] | None = None,
+                    extra: dict[str, list[str]] | None = None,
+                    ) -> Iterator[dict[str, LiveServer]]:
+    """Servers named like ``batch_sizes``' keys, started together, ready, and always stopped
+    (``extra``: more flags for some of them, by name).
 
     Logs and session folders go under ``folder`` (default: a temporary folder, removed after).
     """
@@ -144,7 +214,8 @@ def running_servers(checkpoint: str | None, batch_sizes: dict[str, int], workers
             for name, batch in batch_sizes.items():
                 started[name] = start_server(checkpoint, where, name, max_batch_size=batch,
                                              workers=workers,
-                                             api_key=(api_keys or {}).get(name))
+                                             api_key=(api_keys or {}).get(name),
+                                             extra=(extra or {}).get(name))
             for server in started.values():
                 wait_ready(server)
             yield started

@@ -77,6 +77,7 @@ from server.store import (
     StoreFull,
     StoreWriteError,
     check_session_id,
+    open_store,
     write_error,
 )
 from server.transcript import Transcript
@@ -183,7 +184,7 @@ class NewllmAPI(ls.LitAPI):
         s = self.settings
         model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=s.dtype)
         model.eval().use_input_major_weights()  # faster one-token steps; same as `generate`
-        store = SessionStore(s.session_dir, s.max_sessions)
+        store = open_store(s)
         store.sweep_temp()  # a restarted worker: its predecessor may have died mid-write
         self.engine = Engine(model, tokenizer, store, s.max_prompt_tokens)
 
@@ -462,7 +463,7 @@ class SessionSpec(LitSpec):
         so the client gets the answer)."""
         name = None
         try:
-            fd, name = tempfile.mkstemp(dir=self.store.folder, prefix=".upload.", suffix=".tmp")
+            fd, name = tempfile.mkstemp(dir=self.store.scratch, prefix=".upload.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 async for chunk in request.stream():  # the Guard cuts it off past the limit
                     f.write(chunk)
@@ -566,8 +567,8 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
     same model: the fingerprint written into every memory file is checked on every load.
     """
     settings.check()
-    store = SessionStore(settings.session_dir, settings.max_sessions)
-    store.prepare()
+    store = open_store(settings)
+    store.prepare()  # RuntimeError when it cannot be reached (Redis down)
     info = model_info(model, settings.model_name)
     spec = SessionSpec(settings, info, store)
     spec.attach_validator(model, tokenizer.sha256)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type == "bool":  # a switch
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
-        kind: Any = int if f.type == "int" else str
+        kind: Any = {"int": int, "float": float}.get(str(f.type), str)
         if f.name in ("max_request_bytes", "max_memory_bytes"):
             kind = parse_bytes
         parser.add_argument(flag, type=kind, default=defaults[f.name].default,
@@ -215,13 +215,17 @@ def serve(settings: ServerSettings) -> int:
         log.error("cannot load checkpoint %r: %s", settings.checkpoint, e)
         return 1
     model.eval()
-    server = build_server(settings, model, tokenizer)
+    try:
+        server = build_server(settings, model, tokenizer)
+    except RuntimeError as e:  # the session store cannot be reached
+        log.error("cannot start: %s", e)
+        return 1
     info = server.lit_api.spec.info
     log.info("model %s (%s, %.2fM parameters, layers %s, %s) from %s", info.name,
              info.fingerprint[:16], info.parameters / 1e6, ",".join(info.layers), info.dtype,
              settings.checkpoint or "the bundled default checkpoint")
     log.info("fingerprint %s", info.fingerprint)
-    log.info("sessions in %s (at most %d)", server.lit_api.spec.store.folder,
+    log.info("sessions in %s (at most %d)", server.lit_api.spec.store.describe(),
              settings.max_sessions)
     log.info("listening on http://%s:%d (%d worker%s, %d slots each, %s)", settings.host,
              settings.port, settings.workers, "" if settings.workers == 1 else "s",

@@ -56,7 +56,6 @@ log-prob and alternatives when logprobs were asked for), ``end`` (finish reason)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -78,7 +77,7 @@ from newllm.state import ModelState
 from server import metrics, replies
 from server.prompts import Prompter
 from server.protocol import ApiError, usage
-from server.store import SessionStore, StoreFull, StoreWriteError, read_header_metadata
+from server.store import SessionStore, StoreFull, StoreWriteError, header_metadata
 from server.transcript import CHAT_STOP, Diverged, KindMismatch, Transcript, message_unit
 from server.turns import MAX_LOGIT, Task, Turn, healthy, job_width
 
@@ -103,12 +102,6 @@ def prefill(model: Any, ids: list[int], state: ModelState) -> tuple[Tensor, Mode
         logits, state = model(x, state, last_only=True)  # (1, 1, V)
     assert logits is not None, "prefill needs at least one token"
     return logits[0, -1], state
-
-
-def _header_of(data: bytes) -> dict[str, str]:
-    n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8:8 + n]).get("__metadata__", {})
-    return {str(k): str(v) for k, v in meta.items()}
 
 
 class Engine:
@@ -187,7 +180,9 @@ class Engine:
                 if len(parked) >= MAX_PARKED:  # nothing to do until a parked session frees
                     time.sleep(PARK_POLL_S)
                 continue
-            for turn in [t for t in active if self.store.cancelled(t.uid)]:
+            self.locks.renew()  # leases of a shared store (Redis) outlive long turns
+            flagged = self.store.cancelled_many([t.uid for t in active])
+            for turn in [t for t in active if t.uid in flagged]:
                 self._drop_cancelled(turn, send)
             active[:] = [t for t in active if not t.failed]
             self.step(active, send)
@@ -292,7 +287,7 @@ class Engine:
                 assert sid is not None and state is not None
                 r.session = {"id": sid, "tokens_seen": state.position,
                              "turns": transcript.turns, "created": False, "reset": False,
-                             "bytes": self.store.path(sid).stat().st_size}
+                             "bytes": self.store.size(sid)}
                 raise
             self.recording[uid] = []
         mode = job["input_mode"]
@@ -371,16 +366,20 @@ class Engine:
                         code="non_finite_logits")
 
     def _load(self, sid: str) -> tuple[ModelState, Transcript, dict[str, Any]]:
-        path = self.store.path(sid)
         try:
-            meta = read_header_metadata(path)
+            meta = self.store.metadata(sid)
+            if meta is None:
+                raise ValueError("it was deleted while this turn started")
             transcript = Transcript.from_metadata(meta)
             kept = replies.load(meta)
             cached = self.cache.get(sid)
             if cached is not None and cached[0] == meta:  # payload hash, position, everything
                 self.cache.move_to_end(sid)
                 return cached[1], transcript, kept
-            state = load_memory(path, self.model, tokenizer_hash=self.tokenizer.sha256)
+            data = self.store.read(sid)
+            if data is None:
+                raise ValueError("it was deleted while this turn started")
+            state = load_memory(data, self.model, tokenizer_hash=self.tokenizer.sha256)
             if state.batch_size != 1:
                 raise ValueError(f"its memory holds {state.batch_size} sequences, not 1")
         except (MemoryFileError, ValueError, OSError) as e:
@@ -553,7 +552,7 @@ class Engine:
         data = save_memory(state, self.model, tokenizer_hash=self.tokenizer.sha256,
                            metadata=meta)
         self.store.write(sid, data, self.locks)
-        self.cache[sid] = (_header_of(data), state)
+        self.cache[sid] = (header_metadata(data), state)
         self.cache.move_to_end(sid)
         while len(self.cache) > CACHE_STATES or (
                 len(self.cache) > 1 and sum(s.nbytes() for _, s in self.cache.values())

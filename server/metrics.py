@@ -11,7 +11,10 @@ Counted in the HTTP processes (they see every request, status and latency):
 ``newllm_requests_total{route,status}``, ``newllm_request_seconds{route}``,
 ``newllm_time_to_first_token_seconds{route}``, ``newllm_tokens_total{kind=prompt|completion}``,
 ``newllm_memory_transfers_total{op=export|import,result=ok|refused}``,
-``newllm_errors_total{code}``. Counted in the workers: ``newllm_decode_batch_size``
+``newllm_errors_total{code}``. Counted where the session store is used (HTTP processes and
+workers): ``newllm_store_seconds{op}`` (time of each store operation: read, write, lease...)
+and ``newllm_store_errors_total{op}`` (operations the store failed: Redis down). Counted in the
+workers: ``newllm_decode_batch_size``
 (choices decoded together per step). Read from the session directory at scrape time:
 ``newllm_sessions`` and ``newllm_session_memory_bytes``.
 """
@@ -44,6 +47,11 @@ TRANSFERS = Counter("newllm_memory_transfers", "memory exports and imports", ["o
 ERRORS = Counter("newllm_errors", "error responses by error code", ["code"])
 BATCH = Histogram("newllm_decode_batch_size", "choices decoded together per step (workers)",
                   buckets=(1, 2, 4, 8, 16, 32, 64))
+
+STORE_SECONDS = Histogram("newllm_store_seconds", "time of session store operations", ["op"],
+                          buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                   0.05, 0.1, 0.25, 1, 5))
+STORE_ERRORS = Counter("newllm_store_errors", "session store operations that failed", ["op"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -35,6 +35,15 @@ class ServerSettings:
     api_servers: int = _f(1, "HTTP server processes")
     session_dir: str = _f("", "folder of session memory files "
                               "(default: ~/.local/share/newllm/sessions)")
+    session_store: str = _f("folder", "where sessions live: folder (--session-dir, this "
+                                      "machine) or redis://[:PASSWORD@]HOST:PORT/DB (also "
+                                      "rediss://; password also from $NEWLLM_REDIS_PASSWORD), "
+                                      "shared by every replica")
+    session_ttl: float = _f(0.0, "seconds a session may stay unwritten before it is deleted "
+                                 "(0: kept until evicted by --max-sessions or deleted)")
+    session_lease: float = _f(30.0, "seconds a Redis lease on a session outlives the replica "
+                                    "holding it (renewed while a turn runs; a crashed "
+                                    "replica's sessions are free again after this)")
     api_key: str | None = _f(None, "Bearer key required on every route but /health "
                                    "(default: $NEWLLM_API_KEY)")
     max_batch_size: int = _f(32, "slots per worker: sessions decoded together in one forward "
@@ -69,6 +78,14 @@ class ServerSettings:
                              f"these), got {self.host!r}")
         if not 1024 <= self.port <= 65535:
             raise ValueError(f"--port must be between 1024 and 65535, got {self.port}")
+        if self.session_store != "folder":
+            from server.redis_store import check_url
+
+            check_url(self.session_store)
+        if self.session_ttl < 0:
+            raise ValueError(f"--session-ttl must be >= 0, got {self.session_ttl}")
+        if self.session_lease <= 0:
+            raise ValueError(f"--session-lease must be > 0, got {self.session_lease}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
         for name in ("workers", "api_servers", "max_batch_size", "max_sessions",

@@ -1,4 +1,9 @@
-"""The session store: one memory file per session in a directory, the source of truth.
+"""Session stores: where sessions live, the source of truth. Two kinds behind one interface
+(`SessionStore`): a folder on this machine (`FolderStore`, the embedded default) and Redis
+(`server.redis_store.RedisStore`, ``--session-store redis://...``, for several replicas).
+`open_store` picks one from the settings. Both keep the same canonical memory file per session.
+
+The folder store: one memory file per session in a directory.
 
 LitServe workers are separate processes and any of them may get any request, so no session lives
 only in a worker's memory. A session ``abc`` is the file ``{dir}/abc.safetensors``: a newllm
@@ -13,6 +18,9 @@ hash of the id, never deleted (deleting a lock file others wait on breaks flock)
 number; two ids sharing a stripe only ever wait for each other. `StripeLocks` counts stripes it
 holds, so one worker can hold two sessions of one stripe in the same batch. Workers only ever
 *try* locks (never block while holding one), so no two processes can deadlock.
+
+``--session-ttl``: a session not written for that long is deleted (the folder store at the next
+listing or new session; Redis expires it on time).
 
 ``--max-sessions`` policy: when a new session would exceed the limit, the least recently used
 *idle* session (its lock free) is evicted (deleted) to make room; the eviction is logged and
@@ -56,8 +64,11 @@ import os
 import re
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from newllm.memory_file import write_atomic
 
@@ -103,6 +114,21 @@ def write_error(e: OSError, what: str) -> StoreWriteError:
         f"{what} failed: the session store cannot be written: {reason}. The session keeps "
         "its previous memory; check the session folder (--session-dir) and retry", 503,
         "session_store_unwritable")
+
+
+@contextmanager
+def timed(op: str) -> Iterator[None]:
+    """Time a store operation into ``newllm_store_seconds{op}``; count it failed on OSError."""
+    from server import metrics
+
+    t0 = time.perf_counter()
+    try:
+        yield
+    except OSError:
+        metrics.STORE_ERRORS.labels(op).inc()
+        raise
+    finally:
+        metrics.STORE_SECONDS.labels(op).observe(time.perf_counter() - t0)
 
 
 def check_session_id(session_id: object) -> str:
@@ -179,6 +205,11 @@ class StripeLocks:
         for session_id in list(self._held):
             self.release(session_id)
 
+    def renew(self) -> list[str]:
+        """Nothing to renew: a flock lasts until released or its process dies (a Redis lease
+        expires; see `server.redis_store.RedisLeases.renew`)."""
+        return []
+
 
 @dataclass(frozen=True)
 class SessionInfo:
@@ -193,6 +224,13 @@ class SessionInfo:
         return {"id": self.id, "object": "session", "tokens_seen": self.tokens_seen,
                 "bytes": self.bytes, "last_used": round(self.last_used, 3), "kind": self.kind,
                 "turns": self.turns}
+
+
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file given whole (one the server wrote)."""
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+    return {str(k): str(v) for k, v in meta.items()}
 
 
 def read_header_metadata(path: Path) -> dict[str, str]:
@@ -210,15 +248,130 @@ def read_header_metadata(path: Path) -> dict[str, str]:
 
 
 class SessionStore:
-    """Files, locks and the session limit of one session directory (picklable: paths only)."""
+    """What the routes and workers need of a session store (picklable: settings, not
+    connections). Sessions are canonical memory files (bytes); ``locks()`` gives a per-thread
+    holder of session locks (or leases) that every write and delete must hold; a write of a new
+    session may evict idle ones (``max_sessions``) or raise StoreFull; failures of the store
+    itself are StoreWriteError (HTTP 503/507/409 for that request only)."""
 
-    def __init__(self, folder: str | Path, max_sessions: int = 1000) -> None:
+    def __init__(self, max_sessions: int = 1000, ttl_s: float = 0.0) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
-        self.folder = Path(folder).expanduser().resolve()
+        if ttl_s < 0:
+            raise ValueError(f"the session TTL must be >= 0 seconds, got {ttl_s}")
         self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+
+    def describe(self) -> str:
+        """Where the sessions are, for the log."""
+        raise NotImplementedError
+
+    @property
+    def scratch(self) -> Path:
+        """A local folder for uploads while they arrive."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def store_id(self) -> str:
+        raise NotImplementedError
+
+    def locks(self) -> Any:
+        raise NotImplementedError
+
+    def exists(self, session_id: str) -> bool:
+        raise NotImplementedError
+
+    def read(self, session_id: str) -> bytes | None:
+        raise NotImplementedError
+
+    def metadata(self, session_id: str) -> dict[str, str] | None:
+        """The header metadata of a session's memory file (None: no such session)."""
+        raise NotImplementedError
+
+    def size(self, session_id: str) -> int:
+        raise NotImplementedError
+
+    def ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def info(self, session_id: str) -> SessionInfo | None:
+        raise NotImplementedError
+
+    def list(self) -> list[SessionInfo]:
+        """Every session of the store, most recently used first."""
+        raise NotImplementedError
+
+    def total_bytes(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def write(self, session_id: str, data: bytes, locks: Any) -> list[str]:
+        raise NotImplementedError
+
+    def check_room(self, session_id: str, locks: Any) -> None:
+        raise NotImplementedError
+
+    def delete(self, session_id: str, locks: Any) -> bool:
+        raise NotImplementedError
+
+    def sweep_temp(self) -> list[Path]:
+        """Remove what a writer killed mid-write left (nothing, where writes are atomic)."""
+        return []
+
+    def cancel(self, uid: str, reason: str = "") -> None:
+        raise NotImplementedError
+
+    def cancelled_many(self, uids: list[str]) -> set[str]:
+        raise NotImplementedError
+
+    def cancelled(self, uid: str) -> bool:
+        return bool(self.cancelled_many([uid]))
+
+    def cancel_reason(self, uid: str) -> str:
+        raise NotImplementedError
+
+    def clear_cancel(self, uid: str) -> None:
+        raise NotImplementedError
+
+    def mark_running(self, session_id: str, uid: str) -> None:
+        raise NotImplementedError
+
+    def clear_running(self, session_id: str, uid: str) -> None:
+        raise NotImplementedError
+
+    def running(self, session_id: str) -> str | None:
+        raise NotImplementedError
+
+
+def open_store(settings: Any) -> SessionStore:
+    """The store ``settings.session_store`` names: "folder" (``settings.session_dir``) or a
+    redis:// / rediss:// URL."""
+    spec = settings.session_store or "folder"
+    if spec == "folder":
+        return FolderStore(settings.session_dir, settings.max_sessions, settings.session_ttl)
+    from server.redis_store import RedisStore
+
+    return RedisStore(spec, settings.max_sessions, settings.session_ttl,
+                      settings.session_lease)
+
+
+class FolderStore(SessionStore):
+    """Files, locks and the session limit of one session directory (picklable: paths only)."""
+
+    def __init__(self, folder: str | Path, max_sessions: int = 1000,
+                 ttl_s: float = 0.0) -> None:
+        super().__init__(max_sessions, ttl_s)
+        self.folder = Path(folder).expanduser().resolve()
         self.lock_folder = self.folder / ".locks"
         self.cancel_folder = self.folder / ".cancel"
+
+    def describe(self) -> str:
+        return str(self.folder)
+
+    @property
+    def scratch(self) -> Path:
+        return self.folder
 
     def prepare(self) -> None:
         """Create the folders; remove temp files a killed writer may have left and old flags."""
@@ -258,11 +411,24 @@ class SessionStore:
     def exists(self, session_id: str) -> bool:
         return self.path(session_id).is_file()
 
-    def read(self, session_id: str) -> bytes | None:
+    def metadata(self, session_id: str) -> dict[str, str] | None:
         try:
-            return self.path(session_id).read_bytes()
+            return read_header_metadata(self.path(session_id))
         except FileNotFoundError:
             return None
+
+    def size(self, session_id: str) -> int:
+        try:
+            return self.path(session_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def read(self, session_id: str) -> bytes | None:
+        with timed("read"):
+            try:
+                return self.path(session_id).read_bytes()
+            except FileNotFoundError:
+                return None
 
     def ids(self) -> list[str]:
         return sorted(p.name[:-len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}")
@@ -285,6 +451,7 @@ class SessionStore:
                            int(turns) if turns.isdigit() else 0)
 
     def list(self) -> list[SessionInfo]:
+        self.expire()
         infos = [self.info(i) for i in self.ids()]
         return sorted((i for i in infos if i is not None), key=lambda i: -i.last_used)
 
@@ -310,12 +477,15 @@ class SessionStore:
         path = self.path(session_id)
         try:
             if path.exists():  # no one else can create or delete it: we hold its lock
-                write_atomic(path, data)
+                with timed("write"):
+                    write_atomic(path, data)
                 return []
+            self.expire()
             fd = self._lock_store()
             try:
                 evicted = self._make_room(session_id, locks, dry_run=False)
-                write_atomic(path, data)
+                with timed("write"):
+                    write_atomic(path, data)
                 return evicted
             finally:
                 _unlock(fd)
@@ -347,6 +517,33 @@ class SessionStore:
             return False
         except OSError as e:
             raise write_error(e, f"deleting session {session_id!r}") from e
+
+    def expire(self) -> list[str]:
+        """Delete the idle sessions not written for ``ttl_s`` seconds (``--session-ttl``)."""
+        if not self.ttl_s:
+            return []
+        cutoff, expired, locks = time.time() - self.ttl_s, [], self.locks()
+        for p in self.folder.glob(f"*{SUFFIX}"):
+            sid = p.name[:-len(SUFFIX)]
+            try:
+                if p.stat().st_mtime >= cutoff or not SESSION_ID.fullmatch(sid):
+                    continue
+                if not locks.try_acquire(sid):
+                    continue  # a turn is running: it is not idle
+            except (OSError, StoreWriteError):
+                continue
+            try:
+                if p.stat().st_mtime < cutoff:  # not written since we looked
+                    p.unlink(missing_ok=True)
+                    expired.append(sid)
+            except OSError:
+                pass
+            finally:
+                locks.release(sid)
+        if expired:
+            log.info("removed %d session(s) idle for more than --session-ttl %g s",
+                     len(expired), self.ttl_s)
+        return expired
 
     def sweep_temp(self) -> list[Path]:
         """Remove temp files of idle sessions (left by a writer killed mid-write); returns them.
@@ -434,8 +631,9 @@ class SessionStore:
             except FileNotFoundError:
                 pass
 
-    def cancelled(self, uid: str) -> bool:
-        return bool(REQUEST_UID.fullmatch(uid)) and (self.cancel_folder / uid).exists()
+    def cancelled_many(self, uids: list[str]) -> set[str]:
+        return {u for u in uids
+                if REQUEST_UID.fullmatch(u) and (self.cancel_folder / u).exists()}
 
     def cancel_reason(self, uid: str) -> str:
         """The reason a cancelled request was given ("" when none, or not cancelled)."""

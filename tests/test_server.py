@@ -24,7 +24,7 @@ import torch
 from benchmarks.live import descendants, free_port
 from newllm.checkpoint import load_checkpoint
 from newllm.memory_file import load_memory, payload_sha256, save_memory
-from server.store import SessionStore
+from server.store import FolderStore
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
@@ -327,7 +327,7 @@ def test_a_stream_closed_mid_turn_saves_nothing(server: ServerProcess) -> None:
             if len(events) == 4:
                 break  # leaving the block closes the connection mid-stream
     assert not any('"finish_reason":"' in e.replace(" ", "") for e in events)
-    locks = SessionStore(server.session_dir).locks()
+    locks = FolderStore(server.session_dir).locks()
     deadline = time.monotonic() + 60
     while not locks.try_acquire(sid):  # free once the turn was dropped (or saved)
         assert time.monotonic() < deadline, "the turn never ended"

@@ -25,7 +25,7 @@ from server import engine as engine_module
 from server.engine import SENTINEL, Engine
 from server.protocol import ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
-from server.store import SessionStore
+from server.store import FolderStore
 from server.transcript import Transcript, render_chat
 
 MODEL = "tiny-infini"
@@ -45,7 +45,7 @@ class Worker:
                  max_sessions: int = 100) -> None:
         model, tokenizer = local
         self.model, self.tokenizer = model, tokenizer
-        self.store = SessionStore(folder, max_sessions)
+        self.store = FolderStore(folder, max_sessions)
         self.store.prepare()
         self.engine = Engine(model, tokenizer, self.store, max_prompt_tokens=4096)
         self.queue: queue.Queue[Any] = queue.Queue()
@@ -157,9 +157,9 @@ def test_non_finite_memory_fails_its_turn_alone(worker: Any, local: Any,
     bad_file = put_state(w, "bad", base)
     real_load = engine_module.load_memory
 
-    def load(path: Any, *args: Any, **kw: Any) -> Any:
-        state = real_load(path, *args, **kw)
-        if Path(path).name.startswith("bad."):
+    def load(source: Any, *args: Any, **kw: Any) -> Any:
+        state = real_load(source, *args, **kw)
+        if source == bad_file:  # the engine loads a session's bytes
             first = state.layers[0]
             poisoned = dataclasses.replace(first, memory=torch.full_like(first.memory, 1e30))
             state = dataclasses.replace(state, layers=(poisoned, *state.layers[1:]))

@@ -10,7 +10,7 @@ import openai
 import pytest
 from test_server import MODEL, ServerProcess, alive
 
-from server.store import SessionStore
+from server.store import FolderStore
 
 
 def turn(srv: ServerProcess, sid: str, content: str) -> Any:
@@ -58,7 +58,7 @@ def test_move_session_and_survive_restart(tmp_path: Path) -> None:
         # in another worker would), a new session is refused before anything is generated
         # (503, streaming or not), and nothing changes on disk
         before = (tmp_path / "b" / "trip.safetensors").read_bytes()
-        locks = SessionStore(tmp_path / "b").locks()
+        locks = FolderStore(tmp_path / "b").locks()
         assert locks.try_acquire("trip")
         for stream in (True, False):
             with pytest.raises(openai.APIStatusError, match="maximum of 1 sessions") as e:

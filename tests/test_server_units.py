@@ -16,7 +16,7 @@ from server.http import Guard
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
 from server.responses import ChatBuilder, CompletionBuilder, sse
-from server.store import SessionIdError, SessionStore, StoreFull, check_session_id
+from server.store import FolderStore, SessionIdError, StoreFull, check_session_id
 from server.transcript import (
     Diverged,
     KindMismatch,
@@ -100,7 +100,7 @@ def test_bad_session_ids(bad: object) -> None:
 
 
 def test_store_write_lock_and_evict(tmp_path) -> None:
-    store = SessionStore(tmp_path, max_sessions=2)
+    store = FolderStore(tmp_path, max_sessions=2)
     store.prepare()
     locks = store.locks()
     for sid in ("a", "b"):
@@ -131,7 +131,7 @@ def test_a_new_session_is_written_under_the_store_lock(tmp_path,
 
     from server import store as store_module
 
-    store = SessionStore(tmp_path, max_sessions=2)
+    store = FolderStore(tmp_path, max_sessions=2)
     store.prepare()
     held_while_writing: list[bool] = []
     real_write = store_module.write_atomic
@@ -157,7 +157,7 @@ def test_a_new_session_is_written_under_the_store_lock(tmp_path,
 
 
 def test_check_room_refuses_without_evicting(tmp_path) -> None:
-    store = SessionStore(tmp_path, max_sessions=1)
+    store = FolderStore(tmp_path, max_sessions=1)
     store.prepare()
     locks, other = store.locks(), store.locks()
     assert locks.try_acquire("old")
@@ -175,7 +175,7 @@ def test_check_room_refuses_without_evicting(tmp_path) -> None:
 
 
 def test_cancel_flags(tmp_path) -> None:
-    store = SessionStore(tmp_path)
+    store = FolderStore(tmp_path)
     store.prepare()
     uid = "0123456789abcdef0123456789abcdef"
     assert not store.cancelled(uid)
@@ -188,7 +188,7 @@ def test_cancel_flags(tmp_path) -> None:
             store.cancel(bad)
         assert not store.cancelled(bad)
     store.cancel(uid)
-    SessionStore(tmp_path).prepare()  # a restart forgets every flag
+    FolderStore(tmp_path).prepare()  # a restart forgets every flag
     assert not store.cancelled(uid)
 
 
@@ -203,12 +203,12 @@ def test_memory_uploads_have_their_own_size_limit() -> None:
 
 
 def _try_in_child(folder: str, out: Any) -> None:
-    locks = SessionStore(folder).locks()
+    locks = FolderStore(folder).locks()
     out.put((locks.try_acquire("s1"), locks.try_acquire("s2")))
 
 
 def test_locks_exclude_other_processes(tmp_path) -> None:
-    store = SessionStore(tmp_path)
+    store = FolderStore(tmp_path)
     store.prepare()
     locks = store.locks()
     assert locks.try_acquire("s1")
