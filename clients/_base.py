@@ -25,6 +25,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 
@@ -114,10 +115,26 @@ class RetryPolicy:
         return isinstance(error, _AFTER_SEND) and (idempotent or method in IDEMPOTENT)
 
 
+SESSION_HEADER = "X-Session-Id"
+
+
 def turn_headers(session: str | None) -> dict[str, str]:
     """Headers of a chat or completion request: on a session, a fresh ``Idempotency-Key``,
-    which every retry of the request repeats, so the server applies the turn once."""
-    return {"Idempotency-Key": uuid.uuid4().hex} if session is not None else {}
+    which every retry of the request repeats, so the server applies the turn once, and the
+    session id (`SESSION_HEADER`)."""
+    if session is None:
+        return {}
+    return {"Idempotency-Key": uuid.uuid4().hex, SESSION_HEADER: session}
+
+
+def session_headers(path: str, headers: dict[str, str] | None) -> dict[str, str] | None:
+    """``headers`` plus ``X-Session-Id`` for a request of one session (a turn, or a route under
+    ``/v1/sessions/{id}``), so a load balancer in front of several replicas can keep a session's
+    requests on one of them (its cache stays warm; correctness does not depend on it)."""
+    prefix = "/v1/sessions/"
+    if not path.startswith(prefix) or SESSION_HEADER in (headers or {}):
+        return headers
+    return {**(headers or {}), SESSION_HEADER: unquote(path[len(prefix):].split("/", 1)[0])}
 
 
 def transport_error(error: httpx.TransportError, url: str, attempts: int) -> ServerUnavailable:

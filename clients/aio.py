@@ -160,6 +160,7 @@ class AsyncClient:
         """Send with retries (see `clients._base`); as `Client._call`."""
         attempt = 0
         keyed = "Idempotency-Key" in (kwargs.get("headers") or {})
+        kwargs["headers"] = _base.session_headers(path, kwargs.get("headers"))
         while True:
             try:
                 request = self._http.build_request(

@@ -199,6 +199,7 @@ class Client:
         """Send with retries; a response (open if ``stream``) or what ``consume`` returns."""
         attempt = 0
         keyed = "Idempotency-Key" in (kwargs.get("headers") or {})
+        kwargs["headers"] = _base.session_headers(path, kwargs.get("headers"))
         while True:
             try:
                 request = self._http.build_request(

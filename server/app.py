@@ -338,7 +338,7 @@ class SessionSpec(LitSpec):
     def _cancel(self, uid: str) -> None:
         try:
             self.store.cancel(uid)
-        except OSError as e:
+        except (OSError, StoreWriteError) as e:
             log.warning("could not flag request %s as cancelled: %s", uid, e)
         else:
             log.info("request %s: the client went away; asked its worker to drop it", uid)

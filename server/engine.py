@@ -62,7 +62,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from queue import Empty
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -81,6 +81,7 @@ from server.store import SessionStore, StoreFull, StoreWriteError, header_metada
 from server.transcript import CHAT_STOP, Diverged, KindMismatch, Transcript, message_unit
 from server.turns import MAX_LOGIT, Task, Turn, healthy, job_width
 
+T = TypeVar("T")
 log = logging.getLogger("newllm.server")
 
 CACHE_STATES = 32  # session states a worker keeps in memory (reused while the file is unchanged)
@@ -180,8 +181,11 @@ class Engine:
                 if len(parked) >= MAX_PARKED:  # nothing to do until a parked session frees
                     time.sleep(PARK_POLL_S)
                 continue
-            self.locks.renew()  # leases of a shared store (Redis) outlive long turns
-            flagged = self.store.cancelled_many([t.uid for t in active])
+            # leases of a shared store (Redis) outlive long turns; a store that fails here
+            # fails the turns' saves later, not the loop
+            self._advisory(self.locks.renew, [])
+            flagged = self._advisory(
+                lambda: self.store.cancelled_many([t.uid for t in active]), set())
             for turn in [t for t in active if t.uid in flagged]:
                 self._drop_cancelled(turn, send)
             active[:] = [t for t in active if not t.failed]
@@ -204,13 +208,13 @@ class Engine:
 
         True also when the job ended here: refused (its error sent) or cancelled."""
         rqid, uid, _, job = item
-        if self.store.cancelled(uid):
-            self.store.clear_cancel(uid)
-            log.info("request %s cancelled by its client before it started", uid)
-            send(rqid, uid, None)
-            return True
         turn = None
         try:
+            if self.store.cancelled(uid):
+                self.store.clear_cancel(uid)
+                log.info("request %s cancelled by its client before it started", uid)
+                send(rqid, uid, None)
+                return True
             turn = self.open(rqid, uid, job)
             if turn is None:
                 return False
@@ -229,9 +233,9 @@ class Engine:
 
     def _drop_cancelled(self, turn: Turn, send: Send) -> None:
         turn.failed = True
-        reason = self.store.cancel_reason(turn.uid)
+        reason = self._advisory(lambda: self.store.cancel_reason(turn.uid), "")
         self._release(turn)
-        self.store.clear_cancel(turn.uid)
+        self._advisory(lambda: self.store.clear_cancel(turn.uid), None)
         if reason == "deleted":  # DELETE of the session: the client is still there, tell it
             log.info("request %s cancelled: session %r is being deleted", turn.uid,
                      turn.session_id)
@@ -268,7 +272,7 @@ class Engine:
         except BaseException:
             self.recording.pop(uid, None)
             if sid is not None:
-                self.store.clear_running(sid, uid)
+                self._advisory(lambda: self.store.clear_running(sid, uid), None)
                 self.locks.release(sid)
             raise
 
@@ -489,7 +493,7 @@ class Engine:
             if task.run.params.max_new_tokens == 0:
                 send(turn.rqid, turn.uid, {"t": "end", "c": task.choice,
                                            "finish_reason": task.run.finish_reason})
-        if self.store.cancelled(turn.uid):  # the client went away during the last step
+        if self._advisory(lambda: self.store.cancelled(turn.uid), False):  # client gone
             self._drop_cancelled(turn, send)
             return
         prompt_tokens = sum(len(ids) for _, ids in turn.prompts)
@@ -573,8 +577,20 @@ class Engine:
                 self.scheduler.cancel((turn.uid, pi))
                 turn.reading -= 1
         if turn.session_id is not None and self.locks.holds(turn.session_id):
-            self.store.clear_running(turn.session_id, turn.uid)
-            self.locks.release(turn.session_id)
+            sid = turn.session_id
+            self._advisory(lambda: self.store.clear_running(sid, turn.uid), None)
+            self.locks.release(sid)
+
+    @staticmethod
+    def _advisory(call: Callable[[], T], default: T) -> T:
+        """``call()``, or ``default`` when the store fails (Redis down): for what only helps
+        (cancel flags, running markers, lease renewal), so the loop never dies of it; what a
+        turn needs (its lock, load and save) fails that turn with the store's error."""
+        try:
+            return call()
+        except StoreWriteError as e:
+            log.warning("session store: %s", e)
+            return default
 
     @staticmethod
     def _fail(rqid: int, uid: str, error: ApiError, send: Send) -> None:

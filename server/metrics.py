@@ -15,8 +15,9 @@ Counted in the HTTP processes (they see every request, status and latency):
 workers): ``newllm_store_seconds{op}`` (time of each store operation: read, write, lease...)
 and ``newllm_store_errors_total{op}`` (operations the store failed: Redis down). Counted in the
 workers: ``newllm_decode_batch_size``
-(choices decoded together per step). Read from the session directory at scrape time:
-``newllm_sessions`` and ``newllm_session_memory_bytes``.
+(choices decoded together per step). Read from the session store at scrape time:
+``newllm_sessions``, ``newllm_session_memory_bytes`` and ``newllm_session_store_up`` (0 while
+the store does not answer: the other metrics are still served).
 """
 
 from __future__ import annotations
@@ -63,8 +64,15 @@ class SessionCollector:
         self.store = store
 
     def collect(self) -> Any:
-        count, size = self.store.total_bytes()
-        yield GaugeMetricFamily("newllm_sessions", "sessions in the session directory",
+        try:
+            count, size = self.store.total_bytes()
+        except Exception:  # noqa: BLE001 - the store is down (Redis): say so, scrape the rest
+            yield GaugeMetricFamily("newllm_session_store_up",
+                                    "1 when the session store answered this scrape", value=0)
+            return
+        yield GaugeMetricFamily("newllm_session_store_up",
+                                "1 when the session store answered this scrape", value=1)
+        yield GaugeMetricFamily("newllm_sessions", "sessions in the session store",
                                 value=count)
         yield GaugeMetricFamily("newllm_session_memory_bytes",
                                 "bytes of all session memory files", value=size)

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from server import metrics
 from server.store import (
     CANCEL_TTL_S,
     REQUEST_UID,
@@ -274,6 +273,8 @@ class RedisStore(SessionStore):
         """``fn(client)``, timed into ``newllm_store_seconds{op}``; a Redis failure becomes the
         request's StoreWriteError (503 unreachable, 507 out of memory)."""
         import redis
+
+        from server import metrics  # not at import: `serve` sets its multiprocess folder first
 
         t0 = time.perf_counter()
         try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +81,17 @@ def tiny_checkpoint(tmp_path: Path, byte_tokenizer: Tokenizer) -> Path:
     """A checkpoint folder (config.json, model.safetensors, tokenizer.json) of tiny-infini."""
     return save_pretrained(make_tiny_model("tiny-infini"), tmp_path / "checkpoint",
                            byte_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real redis-server (AOF on) on a free loopback port for one test module, its data in a
+    temp folder; skipped (or failed in CI) where redis-server is not installed."""
+    from benchmarks.live import start_redis, stop_redis
+
+    binary = need_program("redis-server", "redis-server")
+    server = start_redis(tmp_path_factory.mktemp("redis"), binary=binary)
+    try:
+        yield server
+    finally:
+        stop_redis(server)

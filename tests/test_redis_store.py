@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ import pytest
 from benchmarks.live import RedisProcess, start_redis, stop_redis
 from server.redis_store import RedisStore, check_url, shown_url
 from server.store import FolderStore, StoreFull, StoreWriteError
-from tests.conftest import need_program
 
 
 def memory_file(position: int, turns: int = 1, payload: bytes = b"x") -> bytes:
@@ -29,16 +27,6 @@ def memory_file(position: int, turns: int = 1, payload: bytes = b"x") -> bytes:
     return save({"t": torch.tensor(list(payload), dtype=torch.uint8)},
                 metadata={"position": str(position), "session.turns": str(turns),
                           "session.kind": "chat"})
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    binary = need_program("redis-server", "redis-server")
-    server = start_redis(tmp_path_factory.mktemp("redis"), binary=binary)
-    try:
-        yield server
-    finally:
-        stop_redis(server)
 
 
 @pytest.fixture
