@@ -35,7 +35,9 @@ NOT_PATHS = ("", "byte-level", "none")  # values of path fields that name no fil
 
 def _type_name(typ: Any) -> str:
     if typing.get_origin(typ) is tuple:
-        return f"a list of {_type_name(typing.get_args(typ)[0])}s"
+        item = typing.get_args(typ)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(
+            item, str(item))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         typ, str(typ))
 
@@ -81,7 +83,10 @@ def _parse(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ValueError(f"config {path}: not valid YAML: {what}{where}") from None
 
 
 def read_run_config(path: str | Path, cls: type) -> dict[str, Any]:
