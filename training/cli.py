@@ -63,7 +63,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
     parser = _parser("newllm train", "Train a language model (Phase 2). Every run writes all "
                      "its settings to OUT/config.yaml: `newllm train --config RUN/config.yaml "
-                     "--out NEW` reruns it in NEW (without --out it continues RUN).",
+                     "--out NEW` reruns it in NEW (without --out it continues RUN). Curves: "
+                     "`tensorboard --logdir OUT/tb`; runs side by side: `newllm runs compare "
+                     "RUN...`; more in training/README.md.",
                      TrainConfig)
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML (or .json) file of settings: its keys are these flags "
