@@ -190,7 +190,8 @@ def test_compare_prints_a_table_and_writes_a_png(run_a, tmp_path, monkeypatch, c
     other.mkdir(parents=True)
     (other / "metrics.jsonl").write_text(
         '{"step": 10, "loss": 3.5, "tokens": 640}\n{"step": 20, "loss": 3.25, "tokens": 1280}\n'
-        '{"step": 20, "val_loss": 1.0, "val_loss_memory_reset": 1.5}\n{"step": 30, "lo')
+        '{"step": 20, "val_loss": 1.0, "val_loss_memory_reset": 1.5}\n'
+        '{"step": 25, "loss": NaN, "tokens": 1600}\n{"step": 30, "lo')  # diverged, then killed
     (other / "eval.json").write_text(json.dumps({"perplexity": {"ppl": 9.5},
                                                  "passkey": {"by_distance": {"0": 1, "1": 0}}}))
     monkeypatch.chdir(tmp_path)  # relative paths from another folder
@@ -202,8 +203,8 @@ def test_compare_prints_a_table_and_writes_a_png(run_a, tmp_path, monkeypatch, c
     assert "eval gain" not in lines[0]  # an eval column only where some run has the value
     pythia = next(line for line in lines if line.startswith("pythia")).split()
     a_row = next(line for line in lines if line.startswith("a ")).split()
-    assert pythia[1:3] == ["20", "1,280"] and pythia[3] == "-"  # no training time known
-    assert pythia[4:6] == ["3.2500", "3.2500"] and "2.72" in pythia  # val ppl = e^1
+    assert pythia[1:3] == ["25", "1,600"] and pythia[3] == "-"  # no training time known
+    assert pythia[4:6] == ["nan", "3.2500"] and "2.72" in pythia  # val ppl = e^1
     assert "+39.35%" in pythia  # 100 (1 - e^1 / e^1.5)
     assert "9.50" in pythia and "50%" in pythia  # from its eval.json
     assert a_row[1:3] == ["4", "256"] and a_row[-2:] == ["-", "-"]  # no eval.json

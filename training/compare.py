@@ -52,8 +52,8 @@ def _number(value: Any) -> float | None:
         values = [_number(v) for v in value.values()]
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)  # NaN too: a diverged run's last loss is NaN, not its last number
     return None
 
 
@@ -103,7 +103,7 @@ def _last(curve: Curve) -> float | None:
 
 
 def _best(curve: Curve, high: bool = False) -> float | None:
-    values = [v for _, v in curve]
+    values = [v for _, v in curve if math.isfinite(v)]
     return (max(values) if high else min(values)) if values else None
 
 

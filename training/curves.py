@@ -9,7 +9,6 @@ their lines. Without the ``tensorboard`` package the run says so once and goes o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ TB_FOLDER = "tb"
 
 
 def scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
-    """(tag, value) of every finite number in ``record`` but its ``step``."""
+    """(tag, value) of every number in ``record`` but its ``step`` (NaN too: TensorBoard shows
+    where a run diverged)."""
     for key, value in record.items():
         tag = f"{prefix}{key}"
         if not prefix and key == "step":
@@ -27,8 +27,7 @@ def scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, flo
             yield from scalars(value, tag + "/")
         elif isinstance(value, list | tuple):
             yield from scalars({str(i): v for i, v in enumerate(value)}, tag + "/")
-        elif isinstance(value, int | float) and not isinstance(value, bool) \
-                and math.isfinite(value):
+        elif isinstance(value, int | float) and not isinstance(value, bool):
             yield tag, float(value)
 
 

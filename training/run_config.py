@@ -125,16 +125,18 @@ def resolved_settings(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in PATH_FIELDS:
-            value = (tuple(_absolute(v) for v in value) if isinstance(value, tuple)
-                     else _absolute(value))
-        out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+        if isinstance(value, tuple | list):  # a list too, from code that built cfg by hand
+            value = [_absolute(v) if f.name in PATH_FIELDS else v for v in value]
+        elif f.name in PATH_FIELDS:
+            value = _absolute(value)
+        out[f.name.replace("_", "-")] = value
     return out
 
 
-def _absolute(value: str) -> str:
-    return str(Path(value).absolute()) if value not in NOT_PATHS and Path(value).exists() \
-        else value
+def _absolute(value: Any) -> Any:
+    if not isinstance(value, str | os.PathLike) or value in NOT_PATHS:
+        return value
+    return str(Path(value).absolute()) if Path(value).exists() else str(value)
 
 
 def write_run_config(cfg: Any, folder: str | Path, notes: Sequence[str] = ()) -> Path:
