@@ -4,13 +4,13 @@
     newllm generate --prompt "My name is Ada." --memory-out ada.safetensors
     newllm generate --prompt " What is my name?" --memory-in ada.safetensors
     newllm info --checkpoint tiny-infini
-    newllm train ... | eval ... | serve ... | bench ...
+    newllm train ... | eval ... | runs compare ... | serve ... | bench ...
 
-``generate`` and ``info`` live here; ``train``/``eval``, ``serve`` and ``bench`` are handed their
-arguments untouched by `training.cli`, `server.cli` and `benchmarks.cli`, imported only when
-asked for, so a missing optional part only matters when it is used. Exit codes: 0 success,
-1 runtime error (missing file, bad memory file, missing module), 2 usage error (argparse's),
-130 interrupted. Errors are one line on stderr, never a traceback.
+``generate`` and ``info`` live here; ``train``/``eval``/``runs``, ``serve`` and ``bench`` are
+handed their arguments untouched by `training.cli`, `server.cli` and `benchmarks.cli`, imported
+only when asked for, so a missing optional part only matters when it is used. Exit codes:
+0 success, 1 runtime error (missing file, bad memory file, missing module), 2 usage error
+(argparse's), 130 interrupted. Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ PROG = "newllm"
 DISPATCH: dict[str, tuple[str, str, str]] = {
     "train": ("training.cli", "train_main", "train a model (see `newllm train --help`)"),
     "eval": ("training.cli", "eval_main", "evaluate a model: perplexity, reversal, passkey"),
+    "runs": ("training.cli", "runs_main",
+             "training runs side by side: `newllm runs compare RUN...` (table and PNG)"),
     "serve": ("server.cli", "main", "serve a checkpoint with the OpenAI-compatible API"),
     "bench": ("benchmarks.cli", "main", "run the benchmarks"),
     "client": ("clients.cli", "main",

@@ -155,7 +155,8 @@ def test_passkey_layout_and_scoring(models):
     random_model = passkey_accuracy(models["infini"], tok, distances=(1,), trials=3)
     assert "note" not in random_model
     assert random_model["by_distance"]["1"] == 0.0
-    assert 0.0 <= random_model["first_token_by_distance"]["1"] <= 1.0
+    # first digit with the byte tokenizer: chance for an untrained model, not a free 100%
+    assert random_model["first_token_by_distance"]["1"] < 0.5
     # an untrained model over 500 tokens pays about ln(500) nats per answer token
     assert random_model["answer_nll_by_distance"]["1"] > 4.0
     assert perfect["answer_nll_by_distance"]["0"] < random_model["answer_nll_by_distance"]["1"]

@@ -1,7 +1,10 @@
-"""Command lines: ``newllm train``, ``newllm eval`` and the extra ``python -m training`` tools.
+"""Command lines: ``newllm train``, ``newllm eval``, ``newllm runs`` and the extra
+``python -m training`` tools.
 
     newllm train --preset tiny-infini --data $DATA/gutenberg/train.txt --out runs/a \\
         --steps 2000
+    newllm train --config runs/a/config.yaml --out runs/b     # the same run again, in runs/b
+    newllm runs compare runs/a runs/b --out compare.png       # table + curves
     newllm eval --checkpoint runs/a --data $DATA/gutenberg/val.txt --memory --passkey
     python -m training tokenizer --data train.txt --vocab-size 8192 --out tokenizer.json
     python -m training phase1 --preset tiny-context-pythia --data train.txt --out runs/p1
@@ -58,10 +61,26 @@ def train_main(argv: list[str] | None = None) -> int:
     from training.config import TrainConfig
     from training.lm import train
 
-    parser = _parser("newllm train", "Train a language model (Phase 2).", TrainConfig)
-    args = parser.parse_args(argv)
+    parser = _parser("newllm train", "Train a language model (Phase 2). Every run writes all "
+                     "its settings to OUT/config.yaml: `newllm train --config RUN/config.yaml "
+                     "--out NEW` reruns it in NEW (without --out it continues RUN). Curves: "
+                     "`tensorboard --logdir OUT/tb`; runs side by side: `newllm runs compare "
+                     "RUN...`; more in training/README.md.",
+                     TrainConfig)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML (or .json) file of settings: its keys are these flags "
+                             "without the dashes (batch-size or batch_size), its values of the "
+                             "flags' types; flags given here override it")
+    pre = argparse.ArgumentParser(prog="newllm train", add_help=False)
+    pre.add_argument("--config", default=None)
+    config_file = pre.parse_known_args(argv)[0].config
 
     def go() -> dict[str, Any] | None:
+        if config_file is not None:  # the file's settings become the flags' defaults
+            from training.run_config import read_run_config
+
+            parser.set_defaults(**read_run_config(config_file, TrainConfig))
+        args = parser.parse_args(argv)
         summary = train(dataclass_from_args(TrainConfig, args))
         if summary.get("interrupted"):  # saved where it stopped: say how to go on, exit 130
             argv_ = list(sys.argv[1:] if argv is None else argv)
@@ -301,9 +320,38 @@ LCT_EXPLAINED = {
 }
 
 
+# runs -------------------------------------------------------------------------------------------
+def runs_main(argv: list[str] | None = None) -> int:
+    """``newllm runs compare RUN [RUN ...]``: a table and a PNG of training runs (see
+    `training.compare`)."""
+    from training.compare import EVAL_FILE
+
+    parser = argparse.ArgumentParser(prog="newllm runs", description="Look at training runs.")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cmp = sub.add_parser(
+        "compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="table and curves of several runs",
+        description="Print a table of training runs (steps, tokens, training time, final and "
+                    "best training loss, validation perplexity, memory gain, pass-key recall; "
+                    f"and the figures of RUN/{EVAL_FILE} when newllm eval wrote one there with "
+                    f"--out RUN/{EVAL_FILE}) and write a PNG of their loss, validation "
+                    "perplexity, memory gain and pass-key curves against the step. A value a "
+                    "run does not hold shows as '-'.")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="--out folders of newllm train")
+    cmp.add_argument("--out", default="compare.png",
+                     help="where to write the PNG ('' = no PNG)")
+    cmp.add_argument("--json", action="store_true",
+                     help="print the table's values as JSON instead of the table")
+    args = parser.parse_args(argv)
+
+    from training.compare import compare
+
+    return _run(lambda: compare(args.runs, args.out, args.json))
+
+
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "train": train_main, "eval": eval_main, "tokenizer": tokenizer_main, "phase1": phase1_main,
-    "lct-speed": lct_speed_main,
+    "lct-speed": lct_speed_main, "runs": runs_main,
 }
 
 

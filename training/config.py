@@ -94,6 +94,9 @@ class TrainConfig:
     """keep only the newest this many checkpoints (0 = all)"""
     log_every: int = 10
     """progress line and metrics.jsonl entry every this many steps"""
+    tensorboard: bool = True
+    """also write every logged number as a TensorBoard curve in OUT/tb (tensorboard --logdir
+    OUT/tb); without the tensorboard package, a note and no curves"""
     resume: bool = True
     """continue from the newest checkpoint in --out if there is one"""
     stop_at: int = 0

@@ -22,7 +22,9 @@ gradient clipping, optional bf16 autocast, and:
 
 Settings: `training.config.TrainConfig`; optimizer groups and schedule: `training.optim`.
 
-Output: ``<out>/metrics.jsonl`` (one JSON object per logged step and per evaluation),
+Output: ``<out>/config.yaml`` (every setting of the run; ``newllm train --config`` reruns it,
+see `training.run_config`), ``<out>/metrics.jsonl`` (one JSON object per logged step and per
+evaluation) and the same numbers as TensorBoard curves in ``<out>/tb/`` (`training.curves`),
 ``<out>/checkpoints/step-N/``, and the final model in ``<out>`` itself (config.json,
 model.safetensors, tokenizer.json), which ``newllm eval --checkpoint <out>`` reads.
 """
@@ -48,6 +50,7 @@ from torch import Tensor, nn
 
 from training import data as D
 from training.config import TrainConfig
+from training.curves import TB_FOLDER, Curves
 from training.distributed import Dist, barrier, init_distributed, mean_across, shutdown
 from training.evaluate import has_memory
 from training.optim import gate_values, lr_scale, make_optimizer
@@ -223,6 +226,7 @@ class Trainer:
             self.elapsed = float(info.get("elapsed_s", 0.0))
             _log(self.dist, f"resuming from {self.resume_from} (step {self.step})")
         self.net: nn.Module = self.model
+        self.curves: Curves | None = None  # opened by run()
         self.recall = (D.RecallExamples(self.tokenizer, self.model.config.segment_len,
                                         cfg.recall_at_start)
                        if cfg.recall_fraction else None)
@@ -401,6 +405,23 @@ class Trainer:
         if self.dist.is_main:
             with (self.out / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if self.curves is not None:
+                self.curves.add(record)
+
+    def _write_run_config(self, tokens_per_step: int) -> None:
+        """``<out>/config.yaml``: every setting, so that ``--config`` reruns this run."""
+        if not self.dist.is_main:
+            return
+        from training.run_config import write_run_config
+
+        c = self.model.config
+        write_run_config(self.cfg, self.out, [
+            f"newllm train settings, written {time.strftime('%Y-%m-%d %H:%M:%S')} "
+            "(the model's own config is config.json)",
+            f"model {c.name!r}, {self.model.num_parameters():,} parameters; examples of "
+            f"{self.length} tokens, {tokens_per_step:,} tokens per step",
+            "rerun: newllm train --config THIS_FILE --out NEW_FOLDER (without --out it "
+            "continues this run from its newest checkpoint)"])
 
     def _trim_metrics(self) -> None:
         """After a resume, drop log lines of steps the resumed run will redo."""
@@ -418,8 +439,19 @@ class Trainer:
         self.last_loss = float("nan")
         tokens_per_step = cfg.batch_size * self.length * d.world_size
         end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-        started = time.perf_counter()
+        self._write_run_config(tokens_per_step)
         self._banner(tokens_per_step, end)
+        self.curves = Curves(self.out / TB_FOLDER, self.step + 1, cfg.tensorboard and d.is_main,
+                             lambda msg: _log(d, msg))
+        started = time.perf_counter()
+        try:
+            return self._run(end, tokens_per_step, seg_len, started)
+        finally:
+            self.curves.close()
+
+    def _run(self, end: int, tokens_per_step: int, seg_len: int,
+             started: float) -> dict[str, Any]:
+        cfg, d = self.cfg, self.dist
         stop = StopRequest()
         with stop:
             self._loop(stop, end, tokens_per_step, seg_len, started)
@@ -496,6 +528,7 @@ class Trainer:
                 record = {"step": self.step, "loss": round(last_loss, 5),
                           "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": round(norm, 4),
                           "tokens": self.tokens_seen, "tokens_per_s": round(rate, 1),
+                          "elapsed_s": round(self.elapsed, 3),
                           "seg_loss": segment_losses(per_tok, seg_len), "gates": gates}
                 if recall is not None:
                     record["recall_answer_loss"] = round(recall, 4)
@@ -524,6 +557,9 @@ class Trainer:
             if has_memory(self.model):
                 reset = self.evaluate(reset_memory=True)
                 record["val_loss_memory_reset"] = round(reset, 5)
+                # as newllm eval's gain_pct: 100 (1 - ppl_memory / ppl_reset)
+                ratio = math.exp(min(max(val - reset, -50.0), 50.0))
+                record["memory_gain_pct"] = round(100 * (1 - ratio), 3)
                 text += f"  (memory reset every segment: {reset:.4f})"
         if self.cfg.eval_passkey and has_memory(self.model):
             from training.evaluate import passkey_accuracy
