@@ -6,7 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = ("state_size", "decode", "engine", "prefill", "transfer", "server", "quality",
-              "move")
+              "move", "store")
 
 
 def main(argv: list[str] | None = None) -> int:

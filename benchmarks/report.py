@@ -253,6 +253,25 @@ def _server(doc: Doc) -> list[str]:
                       f"{valid} / {checked}."]
 
 
+def _store(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    turns = [[_n(r["tokens"]), _bytes(r["file_bytes"]), _ms(r["folder_ms"]), _ms(r["redis_ms"])]
+             for r in res["per_turn"]]
+    out = [f"The store work of one turn of a `{s['model']}` session (lock or lease, metadata, "
+           f"read, write, release; median of {s['repeat']}), folder against Redis "
+           f"({s['redis']}):", ""]
+    out += _table(["tokens seen", "memory file", "folder ms / turn", "Redis ms / turn"], turns)
+    names = list(res["rows"])
+    body = []
+    for i, n in enumerate(s["clients"]):
+        body.append([str(n), *(_n(res["rows"][k][i]["tokens_per_s"]) for k in names)])
+    out += ["", f"Server tokens/s, {s['duration_s']:g} s per level, {s['max_tokens']} generated "
+                "tokens per streamed request, each client its own session (two replicas share "
+                "this machine's cores: the store's overhead, not scaling):", ""]
+    out += _table(["clients", *(k.replace("_", " ") for k in names)], body)
+    return out + ["", f"Errors: {res['errors']}."]
+
+
 def _quality(doc: Doc) -> list[str]:
     body = []
     for r in doc["results"]["rows"]:
@@ -315,6 +334,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Doc], list[str]]]] = {
     "prefill": ("Prefill speed", _prefill),
     "transfer": ("Moving a session", _transfer),
     "server": ("Server under load", _server),
+    "store": ("Session store: folder and Redis", _store),
     "quality": ("Quality", _quality),
     "move": ("Remembers after a move", _move),
 }

@@ -61,13 +61,15 @@ def one_turn(client: Client, session: str, prompt: list[int],
     return (latency if first is None else first), latency, int(usage.get("completion_tokens", 0))
 
 
-def load_level(server: LiveServer, clients: int, duration: float, prompts: list[list[int]],
-               max_tokens: int, prefix: str,
+def load_level(server: LiveServer | list[LiveServer], clients: int, duration: float,
+               prompts: list[list[int]], max_tokens: int, prefix: str,
                request_timeout: float = 120.0) -> tuple[dict[str, Any], list[str]]:
-    """``clients`` threads, each its own session, starting turns for ``duration`` seconds.
+    """``clients`` threads, each its own session, starting turns for ``duration`` seconds
+    (several servers: replicas of one store, client i on server i mod their number).
 
     Returns the level's row and the sessions that completed at least one turn.
     """
+    servers = server if isinstance(server, list) else [server]
     ttft: list[float] = []
     latency: list[float] = []
     tokens = [0] * clients
@@ -80,7 +82,7 @@ def load_level(server: LiveServer, clients: int, duration: float, prompts: list[
 
     def run(i: int) -> None:
         rng = random.Random(i)
-        with server.client(timeout=request_timeout) as c:
+        with servers[i % len(servers)].client(timeout=request_timeout) as c:
             start.wait()
             while time.perf_counter() < deadline[0]:
                 try:

@@ -37,7 +37,8 @@ the batch go on. If the batched forward pass itself fails, each row is retried a
 only the turn that caused it fails (a failed step leaves the slots as they were).
 
 Cancellation: when the HTTP side sees its client go away mid-turn it drops a cancel flag
-(`SessionStore.cancel`); before each step the worker drops flagged turns (and parked jobs)
+(`SessionStore.cancel`); between steps (every `CANCEL_POLL_S` at most: with Redis each read is a
+round trip) the worker drops flagged turns (and parked jobs)
 without saving anything. ``DELETE`` of a session flags the turn that holds it (the worker notes
 which one, `SessionStore.mark_running`), which then ends with a 409 ``session_deleted`` error.
 A turn with an ``Idempotency-Key`` already saved in its session is answered from the record
@@ -88,6 +89,7 @@ CACHE_STATES = 32  # session states a worker keeps in memory (reused while the f
 CACHE_BYTES = 256 << 20  # ... and at most this many bytes of them
 MAX_PARKED = 256  # jobs a worker keeps aside while their sessions are busy
 PARK_POLL_S = 0.005  # how often parked jobs are retried while nothing else runs
+CANCEL_POLL_S = 0.02  # how often running turns' cancel flags are read (a store round trip)
 SENTINEL = (None, None, None, None)  # LitServe's "shut down" item on the request queue
 Send = Callable[[int, str, Any], None]
 Job = tuple[int, str, float, dict[str, Any]]  # LitServe's queue item: (rqid, uid, time, job)
@@ -145,6 +147,7 @@ class Engine:
         send = self._recorded(send)
         if self.slots.num_slots != max_batch:
             self._use_slots(max_batch)
+        polled = 0.0  # when cancel flags were last read
         while True:
             tried: set[str] = set()  # sessions found busy in this pass
             waiting_room = False  # a parked job waits for slots: it goes before new ones
@@ -184,10 +187,12 @@ class Engine:
             # leases of a shared store (Redis) outlive long turns; a store that fails here
             # fails the turns' saves later, not the loop
             self._advisory(self.locks.renew, [])
-            flagged = self._advisory(
-                lambda: self.store.cancelled_many([t.uid for t in active]), set())
-            for turn in [t for t in active if t.uid in flagged]:
-                self._drop_cancelled(turn, send)
+            if time.monotonic() - polled >= CANCEL_POLL_S:
+                polled = time.monotonic()
+                flagged = self._advisory(
+                    lambda: self.store.cancelled_many([t.uid for t in active]), set())
+                for turn in [t for t in active if t.uid in flagged]:
+                    self._drop_cancelled(turn, send)
             active[:] = [t for t in active if not t.failed]
             self.step(active, send)
             active[:] = [t for t in active if not t.failed]
@@ -281,9 +286,13 @@ class Engine:
         kept: dict[str, Any] = {}
         key = job.get("idempotency_key") if sid is not None else None
         if sid is not None:
-            created = not self.store.exists(sid)
-            if not job["reset"] and not created:
-                state, transcript, kept = self._load(sid)
+            try:  # one store read tells whether it exists and what its file holds
+                meta = self.store.metadata(sid)
+            except (ValueError, OSError):  # there, but its header is unreadable: _load says so
+                meta = {}
+            created = meta is None
+            if not job["reset"] and meta is not None:
+                state, transcript, kept = self._load(sid, meta)
         if key is not None:
             try:
                 replies.lookup(kept, key, job)
@@ -369,11 +378,13 @@ class Engine:
         return ApiError(500, "the model produced non-finite logits; check the checkpoint",
                         code="non_finite_logits")
 
-    def _load(self, sid: str) -> tuple[ModelState, Transcript, dict[str, Any]]:
+    def _load(self, sid: str, meta: dict[str, str]
+              ) -> tuple[ModelState, Transcript, dict[str, Any]]:
+        """The session's state (cached while its file's metadata is unchanged), transcript
+        and kept answers; ``meta``: its file's metadata, read under its lock ({}: unreadable)."""
         try:
-            meta = self.store.metadata(sid)
-            if meta is None:
-                raise ValueError("it was deleted while this turn started")
+            if not meta:
+                meta = self.store.metadata(sid) or {}  # raises what made it unreadable
             transcript = Transcript.from_metadata(meta)
             kept = replies.load(meta)
             cached = self.cache.get(sid)

@@ -7,9 +7,11 @@ report test then renders."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import need_program
 
 from benchmarks import cli, report
 
@@ -105,6 +107,16 @@ def _check_schema(name: str, doc: dict) -> None:
         assert all({"batched_state", "slots", "decode_step"} <= set(r) for r in rows.values())
         assert res["slots_max_abs_logit_diff"] <= 1e-4
         assert res["prefill_chunk_chosen"] > 0 and res["prefill_chunks"]
+    if name == "store":
+        assert [r["tokens"] for r in res["per_turn"]] == settings["lengths"]
+        for r in res["per_turn"]:
+            assert r["folder_ms"] > 0 and r["redis_ms"] > 0 and r["file_bytes"] > 0
+        assert set(res["rows"]) == {"folder", "redis_1_replica", "redis_2_replicas"}
+        assert res["errors"] == 0
+        for rows in res["rows"].values():
+            assert [r["clients"] for r in rows] == settings["clients"]
+            assert all(r["requests"] > 0 and r["errors"] == 0 for r in rows)
+        assert set(res["tokens_per_s_vs_folder"]) == {"redis_1_replica", "redis_2_replicas"}
     if name == "move":
         assert res["answers_identical_after_move"] is True and not res["mismatches"]
         assert list(res["by_distance"]) == [str(d) for d in settings["distances_segments"]]
@@ -121,6 +133,8 @@ def _check_schema(name: str, doc: dict) -> None:
 
 @pytest.mark.parametrize("name", cli.BENCHMARKS)
 def test_benchmark_quick_writes_json_and_png(name: str, quick_results: Path) -> None:
+    if name == "store":
+        need_program("redis-server", "redis-server")
     assert cli.main([name, "--quick", "--out", str(quick_results)]) == 0
     doc = json.loads((quick_results / f"{name}.json").read_text())
     assert doc["benchmark"] == name
@@ -132,6 +146,8 @@ def test_benchmark_quick_writes_json_and_png(name: str, quick_results: Path) -> 
 
 def test_report_renders_every_result(quick_results: Path) -> None:
     for name in cli.BENCHMARKS:  # when run on its own, make the results first
+        if name == "store" and shutil.which("redis-server") is None:
+            continue
         if not (quick_results / f"{name}.json").is_file():
             assert cli.main([name, "--quick", "--out", str(quick_results)]) == 0
     text = report.markdown(quick_results)
