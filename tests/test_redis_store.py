@@ -8,13 +8,16 @@ across replicas), Redis going away and coming back, and the start-up warnings.""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.live import RedisProcess, start_redis, stop_redis
+from benchmarks.live import RedisProcess, free_port, start_redis, stop_redis
 from server.redis_store import RedisStore, check_url, shown_url
 from server.store import FolderStore, StoreFull, StoreWriteError
 
@@ -225,3 +228,20 @@ def test_urls_are_checked_and_passwords_never_shown() -> None:
     with pytest.raises(ValueError) as e:
         check_url("http://:secret@h:1/0")
     assert "secret" not in str(e.value)
+
+
+def test_serve_refuses_a_bad_store_url_and_an_unreachable_redis() -> None:
+    """``newllm serve`` names the problem: a URL it cannot use (exit 2, before loading
+    anything) and a Redis that does not answer (exit 1, nothing served)."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    base = [sys.executable, "-m", "server", "--checkpoint", "tiny-infini", "--port",
+            str(free_port())]
+    bad = subprocess.run([*base, "--session-store", "redis://h:1/db"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "the database must be a number" in bad.stderr
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    down = subprocess.run([*base, "--session-store", closed], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert down.returncode == 1
+    assert "cannot start" in down.stderr and "is unavailable" in down.stderr
+    assert closed.removesuffix("/0") in down.stderr  # which Redis
