@@ -106,7 +106,27 @@ def save_pretrained(model: TransformerLM, folder: str | Path, tokenizer: Tokeniz
     _atomic_write(folder / "config.json", lambda p: p.write_text(config.to_json() + "\n"))
     if tokenizer is not None:
         _atomic_write(folder / "tokenizer.json", tokenizer.save)
+        for name, doc in tokenizer_side_files(tokenizer, config).items():
+            text = json.dumps(doc, indent=2) + "\n"
+            _atomic_write(folder / name, lambda p, text=text: p.write_text(text))
     return folder
+
+
+def tokenizer_side_files(tokenizer: Tokenizer, config: Any) -> dict[str, dict[str, Any]]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``tokenizer``: what
+    transformers' ``AutoTokenizer`` reads to know the end-of-text token (used as BOS, EOS and
+    padding, as in GPT-NeoX). Without them it finds no EOS, and tools built on it (lm-eval's
+    ``local-completions``) send a null token where the prefix token belongs."""
+    eos = tokenizer.backend.id_to_token(tokenizer.eos_token_id)
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
+    return {
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", **special,
+            "model_max_length": int(getattr(config, "max_position_embeddings", 2048)),
+            "add_bos_token": False, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False},
+        "special_tokens_map.json": special,
+    }
 
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:

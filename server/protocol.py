@@ -21,11 +21,12 @@ and a ``seed``, choice i uses seed + i. Errors use OpenAI's shape:
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.store import SessionIdError, check_session_id
 from server.transcript import INPUT_MODES
@@ -131,6 +132,28 @@ class CompletionRequest(_Common):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_elements(cls, value: Any) -> Any:
+        """Name the element that makes a list prompt invalid (e.g. the ``null`` a client puts
+        where a tokenizer without an EOS token left the prefix token)."""
+        if not isinstance(value, list):
+            return value
+        texts = [isinstance(p, str) for p in value]
+        if any(texts) and not all(texts):
+            raise ValueError("a list prompt holds strings or token ids (integers), not both")
+        for i, p in enumerate(value):
+            for j, token in enumerate(p if isinstance(p, list) else [p]):
+                where = f"prompt[{i}][{j}]" if isinstance(p, list) else f"prompt[{i}]"
+                if isinstance(token, str) and not isinstance(p, list):
+                    continue
+                if not isinstance(token, int) or isinstance(token, bool):
+                    shown = json.dumps(token)[:40]
+                    raise ValueError(f"{where} is {shown}, not a token id: a token-id prompt "
+                                     "holds integers only (a tokenizer that knows no EOS token "
+                                     "may have left null where its id belongs)")
+        return value
+
 
 def _param(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
@@ -157,7 +180,7 @@ def parse(model: type[BaseModel], body: Any) -> Any:
             message = f"unknown field '{param}'; see the API reference for supported fields"
             code = "unknown_field"
         else:
-            message = f"invalid value for '{param}': {err['msg']}"
+            message = f"invalid value for '{param}': {err['msg'].removeprefix('Value error, ')}"
             code = "invalid_value"
         raise ApiError(400, message, code=code, param=param) from None
 

@@ -284,3 +284,22 @@ def test_init_from_pythia_other_width(tiny_model: ModelFactory) -> None:
     assert any(n.startswith("context_block.") for n in kept)
     assert "layers.0.input_layernorm.weight" in kept  # 32 wide, the source's are 64
     assert torch.equal(model.embed_in.weight, source.embed_in.weight)
+
+
+def test_saved_checkpoints_tell_transformers_their_eos(tmp_path: Path) -> None:
+    """tokenizer_config.json / special_tokens_map.json: AutoTokenizer finds EOS (and BOS) in a
+    saved checkpoint and in the bundled one, and tokenizes as our tokenizer does."""
+    from conftest import make_tiny_model
+    from transformers import AutoTokenizer
+
+    from newllm.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_pretrained
+    from newllm.tokenizer import Tokenizer
+
+    model = make_tiny_model("tiny-infini")
+    folder = save_pretrained(model, tmp_path / "ckpt", Tokenizer.byte_level())
+    _, bundled_tok = load_checkpoint(None)
+    for where, ours in ((folder, Tokenizer.byte_level()), (DEFAULT_CHECKPOINT, bundled_tok)):
+        theirs = AutoTokenizer.from_pretrained(str(where))
+        assert theirs.eos_token_id == theirs.bos_token_id == ours.eos_token_id
+        text = "Hello there, reader."
+        assert theirs(text).input_ids == ours.encode(text)

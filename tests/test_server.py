@@ -205,6 +205,39 @@ def test_echo_and_logprobs_match_the_model(server: ServerProcess, local: Any) ->
     assert scored.text == prompt and scored.logprobs.token_logprobs == lp.token_logprobs[:n]
 
 
+def test_lm_eval_shaped_requests_score_like_the_library(server: ServerProcess,
+                                                       local: Any) -> None:
+    """What lm-eval's ``local-completions`` sends: a batch of token lists that start with the
+    EOS id as prefix token, ``echo``, ``logprobs``, ``max_tokens`` 0 (scoring) or 1; and the 400
+    naming the element when a tokenizer without EOS left a null there."""
+    model, tokenizer = local
+    eos = model.config.eos_token_id
+    contexts = [[eos, *tokenizer.encode(t)] for t in ("The cat sat", "A dog ran far away")]
+    with server.http() as http:
+        for max_tokens in (0, 1):
+            r = http.post("/v1/completions", json={
+                "model": MODEL, "prompt": contexts, "max_tokens": max_tokens, "echo": True,
+                "logprobs": 1, "temperature": 0, "seed": 1234})
+            assert r.status_code == 200, r.text
+            choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+            for ids, choice in zip(contexts, choices, strict=True):
+                with torch.no_grad():
+                    logits, _ = model(torch.tensor([ids]))
+                expected = torch.log_softmax(logits[0].float(), -1)
+                got = choice["logprobs"]["token_logprobs"]
+                assert got[0] is None and len(got) == len(ids) + max_tokens
+                for t in range(1, len(ids)):
+                    assert got[t] == pytest.approx(float(expected[t - 1, ids[t]]), abs=1e-4)
+                if max_tokens:  # greedy: the most likely next token the tokenizer knows
+                    vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+                    best = float(expected[-1, :vocab].max())
+                    assert got[-1] == pytest.approx(best, abs=1e-4)
+        bad = http.post("/v1/completions", json={"model": MODEL, "prompt": [None, 498],
+                                                 "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert bad.status_code == 400
+    assert "prompt[0] is null" in bad.json()["error"]["message"]
+
+
 def test_n_choices_and_token_prompts(server: ServerProcess, local: Any) -> None:
     _, tokenizer = local
     r = server.openai().completions.create(model=MODEL, prompt=tokenizer.encode("xy"), n=3,
