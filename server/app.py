@@ -186,7 +186,8 @@ class NewllmAPI(ls.LitAPI):
         model.eval().use_input_major_weights()  # faster one-token steps; same as `generate`
         store = open_store(s)
         store.sweep_temp()  # a restarted worker: its predecessor may have died mid-write
-        self.engine = Engine(model, tokenizer, store, s.max_prompt_tokens)
+        self.engine = Engine(model, tokenizer, store, s.max_prompt_tokens,
+                             prefix_cache_bytes=s.prefix_cache_bytes)
 
     def predict(self, x: Any) -> Any:
         raise RuntimeError("SessionLoop drives the Engine; LitAPI.predict is never called")

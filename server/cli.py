@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
         kind: Any = {"int": int, "float": float}.get(str(f.type), str)
-        if f.name in ("max_request_bytes", "max_memory_bytes"):
+        if f.name in ("max_request_bytes", "max_memory_bytes", "prefix_cache_bytes"):
             kind = parse_bytes
         parser.add_argument(flag, type=kind, default=defaults[f.name].default,
                             help=f.metadata["help"] + (f" (default: {f.default})"

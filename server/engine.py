@@ -76,6 +76,7 @@ from newllm.scheduler import PREFILL_CHUNK, Prompt, Scheduler
 from newllm.slots import Slots
 from newllm.state import ModelState
 from server import metrics, replies
+from server.prefix_cache import PrefixCache
 from server.prompts import Prompter
 from server.protocol import ApiError, usage
 from server.store import SessionStore, StoreFull, StoreWriteError, header_metadata
@@ -111,7 +112,7 @@ class Engine:
     """Serves jobs for one model in one worker process (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, store: SessionStore,
-                 max_prompt_tokens: int) -> None:
+                 max_prompt_tokens: int, prefix_cache_bytes: int = 0) -> None:
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_prompt_tokens = max_prompt_tokens
         self.locks = store.locks()
@@ -124,6 +125,7 @@ class Engine:
         self.scheduler = Scheduler(model, self.slots, PREFILL_CHUNK)
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
         self.recording: dict[str, list[dict[str, Any]]] = {}  # uid -> events (idempotent turns)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)  # stateless requests
 
     def _use_slots(self, n: int) -> None:
         """Serve with ``n`` slots (only while none is busy)."""
@@ -331,8 +333,18 @@ class Engine:
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         start = state if state is not None else self.model.init_state(1)
+        prefix: list[int] = []
+        if self._cacheable(job, sid, prompts):
+            hit = self.prefix_cache.longest(prompts[0][1])
+            if hit is not None:  # read only what follows the longest prefix already read
+                k, start = hit
+                prefix, rest = prompts[0][1][:k], prompts[0][1][k:]
+                prompts = [(prompts[0][0], rest)]
+                metrics.PREFIX_TOKENS.labels("cached").inc(k)
+            metrics.PREFIX_TOKENS.labels("read").inc(len(prompts[0][1]))
         turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units,
-                    loaded=state is not None, start=start, params=params, replies=kept)
+                    loaded=state is not None, start=start, params=params, replies=kept,
+                    prefix=prefix)
         for pi, (_, ids) in enumerate(prompts):  # read by the scheduler, a chunk per step
             self.scheduler.read((uid, pi), ids, start)
             self.reading[(uid, pi)] = turn
@@ -353,6 +365,8 @@ class Engine:
             if not healthy(prompt.logits):
                 raise self._broken(turn)
             ids = turn.prompts[pi][1]
+            if self._cacheable(turn.job, turn.session_id, turn.prompts):
+                self.prefix_cache.put(turn.prefix + ids, prompt.state)
             for j, params in enumerate(turn.params):
                 run = GenerationRun(self.model, ids, turn.start, params, self.tokenizer.decode,
                                     self.vocab)
@@ -405,8 +419,8 @@ class Engine:
 
     # events ------------------------------------------------------------------------------------
     def _start(self, turn: Turn, send: Send) -> None:
-        send(turn.rqid, turn.uid, {"t": "start",
-                                   "prompt_tokens": sum(len(ids) for _, ids in turn.prompts)})
+        read = sum(len(ids) for _, ids in turn.prompts)
+        send(turn.rqid, turn.uid, {"t": "start", "prompt_tokens": len(turn.prefix) + read})
         job = turn.job
         if job["op"] != "completion" or not job["echo"]:
             return
@@ -507,9 +521,13 @@ class Engine:
         if self._advisory(lambda: self.store.cancelled(turn.uid), False):  # client gone
             self._drop_cancelled(turn, send)
             return
-        prompt_tokens = sum(len(ids) for _, ids in turn.prompts)
+        prompt_tokens = sum(len(ids) for _, ids in turn.prompts) + len(turn.prefix)
         completion = sum(len(t.run.tokens) for t in turn.tasks)
-        counts = usage(prompt_tokens, completion)
+        counts = usage(prompt_tokens, completion, len(turn.prefix))
+        if len(turn.tasks) == 1 and self._cacheable(turn.job, turn.session_id, turn.prompts):
+            run = turn.tasks[0].run  # its state has read the prompt and every generated token
+            self.prefix_cache.put(turn.prefix + turn.prompts[0][1] +
+                                  [t.id for t in run.tokens], run.state)
         try:
             session = self._save(turn, counts) if turn.session_id is not None else None
         except Exception as e:  # noqa: BLE001 - reported; the session file is unchanged
@@ -591,6 +609,13 @@ class Engine:
             sid = turn.session_id
             self._advisory(lambda: self.store.clear_running(sid, turn.uid), None)
             self.locks.release(sid)
+
+    def _cacheable(self, job: dict[str, Any], sid: str | None,
+                   prompts: list[tuple[str, list[int]]]) -> bool:
+        """Whether a job reads and keeps prefix-cache snapshots: no session, one prompt, and
+        no echo (echo scores every prompt token, so it reads them all)."""
+        return (bool(self.prefix_cache) and sid is None and len(prompts) == 1
+                and not (job["op"] == "completion" and job["echo"]))
 
     @staticmethod
     def _advisory(call: Callable[[], T], default: T) -> T:

@@ -49,6 +49,8 @@ ERRORS = Counter("newllm_errors", "error responses by error code", ["code"])
 BATCH = Histogram("newllm_decode_batch_size", "choices decoded together per step (workers)",
                   buckets=(1, 2, 4, 8, 16, 32, 64))
 
+PREFIX_TOKENS = Counter("newllm_prefix_cache_tokens", "prompt tokens of requests without a "
+                        "session: cached (not read again) and read", ["kind"])
 STORE_SECONDS = Histogram("newllm_store_seconds", "time of session store operations", ["op"],
                           buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                    0.05, 0.1, 0.25, 1, 5))

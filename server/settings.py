@@ -57,6 +57,9 @@ class ServerSettings:
                              "Retry-After, so memory use stays bounded")
     max_tokens_limit: int = _f(4096, "largest max_tokens a request may ask for")
     max_prompt_tokens: int = _f(16384, "largest prompt (new tokens of one request)")
+    prefix_cache_bytes: int = _f(256 * MiB, "memory snapshots each worker keeps for requests "
+                                           "without a session (resent histories read only what "
+                                           "is new); 0 turns the cache off")
     dtype: str | None = _f(None, "float32, bfloat16 or float16 (default: the checkpoint's)")
     strict_moves: bool = _f(False, "refuse memory files of this checkpoint written at another "
                                    "precision (default: convert them and say so)")
@@ -88,6 +91,8 @@ class ServerSettings:
             raise ValueError(f"--session-lease must be > 0, got {self.session_lease}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"--prefix-cache-bytes must be >= 0, got {self.prefix_cache_bytes}")
         for name in ("workers", "api_servers", "max_batch_size", "max_sessions",
                      "max_request_bytes", "max_memory_bytes", "max_tokens_limit",
                      "max_prompt_tokens"):

@@ -66,6 +66,7 @@ class Turn:
     params: list[SamplingParams]  # per choice of a prompt
     reading: int = 0  # prompts not yet read in full
     replies: dict[str, Any] = field(default_factory=dict)  # the session's idempotent answers
+    prefix: list[int] = field(default_factory=list)  # ids read before it (prefix cache hit)
     tasks: list[Task] = field(default_factory=list)
     failed: bool = False  # an error was sent; the turn is dropped unsaved
 

@@ -42,12 +42,13 @@ class Worker:
     """An `Engine` serving a queue in a thread; `submit` jobs, then `start`, then `result`."""
 
     def __init__(self, local: Any, folder: Path, *, max_batch: int = 4,
-                 max_sessions: int = 100) -> None:
+                 max_sessions: int = 100, prefix_cache_bytes: int = 0) -> None:
         model, tokenizer = local
         self.model, self.tokenizer = model, tokenizer
         self.store = FolderStore(folder, max_sessions)
         self.store.prepare()
-        self.engine = Engine(model, tokenizer, self.store, max_prompt_tokens=4096)
+        self.engine = Engine(model, tokenizer, self.store, max_prompt_tokens=4096,
+                             prefix_cache_bytes=prefix_cache_bytes)
         self.queue: queue.Queue[Any] = queue.Queue()
         self.events: dict[str, list[Any]] = {}
         self.ended: dict[str, threading.Event] = {}
@@ -431,3 +432,53 @@ def test_a_retried_turn_with_its_key_is_answered_not_applied_again(worker: Any) 
     w.run(chat("more", "idem", max_tokens=2, metadata={"session_input": "new"}))
     again = w.run(keyed(chat("hello there", "idem", max_tokens=6), "k-1"))
     assert text(again) == text(results[0]) and last(again, "done")["session"]["turns"] == 3
+
+
+# the prefix-state cache ------------------------------------------------------------------------
+def test_a_resent_history_reads_only_what_is_new_and_answers_as_without_the_cache(
+        worker: Any) -> None:
+    """A 20-turn chat from a client that sends the whole history and no session id: from turn
+    2 the cache has the state after an earlier prefix (usage's cached_tokens), and every turn's
+    reply equals the reply of a server without the cache."""
+    cached, plain = worker(prefix_cache_bytes=64 << 20).start(), worker().start()
+    history: list[dict[str, str]] = []
+    resent = skipped = 0
+    for turn in range(20):
+        history.append({"role": "user", "content": f"Turn {turn}: tell me more about {turn}."})
+        job = chat("", max_tokens=6)
+        job["messages"] = [(m["role"], m["content"]) for m in history]
+        got, want = cached.run(dict(job)), plain.run(dict(job))
+        assert text(got) == text(want)
+        use, ref = last(got, "done")["usage"], last(want, "done")["usage"]
+        assert use["prompt_tokens"] == ref["prompt_tokens"]  # counted whole, as OpenAI does
+        assert "prompt_tokens_details" not in ref
+        hit = use.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        if turn:
+            assert hit > 0
+            resent, skipped = resent + use["prompt_tokens"], skipped + hit
+        history.append({"role": "assistant", "content": text(got)})
+    assert skipped / resent > 0.5
+    assert len(cached.engine.prefix_cache) > 0 and len(plain.engine.prefix_cache) == 0
+
+
+def test_prefix_cache_keeps_the_longest_prefix_within_its_bytes() -> None:
+    from server.prefix_cache import PrefixCache
+
+    class State:
+        def __init__(self, name: str, size: int) -> None:
+            self.name, self.size = name, size
+
+        def nbytes(self) -> int:
+            return self.size
+
+    cache = PrefixCache(250)
+    cache.put([1, 2], State("a", 100))
+    cache.put([1, 2, 3, 4], State("b", 100))
+    assert cache.longest([1, 2, 3, 4, 5])[0] == 4
+    assert cache.longest([1, 2, 3, 4])[0] == 2  # at least one token is left to read
+    assert cache.longest([1, 2, 9])[0] == 2 and cache.longest([2, 1, 3]) is None
+    cache.put([7, 7, 7], State("c", 100))  # over 250 bytes: the least recently used goes
+    assert cache.longest([1, 2, 3, 4, 5])[0] == 2 and cache.bytes == 200
+    cache.put([8, 8], State("huge", 1000))  # larger than the whole cache: not kept
+    assert len(cache) == 2
+    assert not PrefixCache(0) and cache.longest([1]) is None
