@@ -71,6 +71,7 @@ from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, 
 from server.protocol import parse as parse_request
 from server.responses import DONE, Builder, ChatBuilder, CompletionBuilder, sse
 from server.settings import ServerSettings
+from server.stateful import StatefulRoutes
 from server.store import (
     SessionIdError,
     SessionStore,
@@ -211,7 +212,7 @@ def _session_id(session_id: str) -> str:
         raise ApiError(400, str(e), code="invalid_session_id", param="session_id") from None
 
 
-class SessionSpec(LitSpec):
+class SessionSpec(StatefulRoutes, LitSpec):
     """Declares every route; generation routes feed LitServe's workers (see module doc)."""
 
     def __init__(self, settings: ServerSettings, info: ModelInfo, store: SessionStore) -> None:
@@ -230,6 +231,7 @@ class SessionSpec(LitSpec):
             ("/v1/sessions/{session_id}/memory", self.import_memory, ["PUT"]),
             ("/v1/sessions/{session_id}", self.delete_session, ["DELETE"]),
             ("/metrics", self.metrics, ["GET"]),
+            *self.stateful_routes(),  # the Responses and Conversations APIs
         ]:
             self.add_endpoint(path, endpoint, methods)
 
@@ -372,7 +374,7 @@ class SessionSpec(LitSpec):
         first_token = True
         try:
             for chunk in builder.add(first):
-                yield sse(chunk)
+                yield builder.frame(chunk)
             async for ev in events:
                 if ev["t"] == "error":
                     metrics.ERRORS.labels(ev["error"]["code"]).inc()
@@ -382,7 +384,7 @@ class SessionSpec(LitSpec):
                     metrics.TTFT.labels(route).observe(time.monotonic() - t0)
                     first_token = False
                 for chunk in builder.add(ev):
-                    yield sse(chunk)
+                    yield builder.frame(chunk)
             self._count_tokens(builder)
             yield DONE
         except asyncio.CancelledError:

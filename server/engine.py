@@ -75,7 +75,7 @@ from newllm.memory_file import MemoryFileError, load_memory, save_memory
 from newllm.scheduler import PREFILL_CHUNK, Prompt, Scheduler
 from newllm.slots import Slots
 from newllm.state import ModelState
-from server import metrics, replies
+from server import metrics, replies, stateful
 from server.prefix_cache import PrefixCache
 from server.prompts import Prompter
 from server.protocol import ApiError, usage
@@ -295,6 +295,12 @@ class Engine:
             created = meta is None
             if not job["reset"] and meta is not None:
                 state, transcript, kept = self._load(sid, meta)
+        carried: dict[str, str] = {}
+        if job.get("load_from") is not None and state is None:  # a stored response's state
+            state, transcript = self._load_response(job["load_from"])
+        if job.get("conversation") and meta:  # items added since its last response come first
+            carried = {k: v for k, v in meta.items() if k.startswith("conversation.")}
+            job = {**job, "messages": stateful.pending_messages(carried) + job["messages"]}
         if key is not None:
             try:
                 replies.lookup(kept, key, job)
@@ -344,7 +350,7 @@ class Engine:
             metrics.PREFIX_TOKENS.labels("read").inc(len(prompts[0][1]))
         turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units,
                     loaded=state is not None, start=start, params=params, replies=kept,
-                    prefix=prefix)
+                    prefix=prefix, carried=carried)
         for pi, (_, ids) in enumerate(prompts):  # read by the scheduler, a chunk per step
             self.scheduler.read((uid, pi), ids, start)
             self.reading[(uid, pi)] = turn
@@ -391,6 +397,16 @@ class Engine:
                             code="non_finite_memory", param="metadata.session_id")
         return ApiError(500, "the model produced non-finite logits; check the checkpoint",
                         code="non_finite_logits")
+
+    def _load_response(self, rid: str) -> tuple[ModelState, Transcript]:
+        """The state and transcript of stored response ``rid`` (never changed once stored, so
+        read without its lock)."""
+        meta = self.store.metadata(rid)
+        if meta is None or "response.record" not in meta:
+            raise ApiError(404, f"no stored response {rid!r} (deleted or expired)",
+                           code="response_not_found", param="previous_response_id")
+        state, transcript, _ = self._load(rid, meta)
+        return state, transcript
 
     def _load(self, sid: str, meta: dict[str, str]
               ) -> tuple[ModelState, Transcript, dict[str, Any]]:
@@ -582,9 +598,18 @@ class Engine:
             meta.update(replies.remember(turn.replies, key, turn.job, events))
         elif turn.replies:
             meta.update(replies.remember_all(turn.replies))
+        snapshot: dict[str, str] | None = None
+        if turn.job.get("response") is not None:  # the Responses API (server.stateful)
+            own, snap = stateful.finish_metadata(turn.job, task.text, counts,
+                                                 task.run.finish_reason, turn.carried)
+            meta.update(own)
+            if turn.job.get("snapshot_id"):
+                snapshot = {**transcript.to_metadata(), **snap}
         data = save_memory(state, self.model, tokenizer_hash=self.tokenizer.sha256,
                            metadata=meta)
         self.store.write(sid, data, self.locks)
+        if snapshot is not None:  # a response in a conversation is also stored on its own
+            self._save_snapshot(turn.job["snapshot_id"], state, snapshot)
         self.cache[sid] = (header_metadata(data), state)
         self.cache.move_to_end(sid)
         while len(self.cache) > CACHE_STATES or (
@@ -593,6 +618,17 @@ class Engine:
             self.cache.popitem(last=False)
         return {"id": sid, "tokens_seen": state.position, "turns": transcript.turns,
                 "created": turn.created, "reset": bool(turn.job["reset"]), "bytes": len(data)}
+
+    def _save_snapshot(self, rid: str, state: ModelState, meta: dict[str, str]) -> None:
+        """Store ``state`` as the new response ``rid`` (a fresh id: its lock is free)."""
+        data = save_memory(state, self.model, tokenizer_hash=self.tokenizer.sha256,
+                           metadata=meta)
+        if not self.locks.try_acquire(rid):
+            raise ApiError(409, f"response id {rid!r} is in use", code="session_busy")
+        try:
+            self.store.write(rid, data, self.locks)
+        finally:
+            self.locks.release(rid)
 
     def _release(self, turn: Turn) -> None:
         """Give back what the turn holds: its session's lock, its slots, its unread prompts."""

@@ -54,6 +54,10 @@ class Builder:
         self.usage: dict[str, int] | None = None
         self.session: dict[str, Any] | None = None
 
+    def frame(self, chunk: dict[str, Any]) -> str:
+        """One chunk as a server-sent event."""
+        return sse(chunk)
+
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}

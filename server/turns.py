@@ -67,6 +67,7 @@ class Turn:
     reading: int = 0  # prompts not yet read in full
     replies: dict[str, Any] = field(default_factory=dict)  # the session's idempotent answers
     prefix: list[int] = field(default_factory=list)  # ids read before it (prefix cache hit)
+    carried: dict[str, str] = field(default_factory=dict)  # metadata its save keeps
     tasks: list[Task] = field(default_factory=list)
     failed: bool = False  # an error was sent; the turn is dropped unsaved
 
