@@ -73,12 +73,14 @@ def descendants(pid: int) -> set[int]:
 
 
 def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_size: int = 1,
-                 workers: int = 1, api_key: str | None = None) -> LiveServer:
+                 workers: int = 1, api_key: str | None = None, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> LiveServer:
     """Start a server (not waiting for it); its log and sessions go under ``folder``.
 
-    ``checkpoint`` None serves the bundled default model; ``api_key`` makes it require one.
+    ``checkpoint`` None serves the bundled default model; ``api_key`` makes it require one;
+    ``port`` None takes a free one; ``extra_args`` are more ``newllm serve`` flags.
     """
-    port = free_port()
+    port = port or free_port()
     log = folder / f"{name}.log"
     session_dir = folder / f"sessions-{name}"
     argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -86,6 +88,7 @@ def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_s
             "--workers", str(workers), "--log-level", "warning"]
     if checkpoint is not None:
         argv += ["--checkpoint", checkpoint]
+    argv += extra_args
     env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
     if api_key:
         env["NEWLLM_API_KEY"] = api_key  # the environment, not argv: not shown by ps

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import metrics
 from server.protocol import ApiError
 from server.store import StoreWriteError
+from server.web import is_public
 
 log = logging.getLogger("newllm.server")
 
@@ -86,6 +87,8 @@ def route_label(path: str) -> str:
         return "/v1/sessions/{id}/memory" if path.endswith("/memory") else "/v1/sessions/{id}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path.startswith("/static/"):
+        return "/static/{name}"
     return "other"
 
 
@@ -159,7 +162,7 @@ class Guard:
 
     def _refuse(self, path: str, headers: dict[bytes, bytes], max_bytes: int,
                 flag: str) -> ApiError | None:
-        if self.api_key is not None and path not in EXEMPT:
+        if self.api_key is not None and path not in EXEMPT and not is_public(path):
             auth = headers.get(b"authorization", b"")
             token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(token.strip(), self.api_key):
