@@ -324,6 +324,13 @@
     state.turn = controller;
     setBusy(true);
     let reply = "", stopped = false, error = null;
+    let pending = "", scheduled = false; // text not yet shown: drawn once per frame
+    const flush = () => {
+      scheduled = false;
+      if (pending) replyText.appendData(pending); // text only, never markup
+      pending = "";
+      $("transcript").scrollTop = $("transcript").scrollHeight;
+    };
     try {
       const res = await call("/v1/chat/completions", {
         method: "POST", signal: controller.signal,
@@ -339,14 +346,15 @@
         const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
         if (delta && delta.content) {
           reply += delta.content;
-          replyText.appendData(delta.content); // text only, never markup
-          $("transcript").scrollTop = $("transcript").scrollHeight;
+          pending += delta.content;
+          if (!scheduled) { scheduled = true; requestAnimationFrame(flush); }
         }
       }
     } catch (e) {
       if (e.name === "AbortError") stopped = true;
       else error = e;
     } finally {
+      flush();
       state.turn = null;
       setBusy(false);
     }
@@ -575,9 +583,14 @@
       throw new Error("the download's payload_sha256 differs from the export header's");
     }
     let targetStore;
-    try {
-      targetStore = (await call("/health", { base, key: "" })).headers.get(STORE_HEADER);
-    } catch (e) { throw reach(e); }
+    try { // reachable, allows this page, and takes the key (a 401 says why not)
+      targetStore = (await call("/v1/models", { base, key })).headers.get(STORE_HEADER);
+    } catch (e) {
+      if (e instanceof HttpError && e.status === 401) {
+        throw new Error(`${base} refused the key: ${describe(e)}`);
+      }
+      throw reach(e);
+    }
     const sourceStore = res.headers.get(STORE_HEADER);
     if (sourceStore && sourceStore === targetStore) {
       throw new Error(`${base} shares this server's session store; moving ${sid} onto itself `
