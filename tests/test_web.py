@@ -229,6 +229,36 @@ def test_page_loads_without_console_errors(servers: dict[str, LiveServer], brows
     assert console_errors(browser) == []
 
 
+def test_controls_are_labelled_reachable_by_keyboard_and_fit_a_phone(
+        servers: dict[str, LiveServer], browser: Any) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, servers["a"])
+    unnamed = browser.execute_script("""
+        return [...document.querySelectorAll('input, textarea, button')].filter((e) =>
+          !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+          && !e.textContent.trim()).map((e) => e.outerHTML)""")
+    assert unnamed == []
+    el(browser, "body").click()
+    seen = []
+    for _ in range(30):
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        seen.append(browser.switch_to.active_element.get_attribute("id"))
+    assert {"new-session-id", "prompt", "send", "upload-file", "upload-id",
+            "upload"} <= set(seen), seen
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    try:
+        assert browser.execute_script("return window.innerWidth") == 390
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        columns = browser.execute_script(
+            "return getComputedStyle(document.querySelector('main')).gridTemplateColumns")
+        assert len(columns.split()) == 1, columns  # the panels stack
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
 def test_a_turn_streams_in_and_the_memory_panel_follows_each_turn(
         servers: dict[str, LiveServer], browser: Any) -> None:
     a = servers["a"]
