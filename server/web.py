@@ -24,6 +24,7 @@ from ``GET /v1/models/{id}`` (``kv_cache_bytes_per_token``) and ``GET /metrics``
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from fastapi import Response
 
 from server.protocol import ApiError
 
+log = logging.getLogger("newllm.server")
 STATIC = Path(__file__).resolve().parent / "static"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
@@ -49,25 +51,31 @@ def is_public(path: str) -> bool:
 
 def load_static(folder: Path = STATIC) -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, content type) of every servable file in ``folder`` (read once)."""
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in TYPES:
-            files[path.name] = (path.read_bytes(), TYPES[path.suffix])
+    if not folder.is_dir():
+        return {}
+    return {path.name: (path.read_bytes(), TYPES[path.suffix])
+            for path in sorted(folder.iterdir()) if path.is_file() and path.suffix in TYPES}
+
+
+def install(app: Any, folder: Path = STATIC) -> None:
+    """Serve the page at ``/`` (replacing LitServe's own ``/``) and ``/static/{name}``.
+
+    Without the files (a package installed without its package data) the API still serves,
+    and ``/`` answers 404 saying what is missing."""
+    files = load_static(folder)
     if "index.html" not in files:
-        raise FileNotFoundError(f"the chat page is missing: no index.html in {folder} (is the "
-                                "package installed with its package data?)")
-    return files
-
-
-def install(app: Any) -> None:
-    """Serve the page at ``/`` (replacing LitServe's own ``/``) and ``/static/{name}``."""
-    files = load_static()
+        log.warning("the chat page is not installed (no index.html in %s); GET / answers 404",
+                    folder)
 
     def respond(name: str) -> Response:
         body, media_type = files[name]
         return Response(body, media_type=media_type, headers=HEADERS)
 
     async def page() -> Response:
+        if "index.html" not in files:
+            raise ApiError(404, f"the chat page is not installed: no index.html in {folder} "
+                           "(install the package with its data files, server/static/*)",
+                           code="not_found")
         return respond("index.html")
 
     async def static(name: str) -> Response:

@@ -548,3 +548,29 @@ def test_cors_origin_setting_is_checked() -> None:
     for bad in ["http://a:8000/", "10.0.0.5:8000", "ftp://a", "http://a:8000/path"]:
         with pytest.raises(ValueError, match="--cors-origin"):
             ServerSettings(cors_origin=bad).check()
+
+
+def test_install_replaces_litserve_index_and_survives_missing_files(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server import web
+    from server.http import install_error_handlers
+
+    def app_with(folder: Path) -> TestClient:
+        app = FastAPI()
+        app.get("/")(lambda: "litserve running")  # as LitServe registers it
+        install_error_handlers(app)
+        web.install(app, folder)
+        return TestClient(app)
+
+    served = app_with(web.STATIC).get("/")
+    assert served.status_code == 200 and served.text.startswith("<!doctype html>")
+    (tmp_path / "app.js").write_text("x")
+    (tmp_path / "notes.txt").write_text("not served")
+    bare = app_with(tmp_path)
+    missing = bare.get("/")
+    assert missing.status_code == 404 and "not installed" in missing.json()["error"]["message"]
+    assert bare.get("/static/app.js").text == "x"
+    assert bare.get("/static/notes.txt").status_code == 404  # only the known file types
+    assert app_with(tmp_path / "absent").get("/static/app.js").status_code == 404
