@@ -377,14 +377,22 @@ def test_download_then_upload_into_another_server_continues_the_conversation(
     wait(browser, lambda: MODEL in el(browser, "#model-line").text, "the page with the key")
     assert not el(browser, "#key-panel").is_displayed()
 
-    set_field(browser, "#upload-id", "travel")
     el(browser, "#upload-file").send_keys(str(path))  # the file picker
+    assert el(browser, "#upload-id").get_attribute("value") == "travel"  # from the file name
     assert "Created session travel" in upload_status(browser)
     wait(browser, lambda: "travel" in el(browser, "#current-session").text, "the upload picked")
     assert figures(browser)["tokens"] == str(listing(a)["travel"]["tokens_seen"])
     sampling(browser, 16, 0)
     assert turn(browser, message) == ref["choices"][0]["message"]["content"]
     assert listing(b)["travel"]["tokens_seen"] == ref["session"]["tokens_seen"]
+    # replacing it with the same file (confirmed) takes it back to before that turn
+    el(browser, "#upload-file").send_keys(str(path))
+    el(browser, "#upload").click()
+    wait(browser, lambda: el(browser, "#upload").text == "Replace travel", "the question")
+    assert "Replaced session travel" in upload_status(browser,
+                                                      el(browser, "#transfer-status").text)
+    assert listing(b)["travel"]["tokens_seen"] == listing(a)["travel"]["tokens_seen"]
+    assert turn(browser, message) == ref["choices"][0]["message"]["content"]
     assert console_errors(browser, network=False) == []
 
 
@@ -406,6 +414,7 @@ def test_hostile_uploads_show_the_error_and_change_nothing(
     el(browser, '#session-list li[data-session="victim"] .open').click()
     transcript = el(browser, "#transcript").text
     shown_before = figures(browser)
+    set_field(browser, "#upload-id", "victim")
     status, codes = "", []
     for how, data in [("drop", good[:len(good) // 2]), ("picker", foreign)]:
         with http(a) as ca:  # what the server says to the same bytes
@@ -420,7 +429,10 @@ def test_hostile_uploads_show_the_error_and_change_nothing(
             path.write_bytes(data)
             el(browser, "#upload-file").send_keys(str(path))
         assert el(browser, "#upload-id").get_attribute("value") == "victim"
-        status = upload_status(browser, status)
+        el(browser, "#upload").click()  # victim exists: the first press asks to confirm
+        wait(browser, lambda: el(browser, "#upload").text == "Replace victim", "the question")
+        assert "victim exists" in el(browser, "#transfer-status").text
+        status = upload_status(browser, el(browser, "#transfer-status").text)
         assert status == f"Upload refused: HTTP 400 {error['code']}: {error['message']}"
         with http(a) as ca:
             assert ca.get("/v1/sessions/victim/memory").content == good

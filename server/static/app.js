@@ -169,7 +169,6 @@
   function pick(id) {
     state.current = id;
     sessionStorage.setItem(CURRENT_STORE, id);
-    $("upload-id").value = id;
     renderSessions();
     renderTranscript();
     renderCurrent();
@@ -516,6 +515,21 @@
     }
   });
 
+  // a chosen file names the session it goes to, unless one was typed (ada.safetensors -> ada)
+  function fileChosen(file) {
+    const stem = file.name.replace(/\.safetensors$/i, "");
+    if (!$("upload-id").value.trim() && SESSION_ID.test(stem)) $("upload-id").value = stem;
+    disarmUpload();
+  }
+  function disarmUpload() {
+    delete $("upload-form").dataset.replace;
+    $("upload").textContent = "Upload";
+  }
+  $("upload-file").addEventListener("change", () => {
+    if ($("upload-file").files[0]) fileChosen($("upload-file").files[0]);
+  });
+  $("upload-id").addEventListener("input", disarmUpload);
+
   const drop = $("drop-zone");
   drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -524,6 +538,7 @@
     drop.classList.remove("over");
     if (ev.dataTransfer && ev.dataTransfer.files.length) {
       $("upload-file").files = ev.dataTransfer.files;
+      fileChosen(ev.dataTransfer.files[0]);
       setStatus($("transfer-status"), `Selected ${ev.dataTransfer.files[0].name}; press Upload.`);
     }
   });
@@ -538,6 +553,15 @@
       setStatus(status, "A session id is 1-128 characters of A-Z a-z 0-9 . _ -.", "error");
       return;
     }
+    const form = $("upload-form");
+    if (state.sessions.has(sid) && form.dataset.replace !== sid) { // replacing takes a 2nd press
+      form.dataset.replace = sid;
+      $("upload").textContent = `Replace ${sid}`;
+      setStatus(status, `Session ${sid} exists: press "Replace ${sid}" to replace its memory `
+                + "with this file, or type another session id.");
+      return;
+    }
+    disarmUpload();
     setStatus(status, `Uploading ${file.name}…`);
     try {
       const result = await getJson(sessionPath(sid, "/memory"), {
@@ -550,6 +574,7 @@
       setStatus(status, `${result.created ? "Created" : "Replaced"} session ${sid} from `
                 + `${file.name} (${fmtInt(result.tokens_seen)} tokens).`, "ok");
       $("upload-file").value = "";
+      $("upload-id").value = "";
       await refreshSessions();
       pick(sid);
     } catch (e) {
@@ -702,7 +727,6 @@
   }
 
   $("move-origin").textContent = location.origin;
-  if (state.current) $("upload-id").value = state.current;
   setBusy(false);
   renderTranscript();
   drawChart([]);
