@@ -114,7 +114,16 @@
       try { return JSON.parse(sessionStorage.getItem(`newllm.${kind}.${id}`)) || []; }
       catch { return []; }
     },
-    set(kind, id, value) { sessionStorage.setItem(`newllm.${kind}.${id}`, JSON.stringify(value)); },
+    set(kind, id, value) { // when the tab's storage is full, keep the newest half, or nothing
+      for (let keep = value; ; keep = keep.slice(Math.ceil(keep.length / 2))) {
+        try {
+          sessionStorage.setItem(`newllm.${kind}.${id}`, JSON.stringify(keep));
+          return;
+        } catch {
+          if (!keep.length) return;
+        }
+      }
+    },
     drop(id) { for (const k of ["transcript", "history"]) sessionStorage.removeItem(`newllm.${k}.${id}`); },
   };
 
@@ -355,7 +364,9 @@
     } finally {
       flush();
       state.turn = null;
+      const stopFocused = document.activeElement === $("stop");
       setBusy(false);
+      if (stopFocused || document.activeElement === document.body) $("prompt").focus();
     }
     try {
       await refreshSessions();
