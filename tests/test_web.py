@@ -285,6 +285,11 @@ def test_a_turn_streams_in_and_the_memory_panel_follows_each_turn(
     ys = browser.execute_script("return [...document.querySelectorAll('#chart circle.pt-kv')]"
                                 ".map(c => +c.getAttribute('cy'))")
     assert ys == sorted(ys, reverse=True) and ys[0] > ys[-1]
+    # the metrics panel: tokens/s from the completion-token counter's change between polls
+    wait(browser, lambda: float(el(browser, "#metric-rate").get_attribute("data-value")
+                                or 0) > 0, "a tokens/s figure", timeout=10)
+    assert int(el(browser, "#metric-requests").get_attribute("data-value")) >= 3
+    assert el(browser, "#metric-sessions").get_attribute("data-value") == str(len(listing(a)))
     assert console_errors(browser) == []
 
 
@@ -315,6 +320,14 @@ def test_stop_cancels_the_turn_and_the_session_stays_as_it_was(
     turn(browser, "still there?")
     after = listing(x)["stopped"]
     assert after["turns"] == kept["turns"] + 1 and after["tokens_seen"] > kept["tokens_seen"]
+    delete = el(browser, '#session-list li[data-session="stopped"] .danger')
+    delete.click()  # the first press asks, the second deletes
+    assert delete.text == "Delete?" and "stopped" in listing(x)
+    delete.click()
+    wait(browser, lambda: "stopped" not in listing(x), "the delete")
+    wait(browser, lambda: els(browser, '#session-list li[data-session="stopped"]') == [],
+         "the list without it")
+    assert "Pick a session" in el(browser, "#transcript").text
     assert console_errors(browser) == []
 
 
