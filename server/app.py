@@ -33,8 +33,9 @@ removed by `SessionStore.sweep_temp` when the worker restarts; a kill after the 
 the turn saved although its client got 503).
 
 Memory routes run in the HTTP processes (file I/O and validation only) under the session's lock.
-`server.http.Guard` checks the API key on every route except ``/health``, limits request
-bodies and counts requests; every error is JSON in OpenAI's shape.
+`server.http.Guard` checks the API key on every route except ``/health`` and the chat page
+(``/``, ``/static/*``), limits request bodies and counts requests; every error is JSON in
+OpenAI's shape.
 """
 
 from __future__ import annotations

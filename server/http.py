@@ -1,8 +1,10 @@
 """HTTP plumbing shared by every route: the `Guard` middleware and OpenAI-shaped errors.
 
-`Guard` (pure ASGI, outermost) checks the API key (``Authorization: Bearer <key>`` or
-``X-API-Key``) on every route except ``/health``, refuses bodies over the limit with 413 (from
-Content-Length, or while the body is read, so an oversized body is never held whole), and
+`Guard` (pure ASGI, outermost but for `server.web.Cors` with ``--cors-origin``) checks the API
+key (``Authorization: Bearer <key>`` or ``X-API-Key``) on every route except ``/health`` and
+the chat page with its static files (`server.web.is_public`: ``/`` and ``/static/*``), refuses
+bodies over the limit with 413 (from Content-Length, or while the body is read, so an
+oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
 for memory uploads (``PUT /v1/sessions/{id}/memory``) and ``--max-request-bytes`` for every
 other route. ``HEAD`` is answered as ``GET`` without a body (health checkers use it). JSON
