@@ -74,14 +74,15 @@ def descendants(pid: int) -> set[int]:
 
 
 def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_size: int = 1,
-                 workers: int = 1, api_key: str | None = None,
+                 workers: int = 1, api_key: str | None = None, port: int | None = None,
                  extra: list[str] | None = None) -> LiveServer:
     """Start a server (not waiting for it); its log and sessions go under ``folder``.
 
     ``checkpoint`` None serves the bundled default model; ``api_key`` makes it require one;
-    ``extra``: more flags (e.g. ``["--session-store", redis.url]``).
+    ``port`` None takes a free one; ``extra``: more ``newllm serve`` flags (e.g.
+    ``["--session-store", redis.url]``).
     """
-    port = free_port()
+    port = port or free_port()
     log = folder / f"{name}.log"
     session_dir = folder / f"sessions-{name}"
     argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),

@@ -39,17 +39,9 @@ from benchmarks.common import (
 from benchmarks.decode import prefill
 from benchmarks.live import running_servers
 from newllm import ModelConfig, TransformerLM, load_checkpoint, load_memory, save_memory
-from newllm.sizes import state_bytes
+from newllm.sizes import pythia_of_shape, state_bytes
 
 DIFF_TOLERANCE = 1e-3  # server (chunks of 512) vs library (chunks of 1024): same within float noise
-
-
-def pythia_of_shape(config: ModelConfig) -> ModelConfig:
-    """The checkpoint's shape with every layer a full-attention Pythia layer (no memory)."""
-    data = {**config.to_dict(), "name": f"{config.name}-as-pythia",
-            "layers": ["pythia"] * config.num_layers, "segment_local": False,
-            "context_mode": "none"}
-    return ModelConfig.from_dict(data)
 
 
 def conversation(tokenizer: Any, n: int, vocab_size: int) -> list[int]:

@@ -68,3 +68,18 @@ def worst_state_bytes(config: ModelConfig, position: int, batch_size: int = 1,
                       bytes_per_value: int = 4) -> int:
     """`state_bytes` at `worst_position`: at most this much anywhere near ``position``."""
     return state_bytes(config, worst_position(config, position), batch_size, bytes_per_value)
+
+
+def pythia_of_shape(config: ModelConfig) -> ModelConfig:
+    """``config``'s shape with every layer a full-attention Pythia layer (no memory, no context
+    block): the baseline whose KV cache a memory model is compared with."""
+    data = {**config.to_dict(), "name": f"{config.name}-as-pythia",
+            "layers": ["pythia"] * config.num_layers, "segment_local": False,
+            "context_mode": "none"}
+    return ModelConfig.from_dict(data)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_value: int = 4) -> int:
+    """Bytes a same-shape Pythia's KV cache grows by per token: 2 (K and V) × layers × hidden
+    × ``bytes_per_value``."""
+    return state_bytes(pythia_of_shape(config), 1, bytes_per_value=bytes_per_value)

@@ -19,6 +19,7 @@ Routes (all declared by `SessionSpec`, a custom `LitSpec`, so generation feeds t
 ``DELETE /v1/sessions/{id}``               forget a session
 ``GET /metrics``                           Prometheus text format, merged over processes
 ``GET /health``                            LitServe's: 200 once every worker loaded the model
+``GET /``, ``/static/{name}``              the chat page (`server.web`; no key needed)
 =========================================  ==================================================
 
 Worker faults: a worker that dies (SIGKILL, OOM killer, crash) is restarted by LitServe
@@ -32,8 +33,9 @@ removed by `SessionStore.sweep_temp` when the worker restarts; a kill after the 
 the turn saved although its client got 503).
 
 Memory routes run in the HTTP processes (file I/O and validation only) under the session's lock.
-`server.http.Guard` checks the API key on every route except ``/health``, limits request
-bodies and counts requests; every error is JSON in OpenAI's shape.
+`server.http.Guard` checks the API key on every route except ``/health`` and the chat page
+(``/``, ``/static/*``), limits request bodies and counts requests; every error is JSON in
+OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ from newllm.memory_file import (
     payload_sha256,
     save_memory,
 )
-from server import metrics, replies
+from newllm.sizes import kv_cache_bytes_per_token
+from server import metrics, replies, web
 from server.http import Guard, install_error_handlers, read_json
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
@@ -104,11 +107,13 @@ class ModelInfo:
     layers: tuple[str, ...]
     dtype: str
     vocab_size: int
+    kv_cache_bytes_per_token: int  # a same-shape Pythia's KV cache, at the served precision
 
     def card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": self.created,
                 "owned_by": "newllm", "fingerprint": self.fingerprint,
-                "parameters": self.parameters, "layers": list(self.layers), "dtype": self.dtype}
+                "parameters": self.parameters, "layers": list(self.layers), "dtype": self.dtype,
+                "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token}
 
 
 # worker side -----------------------------------------------------------------------------------
@@ -560,7 +565,9 @@ def model_info(model: Any, name: str | None) -> ModelInfo:
                      created=int(time.time()), parameters=model.num_parameters(),
                      layers=tuple(model.config.layers),
                      dtype=str(model.dtype).removeprefix("torch."),
-                     vocab_size=int(model.config.vocab_size))
+                     vocab_size=int(model.config.vocab_size),
+                     kv_cache_bytes_per_token=kv_cache_bytes_per_token(
+                         model.config, model.dtype.itemsize))
 
 
 def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.LitServer:
@@ -584,15 +591,20 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
             accelerator = "cuda"
         elif settings.device == "cuda":
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    middlewares: list[Any] = [(Guard, {"api_key": settings.api_key,
+                                       "store_id": store.store_id(),
+                                       "max_bytes": settings.max_request_bytes,
+                                       "max_memory_bytes": settings.max_memory_bytes})]
+    if settings.cors_origins():  # added last: outside the Guard, so 401s carry CORS headers
+        middlewares.append((web.Cors, {"origins": settings.cors_origins()}))
     server = ls.LitServer(
         api, accelerator=accelerator, devices=1, workers_per_device=settings.workers,
         timeout=False, model_metadata=info.card(), restart_workers=True,
-        middlewares=[(Guard, {"api_key": settings.api_key, "store_id": store.store_id(),
-                              "max_bytes": settings.max_request_bytes,
-                              "max_memory_bytes": settings.max_memory_bytes})],
+        middlewares=middlewares,
     )
     server.uvicorn_graceful_timeout = 10
     # no redirects from "/path/" to "/path": they were built from the client's Host header
     server.app.router.redirect_slashes = False
     install_error_handlers(server.app)
+    web.install(server.app)
     return server

@@ -1,8 +1,10 @@
 """HTTP plumbing shared by every route: the `Guard` middleware and OpenAI-shaped errors.
 
-`Guard` (pure ASGI, outermost) checks the API key (``Authorization: Bearer <key>`` or
-``X-API-Key``) on every route except ``/health``, refuses bodies over the limit with 413 (from
-Content-Length, or while the body is read, so an oversized body is never held whole), and
+`Guard` (pure ASGI, outermost but for `server.web.Cors` with ``--cors-origin``) checks the API
+key (``Authorization: Bearer <key>`` or ``X-API-Key``) on every route except ``/health`` and
+the chat page with its static files (`server.web.is_public`: ``/`` and ``/static/*``), refuses
+bodies over the limit with 413 (from Content-Length, or while the body is read, so an
+oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
 for memory uploads (``PUT /v1/sessions/{id}/memory``) and ``--max-request-bytes`` for every
 other route. ``HEAD`` is answered as ``GET`` without a body (health checkers use it). JSON
@@ -28,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import metrics
 from server.protocol import ApiError
 from server.store import StoreWriteError
+from server.web import is_public
 
 log = logging.getLogger("newllm.server")
 
@@ -86,6 +89,8 @@ def route_label(path: str) -> str:
         return "/v1/sessions/{id}/memory" if path.endswith("/memory") else "/v1/sessions/{id}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
+    if path.startswith("/static/"):
+        return "/static/{name}"
     return "other"
 
 
@@ -159,7 +164,7 @@ class Guard:
 
     def _refuse(self, path: str, headers: dict[bytes, bytes], max_bytes: int,
                 flag: str) -> ApiError | None:
-        if self.api_key is not None and path not in EXEMPT:
+        if self.api_key is not None and path not in EXEMPT and not is_public(path):
             auth = headers.get(b"authorization", b"")
             token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(token.strip(), self.api_key):

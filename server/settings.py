@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 API_KEY_ENV = "NEWLLM_API_KEY"
 MiB = 1 << 20
+# an origin as browsers send it in the Origin header (lower case, no path)
+ORIGIN = re.compile(r"https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
 
 def default_session_dir() -> str:
@@ -65,6 +68,10 @@ class ServerSettings:
                                    "precision (default: convert them and say so)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda")
     model_name: str | None = _f(None, "the id /v1/models lists (default: the model's config name)")
+    cors_origin: str | None = _f(None, "comma-separated origins (http://host:port) whose pages "
+                                       "may call this API from a browser, e.g. another "
+                                       "server's chat page moving a session here; * for any "
+                                       "(default: none, same origin only)")
     log_level: str = _f("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
@@ -103,8 +110,18 @@ class ServerSettings:
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self.cors_origins()  # raises on a malformed origin
         if self.api_key is not None and (len(self.api_key) < 8 or not self.api_key.isprintable()
                                          or " " in self.api_key):
             raise ValueError("the API key must be at least 8 printable characters without "
                              "spaces")
 
+    def cors_origins(self) -> tuple[str, ...]:
+        """The ``--cors-origin`` list, checked: each is ``*`` or ``scheme://host[:port]``."""
+        origins = tuple(o.strip().lower() for o in (self.cors_origin or "").split(",")
+                        if o.strip())
+        for origin in origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"--cors-origin {origin!r} is not an origin; give "
+                                 "scheme://host[:port] with no path, e.g. http://10.0.0.5:8000")
+        return origins

@@ -144,13 +144,15 @@ def test_generated_requests_get_no_5xx_and_json_errors(server: ServerProcess,
 
 
 # access ------------------------------------------------------------------------------------
+# the chat page, "/" and "/static/*", needs no key; it and "//health" (which httpx sends as
+# "/") are checked in tests/test_web.py
 ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
           ("GET", f"/v1/models/{MODEL}"), ("GET", "/v1/sessions"),
           ("GET", "/v1/sessions/victim-key/memory"), ("PUT", "/v1/sessions/nobody/memory"),
           ("DELETE", "/v1/sessions/nobody"), ("GET", "/metrics"), ("GET", "/info"),
-          ("GET", "/"), ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/shutdown"),
+          ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/shutdown"),
           ("GET", "/no/such/route"), ("OPTIONS", "/v1/chat/completions"),
-          ("HEAD", "/v1/sessions"), ("GET", "/health/"), ("GET", "//health")]
+          ("HEAD", "/v1/sessions"), ("GET", "/health/")]
 BAD_AUTH = [{}, {"Authorization": "Bearer wrong-key-000"}, {"Authorization": "Bearer"},
             {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": f"Bearer {KEY}x"},
             {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY},
