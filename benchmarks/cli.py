@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("state_size", "decode", "engine", "prefill", "transfer", "server", "quality",
+BENCHMARKS = ("state_size", "decode", "engine", "prefill", "transfer", "server", "chat", "quality",
               "move", "store")
 
 

@@ -253,6 +253,28 @@ def _server(doc: Doc) -> list[str]:
                       f"{valid} / {checked}."]
 
 
+def _chat(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    names = list(res["rows"])
+    picks = sorted({1, 2, s["turns"] // 2, s["turns"]})
+    body = []
+    for mode in names:
+        rows = res["rows"][mode]
+        body.append([mode.replace("_", " "),
+                     *(f"{_ms(rows[t - 1]['ms'])} ({_n(rows[t - 1]['read_tokens'])})"
+                       for t in picks)])
+    goals = res["goals"]
+    out = [f"A {s['turns']}-turn chat with `{s['model']}` ({s['max_tokens']} greedy tokens per "
+           "reply): latency in ms at some turns, and in brackets the prompt tokens the server "
+           "read (a stateless client resends the whole history; the prefix cache, a Responses "
+           "chain and a session read only what is new):", ""]
+    out += _table(["client", *(f"turn {t}" for t in picks)], body)
+    out += ["", "Goals: " + "; ".join(
+        f"{k.replace('_', ' ')} {v['value']:.2f} (target {v['target']:g}, "
+        f"{'met' if v['met'] else 'not met'})" for k, v in goals.items()) + "."]
+    return out
+
+
 def _store(doc: Doc) -> list[str]:
     res, s = doc["results"], doc["settings"]
     turns = [[_n(r["tokens"]), _bytes(r["file_bytes"]), _ms(r["folder_ms"]), _ms(r["redis_ms"])]
@@ -334,6 +356,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Doc], list[str]]]] = {
     "prefill": ("Prefill speed", _prefill),
     "transfer": ("Moving a session", _transfer),
     "server": ("Server under load", _server),
+    "chat": ("A long chat: prefix cache, Responses chain, session", _chat),
     "store": ("Session store: folder and Redis", _store),
     "quality": ("Quality", _quality),
     "move": ("Remembers after a move", _move),

@@ -107,6 +107,18 @@ def _check_schema(name: str, doc: dict) -> None:
         assert all({"batched_state", "slots", "decode_step"} <= set(r) for r in rows.values())
         assert res["slots_max_abs_logit_diff"] <= 1e-4
         assert res["prefill_chunk_chosen"] > 0 and res["prefill_chunks"]
+    if name == "chat":
+        modes = {"stateless_no_cache", "stateless_cache", "responses_chain", "session"}
+        assert set(res["rows"]) == modes
+        for rows in res["rows"].values():
+            assert [r["turn"] for r in rows] == list(range(1, settings["turns"] + 1))
+            assert all(r["ms"] > 0 and 0 < r["read_tokens"] <= r["prompt_tokens"] for r in rows)
+        # without the cache every turn reads the whole history; with it, less from turn 2
+        plain, cached = res["rows"]["stateless_no_cache"], res["rows"]["stateless_cache"]
+        assert all(r["read_tokens"] == r["prompt_tokens"] for r in plain)
+        assert all(c["read_tokens"] < c["prompt_tokens"] for c in cached[1:])
+        assert set(res["goals"]) == {"cache_last_vs_turn2", "chain_last_vs_turn2",
+                                     "resent_history_skipped"}
     if name == "store":
         assert [r["tokens"] for r in res["per_turn"]] == settings["lengths"]
         for r in res["per_turn"]:
