@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import Any, Literal
 
 from pydantic import Field
@@ -36,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from newllm.memory_file import MemoryFileError, load_memory_report, save_memory
+from server.http import read_json
 from server.protocol import (
     ApiError,
     ChatRequest,
@@ -115,10 +117,12 @@ class ItemsCreate(_Strict):
 
 
 # items -------------------------------------------------------------------------------------------
-def new_item_id() -> str:
-    import uuid
+def new_hex() -> str:
+    return uuid.uuid4().hex[:24]
 
-    return f"msg_{uuid.uuid4().hex[:24]}"
+
+def new_item_id() -> str:
+    return f"msg_{new_hex()}"
 
 
 def message_item(role: str, text: str, item_id: str | None = None) -> dict[str, Any]:
@@ -317,8 +321,6 @@ class StatefulRoutes:
 
     # responses ---------------------------------------------------------------------------------
     async def create_response(self, request: Request) -> Response:
-        from server.http import read_json
-
         t0 = time.monotonic()
         req = parse_request(ResponsesRequest, await read_json(request))
         self._check_model(req.model)  # type: ignore[attr-defined]
@@ -403,8 +405,6 @@ class StatefulRoutes:
 
     # conversations -----------------------------------------------------------------------------
     async def create_conversation(self, request: Request) -> Response:
-        from server.http import read_json
-
         body = await read_json(request) if await request.body() else {}
         req = parse_request(ConversationCreate, body)
         cid = f"conv_{new_hex()}"
@@ -429,8 +429,6 @@ class StatefulRoutes:
         return JSONResponse(json.loads(meta["conversation.record"]))
 
     async def update_conversation(self, conversation_id: str, request: Request) -> Response:
-        from server.http import read_json
-
         cid, _ = await self._conversation(conversation_id)
         req = parse_request(ConversationUpdate, await read_json(request))
 
@@ -447,8 +445,6 @@ class StatefulRoutes:
         return JSONResponse({"id": cid, "object": "conversation.deleted", "deleted": True})
 
     async def add_items(self, conversation_id: str, request: Request) -> Response:
-        from server.http import read_json
-
         cid, _ = await self._conversation(conversation_id)
         added = input_items(parse_request(ItemsCreate, await read_json(request)).items)
 
@@ -526,12 +522,6 @@ class StatefulRoutes:
             return new
         finally:
             locks.release(sid)
-
-
-def new_hex() -> str:
-    import uuid
-
-    return uuid.uuid4().hex[:24]
 
 
 def _item_list(items: list[dict[str, Any]], request: Request,
