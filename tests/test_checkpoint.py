@@ -44,8 +44,9 @@ def test_round_trip_is_exact(preset: str, tiny_model: ModelFactory, byte_tokeniz
     model = tiny_model(preset)
     ids = torch.randint(0, model.config.vocab_size, (2, T))
     folder = save_pretrained(model, tmp_path / preset, byte_tokenizer)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors",
-                                                        "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json"]
     loaded = from_pretrained(folder)
     assert loaded.config == model.config
     assert not loaded.training
@@ -161,8 +162,9 @@ def test_resave_replaces_files(tiny_model: ModelFactory, byte_tokenizer: Tokeniz
     second = tiny_model("tiny-pythia", seed=1)
     save_pretrained(second, folder)  # no tokenizer: the existing tokenizer.json stays
     assert from_pretrained(folder).fingerprint() == second.fingerprint()
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors",
-                                                        "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json"]
 
 
 # load_checkpoint -----------------------------------------------------------------------------
