@@ -126,6 +126,7 @@ class Engine:
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
         self.recording: dict[str, list[dict[str, Any]]] = {}  # uid -> events (idempotent turns)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)  # stateless requests
+        metrics.safely(metrics.prepare_labels)
 
     def _use_slots(self, n: int) -> None:
         """Serve with ``n`` slots (only while none is busy)."""
@@ -346,8 +347,9 @@ class Engine:
                 k, start = hit
                 prefix, rest = prompts[0][1][:k], prompts[0][1][k:]
                 prompts = [(prompts[0][0], rest)]
-                metrics.PREFIX_TOKENS.labels("cached").inc(k)
-            metrics.PREFIX_TOKENS.labels("read").inc(len(prompts[0][1]))
+                metrics.safely(lambda: metrics.PREFIX_TOKENS.labels("cached").inc(k))
+            read = len(prompts[0][1])
+            metrics.safely(lambda: metrics.PREFIX_TOKENS.labels("read").inc(read))
         turn = Turn(rqid, uid, job, sid, transcript, created, prompts, new_units,
                     loaded=state is not None, start=start, params=params, replies=kept,
                     prefix=prefix, carried=carried)

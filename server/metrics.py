@@ -23,6 +23,7 @@ the store does not answer: the other metrics are still served).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -57,6 +58,25 @@ STORE_SECONDS = Histogram("newllm_store_seconds", "time of session store operati
 STORE_ERRORS = Counter("newllm_store_errors", "session store operations that failed", ["op"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def safely(update: Callable[[], Any]) -> None:
+    """Record a metric without ever failing the request: in multiprocess mode a new label value
+    grows a memory-mapped file, which a full disk or a file-size limit refuses (OSError)."""
+    try:
+        update()
+    except OSError:
+        pass
+
+
+def prepare_labels() -> None:
+    """Create the label values a process will use, so their file entries exist before any
+    storage fault (see `safely`)."""
+    for kind in ("cached", "read"):
+        PREFIX_TOKENS.labels(kind)
+    for op in ("read", "write"):
+        STORE_SECONDS.labels(op)
+        STORE_ERRORS.labels(op)
 
 
 class SessionCollector:

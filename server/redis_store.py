@@ -280,7 +280,7 @@ class RedisStore(SessionStore):
         try:
             out = fn(self.client())
         except redis.exceptions.RedisError as e:
-            metrics.STORE_ERRORS.labels(op).inc()
+            metrics.safely(lambda: metrics.STORE_ERRORS.labels(op).inc())
             text = str(e) or type(e).__name__
             if isinstance(e, redis.exceptions.ResponseError) and text.startswith("OOM"):
                 raise StoreWriteError(
@@ -291,7 +291,8 @@ class RedisStore(SessionStore):
                 f"the session store ({self.describe()}) is unavailable: {text}. Nothing was "
                 "changed; retry when it is back", 503, "session_store_unavailable") from None
         finally:
-            metrics.STORE_SECONDS.labels(op).observe(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            metrics.safely(lambda: metrics.STORE_SECONDS.labels(op).observe(seconds))
         return out
 
     def prepare(self) -> None:

@@ -125,10 +125,11 @@ def timed(op: str) -> Iterator[None]:
     try:
         yield
     except OSError:
-        metrics.STORE_ERRORS.labels(op).inc()
+        metrics.safely(lambda: metrics.STORE_ERRORS.labels(op).inc())
         raise
     finally:
-        metrics.STORE_SECONDS.labels(op).observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        metrics.safely(lambda: metrics.STORE_SECONDS.labels(op).observe(seconds))
 
 
 def check_session_id(session_id: object) -> str:

@@ -311,7 +311,10 @@ def test_stop_cancels_the_turn_and_the_session_stays_as_it_was(
     wait(browser, lambda: el(browser, "#send").is_enabled(), "the stopped turn")
     shown = assistant_texts(browser)[-1]
     assert 0 < len(shown) < 4096 * len(HOSTILE)
-    tag = el(browser, "#transcript li.assistant:last-child .tag").text
+    # the tag comes once the page has re-read the session list (after Send is enabled again)
+    tagged = "#transcript li.assistant:last-child .tag"
+    wait(browser, lambda: els(browser, tagged) != [], "the stopped turn's tag")
+    tag = el(browser, tagged).text
     assert "not in the session's memory" in tag
     assert listing(x)["stopped"] == kept
     sampling(browser, 2, 0)
