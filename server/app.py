@@ -19,6 +19,7 @@ Routes (all declared by `SessionSpec`, a custom `LitSpec`, so generation feeds t
 ``DELETE /v1/sessions/{id}``               forget a session
 ``GET /metrics``                           Prometheus text format, merged over processes
 ``GET /health``                            LitServe's: 200 once every worker loaded the model
+``GET /openapi.json``, ``/docs``           the OpenAPI document (`server.openapi`; no key needed)
 ``GET /``, ``/static/{name}``              the chat page (`server.web`; no key needed)
 =========================================  ==================================================
 
@@ -68,7 +69,7 @@ from newllm.memory_file import (
     save_memory,
 )
 from newllm.sizes import kv_cache_bytes_per_token
-from server import metrics, replies, web
+from server import metrics, openapi, replies, web
 from server.http import Guard, install_error_handlers, read_json
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
@@ -607,4 +608,5 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
     server.app.router.redirect_slashes = False
     install_error_handlers(server.app)
     web.install(server.app)
+    openapi.install(server.app)
     return server

@@ -1,8 +1,9 @@
 """HTTP plumbing shared by every route: the `Guard` middleware and OpenAI-shaped errors.
 
 `Guard` (pure ASGI, outermost but for `server.web.Cors` with ``--cors-origin``) checks the API
-key (``Authorization: Bearer <key>`` or ``X-API-Key``) on every route except ``/health`` and
-the chat page with its static files (`server.web.is_public`: ``/`` and ``/static/*``), refuses
+key (``Authorization: Bearer <key>`` or ``X-API-Key``) on every route except ``/health``, the
+API's description (``/openapi.json``, ``/docs``, ``/redoc``: `server.openapi`) and the chat
+page with its static files (`server.web.is_public`: ``/`` and ``/static/*``), refuses
 bodies over the limit with 413 (from Content-Length, or while the body is read, so an
 oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
@@ -11,7 +12,8 @@ other route. ``HEAD`` is answered as ``GET`` without a body (health checkers use
 bodies nested too deeply or holding lone surrogates get 400 (`read_json`).
 `install_error_handlers` turns every error, FastAPI's own 404/405 and the session store's
 write failures (507/503, `server.store.StoreWriteError`) included, into
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``; a 405 carries ``Allow`` with every method
+of its path (`allowed_methods`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import metrics
 from server.protocol import ApiError
@@ -34,7 +37,8 @@ from server.web import is_public
 
 log = logging.getLogger("newllm.server")
 
-EXEMPT = ("/health",)  # routes that need no API key
+# routes that need no API key: health checks, and the API's description (server/openapi.py)
+EXEMPT = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 async def read_json(request: Request) -> Any:
@@ -77,8 +81,8 @@ def _lone_surrogate(data: Any) -> str | None:
 
 
 
-_ROUTES = {"/", "/health", "/info", "/metrics", "/v1/models", "/v1/sessions",
-           "/v1/chat/completions", "/v1/completions"}
+_ROUTES = {"/", "/health", "/info", "/metrics", "/openapi.json", "/docs", "/v1/models",
+           "/v1/sessions", "/v1/chat/completions", "/v1/completions"}
 
 
 def route_label(path: str) -> str:
@@ -180,6 +184,22 @@ class Guard:
         return None
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers at the request's path (HEAD with GET).
+
+    Starlette's own 405 names only the methods of the first route whose path matched, and a
+    path declared once per method (``GET`` and ``PUT .../memory``) is several routes."""
+    scope = {**request.scope, "method": "\x00"}  # no route answers it: paths match partially
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")  # the Guard answers HEAD as GET
+    return sorted(methods)
+
+
 def install_error_handlers(app: Any) -> None:
     """Every error as OpenAI-shaped JSON, counted by code."""
 
@@ -193,7 +213,10 @@ def install_error_handlers(app: Any) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         error = ApiError(exc.status_code, str(exc.detail), code=code)
         metrics.ERRORS.labels(code).inc()
-        return _error_response(error)
+        response = _error_response(error)
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
 
     async def store_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StoreWriteError)

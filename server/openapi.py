@@ -1,0 +1,280 @@
+"""The OpenAPI document at ``/openapi.json``: every route with its body, security and errors.
+
+The handlers take a starlette ``Request`` and parse JSON themselves (`server.protocol.parse`,
+strict pydantic models), so FastAPI sees no body and no error answers. `OPERATIONS` says, for
+each route (method and path as the document spells them), what FastAPI cannot infer: the
+request body (a pydantic model's JSON schema, or raw bytes), the success answers with their
+content types (JSON, ``text/event-stream`` for streams, ``text/plain``,
+``application/octet-stream``), the error statuses it can answer, each with the body
+``{"error": {"message", "type", "param", "code"}}``, and the query parameters it reads.
+`install` replaces ``app.openapi`` with `document`, which starts from FastAPI's own document
+(paths, path parameters, operation ids) and fills in the rest.
+
+Security: one scheme, HTTP Bearer (``Authorization: Bearer <key>``; ``X-API-Key`` is accepted
+too), on every operation but ``GET /health``. The document itself, ``/docs`` and ``/redoc`` are
+public (`server.http.EXEMPT`: the Guard lets them through): they describe the routes, which are
+the same on every newllm server, and hold nothing of this one's sessions or model. A route
+the table does not know still appears (with the security scheme and a warning in the log);
+``tests/test_openapi.py`` fails on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from newllm import __version__
+from server.protocol import ChatRequest, CompletionRequest
+from server.stateful import ConversationCreate, ConversationUpdate, ItemsCreate, ResponsesRequest
+from server.store import SESSION_ID
+
+log = logging.getLogger("newllm.server")
+
+SECURITY = [{"bearer": []}]
+JSON, SSE, TEXT, BYTES = ("application/json", "text/event-stream", "text/plain",
+                          "application/octet-stream")
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An object schema with these required (and optional) properties; others allowed."""
+    return {"type": "object", "required": list(required),
+            "properties": {**required, **(optional or {})}}
+
+
+STR, INT, NUM = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+NULLABLE_STR = {"type": ["string", "null"]}
+LIST_OF = {"type": "array"}
+
+# response bodies (what the handlers build; loose where the shape is OpenAI's)
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": _obj({"error": _obj({"message": STR, "type": STR, "param": NULLABLE_STR,
+                                  "code": STR})}),
+    "Model": _obj({"id": STR, "object": {"const": "model"}, "created": INT, "owned_by": STR,
+                   "fingerprint": STR, "parameters": INT,
+                   "layers": {"type": "array", "items": STR}, "dtype": STR,
+                   "kv_cache_bytes_per_token": INT}),
+    "ModelList": _obj({"object": {"const": "list"},
+                       "data": {"type": "array", "items": _ref("Model")}}),
+    "Session": _obj({"id": STR, "object": {"const": "session"}, "tokens_seen": INT,
+                     "bytes": INT, "last_used": NUM, "kind": STR, "turns": INT}),
+    "SessionList": _obj({"object": {"const": "list"},
+                         "data": {"type": "array", "items": _ref("Session")}}),
+    "SessionImported": _obj({"id": STR, "object": {"const": "session"}, "created":
+                             {"type": "boolean"}, "tokens_seen": INT, "bytes": INT,
+                             "kind": STR, "turns": INT, "payload_sha256": STR,
+                             "received_payload_sha256": STR,
+                             "converted": {"type": ["object", "null"]}}),
+    "Deleted": _obj({"id": STR, "object": STR, "deleted": {"const": True}}),
+    "ChatCompletion": _obj({"id": STR, "object": {"const": "chat.completion"},
+                            "created": INT, "model": STR, "choices": LIST_OF},
+                           {"usage": {"type": ["object", "null"]}, "session": {"type": "object"}}),
+    "Completion": _obj({"id": STR, "object": {"const": "text_completion"}, "created": INT,
+                        "model": STR, "choices": LIST_OF},
+                       {"usage": {"type": ["object", "null"]}, "session": {"type": "object"}}),
+    "Response": _obj({"id": STR, "object": {"const": "response"}, "created_at": INT,
+                      "model": STR, "status": STR, "output": LIST_OF}),
+    "Conversation": _obj({"id": STR, "object": {"const": "conversation"}, "created_at": INT,
+                          "metadata": {"type": "object"}}),
+    "Item": _obj({"type": {"const": "message"}, "id": STR, "role": STR, "content": LIST_OF}),
+    "ItemList": _obj({"object": {"const": "list"},
+                      "data": {"type": "array", "items": _ref("Item")},
+                      "first_id": NULLABLE_STR, "last_id": NULLABLE_STR,
+                      "has_more": {"type": "boolean"}}),
+    "Info": _obj({"model": {"type": ["object", "null"]}, "server": {"type": "object"}}),
+}
+REQUESTS: tuple[type[BaseModel], ...] = (ChatRequest, CompletionRequest, ResponsesRequest,
+                                         ConversationCreate, ConversationUpdate, ItemsCreate)
+
+ERROR_TEXT = {
+    400: "invalid request: bad JSON, a wrong or unknown field, an invalid id or value",
+    401: "missing or invalid API key",
+    404: "no such model, session, response, conversation or item",
+    409: "the session is busy, was deleted, or its history differs from the request's",
+    413: "the request body is over the limit (--max-request-bytes, --max-memory-bytes)",
+    422: "the session's memory cannot continue (non-finite values), or an Idempotency-Key "
+         "was reused for another request",
+    429: "too many memory uploads at once; retry after Retry-After seconds",
+    503: "the session store is unavailable or full, or the worker serving the request died",
+    507: "no space left to save the session",
+}
+READ = (401, 404, 503)  # a read of a stored thing
+WRITE = (400, 401, 404, 409, 413, 503, 507)  # a change with a JSON body
+TURN = (400, 401, 404, 409, 413, 422, 503, 507)  # generation
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation: a summary, its body, success answers, error statuses and query."""
+
+    summary: str
+    ok: dict[int, dict[str, Any]]  # status -> {content type: schema}
+    errors: tuple[int, ...] = (401,)
+    body: type[BaseModel] | str | None = None  # a model, BYTES, or None
+    body_required: bool = True
+    query: tuple[dict[str, Any], ...] = ()
+    secure: bool = True
+    headers: dict[str, Any] = field(default_factory=dict)  # header parameters it reads
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {JSON: _ref(name)}
+
+
+IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+               "description": "applies a turn on a session once (server/replies.py)",
+               "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}}
+PAGE = (
+    {"name": "order", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": ["asc", "desc"]}},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+    {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "the id of the item after which the page starts"},
+)
+STREAMED = {"text/event-stream": {"type": "string"}}
+CONV, RESP = "/v1/conversations/{conversation_id}", "/v1/responses/{response_id}"
+SESSION = "/v1/sessions/{session_id}"
+
+OPERATIONS: dict[tuple[str, str], Op] = {
+    ("GET", "/health"): Op("200 'ok' once every worker has loaded the model, else 503",
+                           {200: {TEXT: STR}, 503: {TEXT: STR}}, errors=(), secure=False),
+    ("GET", "/info"): Op("LitServe's server information", {200: _json("Info")}),
+    ("GET", "/metrics"): Op("Prometheus text format, merged over processes",
+                            {200: {TEXT: STR}}),
+    ("POST", "/v1/chat/completions"): Op(
+        "chat completion (a session's turn with metadata.session_id)",
+        {200: {**_json("ChatCompletion"), **STREAMED}}, TURN, ChatRequest,
+        headers={"idempotency": IDEMPOTENCY}),
+    ("POST", "/v1/completions"): Op(
+        "text completion, with echo and logprobs", {200: {**_json("Completion"), **STREAMED}},
+        TURN, CompletionRequest, headers={"idempotency": IDEMPOTENCY}),
+    ("GET", "/v1/models"): Op("the served model", {200: _json("ModelList")}),
+    ("GET", "/v1/models/{model_id}"): Op("the served model's card", {200: _json("Model")},
+                                         (401, 404)),
+    ("GET", "/v1/sessions"): Op("every session of the store", {200: _json("SessionList")},
+                                (401, 503)),
+    ("GET", SESSION + "/memory"): Op(
+        "the session's memory file (safetensors), with X-Newllm-* headers",
+        {200: {BYTES: {"type": "string", "format": "binary"}}}, (400, *READ)),
+    ("PUT", SESSION + "/memory"): Op(
+        "install a memory file as this session (checked against the served model)",
+        {200: _json("SessionImported"), 201: _json("SessionImported")},
+        (400, 401, 409, 413, 429, 503, 507), BYTES),
+    ("DELETE", SESSION): Op("forget a session (cancels a running turn)", {200: _json("Deleted")},
+                            (400, 401, 404, 409, 503)),
+    ("POST", "/v1/responses"): Op("create a response (stored as a session unless store=false)",
+                                  {200: {**_json("Response"), **STREAMED}}, TURN,
+                                  ResponsesRequest),
+    ("GET", RESP): Op("a stored response", {200: _json("Response")}, READ),
+    ("DELETE", RESP): Op("delete a stored response", {200: _json("Deleted")}, (*READ, 409)),
+    ("GET", RESP + "/input_items"): Op("a stored response's input items",
+                                       {200: _json("ItemList")}, (400, *READ), query=PAGE),
+    ("POST", "/v1/conversations"): Op("create a conversation (a session)",
+                                      {200: _json("Conversation")}, WRITE, ConversationCreate,
+                                      body_required=False),
+    ("GET", CONV): Op("a conversation", {200: _json("Conversation")}, READ),
+    ("POST", CONV): Op("set a conversation's metadata", {200: _json("Conversation")}, WRITE,
+                       ConversationUpdate),
+    ("DELETE", CONV): Op("delete a conversation", {200: _json("Deleted")}, (*READ, 409)),
+    ("POST", CONV + "/items"): Op("add items, read by the next response",
+                                  {200: _json("ItemList")}, WRITE, ItemsCreate),
+    ("GET", CONV + "/items"): Op("a conversation's items", {200: _json("ItemList")},
+                                 (400, *READ), query=PAGE),
+    ("GET", CONV + "/items/{item_id}"): Op("one item", {200: _json("Item")}, READ),
+    ("DELETE", CONV + "/items/{item_id}"): Op(
+        "delete an item not yet read into the memory (409 once it is)",
+        {200: _json("Conversation")}, (*READ, 409, 507)),
+}
+PATH_PATTERNS = {"session_id": f"^{SESSION_ID.pattern}$"}
+
+
+def _answers(op: Op) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for status, content in op.ok.items():
+        text = "OK" if status < 300 else "not ready"
+        out[str(status)] = {"description": "created" if status == 201 else text,
+                            "content": {t: {"schema": s} for t, s in content.items()}}
+    for status in op.errors:
+        answer: dict[str, Any] = {"description": ERROR_TEXT[status],
+                                  "content": {JSON: {"schema": _ref("Error")}}}
+        if status == 401:
+            answer["headers"] = {"WWW-Authenticate": {"schema": STR}}
+        if status == 429:
+            answer["headers"] = {"Retry-After": {"schema": INT}}
+        out[str(status)] = answer
+    return out
+
+
+def _request_body(op: Op) -> dict[str, Any] | None:
+    if op.body is None:
+        return None
+    if op.body == BYTES:
+        content = {BYTES: {"schema": {"type": "string", "format": "binary"}}}
+    else:
+        assert not isinstance(op.body, str)
+        content = {JSON: {"schema": _ref(op.body.__name__)}}
+    return {"required": op.body_required, "content": content}
+
+
+def _request_schemas() -> dict[str, Any]:
+    """The JSON schemas of the request models, their nested models hoisted to components."""
+    out: dict[str, Any] = {}
+    for model in REQUESTS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+def document(app: Any) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``app``'s routes, filled in from `OPERATIONS`."""
+    doc = get_openapi(title="newllm", version=__version__, routes=app.routes,
+                      description="OpenAI-compatible server whose sessions keep a compressed "
+                                  "memory (server/README.md)")
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            op = OPERATIONS.get((method.upper(), path))
+            if op is None:
+                log.warning("%s %s has no entry in server/openapi.py", method.upper(), path)
+                operation["security"] = SECURITY
+                continue
+            operation["summary"] = op.summary
+            operation["responses"] = _answers(op)
+            params = [p for p in operation.get("parameters", []) if p["in"] == "path"]
+            for p in params:
+                p["schema"] = {"type": "string", "minLength": 1}
+                if p["name"] in PATH_PATTERNS:
+                    p["schema"]["pattern"] = PATH_PATTERNS[p["name"]]
+            params += [*op.query, *op.headers.values()]
+            if params:
+                operation["parameters"] = params
+            body = _request_body(op)
+            if body is not None:
+                operation["requestBody"] = body
+            operation["security"] = SECURITY if op.secure else []
+    components = doc.setdefault("components", {})
+    components["schemas"] = {**SCHEMAS, **_request_schemas()}
+    components["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "the server's API key (--api-key or $NEWLLM_API_KEY); X-API-Key "
+                       "is accepted too. Servers started without a key accept any"}}
+    return doc
+
+
+def install(app: Any) -> None:
+    """Serve `document` at ``/openapi.json`` (built once, at the first request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
