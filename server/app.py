@@ -34,9 +34,9 @@ removed by `SessionStore.sweep_temp` when the worker restarts; a kill after the 
 the turn saved although its client got 503).
 
 Memory routes run in the HTTP processes (file I/O and validation only) under the session's lock.
-`server.http.Guard` checks the API key on every route except ``/health`` and the chat page
-(``/``, ``/static/*``), limits request bodies and counts requests; every error is JSON in
-OpenAI's shape.
+`server.http.Guard` checks the API key on every route except ``/health``, the OpenAPI document
+(``/openapi.json``, ``/docs``) and the chat page (``/``, ``/static/*``), limits request bodies
+and counts requests; every error is JSON in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from newllm.memory_file import (
 )
 from newllm.sizes import kv_cache_bytes_per_token
 from server import metrics, openapi, replies, web
-from server.http import Guard, install_error_handlers, read_json
+from server.http import Guard, install_error_handlers, plain_text_health, read_json
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
 from server.responses import DONE, Builder, ChatBuilder, CompletionBuilder, sse
@@ -205,10 +205,10 @@ class NewllmAPI(ls.LitAPI):
 
 # HTTP side ---------------------------------------------------------------------------------------
 def _idempotency_key(request: Request, job: dict[str, Any]) -> str | None:
-    """The request's ``Idempotency-Key`` (`server.replies`); ignored without a session."""
-    if job["session_id"] is None:
-        return None
-    return replies.check_key(request.headers.get("idempotency-key"))
+    """The request's ``Idempotency-Key`` (`server.replies`): a malformed one is 400 on any
+    request; a valid one is ignored without a session."""
+    key = replies.check_key(request.headers.get("idempotency-key"))
+    return key if job["session_id"] is not None else None
 
 
 def _session_id(session_id: str) -> str:
@@ -607,6 +607,7 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
     # no redirects from "/path/" to "/path": they were built from the client's Host header
     server.app.router.redirect_slashes = False
     install_error_handlers(server.app)
+    plain_text_health(server.app)
     web.install(server.app)
-    openapi.install(server.app)
+    openapi.install(server.app, info.name)
     return server

@@ -9,7 +9,8 @@ oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
 for memory uploads (``PUT /v1/sessions/{id}/memory``) and ``--max-request-bytes`` for every
 other route. ``HEAD`` is answered as ``GET`` without a body (health checkers use it). JSON
-bodies nested too deeply or holding lone surrogates get 400 (`read_json`).
+bodies nested too deeply or holding lone surrogates get 400 (`read_json`; an integral number
+such as ``3.0`` reads as the integer 3).
 `install_error_handlers` turns every error, FastAPI's own 404/405 and the session store's
 write failures (507/503, `server.store.StoreWriteError`) included, into
 ``{"error": {"message", "type", "param", "code"}}``; a 405 carries ``Allow`` with every method
@@ -46,7 +47,7 @@ async def read_json(request: Request) -> Any:
     if not body:
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_body")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_float=_number)
     except (UnicodeDecodeError, ValueError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}",
                        code="invalid_json") from None
@@ -58,6 +59,14 @@ async def read_json(request: Request) -> Any:
                        "that is not Unicode text: send valid UTF-16 pairs or the character "
                        "itself", code="invalid_text", param=where)
     return data
+
+
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an int when it is integral (``3.0``, ``1e2``),
+    since JSON (and JSON Schema's ``integer``) makes no difference between 3 and 3.0, while the
+    strict request models refuse a float where they take an int (they take ints for floats)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _lone_surrogate(data: Any) -> str | None:
@@ -198,6 +207,24 @@ def allowed_methods(request: Request) -> list[str]:
     if "GET" in methods:
         methods.add("HEAD")  # the Guard answers HEAD as GET
     return sorted(methods)
+
+
+def plain_text_health(app: Any) -> None:
+    """LitServe's ``GET /health`` answers "ok" / "not ready" with no Content-Type: wrap it so
+    the answer says ``text/plain`` (as the OpenAPI document does)."""
+    for route in app.router.routes:
+        if getattr(route, "path", None) == "/health" and "GET" in route.methods:
+            original = route.endpoint
+            break
+    else:
+        return
+
+    async def health(request: Request) -> Response:
+        answer = await original(request)
+        return Response(answer.body, status_code=answer.status_code, media_type="text/plain")
+
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
+    app.add_api_route("/health", health, methods=["GET"])
 
 
 def install_error_handlers(app: Any) -> None:

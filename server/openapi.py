@@ -115,7 +115,7 @@ class Op:
     """One operation: a summary, its body, success answers, error statuses and query."""
 
     summary: str
-    ok: dict[int, dict[str, Any]]  # status -> {content type: schema}
+    ok: dict[int, dict[str, Any]]  # status -> {content type: media type object}
     errors: tuple[int, ...] = (401,)
     body: type[BaseModel] | str | None = None  # a model, BYTES, or None
     body_required: bool = True
@@ -125,7 +125,7 @@ class Op:
 
 
 def _json(name: str) -> dict[str, Any]:
-    return {JSON: _ref(name)}
+    return {JSON: {"schema": _ref(name)}}
 
 
 IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -139,23 +139,35 @@ PAGE = (
     {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
      "description": "the id of the item after which the page starts"},
 )
-STREAMED = {"text/event-stream": {"type": "string"}}
+
+
+def _events(chunk: str) -> dict[str, Any]:
+    """``text/event-stream`` whose events carry JSON ``data`` (in OpenAPI 3.1 the schema
+    describes one event): ``chunk`` objects, an ``{"error": ...}`` object if the turn fails
+    after it started, and ``[DONE]`` last (chat and completions)."""
+    return {SSE: {"schema": {"type": "object", "required": ["data"], "properties": {
+        "event": STR, "data": {"type": "string", "contentMediaType": JSON,
+                               "description": f"a {chunk} as JSON, an error object, or [DONE]"}}}}}
+
+
+PLAIN = {TEXT: {"schema": STR}}
 CONV, RESP = "/v1/conversations/{conversation_id}", "/v1/responses/{response_id}"
 SESSION = "/v1/sessions/{session_id}"
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/health"): Op("200 'ok' once every worker has loaded the model, else 503",
-                           {200: {TEXT: STR}, 503: {TEXT: STR}}, errors=(), secure=False),
+                           {200: PLAIN, 503: PLAIN}, errors=(), secure=False),
     ("GET", "/info"): Op("LitServe's server information", {200: _json("Info")}),
     ("GET", "/metrics"): Op("Prometheus text format, merged over processes",
-                            {200: {TEXT: STR}}),
+                            {200: PLAIN}),
     ("POST", "/v1/chat/completions"): Op(
         "chat completion (a session's turn with metadata.session_id)",
-        {200: {**_json("ChatCompletion"), **STREAMED}}, TURN, ChatRequest,
-        headers={"idempotency": IDEMPOTENCY}),
+        {200: {**_json("ChatCompletion"), **_events("chat.completion.chunk")}}, TURN,
+        ChatRequest, headers={"idempotency": IDEMPOTENCY}),
     ("POST", "/v1/completions"): Op(
-        "text completion, with echo and logprobs", {200: {**_json("Completion"), **STREAMED}},
-        TURN, CompletionRequest, headers={"idempotency": IDEMPOTENCY}),
+        "text completion, with echo and logprobs",
+        {200: {**_json("Completion"), **_events("text_completion chunk")}}, TURN,
+        CompletionRequest, headers={"idempotency": IDEMPOTENCY}),
     ("GET", "/v1/models"): Op("the served model", {200: _json("ModelList")}),
     ("GET", "/v1/models/{model_id}"): Op("the served model's card", {200: _json("Model")},
                                          (401, 404)),
@@ -163,16 +175,16 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                 (401, 503)),
     ("GET", SESSION + "/memory"): Op(
         "the session's memory file (safetensors), with X-Newllm-* headers",
-        {200: {BYTES: {"type": "string", "format": "binary"}}}, (400, *READ)),
+        {200: {BYTES: {"schema": {"type": "string", "format": "binary"}}}}, (400, *READ)),
     ("PUT", SESSION + "/memory"): Op(
         "install a memory file as this session (checked against the served model)",
         {200: _json("SessionImported"), 201: _json("SessionImported")},
         (400, 401, 409, 413, 429, 503, 507), BYTES),
     ("DELETE", SESSION): Op("forget a session (cancels a running turn)", {200: _json("Deleted")},
                             (400, 401, 404, 409, 503)),
-    ("POST", "/v1/responses"): Op("create a response (stored as a session unless store=false)",
-                                  {200: {**_json("Response"), **STREAMED}}, TURN,
-                                  ResponsesRequest),
+    ("POST", "/v1/responses"): Op(
+        "create a response (stored as a session unless store=false)",
+        {200: {**_json("Response"), **_events("Responses API event")}}, TURN, ResponsesRequest),
     ("GET", RESP): Op("a stored response", {200: _json("Response")}, READ),
     ("DELETE", RESP): Op("delete a stored response", {200: _json("Deleted")}, (*READ, 409)),
     ("GET", RESP + "/input_items"): Op("a stored response's input items",
@@ -194,6 +206,53 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         {200: _json("Conversation")}, (*READ, 409, 507)),
 }
 PATH_PATTERNS = {"session_id": f"^{SESSION_ID.pattern}$"}
+HELLO = {"role": "user", "content": "Hello"}
+EXAMPLES: dict[tuple[str, str], dict[str, dict[str, Any]]] = {  # "MODEL": the served model
+    ("POST", "/v1/chat/completions"): {
+        "chat": {"model": "MODEL", "messages": [HELLO], "max_tokens": 8},
+        "session": {"model": "MODEL", "messages": [HELLO], "max_tokens": 8,
+                    "metadata": {"session_id": "example-session"}},
+        "stream": {"model": "MODEL", "messages": [HELLO], "max_tokens": 8, "stream": True}},
+    ("POST", "/v1/completions"): {
+        "text": {"model": "MODEL", "prompt": "Once upon a time", "max_tokens": 8},
+        "logprobs": {"model": "MODEL", "prompt": [1, 2, 3], "max_tokens": 0, "echo": True,
+                     "logprobs": 1},
+        "stream": {"model": "MODEL", "prompt": "Once upon a time", "max_tokens": 8,
+                   "stream": True}},
+    ("POST", "/v1/responses"): {
+        "input": {"model": "MODEL", "input": "Hello", "max_output_tokens": 8},
+        "stream": {"model": "MODEL", "input": "Hello", "max_output_tokens": 8,
+                   "stream": True}},
+    ("POST", "/v1/conversations"): {"items": {"items": [HELLO], "metadata": {"topic": "demo"}}},
+    ("POST", CONV): {"metadata": {"metadata": {"topic": "renamed"}}},
+    ("POST", CONV + "/items"): {"items": {"items": [HELLO]}},
+}
+
+
+def _link(path: str, method: str, **parameters: str) -> dict[str, Any]:
+    pointer = path.replace("~", "~0").replace("/", "~1")
+    return {"operationRef": f"#/paths/{pointer}/{method}", "parameters": parameters}
+
+
+BY_ID = {"conversation_id": "$response.body#/id"}
+SAME_CONV = {"conversation_id": "$request.path.conversation_id"}
+LINKS: dict[tuple[str, str], dict[str, Any]] = {  # what a 200 answer's ids lead to
+    ("POST", "/v1/responses"): {
+        "GetResponse": _link(RESP, "get", response_id="$response.body#/id"),
+        "InputItems": _link(RESP + "/input_items", "get", response_id="$response.body#/id"),
+        "DeleteResponse": _link(RESP, "delete", response_id="$response.body#/id")},
+    ("POST", "/v1/conversations"): {
+        "GetConversation": _link(CONV, "get", **BY_ID),
+        "UpdateConversation": _link(CONV, "post", **BY_ID),
+        "AddItems": _link(CONV + "/items", "post", **BY_ID),
+        "ListItems": _link(CONV + "/items", "get", **BY_ID),
+        "DeleteConversation": _link(CONV, "delete", **BY_ID)},
+    ("POST", CONV + "/items"): {
+        "GetItem": _link(CONV + "/items/{item_id}", "get", **SAME_CONV,
+                         item_id="$response.body#/first_id"),
+        "DeleteItem": _link(CONV + "/items/{item_id}", "delete", **SAME_CONV,
+                            item_id="$response.body#/first_id")},
+}
 
 
 def _answers(op: Op) -> dict[str, Any]:
@@ -201,8 +260,8 @@ def _answers(op: Op) -> dict[str, Any]:
     for status, content in op.ok.items():
         text = "OK" if status < 300 else "not ready"
         out[str(status)] = {"description": "created" if status == 201 else text,
-                            "content": {t: {"schema": s} for t, s in content.items()}}
-    for status in op.errors:
+                            "content": content}
+    for status in sorted(op.errors):
         answer: dict[str, Any] = {"description": ERROR_TEXT[status],
                                   "content": {JSON: {"schema": _ref("Error")}}}
         if status == 401:
@@ -213,7 +272,8 @@ def _answers(op: Op) -> dict[str, Any]:
     return out
 
 
-def _request_body(op: Op) -> dict[str, Any] | None:
+def _request_body(op: Op, examples: dict[str, dict[str, Any]], model: str
+                  ) -> dict[str, Any] | None:
     if op.body is None:
         return None
     if op.body == BYTES:
@@ -221,6 +281,10 @@ def _request_body(op: Op) -> dict[str, Any] | None:
     else:
         assert not isinstance(op.body, str)
         content = {JSON: {"schema": _ref(op.body.__name__)}}
+        if examples:
+            content[JSON]["examples"] = {
+                name: {"value": {k: model if v == "MODEL" else v for k, v in body.items()}}
+                for name, body in examples.items()}
     return {"required": op.body_required, "content": content}
 
 
@@ -234,8 +298,9 @@ def _request_schemas() -> dict[str, Any]:
     return out
 
 
-def document(app: Any) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of ``app``'s routes, filled in from `OPERATIONS`."""
+def document(app: Any, model: str = "MODEL") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``app``'s routes, filled in from `OPERATIONS`; request
+    examples name ``model``, the served model."""
     doc = get_openapi(title="newllm", version=__version__, routes=app.routes,
                       description="OpenAI-compatible server whose sessions keep a compressed "
                                   "memory (server/README.md)")
@@ -248,6 +313,9 @@ def document(app: Any) -> dict[str, Any]:
                 continue
             operation["summary"] = op.summary
             operation["responses"] = _answers(op)
+            links = LINKS.get((method.upper(), path))
+            if links:
+                operation["responses"]["200"]["links"] = links
             params = [p for p in operation.get("parameters", []) if p["in"] == "path"]
             for p in params:
                 p["schema"] = {"type": "string", "minLength": 1}
@@ -256,7 +324,7 @@ def document(app: Any) -> dict[str, Any]:
             params += [*op.query, *op.headers.values()]
             if params:
                 operation["parameters"] = params
-            body = _request_body(op)
+            body = _request_body(op, EXAMPLES.get((method.upper(), path), {}), model)
             if body is not None:
                 operation["requestBody"] = body
             operation["security"] = SECURITY if op.secure else []
@@ -269,12 +337,12 @@ def document(app: Any) -> dict[str, Any]:
     return doc
 
 
-def install(app: Any) -> None:
+def install(app: Any, model: str) -> None:
     """Serve `document` at ``/openapi.json`` (built once, at the first request)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document(app)
+            app.openapi_schema = document(app, model)
         return app.openapi_schema
 
     app.openapi = openapi

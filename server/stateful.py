@@ -343,12 +343,21 @@ class StatefulRoutes:
                                "created with store=false)", code="response_not_found",
                                param="previous_response_id")
         items = input_items(req.input)
+        if not items:
+            raise ApiError(400, "input is an empty list; send a string or at least one "
+                           "message item", code="invalid_value", param="input")
         messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
         messages += [{"role": it["role"], "content": item_text(it)} for it in items]
-        chat = parse_request(ChatRequest, {
-            "model": req.model, "messages": messages, "temperature": req.temperature,
-            "top_p": req.top_p, "max_tokens": req.max_output_tokens, "user": req.user})
-        job = chat_job(chat, self.settings.max_tokens_limit)
+        try:
+            chat = parse_request(ChatRequest, {
+                "model": req.model, "messages": messages, "temperature": req.temperature,
+                "top_p": req.top_p, "max_tokens": req.max_output_tokens, "user": req.user})
+            job = chat_job(chat, self.settings.max_tokens_limit)
+        except ApiError as e:  # name the Responses API's fields, not chat's
+            if e.param == "max_tokens":
+                e.param, e.message = "max_output_tokens", e.message.replace(
+                    "max_tokens", "max_output_tokens")
+            raise
         rid = f"resp_{new_hex()}"
         job.update(session_id=conversation or (rid if store else None), input_mode="new",
                    reset=False, load_from=previous, conversation=conversation is not None,
