@@ -11,11 +11,16 @@ content types (JSON, ``text/event-stream`` for streams, ``text/plain``,
 (paths, path parameters, operation ids) and fills in the rest.
 
 Security: one scheme, HTTP Bearer (``Authorization: Bearer <key>``; ``X-API-Key`` is accepted
-too), on every operation but ``GET /health``. The document itself, ``/docs`` and ``/redoc`` are
-public (`server.http.EXEMPT`: the Guard lets them through): they describe the routes, which are
-the same on every newllm server, and hold nothing of this one's sessions or model. A route
-the table does not know still appears (with the security scheme and a warning in the log);
-``tests/test_openapi.py`` fails on it.
+too), on every operation but ``GET /health`` and the chat page (``/``, ``/static/{name}``).
+The document itself, ``/docs`` and ``/redoc`` are public (`server.http.EXEMPT`: the Guard lets
+them through): they describe the routes, which are the same on every newllm server, and hold
+nothing of this server's sessions (the request examples name the served model, which
+``/v1/models`` tells anyone with the key). ``/docs`` is FastAPI's Swagger UI, which loads its
+script from a CDN (jsDelivr): it needs a browser with internet access, the document does not.
+A route the table does not know still appears (with the security scheme and a warning in the
+log); ``tests/test_openapi.py`` fails on it. Not documented: 500 (a bug, never an answer by
+design), 405 (any method a path does not list; the answer carries ``Allow``), and the Guard's
+400 for a malformed Content-Length header.
 """
 
 from __future__ import annotations
@@ -157,6 +162,12 @@ SESSION = "/v1/sessions/{session_id}"
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/health"): Op("200 'ok' once every worker has loaded the model, else 503",
                            {200: PLAIN, 503: PLAIN}, errors=(), secure=False),
+    ("GET", "/"): Op("the chat page (server/web.py); 404 when its files are not installed",
+                     {200: {"text/html": {"schema": STR}}}, (404,), secure=False),
+    ("GET", "/static/{name}"): Op(
+        "a file of the chat page", {200: {t: {"schema": STR} for t in (
+            "text/javascript", "text/css", "text/html", "image/svg+xml")}}, (404,),
+        secure=False),
     ("GET", "/info"): Op("LitServe's server information", {200: _json("Info")}),
     ("GET", "/metrics"): Op("Prometheus text format, merged over processes",
                             {200: PLAIN}),
