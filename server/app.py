@@ -19,7 +19,7 @@ Routes (all declared by `SessionSpec`, a custom `LitSpec`, so generation feeds t
 ``DELETE /v1/sessions/{id}``               forget a session
 ``GET /metrics``                           Prometheus text format, merged over processes
 ``GET /health``                            LitServe's: 200 once every worker loaded the model
-``GET /openapi.json``, ``/docs``           the OpenAPI document (`server.openapi`; no key needed)
+``GET /openapi.json``, ``/docs``           the OpenAPI document (`server.openapi`)
 ``GET /``, ``/static/{name}``              the chat page (`server.web`; no key needed)
 =========================================  ==================================================
 
@@ -34,9 +34,9 @@ removed by `SessionStore.sweep_temp` when the worker restarts; a kill after the 
 the turn saved although its client got 503).
 
 Memory routes run in the HTTP processes (file I/O and validation only) under the session's lock.
-`server.http.Guard` checks the API key on every route except ``/health``, the OpenAPI document
-(``/openapi.json``, ``/docs``) and the chat page (``/``, ``/static/*``), limits request bodies
-and counts requests; every error is JSON in OpenAI's shape.
+`server.http.Guard` checks the API key on every route except ``/health`` and the chat page
+(``/``, ``/static/*``), limits request bodies and counts requests; every error is JSON in
+OpenAI's shape.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """HTTP plumbing shared by every route: the `Guard` middleware and OpenAI-shaped errors.
 
 `Guard` (pure ASGI, outermost but for `server.web.Cors` with ``--cors-origin``) checks the API
-key (``Authorization: Bearer <key>`` or ``X-API-Key``) on every route except ``/health``, the
-API's description (``/openapi.json``, ``/docs``, ``/redoc``: `server.openapi`) and the chat
-page with its static files (`server.web.is_public`: ``/`` and ``/static/*``), refuses
+key (``Authorization: Bearer <key>`` or ``X-API-Key``) on every route except ``/health`` and
+the chat page with its static files (`server.web.is_public`: ``/`` and ``/static/*``); the
+OpenAPI document (``/openapi.json``, ``/docs``) needs the key like the API it describes. It refuses
 bodies over the limit with 413 (from Content-Length, or while the body is read, so an
 oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
@@ -38,8 +38,7 @@ from server.web import is_public
 
 log = logging.getLogger("newllm.server")
 
-# routes that need no API key: health checks, and the API's description (server/openapi.py)
-EXEMPT = ("/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+EXEMPT = ("/health",)  # routes that need no API key
 
 
 async def read_json(request: Request) -> Any:

@@ -12,11 +12,13 @@ content types (JSON, ``text/event-stream`` for streams, ``text/plain``,
 
 Security: one scheme, HTTP Bearer (``Authorization: Bearer <key>``; ``X-API-Key`` is accepted
 too), on every operation but ``GET /health`` and the chat page (``/``, ``/static/{name}``).
-The document itself, ``/docs`` and ``/redoc`` are public (`server.http.EXEMPT`: the Guard lets
-them through): they describe the routes, which are the same on every newllm server, and hold
-nothing of this server's sessions (the request examples name the served model, which
-``/v1/models`` tells anyone with the key). ``/docs`` is FastAPI's Swagger UI, which loads its
-script from a CDN (jsDelivr): it needs a browser with internet access, the document does not.
+The document itself (``/openapi.json``, and FastAPI's ``/docs`` and ``/redoc``) needs the key
+like the routes it describes (`server.http.Guard`): it names the served model in its request
+examples, which only ``/v1/models`` tells, behind the key; and it is the same document for every
+newllm server of a version, so there is nothing to discover without the key. Fetch it with the
+key (``curl -H "Authorization: Bearer $KEY" .../openapi.json``, schemathesis ``-H``). The
+Swagger UI at ``/docs`` cannot send the key while it loads, so it is useful on servers run
+without one (it also loads its script from a CDN, jsDelivr).
 A route the table does not know still appears (with the security scheme and a warning in the
 log); ``tests/test_openapi.py`` fails on it. Not documented: 500 (a bug, never an answer by
 design), 405 (any method a path does not list; the answer carries ``Allow``), and the Guard's

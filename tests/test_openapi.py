@@ -126,12 +126,13 @@ def test_every_route_is_documented_with_security_body_and_errors(app: Any) -> No
     assert refs and refs <= set(doc["components"]["schemas"])
 
 
-def test_the_document_is_public_and_405s_say_allow(server: LiveServer) -> None:
+def test_the_document_needs_the_key_and_405s_say_allow(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        doc = http.get("/openapi.json")  # no key: the document is public
+        doc = http.get("/openapi.json", headers=AUTH)
         assert doc.status_code == 200 and doc.json()["openapi"].startswith("3.")
-        assert http.get("/docs").status_code == 200
-        assert http.get("/v1/models").status_code == 401  # the API is not
+        assert doc.json()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        for path in ("/openapi.json", "/docs"):  # like the API it describes
+            assert http.get(path).status_code == 401, path
         health = http.get("/health")
         assert health.status_code == 200 and health.headers["content-type"].startswith(
             "text/plain")
