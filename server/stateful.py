@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -82,7 +82,7 @@ class TextConfig(_Strict):
 
 class ResponsesRequest(_Strict):
     model: str
-    input: str | list[InputItem]
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     previous_response_id: str | None = None
     conversation: str | ConversationRef | None = None
@@ -99,6 +99,13 @@ class ResponsesRequest(_Strict):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     include: list[str] | None = Field(None, max_length=0)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _some_input(cls, value: Any) -> Any:
+        if value == []:  # else the error would be the string branch's "not a valid string"
+            raise ValueError("an empty list; send a string or at least one message item")
+        return value
 
 
 class ConversationCreate(_Strict):
@@ -343,9 +350,6 @@ class StatefulRoutes:
                                "created with store=false)", code="response_not_found",
                                param="previous_response_id")
         items = input_items(req.input)
-        if not items:
-            raise ApiError(400, "input is an empty list; send a string or at least one "
-                           "message item", code="invalid_value", param="input")
         messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
         messages += [{"role": it["role"], "content": item_text(it)} for it in items]
         try:
