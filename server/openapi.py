@@ -28,13 +28,14 @@ design), 405 (any method a path does not list; the answer carries ``Allow``), an
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from newllm import __version__
+from server import replies
 from server.protocol import ChatRequest, CompletionRequest
 from server.stateful import ConversationCreate, ConversationUpdate, ItemsCreate, ResponsesRequest
 from server.store import SESSION_ID
@@ -128,7 +129,7 @@ class Op:
     body_required: bool = True
     query: tuple[dict[str, Any], ...] = ()
     secure: bool = True
-    headers: dict[str, Any] = field(default_factory=dict)  # header parameters it reads
+    headers: tuple[dict[str, Any], ...] = ()  # header parameters it reads
 
 
 def _json(name: str) -> dict[str, Any]:
@@ -137,7 +138,7 @@ def _json(name: str) -> dict[str, Any]:
 
 IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                "description": "applies a turn on a session once (server/replies.py)",
-               "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}}
+               "schema": {"type": "string", "pattern": f"^{replies.KEY.pattern}$"}}
 PAGE = (
     {"name": "order", "in": "query", "required": False,
      "schema": {"type": "string", "enum": ["asc", "desc"]}},
@@ -176,11 +177,11 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/chat/completions"): Op(
         "chat completion (a session's turn with metadata.session_id)",
         {200: {**_json("ChatCompletion"), **_events("chat.completion.chunk")}}, TURN,
-        ChatRequest, headers={"idempotency": IDEMPOTENCY}),
+        ChatRequest, headers=(IDEMPOTENCY,)),
     ("POST", "/v1/completions"): Op(
         "text completion, with echo and logprobs",
         {200: {**_json("Completion"), **_events("text_completion chunk")}}, TURN,
-        CompletionRequest, headers={"idempotency": IDEMPOTENCY}),
+        CompletionRequest, headers=(IDEMPOTENCY,)),
     ("GET", "/v1/models"): Op("the served model", {200: _json("ModelList")}),
     ("GET", "/v1/models/{model_id}"): Op("the served model's card", {200: _json("Model")},
                                          (401, 404)),
@@ -334,7 +335,7 @@ def document(app: Any, model: str = "MODEL") -> dict[str, Any]:
                 p["schema"] = {"type": "string", "minLength": 1}
                 if p["name"] in PATH_PATTERNS:
                     p["schema"]["pattern"] = PATH_PATTERNS[p["name"]]
-            params += [*op.query, *op.headers.values()]
+            params += [*op.query, *op.headers]
             if params:
                 operation["parameters"] = params
             body = _request_body(op, EXAMPLES.get((method.upper(), path), {}), model)
