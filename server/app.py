@@ -19,6 +19,7 @@ Routes (all declared by `SessionSpec`, a custom `LitSpec`, so generation feeds t
 ``DELETE /v1/sessions/{id}``               forget a session
 ``GET /metrics``                           Prometheus text format, merged over processes
 ``GET /health``                            LitServe's: 200 once every worker loaded the model
+``GET /openapi.json``, ``/docs``           the OpenAPI document (`server.openapi`)
 ``GET /``, ``/static/{name}``              the chat page (`server.web`; no key needed)
 =========================================  ==================================================
 
@@ -68,8 +69,8 @@ from newllm.memory_file import (
     save_memory,
 )
 from newllm.sizes import kv_cache_bytes_per_token
-from server import metrics, replies, web
-from server.http import Guard, install_error_handlers, read_json
+from server import metrics, openapi, replies, web
+from server.http import Guard, install_error_handlers, plain_text_health, read_json
 from server.protocol import ApiError, ChatRequest, CompletionRequest, chat_job, completion_job
 from server.protocol import parse as parse_request
 from server.responses import DONE, Builder, ChatBuilder, CompletionBuilder, sse
@@ -204,10 +205,10 @@ class NewllmAPI(ls.LitAPI):
 
 # HTTP side ---------------------------------------------------------------------------------------
 def _idempotency_key(request: Request, job: dict[str, Any]) -> str | None:
-    """The request's ``Idempotency-Key`` (`server.replies`); ignored without a session."""
-    if job["session_id"] is None:
-        return None
-    return replies.check_key(request.headers.get("idempotency-key"))
+    """The request's ``Idempotency-Key`` (`server.replies`): a malformed one is 400 on any
+    request; a valid one is ignored without a session."""
+    key = replies.check_key(request.headers.get("idempotency-key"))
+    return key if job["session_id"] is not None else None
 
 
 def _session_id(session_id: str) -> str:
@@ -606,5 +607,7 @@ def build_server(settings: ServerSettings, model: Any, tokenizer: Any) -> ls.Lit
     # no redirects from "/path/" to "/path": they were built from the client's Host header
     server.app.router.redirect_slashes = False
     install_error_handlers(server.app)
+    plain_text_health(server.app)
     web.install(server.app)
+    openapi.install(server.app, info.name)
     return server

@@ -2,16 +2,19 @@
 
 `Guard` (pure ASGI, outermost but for `server.web.Cors` with ``--cors-origin``) checks the API
 key (``Authorization: Bearer <key>`` or ``X-API-Key``) on every route except ``/health`` and
-the chat page with its static files (`server.web.is_public`: ``/`` and ``/static/*``), refuses
+the chat page with its static files (`server.web.is_public`: ``/`` and ``/static/*``); the
+OpenAPI document (``/openapi.json``, ``/docs``) needs the key like the API it describes. It refuses
 bodies over the limit with 413 (from Content-Length, or while the body is read, so an
 oversized body is never held whole), and
 counts requests by route and status with their latency. The limit is ``--max-memory-bytes``
 for memory uploads (``PUT /v1/sessions/{id}/memory``) and ``--max-request-bytes`` for every
 other route. ``HEAD`` is answered as ``GET`` without a body (health checkers use it). JSON
-bodies nested too deeply or holding lone surrogates get 400 (`read_json`).
+bodies nested too deeply or holding lone surrogates get 400 (`read_json`; an integral number
+such as ``3.0`` reads as the integer 3).
 `install_error_handlers` turns every error, FastAPI's own 404/405 and the session store's
 write failures (507/503, `server.store.StoreWriteError`) included, into
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``; a 405 carries ``Allow`` with every method
+of its path (`allowed_methods`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server import metrics
 from server.protocol import ApiError
@@ -42,7 +46,7 @@ async def read_json(request: Request) -> Any:
     if not body:
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_body")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_float=_number)
     except (UnicodeDecodeError, ValueError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}",
                        code="invalid_json") from None
@@ -54,6 +58,14 @@ async def read_json(request: Request) -> Any:
                        "that is not Unicode text: send valid UTF-16 pairs or the character "
                        "itself", code="invalid_text", param=where)
     return data
+
+
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an int when it is integral (``3.0``, ``1e2``),
+    since JSON (and JSON Schema's ``integer``) makes no difference between 3 and 3.0, while the
+    strict request models refuse a float where they take an int (they take ints for floats)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _lone_surrogate(data: Any) -> str | None:
@@ -77,8 +89,8 @@ def _lone_surrogate(data: Any) -> str | None:
 
 
 
-_ROUTES = {"/", "/health", "/info", "/metrics", "/v1/models", "/v1/sessions",
-           "/v1/chat/completions", "/v1/completions"}
+_ROUTES = {"/", "/health", "/info", "/metrics", "/openapi.json", "/docs", "/v1/models",
+           "/v1/sessions", "/v1/chat/completions", "/v1/completions"}
 
 
 def route_label(path: str) -> str:
@@ -180,6 +192,40 @@ class Guard:
         return None
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers at the request's path (HEAD with GET).
+
+    Starlette's own 405 names only the methods of the first route whose path matched, and a
+    path declared once per method (``GET`` and ``PUT .../memory``) is several routes."""
+    scope = {**request.scope, "method": "\x00"}  # no route answers it: paths match partially
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")  # the Guard answers HEAD as GET
+    return sorted(methods)
+
+
+def plain_text_health(app: Any) -> None:
+    """LitServe's ``GET /health`` answers "ok" / "not ready" with no Content-Type: wrap it so
+    the answer says ``text/plain`` (as the OpenAPI document does)."""
+    for route in app.router.routes:
+        if getattr(route, "path", None) == "/health" and "GET" in route.methods:
+            original = route.endpoint
+            break
+    else:
+        return
+
+    async def health(request: Request) -> Response:
+        answer = await original(request)
+        return Response(answer.body, status_code=answer.status_code, media_type="text/plain")
+
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
+    app.add_api_route("/health", health, methods=["GET"])
+
+
 def install_error_handlers(app: Any) -> None:
     """Every error as OpenAI-shaped JSON, counted by code."""
 
@@ -193,7 +239,10 @@ def install_error_handlers(app: Any) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         error = ApiError(exc.status_code, str(exc.detail), code=code)
         metrics.ERRORS.labels(code).inc()
-        return _error_response(error)
+        response = _error_response(error)
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
 
     async def store_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StoreWriteError)

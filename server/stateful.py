@@ -30,9 +30,9 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -84,7 +84,7 @@ class TextConfig(_Strict):
 
 class ResponsesRequest(_Strict):
     model: str
-    input: str | list[InputItem]
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     previous_response_id: str | None = None
     conversation: str | ConversationRef | None = None
@@ -101,6 +101,13 @@ class ResponsesRequest(_Strict):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     include: list[str] | None = Field(None, max_length=0)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _some_input(cls, value: Any) -> Any:
+        if value == []:  # else the error would be the string branch's "not a valid string"
+            raise ValueError("an empty list; send a string or at least one message item")
+        return value
 
 
 class ConversationCreate(_Strict):
@@ -347,10 +354,16 @@ class StatefulRoutes:
         items = input_items(req.input)
         messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
         messages += [{"role": it["role"], "content": item_text(it)} for it in items]
-        chat = parse_request(ChatRequest, {
-            "model": req.model, "messages": messages, "temperature": req.temperature,
-            "top_p": req.top_p, "max_tokens": req.max_output_tokens, "user": req.user})
-        job = chat_job(chat, self.settings.max_tokens_limit)
+        try:
+            chat = parse_request(ChatRequest, {
+                "model": req.model, "messages": messages, "temperature": req.temperature,
+                "top_p": req.top_p, "max_tokens": req.max_output_tokens, "user": req.user})
+            job = chat_job(chat, self.settings.max_tokens_limit)
+        except ApiError as e:  # name the Responses API's fields, not chat's
+            if e.param == "max_tokens":
+                e.param, e.message = "max_output_tokens", e.message.replace(
+                    "max_tokens", "max_output_tokens")
+            raise
         rid = f"resp_{new_hex()}"
         job.update(session_id=conversation or (rid if store else None), input_mode="new",
                    reset=False, load_from=previous, conversation=conversation is not None,

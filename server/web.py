@@ -84,8 +84,8 @@ def install(app: Any, folder: Path = STATIC) -> None:
         return respond(name)
 
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]
-    app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/static/{name}", static, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/", page, methods=["GET"])
+    app.add_api_route("/static/{name}", static, methods=["GET"])
 
 
 CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE"
