@@ -46,6 +46,7 @@ from server.store import (
     CANCEL_TTL_S,
     REQUEST_UID,
     SessionInfo,
+    SessionLocks,
     SessionStore,
     StoreFull,
     StoreWriteError,
@@ -136,7 +137,7 @@ def check_url(url: str) -> None:
         raise ValueError(f"--session-store {shown_url(url)!r}: {e}") from None
 
 
-class RedisLeases:
+class RedisLeases(SessionLocks):
     """The leases one thread of one process holds (the Redis `StripeLocks`; not thread-safe).
 
     A lease also remembers the session's version when it was taken: that is the version the
@@ -158,14 +159,6 @@ class RedisLeases:
         if int(version) < 0:
             return False
         self._held[session_id] = (token, int(version), time.monotonic())
-        return True
-
-    def acquire(self, session_id: str, timeout: float, poll: float = 0.02) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.try_acquire(session_id):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(poll)
         return True
 
     def release(self, session_id: str) -> None:

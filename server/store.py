@@ -146,7 +146,38 @@ def _stripe(session_id: str) -> int:
     return int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:4], "big") % NUM_STRIPES
 
 
-class StripeLocks:
+class SessionLocks:
+    """The session locks (or leases) one thread of one process holds; each store gives its
+    own kind (`SessionStore.locks`)."""
+
+    def try_acquire(self, session_id: str) -> bool:
+        """Take ``session_id`` without waiting; False if anyone (even this object) holds it."""
+        raise NotImplementedError
+
+    def acquire(self, session_id: str, timeout: float, poll: float = 0.01) -> bool:
+        """Try until ``timeout`` seconds have passed (for HTTP handlers, which hold no other)."""
+        deadline = time.monotonic() + timeout
+        while not self.try_acquire(session_id):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+        return True
+
+    def release(self, session_id: str) -> None:
+        raise NotImplementedError
+
+    def holds(self, session_id: str) -> bool:
+        raise NotImplementedError
+
+    def release_all(self) -> None:
+        raise NotImplementedError
+
+    def renew(self) -> list[str]:
+        """Keep held locks alive; the ids whose lock was lost (see `RedisLeases.renew`)."""
+        return []
+
+
+class StripeLocks(SessionLocks):
     """Session locks held by one thread of one process (see the module docstring).
 
     Not thread-safe: a worker (single-threaded) keeps one; HTTP handlers make one per request.
@@ -178,15 +209,6 @@ class StripeLocks:
         self._held.add(session_id)
         return True
 
-    def acquire(self, session_id: str, timeout: float, poll: float = 0.01) -> bool:
-        """Try until ``timeout`` seconds have passed (for HTTP handlers, which hold no other)."""
-        deadline = time.monotonic() + timeout
-        while not self.try_acquire(session_id):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(poll)
-        return True
-
     def release(self, session_id: str) -> None:
         self._held.discard(session_id)
         stripe = _stripe(session_id)
@@ -205,11 +227,6 @@ class StripeLocks:
     def release_all(self) -> None:
         for session_id in list(self._held):
             self.release(session_id)
-
-    def renew(self) -> list[str]:
-        """Nothing to renew: a flock lasts until released or its process dies (a Redis lease
-        expires; see `server.redis_store.RedisLeases.renew`)."""
-        return []
 
 
 @dataclass(frozen=True)
@@ -278,7 +295,7 @@ class SessionStore:
     def store_id(self) -> str:
         raise NotImplementedError
 
-    def locks(self) -> Any:
+    def locks(self) -> SessionLocks:
         raise NotImplementedError
 
     def exists(self, session_id: str) -> bool:

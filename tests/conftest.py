@@ -58,6 +58,15 @@ def make_tiny_model(kind: str = "pythia", seed: int = MODEL_SEED, **options: Any
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module's tests (tiny models: threads only add overhead)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(1234)

@@ -13,12 +13,7 @@ from training.cli import eval_main, main, phase1_main, tokenizer_main, train_mai
 WORDS = "the cat sat on a mat while seven dogs ran far away from home".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops, one thread
 
 
 @pytest.fixture

@@ -18,12 +18,7 @@ KINDS = ["pythia", "infini", "multi_memory", "hierarchical", "context_pythia", "
 WORDS = "the cat sat on a mat while seven dogs ran far away from home".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops, one thread
 
 
 def fixed_batch(vocab: int = 257, B: int = 2, L: int = 48) -> torch.Tensor:

@@ -30,12 +30,7 @@ WORDS = "the cat sat on a mat while seven dogs ran far away from home".split()
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops, one thread
 
 
 def stream_ids(words: int = 80, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,6 @@ import random
 import sys
 
 import pytest
-import torch
 import yaml
 
 from training.cli import runs_main, train_main
@@ -20,12 +19,7 @@ TINY = ["--batch-size", "2", "--segments", "2", "--log-every", "1", "--cache-dir
         "--eval-batches", "1", "--warmup-steps", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops, one thread
 
 
 @pytest.fixture(scope="module")
