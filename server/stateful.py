@@ -250,6 +250,8 @@ class ResponsesBuilder(Builder):
 
     def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind = event["t"]
+        if kind == "toks":  # several tokens in one message from the worker (server.engine)
+            return [chunk for e in event["events"] for chunk in self.add(e)]
         oid = self.template["output_id"]
         where = {"item_id": oid, "output_index": 0, "content_index": 0}
         if kind == "start":
