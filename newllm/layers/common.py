@@ -35,6 +35,12 @@ class SlotStep:
     lengths, boundaries and masks are decided without reading the device. When the rows are
     consecutive slots (the usual case: `Slots` keeps busy slots packed), ``span`` is that
     slice and buffers are read as views instead of gathered copies.
+
+    A ``fixed`` step (`newllm.slots` with ``compile``) reads nothing from ``host_position``:
+    every buffer is read at its full capacity, masks hiding the entries past each row's length,
+    so the shape of every tensor depends only on N and the buffers' capacities and one
+    compiled step serves every token. Capacities are reserved before it (``slot_reserve``) and
+    the writes that happen only at the end of a segment are done after it (``slot_finish``).
     """
 
     rows: Tensor  # (N,) long, slot index of each row
@@ -42,6 +48,7 @@ class SlotStep:
     host_position: tuple[int, ...]
     span: slice | None = None
     contexts: Tensor | None = None  # (N, 1, context_dim) context vectors (context models)
+    fixed: bool = False
     _angles: dict[tuple[float, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def ending(self, period: int) -> list[int]:

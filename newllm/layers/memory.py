@@ -310,7 +310,7 @@ class SegmentMemoryAttention(nn.Module):
         buf.open_k[rows, :, o] = k[:, :, 0]
         buf.open_v[rows, :, o] = v[:, :, 0]
         buf.rot_k[rows, :, o] = step.rotate(self.rotary, k, S)[:, :, 0]
-        width = max(p % S for p in step.host_position) + 1
+        width = S if step.fixed else max(p % S for p in step.host_position) + 1
         local = F.scaled_dot_product_attention(
             step.rotate(self.rotary, q, S), step.take(buf.rot_k)[:, :, :width],
             step.take(buf.open_v)[:, :, :width], attn_mask=length_mask(o + 1, width))
@@ -327,10 +327,15 @@ class SegmentMemoryAttention(nn.Module):
         a_mem, active = self.read(elu1(qm), q.float(), self._rows_state(buf, step.take))
         g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
         out = g * self.from_memory_heads(a_mem.to(x.dtype)) + (1 - g) * local  # (N, H, 1, D)
-        ends = step.ending(S)
+        if not step.fixed:  # a fixed step leaves the writes to slot_finish
+            self.slot_finish(buf, step)
+        return self.dense(merge_heads(out))
+
+    def slot_finish(self, buf: MemorySlots, step: SlotStep) -> None:
+        """The rows whose token completes a segment write it into their memories."""
+        ends = step.ending(self.segment_len)
         if ends:
             self._slot_write(buf, step, ends)
-        return self.dense(merge_heads(out))
 
     def slot_backup(self, buf: MemorySlots, step: SlotStep) -> Callable[[], None] | None:
         """What undoes this step's memory writes (for a step that fails part-way): the memory

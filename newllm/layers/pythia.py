@@ -94,12 +94,19 @@ class PythiaAttention(nn.Module):
     def slot_extract(self, buf: KVSlots, row: int, position: int) -> KVState:
         return KVState(*buf.extract(row, self.kept(position)))
 
+    def slot_reserve(self, buf: KVSlots, step: SlotStep) -> None:
+        """Room in the buffers for the step's writes (before a ``fixed`` step)."""
+        buf.reserve(max(self.kept(p) for p in step.host_position) + 1)
+
     def slot_step(self, x: Tensor, buf: KVSlots, step: SlotStep) -> Tensor:
         """One token per row: x (N, 1, C) -> (N, 1, C); the rows' keys/values join their slots."""
         qkv = stack_qkv(self.query_key_value(x), self.num_heads)  # (3, N, H, 1, D)
         q, k = step.rotate(self.rotary, qkv[0]), step.rotate(self.rotary, qkv[1])
-        width = max(self.kept(p) for p in step.host_position) + 1  # longest row after the write
-        buf.reserve(width)
+        if step.fixed:  # the whole buffer, masked (reserved by slot_reserve)
+            width = buf.k.shape[2]
+        else:
+            width = max(self.kept(p) for p in step.host_position) + 1  # longest row after it
+            buf.reserve(width)
         kept = step.position % self.window if self.window else step.position  # (N,)
         buf.k[step.rows, :, kept] = k[:, :, 0]
         buf.v[step.rows, :, kept] = qkv[2][:, :, 0]
