@@ -36,6 +36,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _compile_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NEWLLM_COMPILE", raising=False)  # conftest turns it off for the rest
+
+
 def model_for(variant: str) -> Any:
     preset, options = VARIANTS[variant]
     return make_tiny_model(preset, init_std=0.1, **options)
