@@ -32,6 +32,7 @@ import logging
 import os
 import time
 import types
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,7 +83,8 @@ def slots_forward(model: Any, layers: list[Any], context: Tensor | None,
 
 
 COMPILE_ENV = "NEWLLM_COMPILE"
-_COMPILED: dict[Any, Any] = {}  # backend (torch.compile's) -> compiled slots_forward
+# model -> backend (torch.compile's) -> compiled slots_forward
+_COMPILED: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 _FAILED: list[str] = []  # why compiling failed (then every step runs eagerly)
 
 
@@ -98,20 +100,23 @@ def compile_enabled(flag: bool | None = None, default: bool = False) -> bool:
     return True if env in ("1", "true", "yes", "on") else default
 
 
-def compiled_forward(backend: Any = "inductor") -> Any:
-    """`slots_forward` compiled with torch.compile (inductor on the CPU), made on first use.
+def compiled_forward(model: Any, backend: Any = "inductor") -> Any:
+    """`slots_forward` compiled with torch.compile (inductor on the CPU) for ``model``, made
+    on first use.
 
     Compiling happens on a step's first call with a new shape (rows, buffer capacities); the
     first shapes get code of their own, later ones share code with dynamic sizes (torch's
-    automatic dynamic shapes), so the number of compilations stays small (see `Slots`)."""
-    if backend not in _COMPILED:
-        # torch.compile keeps compiled code on the function's code object, whatever the
-        # backend: each backend gets a code object of its own, so none runs another's code
+    automatic dynamic shapes), so the number of compilations stays small (see `Slots`).
+    torch.compile keeps compiled code on the function's code object, whatever the backend and
+    with a limit on how many versions it keeps: each model and backend gets a code object of
+    its own, so none runs another's code or uses up another's versions."""
+    by_backend = _COMPILED.setdefault(model, {})
+    if backend not in by_backend:
         name = getattr(backend, "__name__", str(backend))
-        code = slots_forward.__code__.replace(co_name=f"slots_forward_{name}_{len(_COMPILED)}")
+        code = slots_forward.__code__.replace(co_name=f"slots_forward_{name}_{id(by_backend)}")
         fn = types.FunctionType(code, slots_forward.__globals__, code.co_name)
-        _COMPILED[backend] = torch.compile(fn, backend=backend, fullgraph=True)
-    return _COMPILED[backend]
+        by_backend[backend] = torch.compile(fn, backend=backend, fullgraph=True)
+    return by_backend[backend]
 
 
 def _compile_failure(e: BaseException) -> bool:
@@ -258,9 +263,14 @@ class Slots:
             if self.context is not None:
                 self.context[step.rows] = last_context
             if self.compiled and _compile_failure(e):
-                _FAILED.append(f"{type(e).__name__}: {e}")
-                log.warning("compiling the decode step failed; decoding eagerly from now on "
-                            "(NEWLLM_COMPILE=0 skips trying): %s", _FAILED[-1][:2000])
+                why = f"{type(e).__name__}: {e}"
+                if "RecompileLimit" in type(e).__name__:  # too many shapes: these slots only
+                    log.warning("the compiled decode step met too many shapes; these slots "
+                                "decode eagerly from now on: %s", why[:2000])
+                else:
+                    _FAILED.append(why)
+                    log.warning("compiling the decode step failed; decoding eagerly from now "
+                                "on (NEWLLM_COMPILE=0 skips trying): %s", why[:2000])
                 self.compiled = False
                 return self.step(handles, tokens)
             raise
@@ -287,7 +297,7 @@ class Slots:
         shape = (ids.shape[0], None if step.span is None else step.span.start,
                  torch.is_inference_mode_enabled(),
                  tuple(_get(o, n).shape for buf in self.layers for o, n in _tensors(buf)))
-        fn = compiled_forward(self.backend)
+        fn = compiled_forward(model, self.backend)
         args = (model, self.layers, self.context, last_context, ids, step)
         if shape in self._shapes:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):

@@ -74,6 +74,7 @@ def decode_alone(model: Any, state: ModelState, slots: Slots, steps: int,
             alone, state = model(token.view(1, 1), state)
         torch.testing.assert_close(logits[0], alone[0, -1], atol=1e-5, rtol=1e-5)
     assert_states_close(slots.remove(handle), state)
+    assert slots.compiled or not compile_enabled(True), "fell back to eager: nothing compared"
     return state
 
 
@@ -135,6 +136,7 @@ def check_batched(model: Any, slots: Slots) -> None:
     assert ref["b"].position > 32
     for name, h in handle.items():
         assert_states_close(slots.state(h), ref[name])
+    assert slots.compiled, "fell back to eager: nothing compared"
 
 
 def test_one_graph_serves_every_token() -> None:

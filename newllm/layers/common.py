@@ -72,6 +72,18 @@ class SlotStep:
         return rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
+def slot_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, fixed: bool) -> Tensor:
+    """One query per row over masked keys: q (N, H, 1, D), k, v (N, H, W, D), mask
+    (N, 1, 1, W) -> (N, H, 1, D). SDPA, or (``fixed``: compiled) the same softmax attention
+    written out, which inductor fuses into a kernel or two instead of four calls of CPU
+    flash attention per step (float32 scores and softmax, as SDPA)."""
+    if not fixed:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, H, 1, W)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (weights @ v.float()).to(q.dtype)
+
+
 def length_mask(lengths: Tensor, width: int) -> Tensor:
     """(N, 1, 1, width) bool: key j of row i is visible when j < lengths[i]."""
     return (torch.arange(width, device=lengths.device) < lengths.view(-1, 1)).view(

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from newllm.config import ModelConfig
@@ -25,6 +24,7 @@ from newllm.layers.common import (
     kv_append,
     length_mask,
     merge_heads,
+    slot_attention,
     stack_qkv,
 )
 
@@ -111,6 +111,5 @@ class PythiaAttention(nn.Module):
         buf.k[step.rows, :, kept] = k[:, :, 0]
         buf.v[step.rows, :, kept] = qkv[2][:, :, 0]
         keys, values = step.take(buf.k)[:, :, :width], step.take(buf.v)[:, :, :width]
-        out = F.scaled_dot_product_attention(q, keys, values,
-                                             attn_mask=length_mask(kept + 1, width))
+        out = slot_attention(q, keys, values, length_mask(kept + 1, width), step.fixed)
         return self.dense(merge_heads(out))  # (N, 1, C)
