@@ -465,10 +465,12 @@ def generate(model: Any, prompt_ids: Sequence[int] | Tensor, state: ModelState |
     the prompt is read when the stream is first advanced.
 
     ``compile``: decode with the compiled step (`newllm.slots.Slots` with ``compile``; the
-    prompt is read eagerly). The first call compiles (seconds to a minute; later calls in the
-    process reuse the code), after which a token costs about half of an eager step on small
-    models. Default: ``NEWLLM_COMPILE=1`` in the environment, else eager; ``NEWLLM_COMPILE=0``
-    always decodes eagerly. Compiled and eager logits agree to float rounding (tests: 1e-5).
+    prompt is read eagerly). The first call compiles (seconds to minutes; later calls in the
+    process reuse the code, and a second process finds it in torch's on-disk cache), after
+    which a token costs less Python and per-op dispatch (`benchmarks/latency.py` measures
+    how much). Default: ``NEWLLM_COMPILE=1`` in the environment, else eager;
+    ``NEWLLM_COMPILE=0`` always decodes eagerly. Compiled and eager logits agree to float
+    rounding (tests: 1e-5).
     """
     run = GenerationRun(model, prompt_ids, state, params, decode, vocab_size)
     use = compile_enabled(compile) and hasattr(model, "layers") and hasattr(model, "embed_in")

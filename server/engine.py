@@ -125,20 +125,20 @@ class Engine:
         self.scheduler = Scheduler(model, self.slots, PREFILL_CHUNK)
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
         self.recording: dict[str, list[dict[str, Any]]] = {}  # uid -> events (idempotent turns)
-        if self.compile:
-            self.warm_up()
 
-    def warm_up(self) -> float:
-        """Compile the decode step now, at worker start, rather than in the first requests:
-        one and two rows (two makes torch compile code with the row count dynamic, which then
-        serves every batch size). Logged with the time it took; returns the seconds."""
+    def warm_up(self, num_slots: int) -> float:
+        """Compile the decode step before serving (`serve` calls it, with its slot count)
+        rather than in the first requests: one row and two rows (two makes torch compile
+        code with the row count dynamic, which then serves every batch size). Logged with
+        the time it took; returns the seconds."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            slots = Slots(self.model, 2, compile=True)
+            slots = Slots(self.model, num_slots, compile=True)  # the engine's shapes
             empty = self.model.init_state(1)
-            a, b = slots.add(empty), slots.add(empty)
-            for handles in ([a], [a], [a, b], [a, b]):
-                slots.step(handles, [self.model.config.eos_token_id] * len(handles))
+            rows = [slots.add(empty) for _ in range(min(2, num_slots))]
+            for n in sorted({1, len(rows)}):
+                for _ in range(2):
+                    slots.step(rows[:n], [self.model.config.eos_token_id] * n)
         seconds = time.perf_counter() - t0
         if slots.compiled:
             log.info("decode step compiled in %.1f s (torch.compile; --no-compile or "
@@ -168,6 +168,8 @@ class Engine:
         parked: deque[Job] = deque()  # taken, not started: session busy or no room yet
         active: list[Turn] = []
         self.max_batch = max_batch
+        if self.compile:
+            self.warm_up(max_batch)
         outbox = Outbox(send)
         try:
             self._serve(queue, self._recorded(outbox), parked, active)
