@@ -18,8 +18,9 @@ child's compile time is a cold one, a first start on a machine, and the next one
   weights, one step of each in turn (as `benchmarks.decode` does; the greedy tokens must agree);
 - **server** (``--no-server`` skips): `newllm serve` (one worker, one thread) with the compiled
   step and without, one client streaming completions of ``--tokens`` tokens over loopback,
-  against `newllm.generate` in this process with the same setting: tokens per second after the
-  first token (the decode rate) and for whole requests.
+  turns in alternation with `newllm.generate` in this process with the same setting: tokens
+  per second after the first token (the decode rate; the ratio is the median of the turns'
+  ratios) and for whole requests.
 
     python -m benchmarks.latency [--quick] [--threads 1 2] [--no-server] [--no-pythia]
 
@@ -199,56 +200,41 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # the server ----------------------------------------------------------------------------------
-def stream_rates(url: str, prompt: list[int], tokens: int, turns: int) -> dict[str, float]:
-    """One client, ``turns`` streamed completions in a row: median decode rate (tokens after
-    the first / time from the first to the last) and whole-request rate."""
-    import httpx
-
-    decode, whole = [], []
-    with httpx.Client(timeout=300) as c:
-        model = c.get(f"{url}/v1/models").json()["data"][0]["id"]
-        body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-                "stream": True}
-        for _ in range(turns + 1):  # the first one warms up
-            t0 = time.perf_counter()
-            stamps = []
-            with c.stream("POST", f"{url}/v1/completions", json=body) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and '"text"' in line \
-                            and '"finish_reason": null' in line:
-                        stamps.append(time.perf_counter())
-            end = time.perf_counter()
-            if len(stamps) >= 2:
-                decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-                whole.append(len(stamps) / (end - t0))
-    return {"decode_tokens_per_s": statistics.median(decode[1:] or decode),
-            "request_tokens_per_s": statistics.median(whole[1:] or whole),
-            "tokens": len(stamps)}
+def stream_turn(client: Any, url: str, body: dict[str, Any]) -> tuple[float, float]:
+    """One streamed completion: (decode rate: tokens after the first / time from the first to
+    the last, whole-request rate), tokens counted as the text pieces that arrive."""
+    t0 = time.perf_counter()
+    stamps = []
+    with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"finish_reason": null' in line:
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (end - t0)
 
 
-def library_rates(model: Any, tok: Any, prompt: list[int], tokens: int, turns: int,
-                  compile: bool) -> dict[str, float]:
-    """`newllm.generate` measured as `stream_rates` measures the server (same prompt, EOS
+def library_turn(model: Any, tok: Any, prompt: list[int], tokens: int,
+                 compile: bool) -> tuple[float, float]:
+    """`newllm.generate` measured as `stream_turn` measures the server (same prompt, EOS
     stops both)."""
     from newllm import SamplingParams, generate
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0)
-    decode, whole = [], []
-    for _ in range(turns + 1):
-        t0 = time.perf_counter()
-        stamps = []
-        for _t in generate(model, prompt, None, params, decode=tok.decode,
-                           vocab_size=min(model.config.vocab_size, tok.vocab_size),
-                           compile=compile):
+    t0 = time.perf_counter()
+    stamps = []
+    for t in generate(model, prompt, None, params, decode=tok.decode,
+                      vocab_size=min(model.config.vocab_size, tok.vocab_size), compile=compile):
+        if t.text:
             stamps.append(time.perf_counter())
-        end = time.perf_counter()
-        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-        whole.append(len(stamps) / (end - t0))
-    return {"decode_tokens_per_s": statistics.median(decode[1:]),
-            "request_tokens_per_s": statistics.median(whole[1:]), "tokens": len(stamps)}
+    end = time.perf_counter()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (end - t0)
 
 
 def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
+    """Each setting: a server, then turns of the server and of `generate` in alternation (a
+    noisy moment of the machine falls on both), medians of each."""
+    import httpx
+
     from benchmarks.live import start_server, stop_server, wait_ready
 
     torch.set_num_threads(1)
@@ -260,20 +246,32 @@ def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
             os.environ["NEWLLM_COMPILE"] = "1" if compile else "0"
             server = start_server(args.checkpoint, Path(tmp), name, max_batch_size=1,
                                   extra=["--threads", "1"])
+            rates: dict[str, list[tuple[float, float]]] = {"server": [], "generate": []}
             try:
                 wait_ready(server, timeout=600)
-                served = stream_rates(server.url, prompt, args.tokens, args.server_turns)
+                with httpx.Client(timeout=600) as c:
+                    body = {"model": c.get(f"{server.url}/v1/models").json()["data"][0]["id"],
+                            "prompt": prompt, "max_tokens": args.tokens, "temperature": 0,
+                            "stream": True}
+                    for i in range(args.server_turns + 1):  # the first of each warms up
+                        served = stream_turn(c, server.url, body)
+                        lib = library_turn(model, tok, prompt, args.tokens, compile)
+                        if i:
+                            rates["server"].append(served)
+                            rates["generate"].append(lib)
             finally:
                 stop_server(server)
-            lib = library_rates(model, tok, prompt, args.tokens, args.server_turns, compile)
-            out[name] = {"server": served, "generate": lib,
-                         "ratio_decode": served["decode_tokens_per_s"]
-                         / lib["decode_tokens_per_s"],
-                         "ratio_request": served["request_tokens_per_s"]
-                         / lib["request_tokens_per_s"]}
-            print(f"server {name}: {served['decode_tokens_per_s']:.0f} tok/s vs generate "
-                  f"{lib['decode_tokens_per_s']:.0f} ({out[name]['ratio_decode']:.2f})",
-                  flush=True)
+            med = {k: {"decode_tokens_per_s": statistics.median(r[0] for r in v),
+                       "request_tokens_per_s": statistics.median(r[1] for r in v)}
+                   for k, v in rates.items()}
+            ratios = [s[0] / g[0] for s, g in zip(rates["server"], rates["generate"],
+                                                  strict=True)]
+            out[name] = {**med, "ratio_decode": statistics.median(ratios),
+                         "ratio_request": med["server"]["request_tokens_per_s"]
+                         / med["generate"]["request_tokens_per_s"], "turns": len(ratios)}
+            print(f"server {name}: {med['server']['decode_tokens_per_s']:.0f} tok/s vs "
+                  f"generate {med['generate']['decode_tokens_per_s']:.0f} "
+                  f"({out[name]['ratio_decode']:.2f})", flush=True)
     os.environ.pop("NEWLLM_COMPILE", None)
     return out
 
@@ -334,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.repeat = args.repeat or (20 if args.quick else 200)
     args.generate_repeat = args.generate_repeat or (1 if args.quick else 5)
-    args.server_turns = args.server_turns or (2 if args.quick else 5)
+    args.server_turns = args.server_turns or (2 if args.quick else 8)
     args.pythia_steps = args.pythia_steps or (5 if args.quick else 40)
     if args.quick:
         args.tokens = min(args.tokens, 32)
