@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from newllm.slots import Slots, compile_enabled
 from newllm.state import ModelState
 
 Decode = Callable[[Sequence[int]], str]
@@ -417,11 +418,14 @@ class TokenStream:
 
 # single session ------------------------------------------------------------------------------
 @torch.no_grad()
-def _steps(model: Any, run: GenerationRun) -> Iterator[GeneratedToken]:
+def _steps(model: Any, run: GenerationRun, compile: bool = False) -> Iterator[GeneratedToken]:
     ids = torch.tensor([run.prompt_ids], dtype=torch.long, device=model.device)  # (1, T)
     logits, state = model(ids, run.start_state, last_only=True)  # (1, 1, V)
     if run.params.max_new_tokens == 0:
         run.finish_empty(state)
+        return
+    if compile:
+        yield from _slot_steps(model, run, logits[0, -1], state)
         return
     while True:
         token = run.take(logits[0, -1])
@@ -434,25 +438,51 @@ def _steps(model: Any, run: GenerationRun) -> Iterator[GeneratedToken]:
         yield token
 
 
+@torch.no_grad()
+def _slot_steps(model: Any, run: GenerationRun, logits: Tensor,
+                state: ModelState) -> Iterator[GeneratedToken]:
+    """The decode loop of `_steps` on a one-slot `Slots` with the compiled step."""
+    slots = Slots(model, 1, compile=True)
+    handle = slots.add(state)
+    while True:
+        token = run.take(logits)
+        logits = slots.step([handle], [token.id])[0]  # (V,)
+        if run.done:
+            run.state = slots.remove(handle)
+            yield token
+            return
+        yield token
+
+
 def generate(model: Any, prompt_ids: Sequence[int] | Tensor, state: ModelState | None = None,
              params: SamplingParams | None = None, *, decode: Decode | None = None,
-             vocab_size: int | None = None) -> TokenStream:
+             vocab_size: int | None = None, compile: bool | None = None) -> TokenStream:
     """Continue ``state`` (None: empty) with ``prompt_ids`` and generate; see the module doc.
 
     ``decode`` (token ids -> text, e.g. ``tokenizer.decode``) turns tokens into text pieces and
     is needed for stop strings. ``vocab_size`` restricts sampling to ids below it (a tokenizer
     smaller than the model's padded embedding). Arguments are checked here, before any work;
     the prompt is read when the stream is first advanced.
+
+    ``compile``: decode with the compiled step (`newllm.slots.Slots` with ``compile``; the
+    prompt is read eagerly). The first call compiles (seconds to minutes; later calls in the
+    process reuse the code, and a second process finds it in torch's on-disk cache), after
+    which a token costs less Python and per-op dispatch (`benchmarks/latency.py` measures
+    how much). Default: ``NEWLLM_COMPILE=1`` in the environment, else eager;
+    ``NEWLLM_COMPILE=0`` always decodes eagerly. Compiled and eager logits agree to float
+    rounding (tests: 1e-5).
     """
     run = GenerationRun(model, prompt_ids, state, params, decode, vocab_size)
-    return TokenStream(run, _steps(model, run))
+    use = compile_enabled(compile) and hasattr(model, "layers") and hasattr(model, "embed_in")
+    return TokenStream(run, _steps(model, run, use))
 
 
 def generate_batch(model: Any, prompts: Sequence[Sequence[int] | Tensor],
                    states: Sequence[ModelState | None] | None = None,
                    params_list: SamplingParams | Sequence[SamplingParams | None] | None = None,
                    decode: Decode | None = None, *, vocab_size: int | None = None,
-                   max_batch: int | None = None) -> list[TokenStream]:
+                   max_batch: int | None = None,
+                   compile: bool | None = None) -> list[TokenStream]:
     """Several independent generations at once; the same results as separate `generate` calls.
 
     Continuous batching over `Slots` (at most ``max_batch`` sessions at once, default all):
@@ -460,11 +490,10 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int] | Tensor],
     read and leaves when it finishes (after its last token is consumed), and every step decodes
     one token for all sessions in the slots in one forward. Returns finished `TokenStream`s.
     A model without slot support (any object with ``forward(ids, state)``) is run one
-    generation at a time.
+    generation at a time. ``compile``: the slots' step compiled (see `generate`).
     """
     from newllm.model import TransformerLM  # local: newllm.model does not import generation
     from newllm.scheduler import Scheduler
-    from newllm.slots import Slots
 
     n = len(prompts)
     states = list(states) if states is not None else [None] * n
@@ -481,7 +510,7 @@ def generate_batch(model: Any, prompts: Sequence[Sequence[int] | Tensor],
             for _ in _steps(model, run):
                 pass
         return [TokenStream(run, iter(())) for run in runs]
-    slots = Slots(model, max(1, min(n, max_batch or n)))
+    slots = Slots(model, max(1, min(n, max_batch or n)), compile=compile)
     sched = Scheduler(model, slots)
     queue = list(range(n))  # prompts not yet handed to the scheduler (it reads them in turn)
     live: dict[int, tuple[int, Tensor]] = {}  # session -> (slot handle, next-token logits (V,))

@@ -28,6 +28,11 @@ that save to memory files which continue with the same tokens).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import time
+import types
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +42,7 @@ from torch import Tensor
 from newllm.layers.common import SlotStep
 from newllm.state import ModelState
 
+log = logging.getLogger("newllm")
 
 def _tensors(buf: Any) -> list[tuple[Any, str]]:
     """(owner, name) of every tensor in a mixer's slot buffer (a dataclass, maybe with a dict)."""
@@ -58,6 +64,66 @@ def _none(*_: Any) -> None:
     return None
 
 
+def slots_forward(model: Any, layers: list[Any], context: Tensor | None,
+                  last_context: Tensor | None, ids: Tensor, step: SlotStep) -> Tensor:
+    """The forward of one slot step: ids (N,) in the order of ``step.rows`` -> logits (N, V).
+
+    Writes the rows' keys/values (and contexts) into the slot buffers. What `Slots.step` runs,
+    eagerly or compiled (`compiled_forward`; then with ``step.fixed``)."""
+    N = ids.shape[0]
+    x = model.embed_in(ids.view(N, 1))  # (N, 1, hidden)
+    if context is not None:
+        step.contexts, last = model.context_block(x, last_context)  # (N, 1, Cc)
+        context[step.rows] = last
+        if model.config.context_mode == "input":
+            x = step.contexts
+    for block, buf in zip(model.layers, layers, strict=True):
+        x = block.mix(x, block.attention.slot_step(block.input_layernorm(x), buf, step))
+    return model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
+
+
+COMPILE_ENV = "NEWLLM_COMPILE"
+# model -> backend (torch.compile's) -> compiled slots_forward
+_COMPILED: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+_FAILED: list[str] = []  # why compiling failed (then every step runs eagerly)
+
+
+def compile_enabled(flag: bool | None = None, default: bool = False) -> bool:
+    """Whether to compile the decode step: ``NEWLLM_COMPILE=0`` turns it off whatever was
+    asked (an operator's switch); otherwise ``flag`` if given, else ``NEWLLM_COMPILE=1``, else
+    ``default``. Off too once compiling has failed in this process (no C++ compiler, ...)."""
+    env = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if env in ("0", "false", "no", "off") or _FAILED:
+        return False
+    if flag is not None:
+        return flag
+    return True if env in ("1", "true", "yes", "on") else default
+
+
+def compiled_forward(model: Any, backend: Any = "inductor") -> Any:
+    """`slots_forward` compiled with torch.compile (inductor on the CPU) for ``model``, made
+    on first use.
+
+    Compiling happens on a step's first call with a new shape (rows, buffer capacities); the
+    first shapes get code of their own, later ones share code with dynamic sizes (torch's
+    automatic dynamic shapes), so the number of compilations stays small (see `Slots`).
+    torch.compile keeps compiled code on the function's code object, whatever the backend and
+    with a limit on how many versions it keeps: each model and backend gets a code object of
+    its own, so none runs another's code or uses up another's versions."""
+    by_backend = _COMPILED.setdefault(model, {})
+    if backend not in by_backend:
+        name = getattr(backend, "__name__", str(backend))
+        code = slots_forward.__code__.replace(co_name=f"slots_forward_{name}_{id(by_backend)}")
+        fn = types.FunctionType(code, slots_forward.__globals__, code.co_name)
+        by_backend[backend] = torch.compile(fn, backend=backend, fullgraph=True)
+    return by_backend[backend]
+
+
+def _compile_failure(e: BaseException) -> bool:
+    """Whether ``e`` is torch.compile failing (not the step's own error)."""
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
 class SlotsFull(RuntimeError):
     """Every slot is busy."""
 
@@ -65,11 +131,16 @@ class SlotsFull(RuntimeError):
 class Slots:
     """A fixed number of slots for one model (see the module docstring)."""
 
-    def __init__(self, model: Any, num_slots: int) -> None:
+    def __init__(self, model: Any, num_slots: int, *, compile: bool | None = None,
+                 backend: Any = "inductor") -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.model = model
         self.num_slots = num_slots
+        self.compiled = compile_enabled(compile)
+        self.backend = backend
+        self.compile_seconds = 0.0  # spent in steps that compiled (first use of a shape)
+        self._shapes: set[tuple[Any, ...]] = set()  # step shapes already run compiled
         dev, dt = model.device, model.dtype
         self.layers = [b.attention.slot_init(num_slots, dev, dt) for b in model.layers]
         self.context = (model.context_block.initial(num_slots, dev, dt)
@@ -175,32 +246,73 @@ class Slots:
             raise ValueError(f"{N} slots but tokens of shape {tuple(ids.shape)}")
         host = tuple(self.position[r] for r in rows)
         step = SlotStep(torch.tensor(rows, device=dev), torch.tensor(host, device=dev), host,
-                        span)
+                        span, fixed=self.compiled)
         undo = [u for block, buf in zip(model.layers, self.layers, strict=True)
                 if (u := getattr(block.attention, "slot_backup", _none)(buf, step)) is not None]
-        if self.context is not None:
-            last_context = step.take(self.context).clone()
+        last_context = None if self.context is None else step.take(self.context).clone()
+        sorted_ids = ids if order == sorted(order) else ids[torch.tensor(order, device=dev)]
         try:
-            x = model.embed_in(ids[torch.tensor(order, device=dev)].view(N, 1))  # (N, 1, hidden)
-            if self.context is not None:
-                step.contexts, last = model.context_block(x, last_context)  # (N, 1, Cc)
-                self.context[step.rows] = last
-                if model.config.context_mode == "input":
-                    x = step.contexts
-            for block, buf in zip(model.layers, self.layers, strict=True):
-                x = block.mix(x, block.attention.slot_step(block.input_layernorm(x), buf, step))
-            logits = model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
-        except BaseException:  # a failed step leaves every slot as it was: it can be retried
-            for u in undo:
+            if self.compiled:
+                logits = self._compiled_step(sorted_ids, step, last_context)
+            else:
+                logits = slots_forward(model, self.layers, self.context, last_context,
+                                       sorted_ids, step)
+        except BaseException as e:  # a failed step leaves every slot as it was: it can be
+            for u in undo:  # retried
                 u()
             if self.context is not None:
                 self.context[step.rows] = last_context
+            if self.compiled and _compile_failure(e):
+                why = f"{type(e).__name__}: {e}"
+                if "RecompileLimit" in type(e).__name__:  # too many shapes: these slots only
+                    log.warning("the compiled decode step met too many shapes; these slots "
+                                "decode eagerly from now on: %s", why[:2000])
+                else:
+                    _FAILED.append(why)
+                    log.warning("compiling the decode step failed; decoding eagerly from now "
+                                "on (NEWLLM_COMPILE=0 skips trying): %s", why[:2000])
+                self.compiled = False
+                return self.step(handles, tokens)
             raise
         for r in rows:
             self.position[r] += 1
+        if order == sorted(order):
+            return logits
         out = torch.empty_like(logits)
         out[torch.tensor(order, device=dev)] = logits
         return out
+
+    def _compiled_step(self, ids: Tensor, step: SlotStep,
+                       last_context: Tensor | None) -> Tensor:
+        """`slots_forward` compiled, over fixed-shape buffers (``step.fixed``): capacities are
+        reserved before it and segment-end memory writes done after it, eagerly.
+
+        A step whose shape (rows, span, buffer capacities) has run before skips the compiled
+        code's guard checks (``skip_guard_eval_unsafe``: only the guards that tell apart code
+        compiled for different shapes are evaluated), which saves a good part of a
+        one-row step; a new shape runs with every guard and may compile (logged)."""
+        model = self.model
+        for block, buf in zip(model.layers, self.layers, strict=True):
+            getattr(block.attention, "slot_reserve", _none)(buf, step)
+        shape = (ids.shape[0], None if step.span is None else step.span.start,
+                 torch.is_inference_mode_enabled(),
+                 tuple(_get(o, n).shape for buf in self.layers for o, n in _tensors(buf)))
+        fn = compiled_forward(model, self.backend)
+        args = (model, self.layers, self.context, last_context, ids, step)
+        if shape in self._shapes:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                logits = fn(*args)
+        else:
+            t0 = time.perf_counter()
+            logits = fn(*args)
+            seconds = time.perf_counter() - t0
+            self._shapes.add(shape)
+            self.compile_seconds += seconds
+            if seconds > 0.5:
+                log.info("decode step for %d row(s) compiled in %.1f s", ids.shape[0], seconds)
+        for block, buf in zip(model.layers, self.layers, strict=True):
+            getattr(block.attention, "slot_finish", _none)(buf, step)
+        return logits
 
     def nbytes(self) -> int:
         """Bytes of the slot buffers (spare capacity included)."""

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -73,7 +74,7 @@ from torch import Tensor
 from newllm.generation import GenerationRun, SamplingParams, score
 from newllm.memory_file import MemoryFileError, load_memory, save_memory
 from newllm.scheduler import PREFILL_CHUNK, Prompt, Scheduler
-from newllm.slots import Slots
+from newllm.slots import Slots, compile_enabled
 from newllm.state import ModelState
 from server import metrics, replies, stateful
 from server.prefix_cache import PrefixCache
@@ -112,8 +113,11 @@ class Engine:
     """Serves jobs for one model in one worker process (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, store: SessionStore,
-                 max_prompt_tokens: int, prefix_cache_bytes: int = 0) -> None:
+                 max_prompt_tokens: int, prefix_cache_bytes: int = 0,
+                 compile: bool | None = None) -> None:
         self.model, self.tokenizer, self.store = model, tokenizer, store
+        # the compiled decode step (newllm.slots): on unless turned off (NEWLLM_COMPILE=0)
+        self.compile = compile_enabled(compile, default=True)
         self.max_prompt_tokens = max_prompt_tokens
         self.locks = store.locks()
         self.vocab = min(int(tokenizer.vocab_size), model.config.vocab_size)
@@ -121,17 +125,40 @@ class Engine:
         self.cache: OrderedDict[str, tuple[dict[str, str], ModelState]] = OrderedDict()
         self.prompter = Prompter(tokenizer, model.config.eos_token_id)
         self.max_batch = 1  # slots per worker, set by `serve`
-        self.slots = Slots(model, 1)
+        self.slots = Slots(model, 1, compile=self.compile)
         self.scheduler = Scheduler(model, self.slots, PREFILL_CHUNK)
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
         self.recording: dict[str, list[dict[str, Any]]] = {}  # uid -> events (idempotent turns)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)  # stateless requests
         metrics.safely(metrics.prepare_labels)
 
+    def warm_up(self, num_slots: int) -> float:
+        """Compile the decode step before serving (`serve` calls it, with its slot count)
+        rather than in the first requests: one row and two rows (two makes torch compile
+        code with the row count dynamic, which then serves every batch size). Logged with
+        the time it took; returns the seconds."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            slots = Slots(self.model, num_slots, compile=True)  # the engine's shapes
+            empty = self.model.init_state(1)
+            rows = [slots.add(empty) for _ in range(min(2, num_slots))]
+            for n in sorted({1, len(rows)}):
+                for _ in range(2):
+                    slots.step(rows[:n], [self.model.config.eos_token_id] * n)
+        seconds = time.perf_counter() - t0
+        if slots.compiled:
+            log.info("decode step compiled in %.1f s (torch.compile; --no-compile or "
+                     "NEWLLM_COMPILE=0 to decode eagerly)", seconds)
+        else:  # compiling failed (logged by newllm.slots): eager it is
+            self.compile = False
+            self.slots = Slots(self.model, 1, compile=False)
+            self.scheduler = Scheduler(self.model, self.slots, PREFILL_CHUNK)
+        return seconds
+
     def _use_slots(self, n: int) -> None:
         """Serve with ``n`` slots (only while none is busy)."""
         assert not len(self.slots) and not self.scheduler.busy
-        self.slots = Slots(self.model, n)
+        self.slots = Slots(self.model, n, compile=self.compile)
         self.scheduler = Scheduler(self.model, self.slots, PREFILL_CHUNK)
 
     def _fits(self, width: int, active: list[Turn]) -> bool:
@@ -147,9 +174,17 @@ class Engine:
         parked: deque[Job] = deque()  # taken, not started: session busy or no room yet
         active: list[Turn] = []
         self.max_batch = max_batch
-        send = self._recorded(send)
-        if self.slots.num_slots != max_batch:
-            self._use_slots(max_batch)
+        if self.compile:
+            self.warm_up(max_batch)
+        outbox = Outbox(send)
+        try:
+            self._serve(queue, self._recorded(outbox), parked, active)
+        finally:
+            outbox.close()
+
+    def _serve(self, queue: Any, send: Send, parked: deque[Job], active: list[Turn]) -> None:
+        if self.slots.num_slots != self.max_batch:
+            self._use_slots(self.max_batch)
         polled = 0.0  # when cancel flags were last read
         while True:
             tried: set[str] = set()  # sessions found busy in this pass
@@ -670,6 +705,89 @@ class Engine:
     def _fail(rqid: int, uid: str, error: ApiError, send: Send) -> None:
         send(rqid, uid, {"t": "error", "status": error.status, **error.body()})
         send(rqid, uid, None)
+
+
+class Outbox:
+    """A worker's events on their way to the HTTP side, sent from a thread of their own.
+
+    LitServe's transport is a `multiprocessing.Manager` queue: every message is a round trip
+    to the manager process (~0.1-0.3 ms here), which the decode loop would otherwise wait for
+    once per token. Here the loop only appends to a list; the sender thread sends what has
+    gathered, per request in order, with consecutive tokens of one request merged into one
+    ``toks`` message (``{"t": "toks", "events": [tok, ...]}``; `server.responses` unpacks
+    it). So the more tokens come while a message is under way, the fewer messages there are,
+    without ever holding a token back. A request's first token always travels alone as a
+    ``tok`` (the HTTP side measures time to first token on it).
+    """
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._pending: list[tuple[int, str, Any]] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._streaming: set[str] = set()  # requests whose first token has been sent
+        self._thread = threading.Thread(target=self._run, name="newllm-outbox", daemon=True)
+        self._thread.start()
+
+    def __call__(self, rqid: int, uid: str, data: Any) -> None:
+        with self._wake:
+            self._pending.append((rqid, uid, data))
+            self._wake.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is left, then stop the thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._closed:
+                    return
+            for rqid, uid, data in self._messages(batch):
+                try:
+                    self._send(rqid, uid, data)
+                except (BrokenPipeError, EOFError, ConnectionError):  # shutting down
+                    return
+                except Exception:  # noqa: BLE001 - one lost message never stops the others
+                    log.exception("sending an event of request %s failed", uid)
+
+    def _messages(self, batch: list[tuple[int, str, Any]]) -> list[tuple[int, str, Any]]:
+        """The messages for a batch of events: per request in order, runs of tokens merged."""
+        by_uid: dict[str, list[tuple[int, str, Any]]] = {}
+        for item in batch:
+            by_uid.setdefault(item[1], []).append(item)
+        out: list[tuple[int, str, Any]] = []
+        for uid, items in by_uid.items():
+            run: list[dict[str, Any]] = []
+            rqid = items[0][0]
+            for rqid, _, data in items:
+                if data is not None and data.get("t") == "tok" and uid in self._streaming:
+                    run.append(data)
+                    continue
+                out.extend(_tokens(rqid, uid, run))
+                run = []
+                if data is None:
+                    self._streaming.discard(uid)
+                elif data.get("t") == "tok":
+                    self._streaming.add(uid)
+                out.append((rqid, uid, data))
+            out.extend(_tokens(rqid, uid, run))
+        return out
+
+
+def _tokens(rqid: int, uid: str, run: list[dict[str, Any]]) -> list[tuple[int, str, Any]]:
+    """A run of token events as messages: none, the event itself, or one ``toks``."""
+    if not run:
+        return []
+    if len(run) == 1:
+        return [(rqid, uid, run[0])]
+    return [(rqid, uid, {"t": "toks", "events": run})]
 
 
 def _used(active: list[Turn]) -> int:

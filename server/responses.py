@@ -65,6 +65,8 @@ class Builder:
     def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Record an event; returns the streaming chunks it makes."""
         kind = event["t"]
+        if kind == "toks":  # several tokens in one message from the worker (server.engine)
+            return [chunk for e in event["events"] for chunk in self.add(e)]
         if kind == "done":
             self.usage, self.session = event["usage"], event["session"]
             if not self.include_usage:

@@ -29,6 +29,9 @@ from newllm.model import TransformerLM
 from newllm.tokenizer import Tokenizer
 
 MODEL_SEED = 0
+# servers and engines started by tests decode eagerly (compiling takes seconds to a minute);
+# tests/test_compiled.py and the compiled-engine test turn it on for themselves
+os.environ.setdefault("NEWLLM_COMPILE", "0")
 
 
 def need_program(name: str, package: str) -> str:

@@ -42,13 +42,14 @@ class Worker:
     """An `Engine` serving a queue in a thread; `submit` jobs, then `start`, then `result`."""
 
     def __init__(self, local: Any, folder: Path, *, max_batch: int = 4,
-                 max_sessions: int = 100, prefix_cache_bytes: int = 0) -> None:
+                 max_sessions: int = 100, prefix_cache_bytes: int = 0,
+                 compile: bool | None = None) -> None:
         model, tokenizer = local
         self.model, self.tokenizer = model, tokenizer
         self.store = FolderStore(folder, max_sessions)
         self.store.prepare()
         self.engine = Engine(model, tokenizer, self.store, max_prompt_tokens=4096,
-                             prefix_cache_bytes=prefix_cache_bytes)
+                             prefix_cache_bytes=prefix_cache_bytes, compile=compile)
         self.queue: queue.Queue[Any] = queue.Queue()
         self.events: dict[str, list[Any]] = {}
         self.ended: dict[str, threading.Event] = {}
@@ -56,6 +57,10 @@ class Worker:
                                        args=(self.queue, self._send, max_batch), daemon=True)
 
     def _send(self, rqid: int, uid: str, data: Any) -> None:
+        if data is not None and data["t"] == "toks":  # several tokens in one message
+            assert data["events"] and all(e["t"] == "tok" for e in data["events"])
+            self.events[uid].extend(data["events"])
+            return
         self.events[uid].append(data)
         if data is None:
             self.ended[uid].set()
@@ -482,3 +487,49 @@ def test_prefix_cache_keeps_the_longest_prefix_within_its_bytes() -> None:
     cache.put([8, 8], State("huge", 1000))  # larger than the whole cache: not kept
     assert len(cache) == 2
     assert not PrefixCache(0) and cache.longest([1]) is None
+
+
+# the compiled decode step and the outbox -------------------------------------------------------
+def test_a_compiled_engine_answers_what_an_eager_one_does(worker: Any,
+                                                          monkeypatch: Any) -> None:
+    """The engine compiles its step at start (logged) and serves the same replies, token
+    log-probs included, one turn alone and several batched, crossing segment boundaries."""
+    monkeypatch.delenv("NEWLLM_COMPILE", raising=False)  # conftest turns it off elsewhere
+    jobs = [complete("The river", max_tokens=40, logprobs=2), complete("Once", max_tokens=25),
+            chat("hello", "s", max_tokens=30), complete(["a", "b"], n=2, max_tokens=20)]
+    eager = worker(compile=False).start()
+    assert not eager.engine.compile
+    want = [eager.run(j) for j in jobs]
+    compiled = worker(compile=True)
+    assert compiled.engine.compile and compiled.engine.slots.compiled
+    compiled.start()
+    alone = compiled.run(jobs[0])  # one row
+    uids = [compiled.submit(j) for j in jobs]  # together: rows join and leave
+    got = [alone] + [compiled.result(u) for u in uids]
+    for g, w in zip(got, [want[0], *want], strict=True):
+        assert text(g) == text(w) and kinds(g) == kinds(w)
+        assert [e.get("token") for e in g] == [e.get("token") for e in w]
+        lps = [[e["lp"] for e in evs if e["t"] == "tok" and "lp" in e] for evs in (g, w)]
+        assert lps[0] == pytest.approx(lps[1], abs=1e-4)
+
+
+def test_the_outbox_merges_tokens_and_keeps_each_requests_order() -> None:
+    sent: list[tuple[str, Any]] = []
+    box = engine_module.Outbox(lambda rqid, uid, data: sent.append((uid, data)))
+    messages = box._messages([
+        (0, "a", {"t": "start"}), (0, "a", {"t": "tok", "text": "1"}),
+        (0, "b", {"t": "tok", "text": "x"}), (0, "a", {"t": "tok", "text": "2"}),
+        (0, "b", {"t": "tok", "text": "y"}), (0, "a", {"t": "tok", "text": "3"}),
+        (0, "b", {"t": "tok", "text": "z"}), (0, "a", {"t": "end"}),
+        (0, "a", {"t": "tok", "text": "4"}), (0, "a", None)])
+    a = [m[2] for m in messages if m[1] == "a"]
+    assert a[:2] == [{"t": "start"}, {"t": "tok", "text": "1"}]  # the first token alone
+    assert a[2] == {"t": "toks", "events": [{"t": "tok", "text": "2"}, {"t": "tok", "text": "3"}]}
+    assert a[3:] == [{"t": "end"}, {"t": "tok", "text": "4"}, None]
+    b = [m[2] for m in messages if m[1] == "b"]
+    assert b == [{"t": "tok", "text": "x"},
+                 {"t": "toks", "events": [{"t": "tok", "text": "y"}, {"t": "tok", "text": "z"}]}]
+    assert "a" not in box._streaming  # finished: forgotten
+    box(0, "c", {"t": "tok", "text": "q"})  # the thread sends what is put, then stops
+    box.close()
+    assert sent == [("c", {"t": "tok", "text": "q"})]

@@ -306,6 +306,21 @@ def test_builders_assemble_openai_shapes() -> None:
     assert lp["top_logprobs"][0] is None and lp["top_logprobs"][1] == {"b": -0.5}
 
 
+def test_several_tokens_in_one_message_stream_as_they_would_one_by_one() -> None:
+    events = [{"t": "tok", "c": 0, "text": t, "token": t, "bytes": list(t.encode()),
+               "lp": -float(i), "top": []} for i, t in enumerate("abc")]
+    for builder in (ChatBuilder, CompletionBuilder):
+        one = builder("m", "fp", 1, logprobs=True, include_usage=False)
+        merged = builder("m", "fp", 1, logprobs=True, include_usage=False)
+        chunks = [c for e in events for c in one.add(e)]
+        together = merged.add(events[0]) + merged.add({"t": "toks", "events": events[1:]})
+        strip = [{k: v for k, v in c.items() if k not in ("id", "created")} for c in chunks]
+        assert len(together) == 3
+        assert [{k: v for k, v in c.items() if k not in ("id", "created")}
+                for c in together] == strip
+        assert merged.choices[0].text == one.choices[0].text == "abc"
+
+
 def test_openai_client_raises_a_mid_stream_error_event() -> None:
     """The exact bytes the server streams after an error are parsed and raised by openai."""
     import httpx2

@@ -35,6 +35,12 @@ class SlotStep:
     lengths, boundaries and masks are decided without reading the device. When the rows are
     consecutive slots (the usual case: `Slots` keeps busy slots packed), ``span`` is that
     slice and buffers are read as views instead of gathered copies.
+
+    A ``fixed`` step (`newllm.slots` with ``compile``) reads nothing from ``host_position``:
+    every buffer is read at its full capacity, masks hiding the entries past each row's length,
+    so the shape of every tensor depends only on N and the buffers' capacities and one
+    compiled step serves every token. Capacities are reserved before it (``slot_reserve``) and
+    the writes that happen only at the end of a segment are done after it (``slot_finish``).
     """
 
     rows: Tensor  # (N,) long, slot index of each row
@@ -42,6 +48,7 @@ class SlotStep:
     host_position: tuple[int, ...]
     span: slice | None = None
     contexts: Tensor | None = None  # (N, 1, context_dim) context vectors (context models)
+    fixed: bool = False
     _angles: dict[tuple[float, int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def ending(self, period: int) -> list[int]:
@@ -63,6 +70,18 @@ class SlotStep:
             self._angles[key] = (cos.view(-1, 1, 1, rotary.dims), sin.view(-1, 1, 1, rotary.dims))
         cos, sin = self._angles[key]
         return rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def slot_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, fixed: bool) -> Tensor:
+    """One query per row over masked keys: q (N, H, 1, D), k, v (N, H, W, D), mask
+    (N, 1, 1, W) -> (N, H, 1, D). SDPA, or (``fixed``: compiled) the same softmax attention
+    written out, which inductor fuses into a kernel or two instead of four calls of CPU
+    flash attention per step (float32 scores and softmax, as SDPA)."""
+    if not fixed:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, H, 1, W)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (weights @ v.float()).to(q.dtype)
 
 
 def length_mask(lengths: Tensor, width: int) -> Tensor:

@@ -85,6 +85,10 @@ class ContextKVAttention(nn.Module):
     def slot_extract(self, buf: KVSlots, row: int, position: int) -> ContextKVState:
         return ContextKVState(*buf.extract(row, position // self.chunk))
 
+    def slot_reserve(self, buf: KVSlots, step: SlotStep) -> None:
+        """Room in the buffers for the step's reads and writes (before a ``fixed`` step)."""
+        buf.reserve(max(p // self.chunk for p in step.host_position) + 1)
+
     def slot_step(self, x: Tensor, buf: KVSlots, step: SlotStep) -> Tensor:
         """One token per row: x (N, 1, C) -> (N, 1, C); a row that ends a chunk stores it."""
         assert step.contexts is not None, "context_kv needs the context block's contexts"
@@ -93,8 +97,11 @@ class ContextKVAttention(nn.Module):
         kv = self.key_value(step.contexts).view(N, 1, H, 2, D).permute(3, 0, 2, 1, 4)
         k_own, v_own = kv[0], kv[1]  # (N, H, 1, D)
         chunks = step.position // self.chunk  # (N,) finished chunks before each row's token
-        width = max(p // self.chunk for p in step.host_position)
-        buf.reserve(width + 1)
+        if step.fixed:  # the whole buffer, masked (reserved by slot_reserve)
+            width = buf.k.shape[2]
+        else:
+            width = max(p // self.chunk for p in step.host_position)
+            buf.reserve(width + 1)
         keys, values = step.take(buf.k)[:, :, :width], step.take(buf.v)[:, :, :width]
         scale = 1.0 / math.sqrt(D)
         s_chunks = (q @ keys.transpose(-1, -2)) * scale  # (N, H, 1, J)
@@ -103,6 +110,11 @@ class ContextKVAttention(nn.Module):
         s_own = (q * k_own).sum(-1, keepdim=True) * scale  # (N, H, 1, 1)
         w = torch.softmax(torch.cat((s_chunks, s_own), dim=-1).float(), dim=-1).to(q.dtype)
         out = w[..., :-1] @ values + w[..., -1:] * v_own  # (N, H, 1, D)
+        if step.fixed:  # every row writes its own key/value at index ``chunks``: hidden until
+            # the chunk is finished, and then it holds the chunk's last token's (no host branch)
+            buf.k[step.rows, :, chunks] = k_own[:, :, 0]
+            buf.v[step.rows, :, chunks] = v_own[:, :, 0]
+            return self.dense(merge_heads(out))
         ends = step.ending(self.chunk)
         if ends:  # these rows finish a chunk: their own context becomes its key/value
             e = torch.tensor(ends, device=x.device)

@@ -37,6 +37,7 @@ from newllm.layers.common import (
     causal_attention,
     length_mask,
     merge_heads,
+    slot_attention,
     split_qkv,
 )
 
@@ -54,6 +55,16 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 def memory_read(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
     """sq (..., T, dk) features, M (..., dk, dv), z (..., dk) -> (..., T, dv)."""
+    lead = sq.shape[:-2]
+    if (torch.compiler.is_compiling() and sq.shape[-2] == 1 and M.shape[:-2] == lead
+            and all(d == 1 for d in lead)):
+        # one row of one memory (a compiled one-session decode step): a plain matrix
+        # product. Inductor lowers a one-row batched product on the CPU to a loop that
+        # recomputes σ(q) for every tile of M (a third of the bundled model's compiled
+        # step); an mm reads σ(q) from a buffer computed once.
+        q = sq.reshape(1, sq.shape[-1])  # (1, dk)
+        num = (q @ M.reshape(M.shape[-2], M.shape[-1])).view(sq.shape[:-1] + M.shape[-1:])
+        return _safe_div(num, (q @ z.reshape(-1, 1)).view(sq.shape[:-1] + (1,)))
     return _safe_div(sq @ M, (sq @ z.unsqueeze(-1)))
 
 
@@ -310,10 +321,10 @@ class SegmentMemoryAttention(nn.Module):
         buf.open_k[rows, :, o] = k[:, :, 0]
         buf.open_v[rows, :, o] = v[:, :, 0]
         buf.rot_k[rows, :, o] = step.rotate(self.rotary, k, S)[:, :, 0]
-        width = max(p % S for p in step.host_position) + 1
-        local = F.scaled_dot_product_attention(
-            step.rotate(self.rotary, q, S), step.take(buf.rot_k)[:, :, :width],
-            step.take(buf.open_v)[:, :, :width], attn_mask=length_mask(o + 1, width))
+        width = S if step.fixed else max(p % S for p in step.host_position) + 1
+        local = slot_attention(step.rotate(self.rotary, q, S), step.take(buf.rot_k)[:, :, :width],
+                               step.take(buf.open_v)[:, :, :width], length_mask(o + 1, width),
+                               step.fixed)
         qm = q
         if self.config.memory_history:  # + the keys of the previous tokens of the segment
             w, hist = self.query_history, torch.zeros_like(q)
@@ -327,10 +338,15 @@ class SegmentMemoryAttention(nn.Module):
         a_mem, active = self.read(elu1(qm), q.float(), self._rows_state(buf, step.take))
         g = torch.sigmoid(self.gate).view(1, -1, 1, 1) * active.view(-1, 1, 1, 1).to(x.dtype)
         out = g * self.from_memory_heads(a_mem.to(x.dtype)) + (1 - g) * local  # (N, H, 1, D)
-        ends = step.ending(S)
+        if not step.fixed:  # a fixed step leaves the writes to slot_finish
+            self.slot_finish(buf, step)
+        return self.dense(merge_heads(out))
+
+    def slot_finish(self, buf: MemorySlots, step: SlotStep) -> None:
+        """The rows whose token completes a segment write it into their memories."""
+        ends = step.ending(self.segment_len)
         if ends:
             self._slot_write(buf, step, ends)
-        return self.dense(merge_heads(out))
 
     def slot_backup(self, buf: MemorySlots, step: SlotStep) -> Callable[[], None] | None:
         """What undoes this step's memory writes (for a step that fails part-way): the memory

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from newllm.config import ModelConfig
@@ -25,6 +24,7 @@ from newllm.layers.common import (
     kv_append,
     length_mask,
     merge_heads,
+    slot_attention,
     stack_qkv,
 )
 
@@ -94,16 +94,22 @@ class PythiaAttention(nn.Module):
     def slot_extract(self, buf: KVSlots, row: int, position: int) -> KVState:
         return KVState(*buf.extract(row, self.kept(position)))
 
+    def slot_reserve(self, buf: KVSlots, step: SlotStep) -> None:
+        """Room in the buffers for the step's writes (before a ``fixed`` step)."""
+        buf.reserve(max(self.kept(p) for p in step.host_position) + 1)
+
     def slot_step(self, x: Tensor, buf: KVSlots, step: SlotStep) -> Tensor:
         """One token per row: x (N, 1, C) -> (N, 1, C); the rows' keys/values join their slots."""
         qkv = stack_qkv(self.query_key_value(x), self.num_heads)  # (3, N, H, 1, D)
         q, k = step.rotate(self.rotary, qkv[0]), step.rotate(self.rotary, qkv[1])
-        width = max(self.kept(p) for p in step.host_position) + 1  # longest row after the write
-        buf.reserve(width)
+        if step.fixed:  # the whole buffer, masked (reserved by slot_reserve)
+            width = buf.k.shape[2]
+        else:
+            width = max(self.kept(p) for p in step.host_position) + 1  # longest row after it
+            buf.reserve(width)
         kept = step.position % self.window if self.window else step.position  # (N,)
         buf.k[step.rows, :, kept] = k[:, :, 0]
         buf.v[step.rows, :, kept] = qkv[2][:, :, 0]
         keys, values = step.take(buf.k)[:, :, :width], step.take(buf.v)[:, :, :width]
-        out = F.scaled_dot_product_attention(q, keys, values,
-                                             attn_mask=length_mask(kept + 1, width))
+        out = slot_attention(q, keys, values, length_mask(kept + 1, width), step.fixed)
         return self.dense(merge_heads(out))  # (N, 1, C)

@@ -1,0 +1,383 @@
+"""latency: one conversation's cost per token, eager against the compiled decode step.
+
+Batch 1 is what one person chatting gets, and there a token's time is mostly per-op overhead,
+not arithmetic. Measured with the bundled checkpoint (fp32, weights input-major as the server
+runs them), in one child process per torch thread count (``--threads``, default 1 and 2), the
+compiled code cached in a fresh inductor cache folder shared by the children (so the first
+child's compile time is a cold one, a first start on a machine, and the next ones warm):
+
+- **compile**: seconds of the first compiled steps (one row, then two: the row count becomes
+  dynamic) and the resident memory (RSS) they added;
+- **step**: one token at batch 1, ``--context`` tokens in: ``model(x, state, last_only=True)``
+  (what `newllm.generate` runs eagerly), the eager `Slots` step, and the compiled one
+  (`Slots` with ``compile``), one call of each in turn, median of ``--repeat`` rounds;
+- **slots**: the slot step eager and compiled at ``--batch-sizes`` rows;
+- **generate**: `newllm.generate`, greedy, ``--tokens`` new tokens, eager and compiled in turn;
+- **pythia-70m vs transformers** (first child only; ``--no-pythia`` skips): decode at 1,024
+  tokens of context, our eager step, our compiled step and transformers' GPT-NeoX with the same
+  weights, one step of each in turn (as `benchmarks.decode` does; the greedy tokens must agree);
+- **server** (``--no-server`` skips): `newllm serve` (one worker, one thread) with the compiled
+  step and without, one client streaming completions of ``--tokens`` tokens over loopback,
+  turns in alternation with `newllm.generate` in this process with the same setting: tokens
+  per second after the first token (the decode rate; the ratio is the median of the turns'
+  ratios) and for whole requests.
+
+    python -m benchmarks.latency [--quick] [--threads 1 2] [--no-server] [--no-pythia]
+
+Ratios within one run are what to read: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    PROSE,
+    new_figure,
+    plot_path,
+    results_folder,
+    round_robin,
+    save_figure,
+    write_result,
+)
+
+GOALS = {"step_ms": 1.2, "generate_tokens_per_s": 700, "server_vs_generate": 0.9,
+         "pythia_vs_transformers": 1.7}
+
+
+def rss_mib() -> float:
+    """Resident memory of this process, MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def load(checkpoint: str | None) -> tuple[Any, Any]:
+    from newllm import load_checkpoint
+
+    model, tok = load_checkpoint(checkpoint)
+    return model.eval().use_input_major_weights(), tok
+
+
+def prompt_ids(tok: Any, n: int) -> list[int]:
+    ids = tok.encode(PROSE * (1 + n // 100))
+    return ids[:n]
+
+
+# the child: everything measured under one thread count -----------------------------------------
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    from newllm import SamplingParams, generate
+    from newllm.slots import Slots
+
+    torch.set_num_threads(args.child)
+    model, tok = load(args.checkpoint)
+    V = model.config.vocab_size
+    ids = torch.tensor([prompt_ids(tok, args.context)])
+    out: dict[str, Any] = {"threads": args.child}
+    with torch.no_grad():
+        _, state = model(ids, None)
+        x = torch.tensor([[5]])
+        for _ in range(3):  # eager warm-up before the memory baseline
+            model(x, state, last_only=True)
+        eager_slots = Slots(model, max(args.batch_sizes), compile=False)
+        compiled_slots = Slots(model, max(args.batch_sizes), compile=True)
+        rows_e = [eager_slots.add(state) for _ in range(max(args.batch_sizes))]
+        rows_c = [compiled_slots.add(state) for _ in range(max(args.batch_sizes))]
+        eager_slots.step(rows_e[:1], [5])
+        rss0 = rss_mib()
+        t0 = time.perf_counter()
+        compiled_slots.step(rows_c[:1], [5])
+        compiled_slots.step(rows_c[:1], [5])
+        first = time.perf_counter() - t0
+        compiled_slots.step(rows_c[:2], [5, 5])
+        compiled_slots.step(rows_c[:2], [5, 5])
+        compile_s = time.perf_counter() - t0
+        if not compiled_slots.compiled:
+            raise RuntimeError("compiling failed (see the log); nothing to compare")
+        out["compile"] = {"one_row_s": first, "one_and_two_rows_s": compile_s,
+                          "rss_added_mib": rss_mib() - rss0}
+
+        def forward() -> None:
+            model(x, state, last_only=True)
+
+        times = round_robin({"forward_eager": forward,
+                             "slots_eager": lambda: eager_slots.step(rows_e[:1], [5]),
+                             "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5])},
+                            args.repeat)
+        out["step_ms"] = {k: 1000 * v for k, v in times.items()}
+        out["step_speedup"] = {"vs_forward": times["forward_eager"] / times["slots_compiled"],
+                               "vs_slots_eager": times["slots_eager"] / times["slots_compiled"]}
+        out["slots_ms"] = {}
+        for b in args.batch_sizes:
+            t = round_robin({"eager": lambda b=b: eager_slots.step(rows_e[:b], [5] * b),
+                             "compiled": lambda b=b: compiled_slots.step(rows_c[:b], [5] * b)},
+                            max(5, args.repeat // 4))
+            out["slots_ms"][str(b)] = {k: 1000 * v for k, v in t.items()}
+        for s in (eager_slots, compiled_slots):
+            for h in list(s._handles):
+                s.discard(h)
+
+    prompt = prompt_ids(tok, 32)
+    params = SamplingParams(max_new_tokens=args.tokens, temperature=0, stop_token_ids=())
+    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for name in rates:  # untimed: one-slot buffers are a new shape for the compiled step
+        generate(model, prompt, None, params.replace(max_new_tokens=4),
+                 compile=name == "compiled").collect()
+    for _ in range(args.generate_repeat):
+        for name in rates:
+            t0 = time.perf_counter()
+            n = len(generate(model, prompt, None, params, decode=tok.decode,
+                             vocab_size=min(V, tok.vocab_size),
+                             compile=name == "compiled").collect().token_ids)
+            rates[name].append(n / (time.perf_counter() - t0))
+    out["generate_tokens_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
+    if args.pythia:
+        out["pythia_70m"] = pythia_vs_transformers(args)
+    return out
+
+
+def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
+    """pythia-70m at 1,024 tokens of context: our eager and compiled steps and transformers'."""
+    from benchmarks.decode import (
+        hf_prefill,
+        hf_step,
+        hf_twin,
+        interleaved_steps,
+        ours_step,
+        prefill,
+    )
+    from newllm import ModelConfig, TransformerLM
+    from newllm.slots import Slots
+
+    torch.manual_seed(0)
+    name = "tiny-pythia" if args.quick else "pythia-70m"
+    context = 128 if args.quick else 1024
+    model = TransformerLM(ModelConfig.from_name(name)).eval()
+    hf = hf_twin(model)  # same weights, its own layout
+    model.use_input_major_weights()
+    ids = torch.randint(0, model.config.vocab_size, (1, context),
+                        generator=torch.Generator().manual_seed(0))
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        logits, state = prefill(model, ids)
+        cache = DynamicCache()
+        hf_logits = hf_prefill(hf, ids, cache)
+        slots = Slots(model, 1, compile=True)
+        handle = slots.add(state)
+        t0 = time.perf_counter()
+        slots.step([handle], [0])  # compile (a token the others do not see: a copy's state)
+        compile_s = time.perf_counter() - t0
+        slots.discard(handle)
+        handle = slots.add(state)
+
+    def compiled(tok: torch.Tensor) -> torch.Tensor:
+        return slots.step([handle], tok.view(1))[:, None]  # (1, 1, V)
+
+    out = interleaved_steps({"ours_eager": ours_step(model, state), "ours_compiled": compiled,
+                             "transformers": hf_step(hf, cache)},
+                            {"ours_eager": logits, "ours_compiled": logits,
+                             "transformers": hf_logits}, args.pythia_steps, warmup=2)
+    ms = {k: 1000 * statistics.median(t) for k, (t, _) in out.items()}
+    agree = out["ours_eager"][1] == out["ours_compiled"][1] == out["transformers"][1]
+    return {"model": name, "context": context, "ms_per_token": ms,
+            "speedup_vs_transformers": {"eager": ms["transformers"] / ms["ours_eager"],
+                                        "compiled": ms["transformers"] / ms["ours_compiled"]},
+            "compile_s": compile_s, "greedy_tokens_agree": agree,
+            "steps": len(out["transformers"][0])}
+
+
+# the server ----------------------------------------------------------------------------------
+def stream_turn(client: Any, url: str, body: dict[str, Any]) -> tuple[float, float]:
+    """One streamed completion: (decode rate: tokens after the first / time from the first to
+    the last, whole-request rate), tokens counted as the text pieces that arrive."""
+    t0 = time.perf_counter()
+    stamps = []
+    with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"finish_reason": null' in line:
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (end - t0)
+
+
+def library_turn(model: Any, tok: Any, prompt: list[int], tokens: int,
+                 compile: bool) -> tuple[float, float]:
+    """`newllm.generate` measured as `stream_turn` measures the server (same prompt, EOS
+    stops both)."""
+    from newllm import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=tokens, temperature=0)
+    t0 = time.perf_counter()
+    stamps = []
+    for t in generate(model, prompt, None, params, decode=tok.decode,
+                      vocab_size=min(model.config.vocab_size, tok.vocab_size), compile=compile):
+        if t.text:
+            stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (end - t0)
+
+
+def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
+    """Each setting: a server, then turns of the server and of `generate` in alternation (a
+    noisy moment of the machine falls on both), medians of each."""
+    import httpx
+
+    from benchmarks.live import start_server, stop_server, wait_ready
+
+    torch.set_num_threads(1)
+    model, tok = load(args.checkpoint)
+    prompt = prompt_ids(tok, 32)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="newllm-latency-") as tmp:
+        for name, compile in (("compiled", True), ("eager", False)):
+            os.environ["NEWLLM_COMPILE"] = "1" if compile else "0"
+            server = start_server(args.checkpoint, Path(tmp), name, max_batch_size=1,
+                                  extra=["--threads", "1"])
+            rates: dict[str, list[tuple[float, float]]] = {"server": [], "generate": []}
+            try:
+                wait_ready(server, timeout=600)
+                with httpx.Client(timeout=600) as c:
+                    body = {"model": c.get(f"{server.url}/v1/models").json()["data"][0]["id"],
+                            "prompt": prompt, "max_tokens": args.tokens, "temperature": 0,
+                            "stream": True}
+                    for i in range(args.server_turns + 1):  # the first of each warms up
+                        served = stream_turn(c, server.url, body)
+                        lib = library_turn(model, tok, prompt, args.tokens, compile)
+                        if i:
+                            rates["server"].append(served)
+                            rates["generate"].append(lib)
+            finally:
+                stop_server(server)
+            med = {k: {"decode_tokens_per_s": statistics.median(r[0] for r in v),
+                       "request_tokens_per_s": statistics.median(r[1] for r in v)}
+                   for k, v in rates.items()}
+            ratios = [s[0] / g[0] for s, g in zip(rates["server"], rates["generate"],
+                                                  strict=True)]
+            out[name] = {**med, "ratio_decode": statistics.median(ratios),
+                         "ratio_request": med["server"]["request_tokens_per_s"]
+                         / med["generate"]["request_tokens_per_s"], "turns": len(ratios)}
+            print(f"server {name}: {med['server']['decode_tokens_per_s']:.0f} tok/s vs "
+                  f"generate {med['generate']['decode_tokens_per_s']:.0f} "
+                  f"({out[name]['ratio_decode']:.2f})", flush=True)
+    os.environ.pop("NEWLLM_COMPILE", None)
+    return out
+
+
+# main ----------------------------------------------------------------------------------------
+def goals(children: list[dict[str, Any]], server: dict[str, Any] | None) -> dict[str, Any]:
+    one = next((c for c in children if c["threads"] == 1), children[0])
+    out: dict[str, Any] = {
+        "step_ms": {"target": GOALS["step_ms"], "value": one["step_ms"]["slots_compiled"]},
+        "generate_tokens_per_s": {"target": GOALS["generate_tokens_per_s"],
+                                  "value": one["generate_tokens_per_s"]["compiled"]},
+    }
+    if server is not None:
+        out["server_vs_generate"] = {"target": GOALS["server_vs_generate"],
+                                     "value": server["compiled"]["ratio_decode"]}
+    if "pythia_70m" in one:
+        out["pythia_vs_transformers"] = {
+            "target": GOALS["pythia_vs_transformers"],
+            "value": one["pythia_70m"]["speedup_vs_transformers"]["compiled"]}
+    for g in out.values():
+        below = g is out["step_ms"]
+        g["met"] = g["value"] <= g["target"] if below else g["value"] >= g["target"]
+    return out
+
+
+def plot(children: list[dict[str, Any]], out_dir: Path) -> None:
+    fig, ax = new_figure("Decode step, bundled model (fp32, CPU)", "rows (sessions) per step",
+                         "ms per step (median)", logy=True)
+    for c in children:
+        sizes = [int(b) for b in c["slots_ms"]]
+        for mode, style in (("eager", "--"), ("compiled", "-")):
+            ax.plot(sizes, [c["slots_ms"][str(b)][mode] for b in sizes], style, marker="o",
+                    label=f"slots {mode}, {c['threads']} thread(s)")
+        ax.scatter([1], [c["step_ms"]["forward_eager"]], marker="x", s=60,
+                   label=f"model(x, state), {c['threads']} thread(s)")
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.legend(fontsize=8)
+    save_figure(fig, plot_path("latency", out_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats, tiny pythia, 1 thread")
+    ap.add_argument("--out", type=Path, default=None, help="results folder")
+    ap.add_argument("--checkpoint", default=None, help="default: the bundled model")
+    ap.add_argument("--threads", type=int, nargs="*", default=None, help="default 1 2")
+    ap.add_argument("--context", type=int, default=200, help="tokens read before the steps")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16])
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per generation")
+    ap.add_argument("--repeat", type=int, default=None, help="rounds of the step timing")
+    ap.add_argument("--generate-repeat", type=int, default=None)
+    ap.add_argument("--server-turns", type=int, default=None)
+    ap.add_argument("--pythia-steps", type=int, default=None)
+    ap.add_argument("--no-server", dest="server", action="store_false")
+    ap.add_argument("--no-pythia", dest="pythia", action="store_false")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.repeat = args.repeat or (20 if args.quick else 200)
+    args.generate_repeat = args.generate_repeat or (1 if args.quick else 5)
+    args.server_turns = args.server_turns or (2 if args.quick else 8)
+    args.pythia_steps = args.pythia_steps or (5 if args.quick else 40)
+    if args.quick:
+        args.tokens = min(args.tokens, 32)
+    if args.child is not None:
+        assert args.child_out is not None
+        args.child_out.write_text(json.dumps(child(args)))
+        return 0
+    args.out = results_folder(args.out, args.quick)
+    threads = args.threads or ([1] if args.quick else [1, 2])
+    children = []
+    with tempfile.TemporaryDirectory(prefix="newllm-inductor-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        env.pop("NEWLLM_COMPILE", None)
+        for i, n in enumerate(threads):
+            path = Path(cache) / f"child-{n}.json"
+            cmd = [sys.executable, "-m", "benchmarks.latency", "--child", str(n),
+                   "--child-out", str(path), "--context", str(args.context),
+                   "--tokens", str(args.tokens), "--repeat", str(args.repeat),
+                   "--generate-repeat", str(args.generate_repeat),
+                   "--pythia-steps", str(args.pythia_steps),
+                   "--batch-sizes", *map(str, args.batch_sizes)]
+            cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+            cmd += ["--quick"] if args.quick else []
+            cmd += [] if args.pythia and i == 0 else ["--no-pythia"]
+            subprocess.run(cmd, check=True, env=env)
+            children.append(json.loads(path.read_text()))
+            c = children[-1]
+            print(f"{n} thread(s): step {c['step_ms']['forward_eager']:.2f} ms eager, "
+                  f"{c['step_ms']['slots_compiled']:.2f} compiled; generate "
+                  f"{c['generate_tokens_per_s']['eager']:.0f} -> "
+                  f"{c['generate_tokens_per_s']['compiled']:.0f} tok/s; compile "
+                  f"{c['compile']['one_and_two_rows_s']:.1f} s", flush=True)
+    server = server_vs_library(args) if args.server else None
+    results = {"threads": children, "server_single_stream": server,
+               "goals": goals(children, server)}
+    settings = {"quick": args.quick, "checkpoint": args.checkpoint or "default",
+                "context": args.context, "batch_sizes": args.batch_sizes,
+                "tokens": args.tokens, "repeat": args.repeat, "dtype": "float32",
+                "layout": "input-major", "inductor_cache": "fresh: first child cold"}
+    path = write_result("latency", settings, results, args.out)
+    plot(children, args.out)
+    print(f"wrote {path}")
+    print(json.dumps(results["goals"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The compiled decode step (`Slots` with ``compile``) against the eager reference.
+
+The eager ``model(token, state)`` is the reference. For every kind: one session decoded with
+the inductor-compiled step over a few dozen tokens crossing segment (and chunk) boundaries
+gives the same logits (fp32, 1e-5) and ends in the same state; `generate` with ``compile``
+gives the same tokens. The fixed-shape step itself (``SlotStep.fixed``: whole buffers, masks,
+segment writes after the step) is checked for every variant with torch.compile's "eager"
+backend, which traces it exactly as inductor does (one graph, no breaks) but compiles nothing:
+several sessions joining and leaving, rows in any order. A counting backend shows that one
+compiled graph serves every token (no compile per token), and the switches: ``NEWLLM_COMPILE``
+and falling back to eager when compiling fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_PRESETS, make_tiny_model
+
+from newllm import slots as slots_module
+from newllm.generation import SamplingParams, generate
+from newllm.slots import Slots, compile_enabled
+from newllm.state import ModelState
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{p: (p, {}) for p in TINY_PRESETS},
+    "infini-banks-history-gate": ("tiny-infini", {"num_memory_banks": 2, "segments_per_bank": 1,
+                                                  "memory_history": 2,
+                                                  "memory_write_gate": True}),
+    "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,
+                                                   "memory_key_shift": True, "memory_heads": 2}),
+    "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
+    "pythia-no-window": ("tiny-infini", {"segment_local": False}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _compile_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NEWLLM_COMPILE", raising=False)  # conftest turns it off for the rest
+
+
+def model_for(variant: str) -> Any:
+    preset, options = VARIANTS[variant]
+    return make_tiny_model(preset, init_std=0.1, **options)
+
+
+def read(model: Any, n: int, seed: int) -> ModelState:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return model(torch.randint(1, 500, (1, n), generator=g))[1]
+
+
+def assert_states_close(a: ModelState, b: ModelState) -> None:
+    assert a.position == b.position
+    fa, fb = a.flat_tensors(), b.flat_tensors()
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        assert fa[name].shape == fb[name].shape, name
+        torch.testing.assert_close(fa[name], fb[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def decode_alone(model: Any, state: ModelState, slots: Slots, steps: int,
+                 seed: int = 5) -> ModelState:
+    """Decode one session ``steps`` tokens in ``slots`` and with the eager model, comparing
+    logits at every step; returns the eager state (the slot's is compared with it)."""
+    handle = slots.add(state)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        token = torch.randint(1, 500, (1,), generator=g)
+        logits = slots.step([handle], token)
+        with torch.no_grad():
+            alone, state = model(token.view(1, 1), state)
+        torch.testing.assert_close(logits[0], alone[0, -1], atol=1e-5, rtol=1e-5)
+    assert_states_close(slots.remove(handle), state)
+    assert slots.compiled or not compile_enabled(True), "fell back to eager: nothing compared"
+    return state
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_inductor_step_gives_the_eager_logits_for_every_kind(preset: str) -> None:
+    model = make_tiny_model(preset, init_std=0.1)
+    slots = Slots(model, 1, compile=True)
+    assert slots.compiled
+    # from position 5, 40 tokens: segment boundaries (16) at 16, 32, 48... chunk ends (8) too
+    state = decode_alone(model, read(model, 5, 1), slots, 40)
+    assert state.position == 45
+    # a second session in the same slots continues on the same compiled code
+    decode_alone(model, read(model, 30, 2), slots, 6, seed=6)
+    # generate with the compiled step: the same greedy tokens and final state as eager
+    params = SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=())
+    start = read(model, 9, 3)
+    eager = generate(model, [7], start, params, compile=False).collect()
+    compiled = generate(model, [7], start, params, compile=True).collect()
+    assert compiled.token_ids == eager.token_ids
+    assert_states_close(compiled.state, eager.state)
+    for a, b in zip(compiled.tokens, eager.tokens, strict=True):
+        assert abs(a.logprob - b.logprob) < 1e-5
+
+
+def test_inductor_step_over_several_sessions_with_changing_rows() -> None:
+    """Rows join and leave (1, 2, 3 rows: recompiled with dynamic sizes, not per token)."""
+    model = model_for("mixed")
+    check_batched(model, Slots(model, 4, compile=True))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fixed_step_decodes_like_separate_sessions(variant: str) -> None:
+    model = model_for(variant)
+    slots = Slots(model, 4, compile=True, backend="eager")
+    check_batched(model, slots)
+    # one session alone, across several segments, still one graph per shape
+    decode_alone(model, read(model, 3, 9), slots, 40)
+
+
+def check_batched(model: Any, slots: Slots) -> None:
+    """Sessions at different positions, one joining and one leaving mid-way, rows in any
+    order: each row's logits are what the eager model gives that session alone."""
+    ref = {"a": read(model, 3, 1), "b": read(model, 14, 2)}
+    handle = {name: slots.add(s) for name, s in ref.items()}
+    late = read(model, 40, 4)
+    g = torch.Generator().manual_seed(5)
+    for t in range(24):
+        if t == 4:
+            handle["c"], ref["c"] = slots.add(late), late
+        if t == 12:
+            assert_states_close(slots.remove(handle.pop("a")), ref.pop("a"))
+        names = sorted(handle, reverse=t % 2 == 1)
+        tokens = torch.randint(1, 500, (len(names),), generator=g)
+        logits = slots.step([handle[n] for n in names], tokens)
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                alone, ref[n] = model(tokens[i].view(1, 1), ref[n])
+                torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+    assert ref["b"].position > 32
+    for name, h in handle.items():
+        assert_states_close(slots.state(h), ref[name])
+    assert slots.compiled, "fell back to eager: nothing compared"
+
+
+def test_one_graph_serves_every_token() -> None:
+    """Positions, segment ends and open-segment lengths change every token; the compiled
+    graph does not: one compile for a one-row step over 50 tokens (the KV buffer of an
+    unwindowed pythia layer doubles once: one more)."""
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    model = model_for("pythia-no-window")
+    slots = Slots(model, 1, compile=True, backend=counting)
+    decode_alone(model, read(model, 10, 1), slots, 50)  # capacity 64 -> 128 at position 63
+    assert 1 <= len(graphs) <= 2, graphs
+    model = make_tiny_model("tiny-infini", init_std=0.1)
+    graphs.clear()
+    decode_alone(model, read(model, 10, 1), Slots(model, 1, compile=True, backend=counting), 50)
+    assert len(graphs) == 1, graphs
+
+
+def test_compile_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NEWLLM_COMPILE", raising=False)
+    assert compile_enabled() is False and compile_enabled(default=True) is True
+    assert compile_enabled(True) is True and compile_enabled(False, default=True) is False
+    monkeypatch.setenv("NEWLLM_COMPILE", "1")
+    assert compile_enabled() is True and compile_enabled(False) is False
+    monkeypatch.setenv("NEWLLM_COMPILE", "0")  # off whatever is asked
+    assert compile_enabled(True, default=True) is False
+    model = make_tiny_model("tiny-pythia")
+    assert not Slots(model, 1, compile=True).compiled
+
+
+def test_a_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(slots_module, "_FAILED", [])  # this test's failure stays here
+
+    def broken(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        raise RuntimeError("no C++ compiler here")
+
+    model = make_tiny_model("tiny-infini", init_std=0.1)
+    slots = Slots(model, 1, compile=True, backend=broken)
+    decode_alone(model, read(model, 12, 1), slots, 8)  # right logits all the same
+    assert not slots.compiled and "no C++ compiler" in slots_module._FAILED[0]
+    assert "decoding eagerly" in caplog.text
+    assert not compile_enabled(True)  # nor is it tried again in this process
