@@ -48,7 +48,6 @@ from server.store import (
     SessionInfo,
     SessionLocks,
     SessionStore,
-    StoreFull,
     StoreWriteError,
     check_session_id,
     header_metadata,
@@ -435,31 +434,11 @@ class RedisStore(SessionStore):
             store_locks.release(name)
 
     def _make_room(self, new_id: str, locks: Any, *, dry_run: bool) -> list[str]:
-        infos = self.list()  # newest first
-        excess = len(infos) + 1 - self.max_sessions
-        evicted: list[str] = []
-        for info in reversed(infos):
-            if excess <= 0:
-                break
-            victim = info.id
-            if victim == new_id or locks.holds(victim) or not locks.try_acquire(victim):
-                continue
-            try:
-                if not dry_run:
-                    self.delete(victim, locks)
-            finally:
-                locks.release(victim)
-            excess -= 1
-            if not dry_run:
-                evicted.append(victim)
-                log.info("session limit %d reached: evicted idle session %r",
-                         self.max_sessions, victim)
-        if excess > 0:
-            raise StoreFull(
-                f"the store holds its maximum of {self.max_sessions} sessions and all are "
-                "busy; try again later, or DELETE /v1/sessions/{id} sessions you no longer need"
-            )
-        return evicted
+        oldest_first = [i.id for i in reversed(self.list())]
+        return self._evict(oldest_first, new_id, locks, dry_run=dry_run)
+
+    def _remove(self, victim: str, locks: Any) -> None:
+        self.delete(victim, locks)
 
     def delete(self, session_id: str, locks: Any) -> bool:
         if not locks.holds(session_id):

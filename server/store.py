@@ -337,6 +337,39 @@ class SessionStore:
         """Remove what a writer killed mid-write left (nothing, where writes are atomic)."""
         return []
 
+    def _remove(self, victim: str, locks: Any) -> None:
+        """Delete an evicted session whose lock ``locks`` holds."""
+        raise NotImplementedError
+
+    def _evict(self, oldest_first: list[str], new_id: str, locks: Any, *,
+               dry_run: bool) -> list[str]:
+        """Evict least recently used idle sessions (of ``oldest_first``, every session of the
+        store) until one more fits, under the store's lock; ``dry_run`` only checks that enough
+        of them are idle. StoreFull when they are not."""
+        excess = len(oldest_first) + 1 - self.max_sessions
+        evicted: list[str] = []
+        for victim in oldest_first:
+            if excess <= 0:
+                break
+            if victim == new_id or locks.holds(victim) or not locks.try_acquire(victim):
+                continue  # busy: a turn runs on it
+            try:
+                if not dry_run:
+                    self._remove(victim, locks)
+            finally:
+                locks.release(victim)
+            excess -= 1
+            if not dry_run:
+                evicted.append(victim)
+                log.info("session limit %d reached: evicted idle session %r",
+                         self.max_sessions, victim)
+        if excess > 0:
+            raise StoreFull(
+                f"the server holds its maximum of {self.max_sessions} sessions and all are "
+                "busy; try again later, or DELETE /v1/sessions/{id} sessions you no longer need"
+            )
+        return evicted
+
     def cancel(self, uid: str, reason: str = "") -> None:
         raise NotImplementedError
 
@@ -606,29 +639,10 @@ class FolderStore(SessionStore):
                 files.append((p.stat().st_mtime, p.name[:-len(SUFFIX)]))
             except FileNotFoundError:
                 pass
-        excess = len(files) + 1 - self.max_sessions
-        evicted: list[str] = []
-        for _, victim in sorted(files):
-            if excess <= 0:
-                break
-            if victim == new_id or locks.holds(victim) or not locks.try_acquire(victim):
-                continue
-            try:
-                if not dry_run:
-                    self.path(victim).unlink(missing_ok=True)
-            finally:
-                locks.release(victim)
-            excess -= 1
-            if not dry_run:
-                evicted.append(victim)
-                log.info("session limit %d reached: evicted idle session %r",
-                         self.max_sessions, victim)
-        if excess > 0:
-            raise StoreFull(
-                f"the server holds its maximum of {self.max_sessions} sessions and all are "
-                "busy; try again later, or DELETE /v1/sessions/{id} sessions you no longer need"
-            )
-        return evicted
+        return self._evict([sid for _, sid in sorted(files)], new_id, locks, dry_run=dry_run)
+
+    def _remove(self, victim: str, locks: StripeLocks) -> None:
+        self.path(victim).unlink(missing_ok=True)
 
     # cancel flags --------------------------------------------------------------------------
     def _flag(self, uid: str) -> Path:

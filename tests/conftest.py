@@ -46,6 +46,29 @@ def need_program(name: str, package: str) -> str:
     return path
 TINY_PRESETS = sorted(name for name in PRESETS if name.startswith("tiny-"))
 
+# model variants the batched paths are checked on: every tiny preset, and memory options
+# that change how a step reads and writes its state
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{p: (p, {}) for p in TINY_PRESETS},
+    "infini-banks-history-gate": ("tiny-infini", {"num_memory_banks": 2, "segments_per_bank": 1,
+                                                  "memory_history": 2,
+                                                  "memory_write_gate": True}),
+    "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,
+                                                   "memory_key_shift": True, "memory_heads": 2}),
+    "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
+    "pythia-no-window": ("tiny-infini", {"segment_local": False}),
+}
+
+
+def assert_states_close(a: Any, b: Any) -> None:
+    """Two `ModelState`s hold the same position and tensors (fp32 rounding: 1e-5)."""
+    assert a.position == b.position
+    fa, fb = a.flat_tensors(), b.flat_tensors()
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        assert fa[name].shape == fb[name].shape and fa[name].dtype == fb[name].dtype, name
+        torch.testing.assert_close(fa[name], fb[name], atol=1e-5, rtol=1e-5, msg=name)
+
 
 def make_tiny_model(kind: str = "pythia", seed: int = MODEL_SEED, **options: Any) -> TransformerLM:
     """A tiny model in eval mode: ``kind`` is a model kind (``infini``) or a preset name

@@ -17,23 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_PRESETS, make_tiny_model
+from conftest import TINY_PRESETS, VARIANTS, assert_states_close, make_tiny_model
 
 from newllm import slots as slots_module
 from newllm.generation import SamplingParams, generate
 from newllm.slots import Slots, compile_enabled
 from newllm.state import ModelState
-
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    **{p: (p, {}) for p in TINY_PRESETS},
-    "infini-banks-history-gate": ("tiny-infini", {"num_memory_banks": 2, "segments_per_bank": 1,
-                                                  "memory_history": 2,
-                                                  "memory_write_gate": True}),
-    "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,
-                                                   "memory_key_shift": True, "memory_heads": 2}),
-    "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
-    "pythia-no-window": ("tiny-infini", {"segment_local": False}),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -52,13 +41,6 @@ def read(model: Any, n: int, seed: int) -> ModelState:
         return model(torch.randint(1, 500, (1, n), generator=g))[1]
 
 
-def assert_states_close(a: ModelState, b: ModelState) -> None:
-    assert a.position == b.position
-    fa, fb = a.flat_tensors(), b.flat_tensors()
-    assert fa.keys() == fb.keys()
-    for name in fa:
-        assert fa[name].shape == fb[name].shape, name
-        torch.testing.assert_close(fa[name], fb[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def decode_alone(model: Any, state: ModelState, slots: Slots, steps: int,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import assert_states_close
 from torch import Tensor, nn
 
 from newllm import ModelConfig, TransformerLM
@@ -48,13 +49,6 @@ def greedy_by_hand(model: TransformerLM, ids: list[int], n: int,
     return out
 
 
-def assert_states_close(a: ModelState, b: ModelState) -> None:
-    assert a.position == b.position
-    fa, fb = a.flat_tensors(), b.flat_tensors()
-    assert fa.keys() == fb.keys()
-    for name in fa:
-        assert fa[name].shape == fb[name].shape, name
-        torch.testing.assert_close(fa[name], fb[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.fixture(scope="module")

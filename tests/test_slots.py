@@ -12,24 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_PRESETS, make_tiny_model
+from conftest import VARIANTS, assert_states_close, make_tiny_model
 
 from newllm.generation import SamplingParams, generate
 from newllm.memory_file import load_memory, save_memory
 from newllm.scheduler import Scheduler
 from newllm.slots import Slots, SlotsFull
 from newllm.state import ModelState
-
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    **{p: (p, {}) for p in TINY_PRESETS},
-    "infini-banks-history-gate": ("tiny-infini", {"num_memory_banks": 2, "segments_per_bank": 1,
-                                                  "memory_history": 2,
-                                                  "memory_write_gate": True}),
-    "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,
-                                                   "memory_key_shift": True, "memory_heads": 2}),
-    "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
-    "pythia-no-window": ("tiny-infini", {"segment_local": False}),
-}
 
 
 def model_for(variant: str) -> Any:
@@ -46,15 +35,6 @@ def read(model: Any, n: int, seed: int) -> ModelState:
 def greedy(model: Any, state: ModelState, first: int, n: int = 12) -> list[int]:
     params = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
     return generate(model, [first], state, params).collect().token_ids
-
-
-def assert_states_close(a: ModelState, b: ModelState) -> None:
-    assert a.position == b.position
-    fa, fb = a.flat_tensors(), b.flat_tensors()
-    assert fa.keys() == fb.keys()
-    for name in fa:
-        assert fa[name].shape == fb[name].shape and fa[name].dtype == fb[name].dtype, name
-        torch.testing.assert_close(fa[name], fb[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
