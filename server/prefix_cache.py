@@ -47,15 +47,20 @@ class PrefixCache:
     def longest(self, ids: list[int]) -> tuple[int, Any] | None:
         """(k, state after ``ids[:k]``) for the longest cached prefix with k < len(ids) (at
         least one token is left to read, for the logits), or None."""
-        for k in sorted(self._lengths, reverse=True):
-            if k >= len(ids):
-                continue
-            key = prefix_key(ids[:k])
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                return k, entry[1]
-        return None
+        # the digests of every cached length, from one pass of sha256 over the ids (copying its
+        # state at each length) rather than hashing each prefix from the start
+        data, hasher, done, found = array("q", ids).tobytes(), hashlib.sha256(), 0, None
+        for k in sorted(n for n in self._lengths if n < len(ids)):
+            hasher.update(data[done * 8:k * 8])
+            done = k
+            key = hasher.copy().digest()
+            if key in self._entries:
+                found = (k, key)
+        if found is None:
+            return None
+        k, key = found
+        self._entries.move_to_end(key)
+        return k, self._entries[key][1]
 
     def put(self, ids: list[int], state: Any) -> None:
         """Keep ``state``, the state after reading ``ids`` (states are values: never changed

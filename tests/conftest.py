@@ -60,6 +60,41 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def variant_model(variant: str) -> TransformerLM:
+    """The tiny model of a `VARIANTS` entry, with peaked weights (greedy has no near-ties)."""
+    preset, options = VARIANTS[variant]
+    return make_tiny_model(preset, init_std=0.1, **options)
+
+
+def read_state(model: TransformerLM, n: int, seed: int) -> Any:
+    """The state after ``n`` random tokens (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return model(torch.randint(1, 500, (1, n), generator=g))[1]
+
+
+def decode_rows_like_alone(model: TransformerLM, slots: Any, handle: dict[str, int],
+                           ref: dict[str, Any], late: Any, *, join: str, join_at: int,
+                           leave_at: int, steps: int = 24) -> None:
+    """Decode the sessions of ``handle`` (slot handles; ``ref``: their states) ``steps`` tokens
+    together, rows in changing order; session ``join`` (state ``late``) joins at step
+    ``join_at`` and "a" leaves at ``leave_at`` (what it takes out is its state). Every row's
+    logits are what the eager model gives that session alone; ``ref`` ends with those states."""
+    g = torch.Generator().manual_seed(5)
+    for t in range(steps):
+        if t == join_at:
+            handle[join], ref[join] = slots.add(late), late
+        if t == leave_at:
+            assert_states_close(slots.remove(handle.pop("a")), ref.pop("a"))
+        names = sorted(handle, reverse=t % 2 == 1)
+        tokens = torch.randint(1, 500, (len(names),), generator=g)
+        logits = slots.step([handle[n] for n in names], tokens)
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                alone, ref[n] = model(tokens[i].view(1, 1), ref[n])
+                torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
 def assert_states_close(a: Any, b: Any) -> None:
     """Two `ModelState`s hold the same position and tensors (fp32 rounding: 1e-5)."""
     assert a.position == b.position

@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_PRESETS, VARIANTS, assert_states_close, make_tiny_model
+from conftest import (
+    TINY_PRESETS,
+    VARIANTS,
+    assert_states_close,
+    decode_rows_like_alone,
+    make_tiny_model,
+    read_state,
+    variant_model,
+)
 
 from newllm import slots as slots_module
 from newllm.generation import SamplingParams, generate
@@ -30,15 +38,6 @@ def _compile_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NEWLLM_COMPILE", raising=False)  # conftest turns it off for the rest
 
 
-def model_for(variant: str) -> Any:
-    preset, options = VARIANTS[variant]
-    return make_tiny_model(preset, init_std=0.1, **options)
-
-
-def read(model: Any, n: int, seed: int) -> ModelState:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return model(torch.randint(1, 500, (1, n), generator=g))[1]
 
 
 
@@ -66,13 +65,13 @@ def test_inductor_step_gives_the_eager_logits_for_every_kind(preset: str) -> Non
     slots = Slots(model, 1, compile=True)
     assert slots.compiled
     # from position 5, 40 tokens: segment boundaries (16) at 16, 32, 48... chunk ends (8) too
-    state = decode_alone(model, read(model, 5, 1), slots, 40)
+    state = decode_alone(model, read_state(model, 5, 1), slots, 40)
     assert state.position == 45
     # a second session in the same slots continues on the same compiled code
-    decode_alone(model, read(model, 30, 2), slots, 6, seed=6)
+    decode_alone(model, read_state(model, 30, 2), slots, 6, seed=6)
     # generate with the compiled step: the same greedy tokens and final state as eager
     params = SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=())
-    start = read(model, 9, 3)
+    start = read_state(model, 9, 3)
     eager = generate(model, [7], start, params, compile=False).collect()
     compiled = generate(model, [7], start, params, compile=True).collect()
     assert compiled.token_ids == eager.token_ids
@@ -83,38 +82,26 @@ def test_inductor_step_gives_the_eager_logits_for_every_kind(preset: str) -> Non
 
 def test_inductor_step_over_several_sessions_with_changing_rows() -> None:
     """Rows join and leave (1, 2, 3 rows: recompiled with dynamic sizes, not per token)."""
-    model = model_for("mixed")
+    model = variant_model("mixed")
     check_batched(model, Slots(model, 4, compile=True))
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_fixed_step_decodes_like_separate_sessions(variant: str) -> None:
-    model = model_for(variant)
+    model = variant_model(variant)
     slots = Slots(model, 4, compile=True, backend="eager")
     check_batched(model, slots)
     # one session alone, across several segments, still one graph per shape
-    decode_alone(model, read(model, 3, 9), slots, 40)
+    decode_alone(model, read_state(model, 3, 9), slots, 40)
 
 
 def check_batched(model: Any, slots: Slots) -> None:
     """Sessions at different positions, one joining and one leaving mid-way, rows in any
     order: each row's logits are what the eager model gives that session alone."""
-    ref = {"a": read(model, 3, 1), "b": read(model, 14, 2)}
+    ref = {"a": read_state(model, 3, 1), "b": read_state(model, 14, 2)}
     handle = {name: slots.add(s) for name, s in ref.items()}
-    late = read(model, 40, 4)
-    g = torch.Generator().manual_seed(5)
-    for t in range(24):
-        if t == 4:
-            handle["c"], ref["c"] = slots.add(late), late
-        if t == 12:
-            assert_states_close(slots.remove(handle.pop("a")), ref.pop("a"))
-        names = sorted(handle, reverse=t % 2 == 1)
-        tokens = torch.randint(1, 500, (len(names),), generator=g)
-        logits = slots.step([handle[n] for n in names], tokens)
-        with torch.no_grad():
-            for i, n in enumerate(names):
-                alone, ref[n] = model(tokens[i].view(1, 1), ref[n])
-                torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+    late = read_state(model, 40, 4)
+    decode_rows_like_alone(model, slots, handle, ref, late, join="c", join_at=4, leave_at=12)
     assert ref["b"].position > 32
     for name, h in handle.items():
         assert_states_close(slots.state(h), ref[name])
@@ -131,13 +118,14 @@ def test_one_graph_serves_every_token() -> None:
         graphs.append(len(gm.graph.nodes))
         return gm.forward
 
-    model = model_for("pythia-no-window")
+    model = variant_model("pythia-no-window")
     slots = Slots(model, 1, compile=True, backend=counting)
-    decode_alone(model, read(model, 10, 1), slots, 50)  # capacity 64 -> 128 at position 63
+    decode_alone(model, read_state(model, 10, 1), slots, 50)  # capacity 64 -> 128 at position 63
     assert 1 <= len(graphs) <= 2, graphs
     model = make_tiny_model("tiny-infini", init_std=0.1)
     graphs.clear()
-    decode_alone(model, read(model, 10, 1), Slots(model, 1, compile=True, backend=counting), 50)
+    slots = Slots(model, 1, compile=True, backend=counting)
+    decode_alone(model, read_state(model, 10, 1), slots, 50)
     assert len(graphs) == 1, graphs
 
 
@@ -162,7 +150,7 @@ def test_a_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch,
 
     model = make_tiny_model("tiny-infini", init_std=0.1)
     slots = Slots(model, 1, compile=True, backend=broken)
-    decode_alone(model, read(model, 12, 1), slots, 8)  # right logits all the same
+    decode_alone(model, read_state(model, 12, 1), slots, 8)  # right logits all the same
     assert not slots.compiled and "no C++ compiler" in slots_module._FAILED[0]
     assert "decoding eagerly" in caplog.text
     assert not compile_enabled(True)  # nor is it tried again in this process

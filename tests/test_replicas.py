@@ -54,6 +54,14 @@ def clients(cluster: dict[str, LiveServer], retries: int = 3) -> list[Client]:
     return [cluster[f"r{i}"].client(timeout=120.0, max_retries=retries) for i in range(3)]
 
 
+def same_memory(a: Client, b: Client, sid: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Both servers hold session ``sid`` with the same memory payload; their export headers."""
+    ours, reference = a.memory_headers(sid), b.memory_headers(sid)
+    assert ours is not None and reference is not None
+    assert ours["x-newllm-payload-sha256"] == reference["x-newllm-payload-sha256"]
+    return ours, reference
+
+
 def test_concurrent_turns_over_three_replicas_apply_once_and_match_one_server(
         cluster: dict[str, LiveServer]) -> None:
     """12 clients, 10 turns each, round-robin over the replicas, 3 clients per session at once:
@@ -100,10 +108,7 @@ def test_concurrent_turns_over_three_replicas_apply_once_and_match_one_server(
             for _, prompt, text, _ in sorted(applied):
                 again = solo.complete(prompt, session=sid, **GREEDY)
                 assert again.text == text
-            ours = any_replica.memory_headers(sid)
-            reference = solo.memory_headers(sid)
-            assert ours is not None and reference is not None
-            assert ours["x-newllm-payload-sha256"] == reference["x-newllm-payload-sha256"]
+            ours, reference = same_memory(any_replica, solo, sid)
             assert ours["x-newllm-tokens-seen"] == reference["x-newllm-tokens-seen"]
 
 
@@ -117,9 +122,7 @@ def test_a_session_moves_between_a_folder_store_and_redis_byte_for_byte(
         here = solo.complete(" and then", session="roaming", **GREEDY)
         there = replica.complete(" and then", session="roaming", **GREEDY)
         assert there.text == here.text
-        ours, reference = replica.memory_headers("roaming"), solo.memory_headers("roaming")
-        assert ours is not None and reference is not None  # (each turn's idempotency key differs)
-        assert ours["x-newllm-payload-sha256"] == reference["x-newllm-payload-sha256"]
+        same_memory(replica, solo, "roaming")  # (each turn's idempotency key differs)
 
 
 def test_moving_between_replicas_of_one_store_is_refused_and_loses_nothing(

@@ -12,24 +12,19 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VARIANTS, assert_states_close, make_tiny_model
+from conftest import (
+    VARIANTS,
+    assert_states_close,
+    decode_rows_like_alone,
+    read_state,
+    variant_model,
+)
 
 from newllm.generation import SamplingParams, generate
 from newllm.memory_file import load_memory, save_memory
 from newllm.scheduler import Scheduler
 from newllm.slots import Slots, SlotsFull
 from newllm.state import ModelState
-
-
-def model_for(variant: str) -> Any:
-    preset, options = VARIANTS[variant]
-    return make_tiny_model(preset, init_std=0.1, **options)  # peaked: greedy has no near-ties
-
-
-def read(model: Any, n: int, seed: int) -> ModelState:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return model(torch.randint(1, 500, (1, n), generator=g))[1]
 
 
 def greedy(model: Any, state: ModelState, first: int, n: int = 12) -> list[int]:
@@ -39,26 +34,16 @@ def greedy(model: Any, state: ModelState, first: int, n: int = 12) -> list[int]:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_slots_decode_like_separate_sessions(variant: str) -> None:
-    model = model_for(variant)
+    model = variant_model(variant)
     # positions 3, 14 (crosses the segment boundary at 16 on its 3rd step), 29, and 40 (joins)
-    starts = {"a": read(model, 3, 1), "b": read(model, 14, 2), "c": read(model, 29, 3)}
-    late = read(model, 40, 4)
+    starts = {"a": read_state(model, 3, 1), "b": read_state(model, 14, 2),
+              "c": read_state(model, 29, 3)}
+    late = read_state(model, 40, 4)
     slots = Slots(model, 4)
     handle = {name: slots.add(s) for name, s in starts.items()}
     ref = dict(starts)
-    g = torch.Generator().manual_seed(5)
-    for t in range(24):
-        if t == 4:  # joins mid-way
-            handle["d"], ref["d"] = slots.add(late), late
-        if t == 9:  # leaves mid-way; what it takes out is its state
-            assert_states_close(slots.remove(handle.pop("a")), ref.pop("a"))
-        names = sorted(handle, reverse=t % 2 == 1)  # rows in any order
-        tokens = torch.randint(1, 500, (len(names),), generator=g)
-        logits = slots.step([handle[n] for n in names], tokens)
-        with torch.no_grad():
-            for i, n in enumerate(names):
-                alone, ref[n] = model(tokens[i].view(1, 1), ref[n])
-                torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+    # "d" joins mid-way, "a" leaves mid-way; rows in any order
+    decode_rows_like_alone(model, slots, handle, ref, late, join="d", join_at=4, leave_at=9)
     assert ref["b"].position > 16  # "b" crossed a segment boundary inside the batch
     for name, h in handle.items():
         out = slots.state(h)
@@ -71,9 +56,9 @@ def test_slots_decode_like_separate_sessions(variant: str) -> None:
 @pytest.mark.parametrize("variant", ["tiny-infini", "tiny-context-kv", "pythia-no-window"])
 def test_a_state_goes_into_a_slot_and_out_unchanged(variant: str) -> None:
     """In and out with no step between: the same memory file, byte for byte."""
-    model = model_for(variant)
+    model = variant_model(variant)
     slots = Slots(model, 3)
-    states = [read(model, n, n) for n in (0, 21, 70)]
+    states = [read_state(model, n, n) for n in (0, 21, 70)]
     handles = [slots.add(s) for s in states]
     slots.discard(handles[0])  # the last row moves into the freed one
     for s, h in zip(states[1:], handles[1:], strict=True):
@@ -83,14 +68,14 @@ def test_a_state_goes_into_a_slot_and_out_unchanged(variant: str) -> None:
 @pytest.mark.parametrize("variant", ["tiny-infini", "tiny-context-kv", "pythia-no-window"])
 def test_a_freed_slot_is_reused_and_stale_values_do_not_leak(variant: str) -> None:
     """A slot whose last session was left with NaN in its buffers serves the next one exactly."""
-    model = model_for(variant)
+    model = variant_model(variant)
     slots = Slots(model, 2)
-    h = slots.add(read(model, 30, 1))
+    h = slots.add(read_state(model, 30, 1))
     for buf in slots.layers:  # poison every buffer of both slots
         for t in [v for v in vars(buf).values() if isinstance(v, torch.Tensor)]:
             t.fill_(float("nan"))
     slots.discard(h)
-    short, long = read(model, 5, 2), read(model, 60, 3)
+    short, long = read_state(model, 5, 2), read_state(model, 60, 3)
     hs = [slots.add(short), slots.add(long)]  # the short row is read as wide as the long one
     logits = slots.step(hs, torch.tensor([9, 9]))
     with torch.no_grad():
@@ -100,11 +85,11 @@ def test_a_freed_slot_is_reused_and_stale_values_do_not_leak(variant: str) -> No
 
 
 def test_slots_refuse_what_they_cannot_hold() -> None:
-    model = model_for("tiny-pythia")
+    model = variant_model("tiny-pythia")
     slots = Slots(model, 1)
-    h = slots.add(read(model, 4, 1))
+    h = slots.add(read_state(model, 4, 1))
     with pytest.raises(SlotsFull):
-        slots.add(read(model, 4, 2))
+        slots.add(read_state(model, 4, 2))
     with pytest.raises(ValueError, match="batch size 1"):
         Slots(model, 2).add(model.init_state(2))
     with pytest.raises(ValueError, match="twice"):
@@ -119,12 +104,12 @@ def test_slots_refuse_what_they_cannot_hold() -> None:
 def test_chunked_prefill_interleaved_with_decoding_is_exact(variant: str) -> None:
     """A 45-token prompt read 8 tokens per step while two sessions decode gives the logits and
     state of reading it at once; the decoding sessions are unaffected."""
-    model = model_for(variant)
+    model = variant_model(variant)
     slots = Slots(model, 3)
     sched = Scheduler(model, slots, prefill_chunk=8)
-    ref = {slots.add(read(model, n, n)): read(model, n, n) for n in (6, 15)}
+    ref = {slots.add(read_state(model, n, n)): read_state(model, n, n) for n in (6, 15)}
     prompt = torch.randint(1, 500, (45,), generator=torch.Generator().manual_seed(9)).tolist()
-    base = read(model, 11, 11)
+    base = read_state(model, 11, 11)
     sched.read("p", prompt, base)
     ready: list[Any] = []
     steps = 0
@@ -156,9 +141,10 @@ def test_a_step_that_fails_part_way_leaves_the_slots_as_they_were(
         variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last layer raises after the memory layers wrote a completed segment: the slots are
     restored, and the step then retried gives the reference logits."""
-    model = model_for(variant)
+    model = variant_model(variant)
     slots = Slots(model, 2)
-    states = [read(model, 15, 1), read(model, 7, 2)]  # the first completes a segment (16)
+    # the first completes a segment (16)
+    states = [read_state(model, 15, 1), read_state(model, 7, 2)]
     handles = [slots.add(s) for s in states]
     last = model.layers[-1].attention
     real = last.slot_step

@@ -10,7 +10,7 @@ the command line; the ``config.yaml`` a run writes holds every setting, with abs
 ``newllm train --config RUN/config.yaml`` reruns it from anywhere.
 
     steps: 2000
-    data: [../shared/data/gutenberg/train.txt]
+    data: [data/train.txt]
     model-options: {segment_len: 64}
 """
 
