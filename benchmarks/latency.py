@@ -10,7 +10,9 @@ child's compile time is a cold one, a first start on a machine, and the next one
   dynamic) and the resident memory (RSS) they added;
 - **step**: one token at batch 1, ``--context`` tokens in: ``model(x, state, last_only=True)``
   (what `newllm.generate` runs eagerly), the eager `Slots` step, and the compiled one
-  (`Slots` with ``compile``), one call of each in turn, median of ``--repeat`` rounds;
+  (`Slots` with ``compile``), one call of each in turn, median of ``--repeat`` rounds; beside
+  them the **weights floor**: one-row products with each of the model's weight matrices
+  once (MKL, as a step runs them), what a step costs with no other work at all;
 - **slots**: the slot step eager and compiled at ``--batch-sizes`` rows;
 - **generate**: `newllm.generate`, greedy, ``--tokens`` new tokens, eager and compiled in turn;
 - **pythia-70m vs transformers** (first child only; ``--no-pythia`` skips): decode at 1,024
@@ -20,7 +22,8 @@ child's compile time is a cold one, a first start on a machine, and the next one
   step and without, one client streaming completions of ``--tokens`` tokens over loopback,
   turns in alternation with `newllm.generate` in this process with the same setting: tokens
   per second after the first token (the decode rate; the ratio is the median of the turns'
-  ratios) and for whole requests.
+  ratios) and for whole requests; and the time to the first token of the first request, sent
+  as soon as the server answers (the compiled server compiles in the background meanwhile).
 
     python -m benchmarks.latency [--quick] [--threads 1 2] [--no-server] [--no-pythia]
 
@@ -112,11 +115,19 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         def forward() -> None:
             model(x, state, last_only=True)
 
-        times = round_robin({"forward_eager": forward,
+        weights = model._matvec_weights()  # (out, in), stored input-major
+        rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+        def weights_floor() -> None:  # each weight matrix read once, as a step reads it
+            for w in weights:
+                torch.mm(rows[w.shape[1]], w.t())
+
+        times = round_robin({"weights_floor": weights_floor, "forward_eager": forward,
                              "slots_eager": lambda: eager_slots.step(rows_e[:1], [5]),
                              "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5])},
                             args.repeat)
         out["step_ms"] = {k: 1000 * v for k, v in times.items()}
+        out["weights_mib"] = sum(w.nbytes for w in weights) / 2**20
         out["step_speedup"] = {"vs_forward": times["forward_eager"] / times["slots_compiled"],
                                "vs_slots_eager": times["slots_eager"] / times["slots_compiled"]}
         out["slots_ms"] = {}
@@ -200,9 +211,10 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # the server ----------------------------------------------------------------------------------
-def stream_turn(client: Any, url: str, body: dict[str, Any]) -> tuple[float, float]:
+def stream_turn(client: Any, url: str, body: dict[str, Any]) -> tuple[float, float, float]:
     """One streamed completion: (decode rate: tokens after the first / time from the first to
-    the last, whole-request rate), tokens counted as the text pieces that arrive."""
+    the last, whole-request rate, seconds to the first token), tokens counted as the text
+    pieces that arrive."""
     t0 = time.perf_counter()
     stamps = []
     with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -210,7 +222,7 @@ def stream_turn(client: Any, url: str, body: dict[str, Any]) -> tuple[float, flo
             if line.startswith("data: {") and '"finish_reason": null' in line:
                 stamps.append(time.perf_counter())
     end = time.perf_counter()
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (end - t0)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (end - t0), stamps[0] - t0
 
 
 def library_turn(model: Any, tok: Any, prompt: list[int], tokens: int,
@@ -242,17 +254,20 @@ def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
     prompt = prompt_ids(tok, 32)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="newllm-latency-") as tmp:
-        for name, compile in (("compiled", True), ("eager", False)):
+        settings = (("compiled", True),) if args.quick else (("compiled", True), ("eager", False))
+        for name, compile in settings:  # quick: the compiled server only
             os.environ["NEWLLM_COMPILE"] = "1" if compile else "0"
             server = start_server(args.checkpoint, Path(tmp), name, max_batch_size=1,
                                   extra=["--threads", "1"])
-            rates: dict[str, list[tuple[float, float]]] = {"server": [], "generate": []}
+            rates: dict[str, list[tuple[float, ...]]] = {"server": [], "generate": []}
             try:
-                wait_ready(server, timeout=600)
+                wait_ready(server, timeout=600, compiled=False)
                 with httpx.Client(timeout=600) as c:
                     body = {"model": c.get(f"{server.url}/v1/models").json()["data"][0]["id"],
                             "prompt": prompt, "max_tokens": args.tokens, "temperature": 0,
                             "stream": True}
+                    first_ttft = stream_turn(c, server.url, body)[2]  # compiling meanwhile
+                    wait_ready(server, timeout=600)  # the compiled step is in use
                     for i in range(args.server_turns + 1):  # the first of each warms up
                         served = stream_turn(c, server.url, body)
                         lib = library_turn(model, tok, prompt, args.tokens, compile)
@@ -268,7 +283,8 @@ def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
                                                   strict=True)]
             out[name] = {**med, "ratio_decode": statistics.median(ratios),
                          "ratio_request": med["server"]["request_tokens_per_s"]
-                         / med["generate"]["request_tokens_per_s"], "turns": len(ratios)}
+                         / med["generate"]["request_tokens_per_s"], "turns": len(ratios),
+                         "first_request_ttft_s": first_ttft}
             print(f"server {name}: {med['server']['decode_tokens_per_s']:.0f} tok/s vs "
                   f"generate {med['generate']['decode_tokens_per_s']:.0f} "
                   f"({out[name]['ratio_decode']:.2f})", flush=True)
@@ -280,7 +296,8 @@ def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
 def goals(children: list[dict[str, Any]], server: dict[str, Any] | None) -> dict[str, Any]:
     one = next((c for c in children if c["threads"] == 1), children[0])
     out: dict[str, Any] = {
-        "step_ms": {"target": GOALS["step_ms"], "value": one["step_ms"]["slots_compiled"]},
+        "step_ms": {"target": GOALS["step_ms"], "value": one["step_ms"]["slots_compiled"],
+                    "weights_floor_ms": one["step_ms"]["weights_floor"]},
         "generate_tokens_per_s": {"target": GOALS["generate_tokens_per_s"],
                                   "value": one["generate_tokens_per_s"]["compiled"]},
     }
@@ -307,6 +324,8 @@ def plot(children: list[dict[str, Any]], out_dir: Path) -> None:
                     label=f"slots {mode}, {c['threads']} thread(s)")
         ax.scatter([1], [c["step_ms"]["forward_eager"]], marker="x", s=60,
                    label=f"model(x, state), {c['threads']} thread(s)")
+        ax.scatter([1], [c["step_ms"]["weights_floor"]], marker="_", s=200,
+                   label=f"weights floor (one-row products), {c['threads']} thread(s)")
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.legend(fontsize=8)
     save_figure(fig, plot_path("latency", out_dir))
@@ -332,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.repeat = args.repeat or (20 if args.quick else 200)
     args.generate_repeat = args.generate_repeat or (1 if args.quick else 5)
-    args.server_turns = args.server_turns or (2 if args.quick else 8)
+    args.server_turns = args.server_turns or (1 if args.quick else 8)
     args.pythia_steps = args.pythia_steps or (5 if args.quick else 40)
     if args.quick:
         args.tokens = min(args.tokens, 32)
@@ -361,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             children.append(json.loads(path.read_text()))
             c = children[-1]
             print(f"{n} thread(s): step {c['step_ms']['forward_eager']:.2f} ms eager, "
-                  f"{c['step_ms']['slots_compiled']:.2f} compiled; generate "
+                  f"{c['step_ms']['slots_compiled']:.2f} compiled, "
+                  f"{c['step_ms']['weights_floor']:.2f} weights floor; generate "
                   f"{c['generate_tokens_per_s']['eager']:.0f} -> "
                   f"{c['generate_tokens_per_s']['compiled']:.0f} tok/s; compile "
                   f"{c['compile']['one_and_two_rows_s']:.1f} s", flush=True)

@@ -42,6 +42,7 @@ class LiveServer:
     log: Path
     session_dir: Path
     api_key: str | None = None
+    workers: int = 1
 
     def client(self, timeout: float = 300.0, max_retries: int = 0) -> Client:
         """A client of this server; by default it never retries, so every failure is seen."""
@@ -97,11 +98,25 @@ def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_s
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    return LiveServer(f"http://127.0.0.1:{port}", process, log, session_dir, api_key)
+    return LiveServer(f"http://127.0.0.1:{port}", process, log, session_dir, api_key, workers)
 
 
-def wait_ready(server: LiveServer, timeout: float = START_TIMEOUT_S) -> None:
-    """Poll ``/health`` until it answers; RuntimeError with the log's tail if it never does."""
+def decode_workers(metrics_text: str) -> dict[str, float]:
+    """``newllm_decode_workers`` by step from a /metrics text: how many workers decode with
+    the eager step, compile in the background, or decode with the compiled step."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith('newllm_decode_workers{step="'):
+            step = line.split('"')[1]
+            out[step] = out.get(step, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def wait_ready(server: LiveServer, timeout: float = START_TIMEOUT_S, *,
+               compiled: bool = True) -> None:
+    """Poll ``/health`` until it answers and (``compiled``) every worker has its decode step
+    (a compiled step compiles in the background while the server already answers:
+    measurements wait for it); RuntimeError with the log's tail if that never happens."""
     deadline = time.monotonic() + timeout
     with server.client(timeout=10.0) as c:
         while True:
@@ -110,7 +125,11 @@ def wait_ready(server: LiveServer, timeout: float = START_TIMEOUT_S) -> None:
                                    f"\n{server.log.read_text()[-3000:]}")
             try:
                 if c.health():
-                    return
+                    if not compiled:
+                        return
+                    steps = decode_workers(c.metrics())
+                    if not steps.get("compiling") and sum(steps.values()) >= server.workers:
+                        return
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
             if time.monotonic() > deadline:

@@ -316,6 +316,43 @@ def _quality(doc: Doc) -> list[str]:
                       "train tokens/s"], body))
 
 
+def _latency(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    body = []
+    for c in res["threads"]:
+        ms, gen, comp = c["step_ms"], c["generate_tokens_per_s"], c["compile"]
+        body.append([str(c["threads"]), _ms(ms["weights_floor"]), _ms(ms["forward_eager"]),
+                     _ms(ms["slots_compiled"]),
+                     f"{ms['slots_compiled'] / ms['weights_floor']:.2f}x",
+                     f"{_n(gen['eager'])} / {_n(gen['compiled'])}",
+                     f"{comp['one_and_two_rows_s']:.0f} s, +{comp['rss_added_mib']:.0f} MiB"])
+    out = [f"One conversation (batch 1, bundled model, fp32, {s['context']} tokens read): ms per "
+           "token step, the weights floor (one-row products with each weight matrix once, "
+           "nothing else) and `newllm.generate` tokens/s eager / compiled:", ""]
+    out += _table(["threads", "weights floor", "eager step", "compiled step",
+                   "compiled / floor", "generate tok/s", "compile (cold), memory"], body)
+    server = res.get("server_single_stream")
+    if server:
+        out += ["", "One streaming client of `newllm serve` against `newllm.generate` in the "
+                "same process, decode rate: " + "; ".join(
+                    f"{name} {_n(r['server']['decode_tokens_per_s'])} vs "
+                    f"{_n(r['generate']['decode_tokens_per_s'])} tok/s "
+                    f"({_pct(r['ratio_decode'])})" for name, r in server.items())
+                + ". First request's time to first token right after the start: " + ", ".join(
+                    f"{name} {r['first_request_ttft_s']:.2f} s" for name, r in server.items()
+                    if "first_request_ttft_s" in r) + "."]
+    one = res["threads"][0].get("pythia_70m")
+    if one:
+        ms = one["ms_per_token"]
+        out += ["", f"`{one['model']}` at {one['context']:,} tokens: ours "
+                f"{_ms(ms['ours_eager'])} eager, {_ms(ms['ours_compiled'])} compiled, "
+                f"transformers {_ms(ms['transformers'])} ms per token "
+                f"({one['speedup_vs_transformers']['compiled']:.2f}x)."]
+    met = [f"{k.replace('_', ' ')} {g['value']:.3g} (goal {g['target']:g}: "
+           f"{'met' if g['met'] else 'not met'})" for k, g in res["goals"].items()]
+    return out + ["", "Goals: " + "; ".join(met) + "."]
+
+
 def _move(doc: Doc) -> list[str]:
     res, s = doc["results"], doc["settings"]
     S = s["segment_len"]
@@ -352,6 +389,7 @@ def _precision(rows: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
 SECTIONS: dict[str, tuple[str, Callable[[Doc], list[str]]]] = {
     "state_size": ("Session state vs context length", _state_size),
     "decode": ("Decode speed", _decode),
+    "latency": ("One conversation: the compiled decode step", _latency),
     "engine": ("Batched decoding (slots)", _engine),
     "prefill": ("Prefill speed", _prefill),
     "transfer": ("Moving a session", _transfer),

@@ -130,30 +130,61 @@ class Engine:
         self.reading: dict[tuple[str, int], Turn] = {}  # (uid, prompt) -> its turn
         self.recording: dict[str, list[dict[str, Any]]] = {}  # uid -> events (idempotent turns)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)  # stateless requests
+        self._compiling: threading.Event | None = None  # set when a background compile ends
+        self._compiled_ok = False  # ... and whether it compiled
         metrics.safely(metrics.prepare_labels)
 
-    def warm_up(self, num_slots: int) -> float:
-        """Compile the decode step before serving (`serve` calls it, with its slot count)
-        rather than in the first requests: one row and two rows (two makes torch compile
-        code with the row count dynamic, which then serves every batch size). Logged with
-        the time it took; returns the seconds."""
+    def warm_up(self, num_slots: int) -> bool:
+        """Compile the decode step for ``num_slots`` slots (the engine's shapes): one row and
+        two rows (two makes torch compile code with the row count dynamic, which then serves
+        every batch size), on slots of its own. Logged with the time it took; returns whether
+        it compiled (on a failure, logged by `newllm.slots`, decoding stays eager)."""
         t0 = time.perf_counter()
-        with torch.no_grad():
-            slots = Slots(self.model, num_slots, compile=True)  # the engine's shapes
-            empty = self.model.init_state(1)
-            rows = [slots.add(empty) for _ in range(min(2, num_slots))]
-            for n in sorted({1, len(rows)}):
-                for _ in range(2):
-                    slots.step(rows[:n], [self.model.config.eos_token_id] * n)
-        seconds = time.perf_counter() - t0
+        try:
+            with torch.no_grad():
+                slots = Slots(self.model, num_slots, compile=True)
+                empty = self.model.init_state(1)
+                rows = [slots.add(empty) for _ in range(min(2, num_slots))]
+                for n in sorted({1, len(rows)}):
+                    for _ in range(2):
+                        slots.step(rows[:n], [self.model.config.eos_token_id] * n)
+        except Exception:  # not torch.compile's own failure (that falls back in Slots)
+            log.exception("compiling the decode step failed; decoding eagerly")
+            return False
         if slots.compiled:
-            log.info("decode step compiled in %.1f s (torch.compile; --no-compile or "
-                     "NEWLLM_COMPILE=0 to decode eagerly)", seconds)
-        else:  # compiling failed (logged by newllm.slots): eager it is
-            self.compile = False
-            self.slots = Slots(self.model, 1, compile=False)
-            self.scheduler = Scheduler(self.model, self.slots, PREFILL_CHUNK)
-        return seconds
+            log.info("decode step compiled in %.1f s (torch.compile, while serving eagerly; "
+                     "--no-compile or NEWLLM_COMPILE=0 to skip it)", time.perf_counter() - t0)
+        return slots.compiled
+
+    def start_compiling(self, num_slots: int) -> threading.Thread:
+        """Compile the decode step in a background thread (`warm_up`) while the loop serves
+        with the eager step, so the first requests after a start wait for nothing; the loop
+        takes the compiled step between two steps once it is ready (`_take_compiled`)."""
+        self.compile = self.slots.compiled = False
+        done = threading.Event()
+
+        def run() -> None:
+            self._compiled_ok = self.warm_up(num_slots)
+            done.set()
+
+        self._compiling = done
+        thread = threading.Thread(target=run, name="newllm-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _take_compiled(self) -> None:
+        """Switch to the compiled step once the background compile is done. Between steps
+        the slot buffers are the same for both steps, so busy slots switch too."""
+        if self._compiling is None or not self._compiling.is_set():
+            return
+        self._compiling = None
+        self.compile = self.slots.compiled = self._compiled_ok and compile_enabled(True)
+        metrics.safely(lambda: metrics.decode_step("compiled" if self.compile else "eager"))
+
+    @property
+    def compile_pending(self) -> bool:
+        """Whether a background compile runs (the step is eager until it ends)."""
+        return self._compiling is not None
 
     def _use_slots(self, n: int) -> None:
         """Serve with ``n`` slots (only while none is busy)."""
@@ -175,7 +206,9 @@ class Engine:
         active: list[Turn] = []
         self.max_batch = max_batch
         if self.compile:
-            self.warm_up(max_batch)
+            self.start_compiling(max_batch)
+        metrics.safely(lambda: metrics.decode_step("compiling" if self.compile_pending
+                                                   else "eager"))
         outbox = Outbox(send)
         try:
             self._serve(queue, self._recorded(outbox), parked, active)
@@ -187,6 +220,7 @@ class Engine:
             self._use_slots(self.max_batch)
         polled = 0.0  # when cancel flags were last read
         while True:
+            self._take_compiled()
             tried: set[str] = set()  # sessions found busy in this pass
             waiting_room = False  # a parked job waits for slots: it goes before new ones
             for item in list(parked):  # oldest first, so one session's turns keep their order

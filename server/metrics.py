@@ -15,7 +15,9 @@ Counted in the HTTP processes (they see every request, status and latency):
 workers): ``newllm_store_seconds{op}`` (time of each store operation: read, write, lease...)
 and ``newllm_store_errors_total{op}`` (operations the store failed: Redis down). Counted in the
 workers: ``newllm_decode_batch_size``
-(choices decoded together per step). Read from the session store at scrape time:
+(choices decoded together per step) and ``newllm_decode_workers{step}``: how many live
+workers decode with the ``eager`` step, with it while their step ``compiling`` in the
+background, or with the ``compiled`` one. Read from the session store at scrape time:
 ``newllm_sessions``, ``newllm_session_memory_bytes`` and ``newllm_session_store_up`` (0 while
 the store does not answer: the other metrics are still served).
 """
@@ -31,6 +33,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -55,6 +58,9 @@ PREFIX_TOKENS = Counter("newllm_prefix_cache_tokens", "prompt tokens of requests
 STORE_SECONDS = Histogram("newllm_store_seconds", "time of session store operations", ["op"],
                           buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                    0.05, 0.1, 0.25, 1, 5))
+DECODE_WORKERS = Gauge("newllm_decode_workers", "live workers by decode step: eager, compiling "
+                       "(eager meanwhile) or compiled", ["step"], multiprocess_mode="livesum")
+STEPS = ("eager", "compiling", "compiled")
 STORE_ERRORS = Counter("newllm_store_errors", "session store operations that failed", ["op"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -67,6 +73,12 @@ def safely(update: Callable[[], Any]) -> None:
         update()
     except OSError:
         pass
+
+
+def decode_step(step: str) -> None:
+    """This worker now decodes with ``step`` (one of `STEPS`)."""
+    for name in STEPS:
+        DECODE_WORKERS.labels(name).set(1 if name == step else 0)
 
 
 def prepare_labels() -> None:

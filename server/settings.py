@@ -68,8 +68,8 @@ class ServerSettings:
                                    "precision (default: convert them and say so)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda")
     no_compile: bool = _f(False, "decode eagerly: no torch.compile of the decode step (it "
-                                 "compiles at worker start, seconds to a minute, logged; "
-                                 "also NEWLLM_COMPILE=0)")
+                                 "compiles in the background at worker start, seconds to a "
+                                 "minute, eager meanwhile, logged; also NEWLLM_COMPILE=0)")
     model_name: str | None = _f(None, "the id /v1/models lists (default: the model's config name)")
     cors_origin: str | None = _f(None, "comma-separated origins (http://host:port) whose pages "
                                        "may call this API from a browser, e.g. another "

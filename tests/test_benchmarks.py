@@ -61,6 +61,18 @@ def _check_schema(name: str, doc: dict) -> None:
         assert set(batch) == {"pythia", "infini"}
         assert all(list(by) == [str(b) for b in settings["batched_sessions"]]
                    for by in batch.values())
+    if name == "latency":
+        assert [c["threads"] for c in res["threads"]] == [1]  # quick: one child
+        for c in res["threads"]:
+            assert set(c["step_ms"]) == {"weights_floor", "forward_eager", "slots_eager",
+                                         "slots_compiled"}
+            assert all(v > 0 for v in c["step_ms"].values())
+            assert list(c["slots_ms"]) == [str(b) for b in settings["batch_sizes"]]
+            assert set(c["generate_tokens_per_s"]) == {"eager", "compiled"}
+        assert res["threads"][0]["pythia_70m"]["greedy_tokens_agree"] is True
+        for r in res["server_single_stream"].values():
+            assert r["first_request_ttft_s"] > 0 and r["turns"] > 0
+        assert {"step_ms", "generate_tokens_per_s", "server_vs_generate"} <= set(res["goals"])
     if name == "prefill":
         assert res["last_logits_equal_transformers"] is True
         assert set(res["rows"]) >= {"pythia", "infini", "transformers_gpt_neox"}
@@ -174,6 +186,8 @@ def test_report_renders_every_result(quick_results: Path) -> None:
     assert "| `pythia` |" in decode and "| `infini` |" in decode  # batched decode per kind
     server = text.split("### Server under load")[1].split("###")[0]
     assert "| 4 | on (32) |" in server and "Batching speed-up" in server
+    latency = text.split("### One conversation")[1].split("###")[0]
+    assert "weights floor" in latency and "First request's time to first token" in latency
     engine = text.split("### Batched decoding (slots)")[1].split("###")[0]
     assert "slots / ceiling" in engine and "| 128 |" in engine  # the prefill pieces
     assert report.markdown(quick_results / "empty").startswith("No benchmark results")

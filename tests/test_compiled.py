@@ -95,6 +95,31 @@ def test_fixed_step_decodes_like_separate_sessions(variant: str) -> None:
     decode_alone(model, read_state(model, 3, 9), slots, 40)
 
 
+@pytest.mark.parametrize("variant", ["mixed", "pythia-no-window", "tiny-context-kv",
+                                     "tiny-context-pythia"])  # every kind of slot buffer
+def test_busy_slots_switch_between_eager_and_fixed_steps(variant: str) -> None:
+    """What the server does when its background compile ends: slots that decoded eagerly
+    take the fixed (compiled) step between two steps, with sessions mid-segment, and go on
+    with the logits and states each session gives alone."""
+    model = variant_model(variant)
+    slots = Slots(model, 4, compile=False)
+    ref = {"a": read_state(model, 3, 1), "b": read_state(model, 14, 2)}
+    handle = {name: slots.add(s) for name, s in ref.items()}
+    g = torch.Generator().manual_seed(3)
+    for i in range(24):
+        if i == 9:
+            slots.compiled, slots.backend = True, "eager"
+        tokens = torch.randint(1, 500, (2,), generator=g)
+        logits = slots.step([handle["a"], handle["b"]], tokens)
+        for row, name in enumerate(("a", "b")):
+            with torch.no_grad():
+                alone, ref[name] = model(tokens[row].view(1, 1), ref[name])
+            torch.testing.assert_close(logits[row], alone[0, -1], atol=1e-5, rtol=1e-5)
+    assert slots.compiled and slots._shapes, "the fixed step never ran"
+    for name, h in handle.items():
+        assert_states_close(slots.state(h), ref[name])
+
+
 def check_batched(model: Any, slots: Slots) -> None:
     """Sessions at different positions, one joining and one leaving mid-way, rows in any
     order: each row's logits are what the eager model gives that session alone."""

@@ -519,7 +519,7 @@ def test_hostile_inputs_get_4xx_and_change_nothing(server: ServerProcess, local:
 
 
 def test_metrics_aggregate_processes(server: ServerProcess) -> None:
-    chat(server.openai(), "count me", max_tokens=2)
+    chat(server.openai(), "count me", "metrics-s", max_tokens=2)  # a session: counted
     with server.http("wrong-key-000") as http:
         assert http.post("/v1/chat/completions", json={}).status_code == 401
     with server.http() as http:
@@ -531,6 +531,10 @@ def test_metrics_aggregate_processes(server: ServerProcess) -> None:
     assert lines['newllm_tokens_total{kind="completion"}'] >= 2
     assert lines['newllm_memory_transfers_total{op="import",result="refused"}'] >= 1
     assert lines["newllm_sessions"] >= 1 and lines["newllm_session_memory_bytes"] > 0
+    # each worker reports its decode step (the tests turn compiling off: eager)
+    workers = {k.split('"')[1]: v for k, v in lines.items()
+               if k.startswith("newllm_decode_workers{")}
+    assert workers == {"eager": 2, "compiling": 0, "compiled": 0}  # --workers 2
 
 
 def test_idempotency_key_answers_a_retry_without_applying_it(server: ServerProcess) -> None:

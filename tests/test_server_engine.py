@@ -492,21 +492,41 @@ def test_prefix_cache_keeps_the_longest_prefix_within_its_bytes() -> None:
 # the compiled decode step and the outbox -------------------------------------------------------
 def test_a_compiled_engine_answers_what_an_eager_one_does(worker: Any,
                                                           monkeypatch: Any) -> None:
-    """The engine compiles its step at start (logged) and serves the same replies, token
-    log-probs included, one turn alone and several batched, crossing segment boundaries."""
+    """The engine compiles its step in the background while it serves eagerly, then takes
+    the compiled step between two steps (busy slots included) and serves the same replies,
+    token log-probs included, one turn alone and several batched, crossing segment
+    boundaries."""
     monkeypatch.delenv("NEWLLM_COMPILE", raising=False)  # conftest turns it off elsewhere
     jobs = [complete("The river", max_tokens=40, logprobs=2), complete("Once", max_tokens=25),
             chat("hello", "s", max_tokens=30), complete(["a", "b"], n=2, max_tokens=20)]
     eager = worker(compile=False).start()
     assert not eager.engine.compile
     want = [eager.run(j) for j in jobs]
+
     compiled = worker(compile=True)
-    assert compiled.engine.compile and compiled.engine.slots.compiled
+    assert compiled.engine.compile
+    release, warm_up = threading.Event(), compiled.engine.warm_up
+
+    def held_warm_up(num_slots: int) -> bool:  # the compile waits until the test says
+        assert release.wait(WAIT_S)
+        return warm_up(num_slots)
+
+    monkeypatch.setattr(compiled.engine, "warm_up", held_warm_up)
     compiled.start()
+    first = compiled.submit(jobs[0])
+    while not compiled.events[first]:  # served while the compile has not even begun
+        time.sleep(0.01)
+    assert not compiled.engine.slots.compiled
+    release.set()  # the compile runs while this turn is decoded; it switches mid-turn
+    during = compiled.result(first)
+    deadline = time.monotonic() + WAIT_S
+    while not compiled.engine.slots.compiled:
+        assert time.monotonic() < deadline, "the engine never took the compiled step"
+        compiled.run(complete("x", max_tokens=2))
     alone = compiled.run(jobs[0])  # one row
     uids = [compiled.submit(j) for j in jobs]  # together: rows join and leave
-    got = [alone] + [compiled.result(u) for u in uids]
-    for g, w in zip(got, [want[0], *want], strict=True):
+    got = [during, alone] + [compiled.result(u) for u in uids]
+    for g, w in zip(got, [want[0], want[0], *want], strict=True):
         assert text(g) == text(w) and kinds(g) == kinds(w)
         assert [e.get("token") for e in g] == [e.get("token") for e in w]
         lps = [[e["lp"] for e in evs if e["t"] == "tok" and "lp" in e] for evs in (g, w)]
