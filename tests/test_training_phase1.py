@@ -20,6 +20,7 @@ from training.lct import (
 from training.phase1 import (
     Phase1Config,
     Phase1Loss,
+    anisotropy,
     context_report,
     effective_rank,
     fixed_point,
@@ -75,6 +76,27 @@ def test_effective_rank_and_regularisers():
     reg.backward()
     assert torch.isfinite(reg) and reg != plain and x.grad is not None
     assert not torch.equal(both.mean, torch.zeros(16))  # EMA statistics updated
+
+
+def test_isotropy_term_flattens_the_spectrum():
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(4000, 16, generator=g)
+    low = torch.randn(4000, 2, generator=g) @ torch.randn(2, 16, generator=g)
+    assert anisotropy(full) < 0.1 < 5 < anisotropy(low) < 16
+    assert anisotropy(full * 7 + 3) == pytest.approx(float(anisotropy(full)), rel=1e-4)
+    # descending it raises the effective rank of skewed data
+    skewed = (torch.randn(2000, 16, generator=g) * torch.logspace(0, -2, 16)).requires_grad_()
+    before = effective_rank(skewed.detach())
+    opt = torch.optim.Adam([skewed], lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        anisotropy(skewed).backward()
+        opt.step()
+    assert effective_rank(skewed.detach()) > before + 3
+    cfg = Phase1Config(isotropy_weight=2.0)
+    x = torch.randn(64, 16, generator=g)
+    assert Phase1Loss(cfg, 16)(x) == pytest.approx(
+        float(Phase1Loss(Phase1Config(), 16)(x) + 2.0 * anisotropy(x)), rel=1e-5)
 
 
 def test_lagged_iteration_converges_to_sequential():

@@ -12,7 +12,10 @@ Loss per batch of contexts X (n, C), the OACD objective: ``−mean_t ‖x_t − 
 ``centroid_weight``). Optional CVFP regularisers: a token-wise EMA distribution loss (running
 mean and variance per dimension with ``ema_momentum``; penalises mean² and (var − 1)²) and a
 usage-diversity term (per-dimension usage |x| weighted by 1/(usage + 1), weights detached, so
-rarely used dimensions are pushed to be used).
+rarely used dimensions are pushed to be used). Optional isotropy term (``isotropy_weight``,
+`anisotropy`): the batch covariance scaled to trace C against the identity, which keeps the
+spectrum of the contexts flat; OACD alone spreads the contexts out along few directions (the
+effective rank falls as Phase 1 goes on).
 
 Convergence rate: the share of tokens whose context moved by MSE < ``convergence_threshold``
 since the previous iteration; training stops early once it reaches
@@ -81,6 +84,9 @@ class Phase1Config:
     """momentum of the EMA statistics"""
     diversity_weight: float = 0.0
     """CVFP per-dimension usage diversity weight (0 = off)"""
+    isotropy_weight: float = 0.0
+    """weight of the isotropy term: the batch's covariance, scaled to trace C, against the
+    identity (0 = off); keeps the contexts' spectrum flat (effective rank)"""
     seed: int = 42
     """seed of the model init and the noise"""
     cache_dir: str = ""
@@ -114,7 +120,20 @@ class Phase1Loss:
             usage = x.abs().mean(dim=0)  # (C,)
             weights = 1.0 / (usage.detach() + 1.0)
             loss = loss - cfg.diversity_weight * (weights * usage).mean()
+        if cfg.isotropy_weight:
+            loss = loss + cfg.isotropy_weight * anisotropy(x)
         return loss
+
+
+def anisotropy(x: Tensor) -> Tensor:
+    """‖C·Σ/tr(Σ) − I‖²_F / C for the covariance Σ of x (n, C): 0 when every direction has the
+    same spread (effective rank C), up to C − 1 when all spread lies along one direction.
+    Scale-free, so it fights the collapse of directions without fighting OACD's dispersion."""
+    n, C = x.shape
+    xc = x - x.mean(dim=0)
+    cov = xc.T @ xc / max(n - 1, 1)  # (C, C)
+    scaled = cov * (C / cov.diagonal().sum().clamp_min(1e-12))
+    return (scaled - torch.eye(C, device=x.device, dtype=x.dtype)).pow(2).sum() / C
 
 
 @torch.no_grad()
