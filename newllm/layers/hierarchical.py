@@ -62,7 +62,8 @@ class HierarchicalMemoryAttention(SegmentMemoryAttention):
 
     def write(self, sk: Tensor, k: Tensor, v: Tensor, state: HierarchicalState,
               segment: int) -> dict[str, Tensor]:
-        coarse, coarse_z = memory_write(sk, v, state.coarse, state.coarse_z, self.delta)
+        coarse, coarse_z = memory_write(sk, v, state.coarse, state.coarse_z, self.delta,
+                                        self.delta_bound)
         fine = write_many(sk, k, v, state.memory, state.z, state.key_sum, state.count,
-                          self.delta)
+                          self.delta, self.delta_bound)
         return {"coarse": coarse, "coarse_z": coarse_z, **fine}

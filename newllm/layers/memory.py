@@ -9,6 +9,18 @@ A memory is a matrix M (dk x dv) and a normaliser z (dk) per memory head, fed wi
 - delta:  M += σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z as linear (retrieval is zero while z = 0)
 - with ``memory_write_gate``, each token's σ(k) is scaled by a learned β ∈ (0, 1) in both
   updates (the read is unchanged by such a scaling, so the delta rule's retrieval is too)
+- with ``memory_delta_bound``, the delta rule's correction is scaled by a step η ∈ (0, 1] that
+  keeps the write from expanding the memory (see `memory_write`)
+
+Why the bound: the delta write is linear in M, M' = (I − G) M + σ(K)ᵀ V with
+G = Σ_t σ(k_t)ᵀ σ(k_t) / (σ(k_t)·z), symmetric positive semi-definite. Nothing keeps G's
+eigenvalues below 2, so (I − G) can expand M (all S tokens of a segment correct the same
+retrieval at once; a feature direction where z is still small gives an eigenvalue of
+|σ(k)|² / σ(k)·z, unbounded). The bounded step writes
+M' = M + σ(K)ᵀ (V − η σ(K) M / (σ(K) z)),  η = 1 / max(1, ‖G‖_F),
+so the eigenvalues of I − ηG lie in [0, 1] (‖G‖_F bounds the largest eigenvalue): the update
+never overshoots a retrieval, M grows at most linearly in the writes, like z. η = 1, the plain
+delta rule, whenever ‖G‖_F <= 1.
 
 Text is processed in segments of S tokens. Inside a segment, causal softmax attention over the
 segment's tokens (rotary at segment-local positions); across segments, the memory read with the
@@ -68,11 +80,28 @@ def memory_read(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
     return _safe_div(sq @ M, (sq @ z.unsqueeze(-1)))
 
 
-def memory_write(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
-                 delta: bool) -> tuple[Tensor, Tensor]:
-    """Write one segment: sk (..., S, dk) features, v (..., S, dv) -> new (M, z)."""
+def delta_step(sk: Tensor, z: Tensor) -> Tensor:
+    """η = 1 / max(1, ‖G‖_F) (..., 1, 1) for G = Σ_t sk_tᵀ sk_t / (sk_t·z) (``memory_delta_bound``).
+
+    ‖G‖_F² = Σ_ij (sk_i·sk_j)² / (c_i c_j) with c = sk z: from the segment's (S, S) Gram
+    matrix, never forming G. Tokens with c = 0 (an empty memory) retrieve nothing and add 0."""
+    c = sk @ z.unsqueeze(-1)  # (..., S, 1)
+    ok = c > 0
+    r = torch.where(ok, torch.rsqrt(torch.where(ok, c, torch.ones_like(c))), torch.zeros_like(c))
+    s = sk * r  # rows sk_t / sqrt(c_t)
+    gram = s @ s.transpose(-1, -2)  # (..., S, S)
+    fro2 = gram.pow(2).sum(dim=(-1, -2), keepdim=True)
+    return fro2.clamp_min(1.0).rsqrt()  # no gradient while ‖G‖_F <= 1
+
+
+def memory_write(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
+                 bound: bool = False) -> tuple[Tensor, Tensor]:
+    """Write one segment: sk (..., S, dk) features, v (..., S, dv) -> new (M, z).
+
+    ``delta``: the delta rule (else linear); ``bound``: its correction times `delta_step`."""
     if delta:
-        v = v - memory_read(sk, M, z)
+        retrieved = memory_read(sk, M, z)
+        v = v - (delta_step(sk, z) * retrieved if bound else retrieved)
     return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
 
 
@@ -86,15 +115,24 @@ def memory_read_reference(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
-                           delta: bool) -> tuple[Tensor, Tensor]:
-    """Slow write: token by token outer products, retrieval from the memory before the write."""
+def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
+                           bound: bool = False) -> tuple[Tensor, Tensor]:
+    """Slow write: token by token outer products, retrieval from the memory before the write;
+    with ``bound``, the operator G = Σ_t sk_tᵀ sk_t / (sk_t·z) formed and its norm taken."""
     M_new, z_new = M.clone(), z.clone()
+    eta = torch.ones((), dtype=sk.dtype)
+    if delta and bound:
+        G = torch.zeros(sk.shape[1], sk.shape[1], dtype=sk.dtype)
+        for t in range(sk.shape[0]):
+            den = (sk[t] * z).sum()
+            if den > 0:
+                G = G + torch.outer(sk[t], sk[t]) / den
+        eta = 1.0 / torch.clamp(torch.linalg.matrix_norm(G), min=1.0)
     for t in range(sk.shape[0]):
         target = v[t]
         if delta:
             den = (sk[t] * z).sum()
-            target = target - ((sk[t] @ M) / den if den > 0 else torch.zeros_like(target))
+            target = target - (eta * (sk[t] @ M) / den if den > 0 else torch.zeros_like(target))
         M_new = M_new + torch.outer(sk[t], target)
         z_new = z_new + sk[t]
     return M_new, z_new
@@ -137,6 +175,7 @@ class SegmentMemoryAttention(nn.Module):
         self.memory_heads = config.memory_heads
         self.dk = C // config.memory_heads
         self.delta = config.use_delta_rule
+        self.delta_bound = config.memory_delta_bound
         self.query_key_value = nn.Linear(C, 3 * C)
         self.dense = nn.Linear(C, C)
         self.rotary = Rotary(config)

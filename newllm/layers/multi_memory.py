@@ -67,14 +67,16 @@ def route(k_mean: Tensor, key_sum: Tensor, count: Tensor) -> Tensor:
 
 
 def write_many(sk: Tensor, k: Tensor, v: Tensor, memory: Tensor, z: Tensor, key_sum: Tensor,
-               count: Tensor, delta: bool) -> dict[str, Tensor]:
-    """Write one segment into the routed memory of each row. k (B, MH, S, dk) raw keys."""
+               count: Tensor, delta: bool, bound: bool = False) -> dict[str, Tensor]:
+    """Write one segment into the routed memory of each row. k (B, MH, S, dk) raw keys;
+    ``delta`` and ``bound`` as in `memory_write`."""
     B, N = count.shape
     S = k.shape[-2]
     k_full = k.transpose(1, 2).reshape(B, S, -1)  # (B, S, C)
     target = route(k_full.mean(dim=1).detach(), key_sum, count)  # (B,)
     rows = torch.arange(B, device=k.device)
-    M_new, z_new = memory_write(sk, v, memory[rows, target], z[rows, target], delta)
+    M_new, z_new = memory_write(sk, v, memory[rows, target], z[rows, target], delta,
+                                bound)
     pick = F.one_hot(target, N).to(torch.bool)  # (B, N)
     return {
         "memory": torch.where(pick.view(B, N, 1, 1, 1), M_new.unsqueeze(1), memory),
@@ -100,4 +102,4 @@ class MultiMemoryAttention(SegmentMemoryAttention):
     def write(self, sk: Tensor, k: Tensor, v: Tensor, state: MultiMemoryState,
               segment: int) -> dict[str, Tensor]:
         return write_many(sk, k, v, state.memory, state.z, state.key_sum, state.count,
-                          self.delta)
+                          self.delta, self.delta_bound)
