@@ -152,3 +152,18 @@ def test_memory_file_of_a_bounded_model_continues_identically() -> None:
     with pytest.raises(ModelMismatchError):
         load_memory(data, other)
 
+
+
+def test_gradients_stay_finite_when_the_write_gate_saturates() -> None:
+    """A trained write gate drives β of filler tokens to ~1e-38 (measured on the recall toy):
+    the bound's gradient is computed in float64, where 1 / sqrt(σ(k)·z) cannot overflow."""
+    model = make_tiny_model("tiny-infini", memory_write_gate=True, memory_heads=4,
+                            memory_delta_bound=True).train()
+    with torch.no_grad():
+        gate = model.layers[0].attention.write_gate
+        gate.copy_(torch.randn(gate.shape, generator=torch.Generator().manual_seed(0)) * 40.0)
+    ids = torch.randint(1, 500, (4, 16 * 8), generator=torch.Generator().manual_seed(0))
+    logits, _ = model(ids)
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name

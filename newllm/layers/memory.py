@@ -84,14 +84,17 @@ def delta_step(sk: Tensor, z: Tensor) -> Tensor:
     """η = 1 / max(1, ‖G‖_F) (..., 1, 1) for G = Σ_t sk_tᵀ sk_t / (sk_t·z) (``memory_delta_bound``).
 
     ‖G‖_F² = Σ_ij (sk_i·sk_j)² / (c_i c_j) with c = sk z: from the segment's (S, S) Gram
-    matrix, never forming G. Tokens with c = 0 (an empty memory) retrieve nothing and add 0."""
+    matrix, never forming G. Tokens with c = 0 (an empty memory) retrieve nothing and add 0.
+    In float64: a write gate drives β, and so c, to ~1e-38 for filler tokens, where the float32
+    backward of 1 / sqrt(c) overflows (G itself stays small: its terms scale like β)."""
+    dtype, sk, z = sk.dtype, sk.double(), z.double()
     c = sk @ z.unsqueeze(-1)  # (..., S, 1)
     ok = c > 0
     r = torch.where(ok, torch.rsqrt(torch.where(ok, c, torch.ones_like(c))), torch.zeros_like(c))
     s = sk * r  # rows sk_t / sqrt(c_t)
     gram = s @ s.transpose(-1, -2)  # (..., S, S)
     fro2 = gram.pow(2).sum(dim=(-1, -2), keepdim=True)
-    return fro2.clamp_min(1.0).rsqrt()  # no gradient while ‖G‖_F <= 1
+    return fro2.clamp_min(1.0).rsqrt().to(dtype)  # no gradient while ‖G‖_F <= 1
 
 
 def memory_write(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
