@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import newllm.layers.infini as infini
+import newllm.layers.memory as memory
 from newllm.layers.memory import delta_step, elu1, memory_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,20 +56,20 @@ def write_stats(sk: Tensor, z: Tensor, M_new: Tensor, z_new: Tensor) -> dict[str
 
 @contextmanager
 def recording(log: list[dict[str, float]]) -> Iterator[None]:
-    """Record `write_stats` for every write of an `infini` layer while the block runs."""
-    plain = infini.memory_write
+    """Record `write_stats` for every memory write while the block runs."""
+    plain = memory.memory_write
 
     def measured(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
-                 bound: bool = False) -> tuple[Tensor, Tensor]:
-        M_new, z_new = plain(sk, v, M, z, delta, bound)
+                 bound: bool = False, rk: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        M_new, z_new = plain(sk, v, M, z, delta, bound, rk)
         log.append(write_stats(sk, z, M_new, z_new))
         return M_new, z_new
 
-    infini.memory_write = measured  # type: ignore[assignment]
+    memory.memory_write = measured  # type: ignore[assignment]
     try:
         yield
     finally:
-        infini.memory_write = plain  # type: ignore[assignment]
+        memory.memory_write = plain  # type: ignore[assignment]
 
 
 def summary(writes: list[dict[str, float]]) -> dict[str, object]:
@@ -109,6 +109,9 @@ def run_toy(args: argparse.Namespace) -> dict[str, object]:
                 model(seq[:, :-1])
             probes.append({"step": step, **summary(writes)})
             curve.append({"step": step, "loss": loss, "grad_norm": norm, "nonfinite": True})
+            if args.save_failure is not None:  # the weights (not updated) and the batch
+                torch.save({"model": model.state_dict(), "seq": seq,
+                            "options": args.model_options}, args.save_failure)
             print(json.dumps(curve[-1]), flush=True)
             break
         if step % args.eval_every == 0 or step == args.steps:
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     toy = sub.add_parser("toy", parents=[recall_toy.parser()], add_help=False,
                          help="train the recall toy, measuring the writes")
     toy.add_argument("--probe-every", type=int, default=25)
+    toy.add_argument("--save-failure", type=Path, default=None,
+                     help="at a non-finite step, save the weights and the batch here (torch)")
     rnd = sub.add_parser("random", help="random and adversarial keys, every rule")
     rnd.add_argument("--writes", type=int, default=2000)
     rnd.add_argument("--segment", type=int, default=16)

@@ -1,7 +1,8 @@
-"""The bounded delta step (``memory_delta_bound``): its write against the slow reference (state
+"""The stable delta rule (``memory_stable_delta``): its write against the slow reference (state
 and gradients), the plain delta rule left bit for bit where the bound is not needed, the memory
-kept from expanding over thousands of writes where the plain rule expands it, and models using
-it (forward, memory files; the slot paths run it as a `VARIANTS` entry in conftest)."""
+kept from expanding over thousands of writes where the plain rule expands it, finite gradients
+where a saturated write gate makes the plain rule's NaN, and models using it (forward, memory
+files; the slot paths run it as a `VARIANTS` entry in conftest)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from newllm.layers.memory import (
 )
 from newllm.memory_file import ModelMismatchError, load_memory, save_memory
 
-BOUNDED = {"memory_history": 2, "memory_write_gate": True, "memory_delta_bound": True,
+BOUNDED = {"memory_history": 2, "memory_write_gate": True, "memory_stable_delta": True,
            "memory_heads": 2}
 
 
@@ -29,34 +30,45 @@ def filled_memory(dk: int, dv: int, seed: int, scale: float) -> tuple[torch.Tens
     return sk.T @ torch.randn(5, dv, generator=g, dtype=torch.float64), sk.sum(0)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["sk", "gated-rk"])
 @pytest.mark.parametrize("scale", [0.0, 0.01, 10.0], ids=["empty", "weak", "filled"])
-def test_bounded_write_matches_reference_with_gradients(scale: float) -> None:
-    """A weakly written memory (small z) makes ‖G‖_F large: η well below 1."""
+def test_stable_write_matches_reference_with_gradients(scale: float, gated: bool) -> None:
+    """A weakly written memory (small z) makes ‖G‖_F large: η well below 1. ``gated``: sk =
+    β·σ(k) written, σ(k) retrieving (as the layers do)."""
     dk, dv, S, T = 6, 5, 7, 4
     g = torch.Generator().manual_seed(3)
     M0, z0 = filled_memory(dk, dv, 1, scale)
     k = torch.randn(S, dk, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(S, 1, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(S, dv, generator=g, dtype=torch.float64, requires_grad=True)
     q = torch.randn(T, dk, generator=g, dtype=torch.float64, requires_grad=True)
     M = M0.clone().requires_grad_(True)
     z = z0.clone().requires_grad_(True)
-    eta = float(delta_step(elu1(k.detach()), z.detach()))
+
+    def features() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (elu1(k) * torch.sigmoid(b), elu1(k)) if gated else (elu1(k), None)
+
+    eta = float(delta_step(features()[0].detach(), z.detach()))
     assert eta == 1.0 if scale in (0.0, 10.0) else eta < 0.1
 
     def run(write, read):  # type: ignore[no-untyped-def]
-        M1, z1 = write(elu1(k), v, M, z, True, True)
+        sk, rk = features()
+        M1, z1 = write(sk, v, M, z, True, True, rk)
         out = read(elu1(q), M1, z1)
         loss = out.pow(2).sum() + M1.sin().sum() + z1.cos().sum()
-        grads = torch.autograd.grad(loss, (k, v, q, M, z))
+        grads = torch.autograd.grad(loss, (k, b, v, q, M, z), allow_unused=True)
         return (M1.detach(), z1.detach(), out.detach()), grads
 
     fast = run(memory_write, memory_read_reference)
     ref = run(memory_write_reference, memory_read_reference)
-    for a, b in zip(fast[0] + fast[1], ref[0] + ref[1], strict=True):
-        torch.testing.assert_close(a, b)
-    # the plain delta rule differs exactly when the bound acts
-    plain = memory_write(elu1(k), v, M, z, True)[0]
-    assert torch.equal(plain, fast[0][0]) == (eta == 1.0)
+    for x, y in zip(fast[0] + fast[1], ref[0] + ref[1], strict=True):
+        torch.testing.assert_close(x, y)
+    # the same retrieval either way; the plain delta rule differs exactly when the bound acts
+    sk, rk = features()
+    torch.testing.assert_close(memory_write(sk, v, M, z, True, True, rk),
+                               memory_write(sk, v, M, z, True, True))
+    plain, bounded = memory_write(sk, v, M, z, True)[0], memory_write(sk, v, M, z, True, True)[0]
+    assert torch.equal(plain, bounded) == (eta == 1.0)
 
 
 def test_bound_leaves_the_plain_delta_rule_bit_for_bit_while_g_is_small() -> None:
@@ -104,10 +116,10 @@ def test_bounded_writes_never_expand_the_memory(bound: bool) -> None:
 
 def test_the_option_needs_the_delta_rule_and_keeps_old_fingerprints() -> None:
     with pytest.raises(ValueError, match="use_delta_rule=true"):
-        ModelConfig.from_name("tiny-infini", use_delta_rule=False, memory_delta_bound=True)
+        ModelConfig.from_name("tiny-infini", use_delta_rule=False, memory_stable_delta=True)
     plain = ModelConfig.from_name("tiny-infini")
-    assert "memory_delta_bound" not in plain.fingerprint_json()
-    assert "memory_delta_bound" in plain.replace(memory_delta_bound=True).fingerprint_json()
+    assert "memory_stable_delta" not in plain.fingerprint_json()
+    assert "memory_stable_delta" in plain.replace(memory_stable_delta=True).fingerprint_json()
 
 
 @pytest.mark.parametrize("layer", ["infini", "multi_memory", "hierarchical"])
@@ -118,7 +130,7 @@ def test_every_memory_layer_writes_with_the_bound(layer: str) -> None:
     kw = {"layers": (layer, "pythia"), "init_std": 0.1, "memory_write_gate": True,
           "num_memories": 2}  # multi_memory: the third segment goes into a written memory
     plain = make_tiny_model("tiny-infini", **kw)
-    bounded = make_tiny_model("tiny-infini", memory_delta_bound=True, **kw)
+    bounded = make_tiny_model("tiny-infini", memory_stable_delta=True, **kw)
     with torch.no_grad():
         # a weak first write: ‖G‖_F of the second segment's write well above 1
         for m in (plain, bounded):
@@ -148,7 +160,7 @@ def test_memory_file_of_a_bounded_model_continues_identically() -> None:
                                   strict=True):
         assert na == nb and torch.equal(ta, tb), na
     other = make_tiny_model("tiny-infini", init_std=0.1,
-                            **{**BOUNDED, "memory_delta_bound": False})
+                            **{**BOUNDED, "memory_stable_delta": False})
     with pytest.raises(ModelMismatchError):
         load_memory(data, other)
 
@@ -158,7 +170,7 @@ def test_gradients_stay_finite_when_the_write_gate_saturates() -> None:
     """A trained write gate drives β of filler tokens to ~1e-38 (measured on the recall toy):
     the bound's gradient is computed in float64, where 1 / sqrt(σ(k)·z) cannot overflow."""
     model = make_tiny_model("tiny-infini", memory_write_gate=True, memory_heads=4,
-                            memory_delta_bound=True).train()
+                            memory_stable_delta=True).train()
     with torch.no_grad():
         gate = model.layers[0].attention.write_gate
         gate.copy_(torch.randn(gate.shape, generator=torch.Generator().manual_seed(0)) * 40.0)
@@ -167,3 +179,27 @@ def test_gradients_stay_finite_when_the_write_gate_saturates() -> None:
     logits.logsumexp(-1).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_a_saturated_gate_gives_the_plain_rule_nan_gradients_and_the_stable_one_none() -> None:
+    """β = sigmoid(-86) ≈ 4e-38 on tokens with small features: β σ(k)·z is a float32 denormal,
+    and the backward of the plain rule's retrieval, num / den, overflows (NaN). The stable rule
+    retrieves with σ(k): the same value, den = σ(k)·z well inside float32's range."""
+    finite = []
+    for stable in (False, True):
+        g = torch.Generator().manual_seed(0)
+        S, dk = 8, 6
+        k = torch.randn(S, dk, generator=g)
+        k[::2] -= 6.0  # small features on the weakly written tokens
+        k.requires_grad_(True)
+        logit = torch.zeros(S, 1)
+        logit[::2] = -86.0
+        logit.requires_grad_(True)
+        v = torch.randn(S, dk, generator=g)
+        past = elu1(torch.randn(4, dk, generator=g))  # 4 tokens written before, β = 1
+        M0, z0 = past.T @ torch.randn(4, dk, generator=g), past.sum(0)
+        sk = elu1(k) * torch.sigmoid(logit)
+        M, z = memory_write(sk, v, M0, z0, True, stable, elu1(k) if stable else None)
+        (M.sin().sum() + z.cos().sum()).backward()
+        finite.append(bool(torch.isfinite(k.grad).all() and torch.isfinite(logit.grad).all()))
+    assert finite == [False, True]

@@ -9,25 +9,22 @@ A memory is a matrix M (dk x dv) and a normaliser z (dk) per memory head, fed wi
 - delta:  M += σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z as linear (retrieval is zero while z = 0)
 - with ``memory_write_gate``, each token's σ(k) is scaled by a learned β ∈ (0, 1) in both
   updates (the read is unchanged by such a scaling, so the delta rule's retrieval is too)
-- with ``memory_delta_bound``, the delta rule's correction is scaled by a step η ∈ (0, 1] that
-  keeps the write from expanding the memory (see `memory_write`)
+- with ``memory_stable_delta``, the delta rule with a bounded step η ∈ (0, 1] and its
+  retrieval from the ungated σ(K):  M += β σ(K)ᵀ (V − η σ(K) M / (σ(K) z))
 
-Why the bound: the delta write is linear in M, M' = (I − G) M + σ(K)ᵀ V with
-G = Σ_t σ(k_t)ᵀ σ(k_t) / (σ(k_t)·z), symmetric positive semi-definite. Nothing keeps G's
-eigenvalues below 2, so (I − G) can expand M (all S tokens of a segment correct the same
-retrieval at once; a feature direction where z is still small gives an eigenvalue of
-|σ(k)|² / σ(k)·z, unbounded). The bounded step writes
-M' = M + σ(K)ᵀ (V − η σ(K) M / (σ(K) z)),  η = 1 / max(1, ‖G‖_F),
-so the eigenvalues of I − ηG lie in [0, 1] (‖G‖_F bounds the largest eigenvalue): the update
-never overshoots a retrieval, M grows at most linearly in the writes, like z. η = 1, the plain
-delta rule, whenever ‖G‖_F <= 1.
-
-Text is processed in segments of S tokens. Inside a segment, causal softmax attention over the
-segment's tokens (rotary at segment-local positions); across segments, the memory read with the
-state *before* this segment's write, mixed per head by a learned gate g = sigmoid(β):
-``A = g·A_mem + (1 − g)·A_local``. While a memory is empty the gate is forced to 0, so a model
-whose memory is reset is exactly a segment-local model. The write happens when a segment is
-complete; until then the open segment's (unrotated) keys and values are part of the state.
+Why (measured on the recall toy at gap 16, `scripts/memory_stability.py`): the delta write is
+linear in M, M' = (I − G) M + sᵀ V with s = β σ(K) and G = Σ_t s_tᵀ s_t / (s_t·z), symmetric
+positive semi-definite. Nothing keeps G's eigenvalues below 2: a segment written strongly after
+weakly written ones has λ ≈ β_now / β_before, and training drove the spectral radius of I − G
+from 1.1 to 50–190, multiplying parts of M. What gave the NaN, though, was the write gate
+saturating: β of filler tokens fell to ~1e-38 (some exactly 0), so s_t·z sat in float32's
+denormal range, and the backward of the retrieval's division (−g·num / den²) overflowed to
+inf and NaN, while the same step computed in float64 had a gradient norm of 0.6. The
+retrieval does not change when a token's features are scaled, so taking it from σ(K) instead
+of β σ(K) is the same function with a well-scaled denominator. The bounded step
+η = 1 / max(1, ‖G‖_F) keeps the eigenvalues of I − ηG in [0, 1] (‖G‖_F bounds the largest
+eigenvalue): a write never overshoots a retrieval, and ‖M‖ grows at most by ‖sᵀ V‖ per
+write. η = 1, the plain delta rule, whenever ‖G‖_F <= 1.
 """
 
 from __future__ import annotations
@@ -81,7 +78,7 @@ def memory_read(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
 
 
 def delta_step(sk: Tensor, z: Tensor) -> Tensor:
-    """η = 1 / max(1, ‖G‖_F) (..., 1, 1) for G = Σ_t sk_tᵀ sk_t / (sk_t·z) (``memory_delta_bound``).
+    """η = 1 / max(1, ‖G‖_F) (..., 1, 1) for G = Σ_t sk_tᵀ sk_t / (sk_t·z) (stable delta).
 
     ‖G‖_F² = Σ_ij (sk_i·sk_j)² / (c_i c_j) with c = sk z: from the segment's (S, S) Gram
     matrix, never forming G. Tokens with c = 0 (an empty memory) retrieve nothing and add 0.
@@ -98,12 +95,14 @@ def delta_step(sk: Tensor, z: Tensor) -> Tensor:
 
 
 def memory_write(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
-                 bound: bool = False) -> tuple[Tensor, Tensor]:
+                 bound: bool = False, rk: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Write one segment: sk (..., S, dk) features, v (..., S, dv) -> new (M, z).
 
-    ``delta``: the delta rule (else linear); ``bound``: its correction times `delta_step`."""
+    ``delta``: the delta rule (else linear); ``bound``: its correction times `delta_step`;
+    ``rk`` (..., S, dk): the features it retrieves with, if not ``sk`` (each row a positive
+    multiple of sk's: the same retrieval, computed with a better-scaled denominator)."""
     if delta:
-        retrieved = memory_read(sk, M, z)
+        retrieved = memory_read(sk if rk is None else rk, M, z)
         v = v - (delta_step(sk, z) * retrieved if bound else retrieved)
     return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
 
@@ -119,9 +118,10 @@ def memory_read_reference(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
 
 
 def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
-                           bound: bool = False) -> tuple[Tensor, Tensor]:
+                           bound: bool = False, rk: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Slow write: token by token outer products, retrieval from the memory before the write;
     with ``bound``, the operator G = Σ_t sk_tᵀ sk_t / (sk_t·z) formed and its norm taken."""
+    rk = sk if rk is None else rk
     M_new, z_new = M.clone(), z.clone()
     eta = torch.ones((), dtype=sk.dtype)
     if delta and bound:
@@ -134,8 +134,8 @@ def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: b
     for t in range(sk.shape[0]):
         target = v[t]
         if delta:
-            den = (sk[t] * z).sum()
-            target = target - (eta * (sk[t] @ M) / den if den > 0 else torch.zeros_like(target))
+            den = (rk[t] * z).sum()
+            target = target - (eta * (rk[t] @ M) / den if den > 0 else torch.zeros_like(target))
         M_new = M_new + torch.outer(sk[t], target)
         z_new = z_new + sk[t]
     return M_new, z_new
@@ -178,7 +178,7 @@ class SegmentMemoryAttention(nn.Module):
         self.memory_heads = config.memory_heads
         self.dk = C // config.memory_heads
         self.delta = config.use_delta_rule
-        self.delta_bound = config.memory_delta_bound
+        self.stable_delta = config.memory_stable_delta
         self.query_key_value = nn.Linear(C, 3 * C)
         self.dense = nn.Linear(C, C)
         self.rotary = Rotary(config)
@@ -211,6 +211,13 @@ class SegmentMemoryAttention(nn.Module):
         return None
 
     # shared machinery ----------------------------------------------------------------------
+    def write_memory(self, sk: Tensor, k: Tensor, v: Tensor, M: Tensor,
+                     z: Tensor) -> tuple[Tensor, Tensor]:
+        """`memory_write` with this layer's rule: sk = `write_features` of the memory keys k."""
+        if self.stable_delta:
+            return memory_write(sk, v, M, z, True, bound=True, rk=elu1(k))
+        return memory_write(sk, v, M, z, self.delta)
+
     def memory_state(self, batch_size: int, device: Any) -> dict[str, Tensor]:
         """The empty memory: zeros, float32."""
         return {k: torch.zeros(s, device=device, dtype=torch.float32)
