@@ -3,17 +3,21 @@
 A delta write is linear in the memory: M' = (I − G) M + σ(K)ᵀ V with
 G = Σ_t σ(k_t)ᵀ σ(k_t) / (σ(k_t)·z) (see `newllm.layers.memory`). An eigenvalue of G above 2
 makes |1 − λ| > 1: the write multiplies part of M. This script records, for every memory write
-of layer 0 (batch and memory heads pooled): λmax(G), the step η the bound would take, max|M|
-and max|z| after the write.
+(batch and memory heads pooled): λmax(G), the spectral radius of I − G, the step η of
+``memory_stable_delta``, the smallest σ(k)·z (``min_c``; float32's normal range ends at
+1.2e-38), max|M| and max|z| after the write.
 
     python scripts/memory_stability.py toy --gap 16 --seed 1 --common 0 --steps 2000 \\
         --model-options memory_history=3 memory_write_gate=true memory_heads=4
+    python scripts/memory_stability.py toy ... --save-failure /tmp/step.pt  # for a post-mortem
     python scripts/memory_stability.py random --writes 2000
 
 ``toy`` trains exactly as `scripts/recall_toy.py` (same batches, same curve), and every
 ``--probe-every`` steps runs the step's batch once more without gradients, measuring each
 write; the last probes before a non-finite loss or gradient say what the memory did.
-``random`` writes segments of random or adversarial keys with each rule and records max|M|.
+``random`` writes segments of random or adversarial keys with each rule (linear, delta, delta
+with the bounded step) and records max|M|. `memory_write` is wrapped while a probe runs, so
+every memory layer's writes are measured.
 Single-threaded.
 """
 

@@ -12,19 +12,21 @@ A memory is a matrix M (dk x dv) and a normaliser z (dk) per memory head, fed wi
 - with ``memory_stable_delta``, the delta rule with a bounded step η ∈ (0, 1] and its
   retrieval from the ungated σ(K):  M += β σ(K)ᵀ (V − η σ(K) M / (σ(K) z))
 
-Why (measured on the recall toy at gap 16, `scripts/memory_stability.py`): the delta write is
-linear in M, M' = (I − G) M + sᵀ V with s = β σ(K) and G = Σ_t s_tᵀ s_t / (s_t·z), symmetric
-positive semi-definite. Nothing keeps G's eigenvalues below 2: a segment written strongly after
-weakly written ones has λ ≈ β_now / β_before, and training drove the spectral radius of I − G
-from 1.1 to 50–190, multiplying parts of M. What gave the NaN, though, was the write gate
-saturating: β of filler tokens fell to ~1e-38 (some exactly 0), so s_t·z sat in float32's
-denormal range, and the backward of the retrieval's division (−g·num / den²) overflowed to
-inf and NaN, while the same step computed in float64 had a gradient norm of 0.6. The
-retrieval does not change when a token's features are scaled, so taking it from σ(K) instead
-of β σ(K) is the same function with a well-scaled denominator. The bounded step
-η = 1 / max(1, ‖G‖_F) keeps the eigenvalues of I − ηG in [0, 1] (‖G‖_F bounds the largest
-eigenvalue): a write never overshoots a retrieval, and ‖M‖ grows at most by ‖sᵀ V‖ per
-write. η = 1, the plain delta rule, whenever ‖G‖_F <= 1.
+Why the stable rule: a delta write is linear in M, M' = (I − G) M + sᵀ V with s = β σ(K) and
+G = Σ_t s_tᵀ s_t / (s_t·z), positive semi-definite with nothing keeping its eigenvalues below 2
+(training on the recall toy pushed the spectral radius of I − G past 100); η = 1 / max(1, ‖G‖_F)
+keeps those of I − ηG in [0, 1], so ‖M‖ grows by at most ‖sᵀ V‖ a write (η = 1, the plain rule,
+while ‖G‖_F <= 1). And a saturated write gate (β ~ 1e-38) puts s·z in float32's denormal range,
+where the backward of the retrieval's division gives NaN; the retrieval is unchanged when a
+token's features are scaled, so σ(K) gives the same value with a sound denominator. The
+measurements: training/README.md, "Memory writes over long gaps".
+
+Text is processed in segments of S tokens. Inside a segment, causal softmax attention over the
+segment's tokens (rotary at segment-local positions); across segments, the memory read with the
+state *before* this segment's write, mixed per head by a learned gate g = sigmoid(β):
+``A = g·A_mem + (1 − g)·A_local``. While a memory is empty the gate is forced to 0, so a model
+whose memory is reset is exactly a segment-local model. The write happens when a segment is
+complete; until then the open segment's (unrotated) keys and values are part of the state.
 """
 
 from __future__ import annotations
