@@ -25,7 +25,8 @@ CONTEXT_MODES = ("none", "input", "kv")
 # options added after the first release, with the value that means "not used": left out of the
 # fingerprint at that value (see ModelConfig.fingerprint_json)
 FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
-                                             "memory_write_gate": False, "memory_history": 0}
+                                             "memory_write_gate": False, "memory_history": 0,
+                                             "memory_stable_delta": False}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class ModelConfig:
     # value (starting at 0.5 everywhere): tokens written weakly barely change the memory or its
     # normaliser, so a fact written strongly survives segments of filler written weakly
     memory_write_gate: bool = False
+    # the delta rule made safe for long gaps and saturated write gates: its correction scaled by
+    # η = 1 / max(1, ‖G‖_F) (G: the segment's write operator) so a write never expands the
+    # memory, and its retrieval computed from the ungated features σ(K), where σ(k)·z cannot
+    # underflow (see newllm.layers.memory; the plain gated rule gave NaN gradients on the toy)
+    memory_stable_delta: bool = False
     # pythia layers attend only within the current segment (KV dropped at segment ends), so a
     # memory model's whole state stays bounded; the memory presets set it
     segment_local: bool = False
@@ -108,6 +114,9 @@ class ModelConfig:
         if self.memory_history and self.memory_key_shift:
             raise ValueError("memory_history includes the key shift; set memory_history or "
                              "memory_key_shift, not both")
+        if self.memory_stable_delta and not self.use_delta_rule:
+            raise ValueError("memory_stable_delta changes the delta rule; set "
+                             "use_delta_rule=true or leave memory_stable_delta false")
         if self.layer_hidden % self.memory_heads:
             raise ValueError(
                 f"layer width {self.layer_hidden} is not divisible by "

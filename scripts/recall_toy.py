@@ -8,7 +8,8 @@ token sees that key again and again in the filler. A `tiny-infini` model (2 laye
 segments of ``--segment`` tokens, 16 by default) is trained from scratch on fresh batches (loss
 on every token, the answer weighted x3; memory gates at their own learning rate), and every
 ``--eval-every`` steps scored on 256 new trials: exact answers (all tokens) and first-token
-accuracy.
+accuracy. Training stops at the first step whose loss or gradient is not finite (the curve
+records it); `scripts/memory_stability.py` runs the same training with the memory measured.
 
     python scripts/recall_toy.py --model-options memory_history=3 --gap 1 --steps 3000
     python scripts/recall_toy.py --model-options memory_key_shift=true --gap 1 --steps 3000
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -52,7 +54,45 @@ def trials(n: int, *, segment: int, gap: int, cue: list[int], answer: int, commo
     return seq
 
 
-def main(argv: list[str] | None = None) -> int:
+def build(options: dict[str, object], segment: int) -> tuple[torch.nn.Module,
+                                                             torch.optim.Optimizer]:
+    """The toy's `tiny-infini` model and its AdamW (memory gates at their own learning rate)."""
+    model = create_model("infini", "tiny", vocab_size=VOCAB, segment_len=segment, **options)
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if not is_gate(n)], "lr": 3e-3},
+                             {"params": [p for n, p in named if is_gate(n)], "lr": 2e-2}],
+                            weight_decay=0.0)
+    return model, opt
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seq: torch.Tensor,
+               answer: int) -> tuple[float, float]:
+    """One step on trials ``seq``: loss on every token, the answer x3. -> (loss, grad norm);
+    no update when either is not finite."""
+    logits, _ = model(seq[:, :-1])
+    nll = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="none")
+    nll = nll.view(seq.shape[0], -1)
+    loss = nll.mean() + 3 * nll[:, -answer:].mean()
+    opt.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if torch.isfinite(loss) and torch.isfinite(norm):
+        opt.step()
+    return loss.item(), norm.item()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, seq: torch.Tensor, answer: int) -> dict[str, float]:
+    """Answer loss, exact answers and first-token accuracy on trials ``seq``."""
+    logits, _ = model(seq[:, :-1])
+    pred = logits[:, -answer:].argmax(-1)
+    return {"answer_nll": float(F.cross_entropy(logits[:, -answer:].flatten(0, 1),
+                                                seq[:, -answer:].flatten())),
+            "exact": float((pred == seq[:, -answer:]).all(-1).float().mean()),
+            "first_token": float((pred[:, 0] == seq[:, -answer]).float().mean())}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-options", nargs="*", default=[], help="config overrides, k=v")
     ap.add_argument("--segment", type=int, default=16, help="segment length (default 16)")
@@ -66,44 +106,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the curve here (JSON)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.cue_len < 1 or args.cue_len + args.answer > args.segment or args.gap < 0:
         ap.error("need 1 <= --cue-len and --cue-len + --answer <= --segment, --gap >= 0")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    options = parse_overrides(args.model_options)
-    model = create_model("infini", "tiny", vocab_size=VOCAB, segment_len=args.segment, **options)
-    named = list(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for n, p in named if not is_gate(n)], "lr": 3e-3},
-                             {"params": [p for n, p in named if is_gate(n)], "lr": 2e-2}],
-                            weight_decay=0.0)
+    model, opt = build(parse_overrides(args.model_options), args.segment)
     cue = list(range(1, args.cue_len + 1))
     kw = {"segment": args.segment, "gap": args.gap, "cue": cue, "answer": args.answer,
           "common": args.common}
     train_gen = torch.Generator().manual_seed(args.seed)
     eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
-    A, curve, t0 = args.answer, [], time.time()
+    curve: list[dict[str, object]] = []
+    t0 = time.time()
     for step in range(1, args.steps + 1):
-        seq = trials(args.batch_size, gen=train_gen, **kw)
-        logits, _ = model(seq[:, :-1])
-        nll = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten(), reduction="none")
-        nll = nll.view(seq.shape[0], -1)
-        loss = nll.mean() + 3 * nll[:, -A:].mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss, norm = train_step(model, opt, trials(args.batch_size, gen=train_gen, **kw),
+                                args.answer)
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # training is over: say so
+            curve.append({"step": step, "loss": loss, "grad_norm": norm, "nonfinite": True})
+            print(json.dumps(curve[-1]), flush=True)
+            break
         if step % args.eval_every == 0 or step == args.steps:
-            with torch.no_grad():
-                seq = trials(256, gen=eval_gen, **kw)
-                logits, _ = model(seq[:, :-1])
-                pred = logits[:, -A:].argmax(-1)
-                row = {"step": step,
-                       "answer_nll": float(F.cross_entropy(logits[:, -A:].flatten(0, 1),
-                                                           seq[:, -A:].flatten())),
-                       "exact": float((pred == seq[:, -A:]).all(-1).float().mean()),
-                       "first_token": float((pred[:, 0] == seq[:, -A]).float().mean()),
-                       "seconds": round(time.time() - t0, 1)}
+            row = {"step": step, **evaluate(model, trials(256, gen=eval_gen, **kw), args.answer),
+                   "seconds": round(time.time() - t0, 1)}
             curve.append(row)
             print(json.dumps(row), flush=True)
     if args.out is not None:

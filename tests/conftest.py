@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "infini-banks-history-gate": ("tiny-infini", {"num_memory_banks": 2, "segments_per_bank": 1,
                                                   "memory_history": 2,
                                                   "memory_write_gate": True}),
+    "infini-stable-delta-mh2": ("tiny-infini", {"memory_history": 2, "memory_write_gate": True,
+                                                 "memory_stable_delta": True, "memory_heads": 2}),
     "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,
                                                    "memory_key_shift": True, "memory_heads": 2}),
     "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from newllm.config import ModelConfig
 from newllm.layers.common import merge_heads
-from newllm.layers.memory import SegmentMemoryAttention, memory_read, memory_write
+from newllm.layers.memory import SegmentMemoryAttention, memory_read
 from newllm.layers.multi_memory import fine_shapes, read_many, write_many
 
 
@@ -62,7 +62,7 @@ class HierarchicalMemoryAttention(SegmentMemoryAttention):
 
     def write(self, sk: Tensor, k: Tensor, v: Tensor, state: HierarchicalState,
               segment: int) -> dict[str, Tensor]:
-        coarse, coarse_z = memory_write(sk, v, state.coarse, state.coarse_z, self.delta)
+        coarse, coarse_z = self.write_memory(sk, k, v, state.coarse, state.coarse_z)
         fine = write_many(sk, k, v, state.memory, state.z, state.key_sum, state.count,
-                          self.delta)
+                          self.write_memory)
         return {"coarse": coarse, "coarse_z": coarse_z, **fine}

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from newllm.config import ModelConfig
-from newllm.layers.memory import SegmentMemoryAttention, memory_read, memory_write
+from newllm.layers.memory import SegmentMemoryAttention, memory_read
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class InfiniAttention(SegmentMemoryAttention):
         M, z = state.memory[:, b], state.z[:, b]
         if clear:
             M, z = torch.zeros_like(M), torch.zeros_like(z)
-        M, z = memory_write(sk, v, M, z, self.delta)
+        M, z = self.write_memory(sk, k, v, M, z)
         if self.num_banks == 1:
             return {"memory": M.unsqueeze(1), "z": z.unsqueeze(1)}
         memory = torch.cat((state.memory[:, :b], M.unsqueeze(1), state.memory[:, b + 1:]), 1)

@@ -9,6 +9,17 @@ A memory is a matrix M (dk x dv) and a normaliser z (dk) per memory head, fed wi
 - delta:  M += σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z as linear (retrieval is zero while z = 0)
 - with ``memory_write_gate``, each token's σ(k) is scaled by a learned β ∈ (0, 1) in both
   updates (the read is unchanged by such a scaling, so the delta rule's retrieval is too)
+- with ``memory_stable_delta``, the delta rule with a bounded step η ∈ (0, 1] and its
+  retrieval from the ungated σ(K):  M += β σ(K)ᵀ (V − η σ(K) M / (σ(K) z))
+
+Why the stable rule: a delta write is linear in M, M' = (I − G) M + sᵀ V with s = β σ(K) and
+G = Σ_t s_tᵀ s_t / (s_t·z), positive semi-definite with nothing keeping its eigenvalues below 2
+(training on the recall toy pushed the spectral radius of I − G past 100); η = 1 / max(1, ‖G‖_F)
+keeps those of I − ηG in [0, 1], so ‖M‖ grows by at most ‖sᵀ V‖ a write (η = 1, the plain rule,
+while ‖G‖_F <= 1). And a saturated write gate (β ~ 1e-38) puts s·z in float32's denormal range,
+where the backward of the retrieval's division gives NaN; the retrieval is unchanged when a
+token's features are scaled, so σ(K) gives the same value with a sound denominator. The
+measurements: training/README.md, "Memory writes over long gaps".
 
 Text is processed in segments of S tokens. Inside a segment, causal softmax attention over the
 segment's tokens (rotary at segment-local positions); across segments, the memory read with the
@@ -68,11 +79,33 @@ def memory_read(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
     return _safe_div(sq @ M, (sq @ z.unsqueeze(-1)))
 
 
-def memory_write(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
-                 delta: bool) -> tuple[Tensor, Tensor]:
-    """Write one segment: sk (..., S, dk) features, v (..., S, dv) -> new (M, z)."""
+def delta_step(sk: Tensor, z: Tensor) -> Tensor:
+    """η = 1 / max(1, ‖G‖_F) (..., 1, 1) for G = Σ_t sk_tᵀ sk_t / (sk_t·z) (stable delta).
+
+    ‖G‖_F² = Σ_ij (sk_i·sk_j)² / (c_i c_j) with c = sk z: from the segment's (S, S) Gram
+    matrix, never forming G. Tokens with c = 0 (an empty memory) retrieve nothing and add 0.
+    In float64: a write gate drives β, and so c, to ~1e-38 for filler tokens, where the float32
+    backward of 1 / sqrt(c) overflows (G itself stays small: its terms scale like β)."""
+    dtype, sk, z = sk.dtype, sk.double(), z.double()
+    c = sk @ z.unsqueeze(-1)  # (..., S, 1)
+    ok = c > 0
+    r = torch.where(ok, torch.rsqrt(torch.where(ok, c, torch.ones_like(c))), torch.zeros_like(c))
+    s = sk * r  # rows sk_t / sqrt(c_t)
+    gram = s @ s.transpose(-1, -2)  # (..., S, S)
+    fro2 = gram.pow(2).sum(dim=(-1, -2), keepdim=True)
+    return fro2.clamp_min(1.0).rsqrt().to(dtype)  # no gradient while ‖G‖_F <= 1
+
+
+def memory_write(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
+                 bound: bool = False, rk: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Write one segment: sk (..., S, dk) features, v (..., S, dv) -> new (M, z).
+
+    ``delta``: the delta rule (else linear); ``bound``: its correction times `delta_step`;
+    ``rk`` (..., S, dk): the features it retrieves with, if not ``sk`` (each row a positive
+    multiple of sk's: the same retrieval, computed with a better-scaled denominator)."""
     if delta:
-        v = v - memory_read(sk, M, z)
+        retrieved = memory_read(sk if rk is None else rk, M, z)
+        v = v - (delta_step(sk, z) * retrieved if bound else retrieved)
     return M + sk.transpose(-1, -2) @ v, z + sk.sum(dim=-2)
 
 
@@ -86,15 +119,25 @@ def memory_read_reference(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor,
-                           delta: bool) -> tuple[Tensor, Tensor]:
-    """Slow write: token by token outer products, retrieval from the memory before the write."""
+def memory_write_reference(sk: Tensor, v: Tensor, M: Tensor, z: Tensor, delta: bool,
+                           bound: bool = False, rk: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Slow write: token by token outer products, retrieval from the memory before the write;
+    with ``bound``, the operator G = Σ_t sk_tᵀ sk_t / (sk_t·z) formed and its norm taken."""
+    rk = sk if rk is None else rk
     M_new, z_new = M.clone(), z.clone()
+    eta = torch.ones((), dtype=sk.dtype)
+    if delta and bound:
+        G = torch.zeros(sk.shape[1], sk.shape[1], dtype=sk.dtype)
+        for t in range(sk.shape[0]):
+            den = (sk[t] * z).sum()
+            if den > 0:
+                G = G + torch.outer(sk[t], sk[t]) / den
+        eta = 1.0 / torch.clamp(torch.linalg.matrix_norm(G), min=1.0)
     for t in range(sk.shape[0]):
         target = v[t]
         if delta:
-            den = (sk[t] * z).sum()
-            target = target - ((sk[t] @ M) / den if den > 0 else torch.zeros_like(target))
+            den = (rk[t] * z).sum()
+            target = target - (eta * (rk[t] @ M) / den if den > 0 else torch.zeros_like(target))
         M_new = M_new + torch.outer(sk[t], target)
         z_new = z_new + sk[t]
     return M_new, z_new
@@ -137,6 +180,7 @@ class SegmentMemoryAttention(nn.Module):
         self.memory_heads = config.memory_heads
         self.dk = C // config.memory_heads
         self.delta = config.use_delta_rule
+        self.stable_delta = config.memory_stable_delta
         self.query_key_value = nn.Linear(C, 3 * C)
         self.dense = nn.Linear(C, C)
         self.rotary = Rotary(config)
@@ -169,6 +213,13 @@ class SegmentMemoryAttention(nn.Module):
         return None
 
     # shared machinery ----------------------------------------------------------------------
+    def write_memory(self, sk: Tensor, k: Tensor, v: Tensor, M: Tensor,
+                     z: Tensor) -> tuple[Tensor, Tensor]:
+        """`memory_write` with this layer's rule: sk = `write_features` of the memory keys k."""
+        if self.stable_delta:
+            return memory_write(sk, v, M, z, True, bound=True, rk=elu1(k))
+        return memory_write(sk, v, M, z, self.delta)
+
     def memory_state(self, batch_size: int, device: Any) -> dict[str, Tensor]:
         """The empty memory: zeros, float32."""
         return {k: torch.zeros(s, device=device, dtype=torch.float32)

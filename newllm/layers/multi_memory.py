@@ -13,6 +13,7 @@ routing key per memory: the mean of the raw (pre-feature, position-free) keys it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,10 @@ from torch import Tensor
 
 from newllm.config import ModelConfig
 from newllm.layers.common import merge_heads
-from newllm.layers.memory import SegmentMemoryAttention, memory_read, memory_write
+from newllm.layers.memory import SegmentMemoryAttention, memory_read
+
+# a memory layer's write rule: (sk, k, v, M, z) -> (M, z)
+WriteFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -67,14 +71,15 @@ def route(k_mean: Tensor, key_sum: Tensor, count: Tensor) -> Tensor:
 
 
 def write_many(sk: Tensor, k: Tensor, v: Tensor, memory: Tensor, z: Tensor, key_sum: Tensor,
-               count: Tensor, delta: bool) -> dict[str, Tensor]:
-    """Write one segment into the routed memory of each row. k (B, MH, S, dk) raw keys."""
+               count: Tensor, write: WriteFn) -> dict[str, Tensor]:
+    """Write one segment into the routed memory of each row. k (B, MH, S, dk) raw keys;
+    ``write(sk, k, v, M, z) -> (M, z)``: the layer's rule (its ``write_memory``)."""
     B, N = count.shape
     S = k.shape[-2]
     k_full = k.transpose(1, 2).reshape(B, S, -1)  # (B, S, C)
     target = route(k_full.mean(dim=1).detach(), key_sum, count)  # (B,)
     rows = torch.arange(B, device=k.device)
-    M_new, z_new = memory_write(sk, v, memory[rows, target], z[rows, target], delta)
+    M_new, z_new = write(sk, k, v, memory[rows, target], z[rows, target])
     pick = F.one_hot(target, N).to(torch.bool)  # (B, N)
     return {
         "memory": torch.where(pick.view(B, N, 1, 1, 1), M_new.unsqueeze(1), memory),
@@ -100,4 +105,4 @@ class MultiMemoryAttention(SegmentMemoryAttention):
     def write(self, sk: Tensor, k: Tensor, v: Tensor, state: MultiMemoryState,
               segment: int) -> dict[str, Tensor]:
         return write_many(sk, k, v, state.memory, state.z, state.key_sum, state.count,
-                          self.delta)
+                          self.write_memory)
