@@ -133,3 +133,16 @@ def test_library_chat_recall_runs_with_a_move(tok: Tokenizer) -> None:
     result = E.chat_recall(model, tokenizer, words, conversations=2, turns=3, user_tokens=12,
                            reply_tokens=4, move_at=2)
     assert 0.0 <= result["recall"] <= 1.0 and "floor" in result
+
+
+def test_trainer_evaluates_chat_recall(tmp_path) -> None:
+    import json
+
+    from tests.test_training_lm import run, write_corpus
+
+    data = write_corpus(tmp_path / "data", n=30)
+    run(tmp_path, data, "c", 2, chat_fraction=0.5, recall_weight=2.0, seq_len=512,
+        eval_chat=1, eval_batches=1)
+    lines = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= lines[-1]["chat_recall"] <= 1.0
+    assert "chat-fraction: 0.5" in (tmp_path / "c" / "config.yaml").read_text()

@@ -74,8 +74,9 @@ def filler_words(path: str) -> list[str]:
 
 
 def _read(model: Any, ids: list[int], state: Any) -> Any:
+    device = next(model.parameters()).device
     with torch.no_grad():
-        _, state = model(torch.tensor([ids]), state)
+        _, state = model(torch.tensor([ids], device=device), state)
     return state
 
 

@@ -96,6 +96,10 @@ class TrainConfig:
     eval_passkey: int = 0
     """memory models: at each evaluation also measure pass-key recall with this many examples
     at 0, 1 and 2 segments back (0 = off)"""
+    eval_chat: int = 0
+    """at each evaluation also measure chat recall in this many conversations (a fact told in
+    the first user message, asked in the 10th, the session moved through a memory file after
+    the 5th; training.chat_eval, prose from the validation data; 0 = off)"""
     save_every: int = 500
     """checkpoint every this many steps (and at the end)"""
     keep_checkpoints: int = 3
@@ -126,7 +130,7 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         for name in ("seq_len", "tbptt_segments", "warmup_steps", "eval_every", "save_every",
                      "log_every", "tokenizer_vocab", "threads", "eval_batches", "stop_at",
-                     "time_limit", "eval_passkey"):
+                     "time_limit", "eval_passkey", "eval_chat"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, "
                                  f"got {getattr(self, name)}")

@@ -577,10 +577,24 @@ class Trainer:
             text += "  passkey " + " ".join(f"d{k}={v:.0%}" for k, v in acc["by_distance"].items())
             text += " (first digit " + " ".join(
                 f"d{k}={v:.0%}" for k, v in acc["first_token_by_distance"].items()) + ")"
+        if self.cfg.eval_chat:
+            from training.chat_eval import chat_recall
+
+            self.model.eval()
+            chat = chat_recall(self.model, self.tokenizer, self._chat_words(),
+                               self.cfg.eval_chat, floor=False)
+            record["chat_recall"] = chat["recall"]
+            text += f"  chat recall {chat['recall']:.0%}"
         if len(record) > 1:
             self._write_metrics(record)
             _log(self.dist, text)
         return val
+
+    def _chat_words(self) -> list[str]:
+        """Prose for the user messages of `--eval-chat`: the validation text (else training)."""
+        windows = self.val_windows if len(self.val_windows) else self.train_windows
+        ids = [int(t) for t in windows.tokens[:100_000] if int(t) != self.tokenizer.eos_token_id]
+        return self.tokenizer.decode(ids).split()
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
