@@ -17,6 +17,18 @@ Recall is exact when the first number of the answer is N. Reported per distance:
 the move, without the move (the answers must be identical, token for token: exit 1 otherwise)
 and with the memory reset.
 
+Chat recall after a move (``--chat-conversations``, 50; `training.chat_eval` makes the
+conversations): a user tells a fact in the first message of a chat session on server A (a name,
+a number, a city, a favourite; `training.chat_data`), more user messages of about
+``--chat-user-tokens`` (30) tokens of filler prose follow, each answered by the model (greedy,
+at most ``--chat-reply-tokens`` (30) tokens, the server's implicit ``"\\nUser:"`` stop), the
+session is moved to server B after turn ``--chat-move-at`` (5), and turn ``--chat-turns`` (10)
+asks for the fact on B. Right when the fact's value is a word of the reply's first line.
+Reported: recall through the servers, the floor (the question alone in a fresh session), and
+recall and reply agreement of the same conversations run with the library alone
+(`training.chat_eval.run_conversation`, the move through a memory file: what training
+evaluates). ``--chat-only`` runs just this part and writes ``move_chat.json``.
+
 Moves across precision (library level, the same `load_memory_report` a server's upload runs):
 the checkpoint is loaded in float32, bfloat16 and float16; for each of ``--precision-prompts``
 (50) places in the filler, a session reads ``--prompt-tokens`` (512) tokens at the writer's
@@ -26,6 +38,7 @@ the same prompt itself (no move); (b) the next 1,024 tokens of the text are scor
 (perplexity). Pairs: bf16 -> fp32, fp32 -> bf16, fp16 -> fp32.
 
     python -m benchmarks.move [--quick] [--checkpoint PATH] [--filler FILE] [--distances 2 4 8]
+        [--chat-conversations 50] [--chat-only]
 """
 
 from __future__ import annotations
@@ -132,6 +145,51 @@ def precision_moves(checkpoint: str | None, filler_text: str, prompts: int, prom
     return out
 
 
+def chat_moves(servers: dict[str, Any], model: Any, tok: Any, words: list[str],
+               conversations: int, turns: int, user_tokens: int, reply_tokens: int,
+               move_at: int, seed: int) -> dict[str, Any]:
+    """Chat recall through two servers with the session moved (see the module docstring)."""
+    from training.chat_data import answer_matches
+    from training.chat_eval import conversation_script, run_conversation
+
+    rng = random.Random(seed)
+    hits = {"moved": 0, "floor": 0, "library": 0}
+    same_as_library = 0
+    examples: list[dict[str, Any]] = []
+    ask = {"session_input": "new", "max_tokens": reply_tokens, "temperature": 0}
+    with servers["a"].client() as a, servers["b"].client() as b:
+        for c in range(conversations):
+            script = conversation_script(rng, words, turns, user_tokens)
+            sid, replies = f"chat-{seed}-{c}", []
+            for i, message in enumerate(script.messages):
+                if i == move_at:
+                    moved = move_session(sid, a, b)
+                    if not moved.source_deleted:
+                        raise RuntimeError(f"the move of {sid} went wrong: {moved}")
+                server = a if i < move_at else b
+                replies.append(server.chat(message, sid, **ask).text)
+            library = run_conversation(model, tok, script, reply_tokens, move_at)
+            floor = a.chat(script.fact.ask, f"floor-{seed}-{c}", **ask).text
+            value = script.fact.value
+            hits["moved"] += answer_matches(replies[-1], value)
+            hits["library"] += answer_matches(library[-1], value)
+            hits["floor"] += answer_matches(floor, value)
+            same_as_library += replies == library
+            if len(examples) < 5:
+                examples.append({"fact": script.fact.tell, "ask": script.fact.ask,
+                                 "answer": replies[-1], "reply_1": replies[0],
+                                 "reply_2": replies[1]})
+    out = {k: v / conversations for k, v in hits.items()}
+    out["replies_same_as_library"] = same_as_library / conversations
+    print("chat recall after a move: " + ", ".join(f"{k} {v:.0%}" for k, v in out.items()),
+          flush=True)
+    return {**out, "conversations": conversations, "examples": examples}
+
+
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny-infini, 2 trials, 1 distance")
@@ -149,8 +207,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="places in the filler for the precision moves (default 50)")
     ap.add_argument("--prompt-tokens", type=int, default=None,
                     help="tokens a session reads before a precision move (default 512)")
+    ap.add_argument("--chat-conversations", type=int, default=None,
+                    help="chat conversations moved between the servers (default 50, quick 2; "
+                         "0 = none)")
+    ap.add_argument("--chat-turns", type=int, default=None,
+                    help="user messages per conversation, the last one asks (default 10)")
+    ap.add_argument("--chat-user-tokens", type=int, default=None,
+                    help="about this many tokens per user message (default 30)")
+    ap.add_argument("--chat-reply-tokens", type=int, default=None,
+                    help="the model's replies: at most this many tokens (default 30)")
+    ap.add_argument("--chat-move-at", type=int, default=None,
+                    help="the session moves from A to B after this turn (default 5)")
+    ap.add_argument("--chat-only", action="store_true",
+                    help="only the chat conversations (writes move_chat.json)")
     args = ap.parse_args(argv)
     args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
+    q = args.quick
+    chat_opts = {
+        "conversations": _default(args.chat_conversations, 2 if q else 50),
+        "turns": _default(args.chat_turns, 3 if q else 10),
+        "user_tokens": _default(args.chat_user_tokens, 12 if q else 30),
+        "reply_tokens": _default(args.chat_reply_tokens, 4 if q else 30),
+        "move_at": _default(args.chat_move_at, 2 if q else 5)}
+    if args.chat_only and not chat_opts["conversations"]:
+        ap.error("--chat-only needs --chat-conversations > 0")
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
     distances = args.distances or ([2] if args.quick else [2, 4, 8])
     trials = args.trials or (2 if args.quick else 30)
@@ -169,7 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     by_distance: dict[str, dict[str, Any]] = {}
     mismatches: list[dict[str, Any]] = []
     moved_bytes: list[int] = []
+    words = text.split()
+    chat: dict[str, Any] = {}
     with running_servers(checkpoint, {"a": 1, "b": 1}) as servers:
+        if chat_opts["conversations"]:
+            chat = chat_moves(servers, model, tok, words, seed=args.seed, **chat_opts)
+        if args.chat_only:
+            distances = []
         with servers["a"].client() as a, servers["b"].client() as b:
             for d in distances:
                 hits = {"moved": 0, "not_moved": 0, "reset": 0}
@@ -197,6 +283,15 @@ def main(argv: list[str] | None = None) -> int:
                 by_distance[str(d)] = {k: v / trials for k, v in hits.items()}
                 print(f"distance {d} segments ({d * S} tokens): " + ", ".join(
                     f"{k} {v:.0%}" for k, v in by_distance[str(d)].items()), flush=True)
+    chat_settings = {f"chat_{k}": v for k, v in chat_opts.items()}
+    if args.chat_only:
+        settings = {"quick": args.quick, "checkpoint": checkpoint or "default",
+                    "model": model.config.name, "fingerprint": model.fingerprint(),
+                    "seed": args.seed, "filler": str(args.filler) if args.filler else "built-in",
+                    "decoding": "greedy", "servers": 2, "loopback": True, **chat_settings}
+        path = write_result("move_chat", settings, chat, args.out)
+        print(f"wrote {path}")
+        return 0
     overall = {k: sum(r[k] for r in by_distance.values()) / len(by_distance)
                for k in ("moved", "not_moved", "reset")}
     n_prompts = args.precision_prompts or (2 if args.quick else 50)
@@ -209,14 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                "answers_identical_after_move": identical, "mismatches": mismatches[:10],
                "trials_per_distance": trials,
                "moved_file_bytes_mean": sum(moved_bytes) / len(moved_bytes),
-               "precision_moves": precision}
+               "precision_moves": precision, "chat": chat}
     settings = {"quick": args.quick, "checkpoint": checkpoint or "default",
                 "model": model.config.name, "fingerprint": model.fingerprint(),
                 "segment_len": S, "distances_segments": distances, "trials": trials,
                 "seed": args.seed, "filler": str(args.filler) if args.filler else "built-in",
                 "fact": FACT, "question": QUESTION, "decoding": "greedy, 8 tokens",
                 "servers": 2, "loopback": True, "precision_prompts": n_prompts,
-                "precision_prompt_tokens": prompt_tokens, "precision_next_tokens": next_tokens}
+                "precision_prompt_tokens": prompt_tokens, "precision_next_tokens": next_tokens,
+                **chat_settings}
     path = write_result("move", settings, results, args.out)
     fig, ax = new_figure(f"Pass-key recall after a move ({model.config.name})",
                          "segments of prose between fact and question", "exact recall",

@@ -25,7 +25,8 @@ be checked, so in ``auto`` mode a prompt that starts with the first piece (whose
 apart) is `Diverged` and anything else is new. A completions prompt given as token ids is
 matched as the text it decodes to (`server.engine`).
 
-The chat template is plain text (``newllm`` tokenizers carry no chat template)::
+The chat template is plain text (``newllm`` tokenizers carry no chat template), rendered by
+`newllm.chat` (training renders its chat examples with the same functions)::
 
     System: {content}\\n  User: {content}\\n  Assistant: {content}\\n  ...  Assistant:
 
@@ -43,13 +44,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 
+from newllm.chat import CHAT_STOP as CHAT_STOP  # re-exported: the server's names for them
+from newllm.chat import CUE as CUE
+from newllm.chat import ROLES as ROLES
+from newllm.chat import render_chat as render_chat
+
 CHAIN_START = hashlib.sha256(b"newllm-transcript-v1").hexdigest()
 KINDS = ("", "chat", "text")
 INPUT_MODES = ("auto", "full", "new")
-ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant",
-         "tool": "Tool"}
-CUE = "Assistant:"
-CHAT_STOP = "\nUser:"
 META_PREFIX = "session."
 MAX_PIECES = 20_000  # text pieces kept in a memory file's metadata (a few hundred KB at most)
 
@@ -199,12 +201,6 @@ def _first_difference(t: Transcript, units: list[str]) -> str:
         return f"the request has {len(units)} messages, fewer than the session consumed."
     return ("at least one earlier message was changed (assistant replies must be sent back "
             "exactly as the server returned them).")
-
-
-def render_chat(messages: list[tuple[str, str]], open_reply: bool) -> str:
-    """The text fed to the model for these new messages, ending with the generation cue."""
-    lines = "".join(f"{ROLES[role]}: {content}\n" for role, content in messages)
-    return ("\n" if open_reply else "") + lines + CUE
 
 
 # text ----------------------------------------------------------------------------------------

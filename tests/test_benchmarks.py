@@ -153,6 +153,10 @@ def _check_schema(name: str, doc: dict) -> None:
         for r in precision.values():
             assert 0 <= r["greedy_identical_to_written"] <= 1
             assert r["ppl_moved"] > 1 and r["ppl_written"] > 1
+        chat = res["chat"]
+        assert chat["conversations"] == settings["chat_conversations"]
+        assert all(0 <= chat[k] <= 1 for k in ("moved", "floor", "library"))
+        assert chat["replies_same_as_library"] == 1.0  # server turns = the library's emulation
 
 
 @pytest.mark.parametrize("name", cli.BENCHMARKS)

@@ -56,6 +56,14 @@ class TrainConfig:
     document or conversation), the rest placed anywhere before the question"""
     recall_weight: float = 1.0
     """loss weight of the answer tokens of recall examples (and of --repeat-fraction copies)"""
+    chat_fraction: float = 0.0
+    """share of training examples turned into chat-form recall examples: a conversation in the
+    server's chat template where the first user message tells a fact (a name, a number, a city,
+    a favourite) and a later one asks for it, filler turns cut from the example's own prose
+    (answers get --recall-weight; see training.chat_data)"""
+    chat_at_start: float = 0.5
+    """share of --chat-fraction conversations that open their example (an empty state, as a new
+    server session); the rest follow prose and EOS"""
     repeat_fraction: float = 0.0
     """share of training examples where a span of their own prose is written again one or more
     segments later (copy practice for the memory; the copied tokens get --recall-weight)"""
@@ -88,6 +96,10 @@ class TrainConfig:
     eval_passkey: int = 0
     """memory models: at each evaluation also measure pass-key recall with this many examples
     at 0, 1 and 2 segments back (0 = off)"""
+    eval_chat: int = 0
+    """at each evaluation also measure chat recall in this many conversations (a fact told in
+    the first user message, asked in the 10th, the session moved through a memory file after
+    the 5th; training.chat_eval, prose from the validation data; 0 = off)"""
     save_every: int = 500
     """checkpoint every this many steps (and at the end)"""
     keep_checkpoints: int = 3
@@ -118,7 +130,7 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         for name in ("seq_len", "tbptt_segments", "warmup_steps", "eval_every", "save_every",
                      "log_every", "tokenizer_vocab", "threads", "eval_batches", "stop_at",
-                     "time_limit", "eval_passkey"):
+                     "time_limit", "eval_passkey", "eval_chat"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, "
                                  f"got {getattr(self, name)}")
@@ -131,6 +143,11 @@ class TrainConfig:
         if not 0.0 <= self.repeat_fraction <= 1.0 - self.recall_fraction or self.repeat_span < 2:
             raise ValueError("--repeat-fraction must be in [0, 1 - --recall-fraction] and "
                              "--repeat-span >= 2")
+        if not 0.0 <= self.chat_fraction <= 1.0 - self.recall_fraction - self.repeat_fraction:
+            raise ValueError("--chat-fraction must be in [0, 1 - --recall-fraction - "
+                             "--repeat-fraction]")
+        if not 0.0 <= self.chat_at_start <= 1.0:
+            raise ValueError(f"--chat-at-start must be in [0, 1], got {self.chat_at_start}")
         if not 0.0 <= self.repeat_local <= 1.0:
             raise ValueError(f"--repeat-local must be in [0, 1], got {self.repeat_local}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training import data as D
+from training.chat_data import ChatExamples
 from training.config import TrainConfig
 from training.curves import TB_FOLDER, Curves
 from training.distributed import Dist, barrier, init_distributed, mean_across, shutdown
@@ -230,6 +231,8 @@ class Trainer:
         self.recall = (D.RecallExamples(self.tokenizer, self.model.config.segment_len,
                                         cfg.recall_at_start)
                        if cfg.recall_fraction else None)
+        self.chat = (ChatExamples(self.tokenizer, cfg.chat_at_start)
+                     if cfg.chat_fraction else None)
         if cfg.lct:
             from training.lct import ContextCache, LaggedContextLM
 
@@ -319,14 +322,14 @@ class Trainer:
 
     def make_batch(self, step: int) -> tuple[list[int], Tensor, Tensor | None, Tensor | None,
                                              Tensor | None]:
-        """(window indices, batch (B, L + 1), loss weights (B, L) or None, recall answer mask or
-        None, copied-span mask or None) of this rank at ``step``: a pure function of (seed,
-        step, rank)."""
+        """(window indices, batch (B, L + 1), loss weights (B, L) or None, recall answer mask
+        (pass-key and chat answers) or None, copied-span mask or None) of this rank at
+        ``step``: a pure function of (seed, step, rank)."""
         cfg = self.cfg
         idx = D.batch_indices(len(self.train_windows), cfg.batch_size, step, seed=cfg.seed,
                               rank=self.dist.rank, world_size=self.dist.world_size)
         batch = self.train_windows.batch(idx)
-        if self.recall is None and not cfg.repeat_fraction:
+        if self.recall is None and not cfg.repeat_fraction and self.chat is None:
             return idx, batch, None, None, None
         rng = random.Random(f"recall-{cfg.seed}-{step}-{self.dist.rank}")
         mask = torch.zeros(batch.shape[0], batch.shape[1] - 1, dtype=torch.bool)
@@ -341,6 +344,9 @@ class Trainer:
                     else cfg.repeat_span
                 batch[i], copied[i] = D.repeat_span(batch[i], self.model.config.segment_len,
                                                     span, rng, local=local)
+            elif self.chat is not None and r < (cfg.recall_fraction + cfg.repeat_fraction
+                                                + cfg.chat_fraction):
+                batch[i], mask[i], _ = self.chat.make(batch[i], rng)
         weights = 1.0 + (cfg.recall_weight - 1.0) * (mask | copied).float()
         return idx, batch, weights, mask, copied
 
@@ -571,10 +577,24 @@ class Trainer:
             text += "  passkey " + " ".join(f"d{k}={v:.0%}" for k, v in acc["by_distance"].items())
             text += " (first digit " + " ".join(
                 f"d{k}={v:.0%}" for k, v in acc["first_token_by_distance"].items()) + ")"
+        if self.cfg.eval_chat:
+            from training.chat_eval import chat_recall
+
+            self.model.eval()
+            chat = chat_recall(self.model, self.tokenizer, self._chat_words(),
+                               self.cfg.eval_chat, floor=False)
+            record["chat_recall"] = chat["recall"]
+            text += f"  chat recall {chat['recall']:.0%}"
         if len(record) > 1:
             self._write_metrics(record)
             _log(self.dist, text)
         return val
+
+    def _chat_words(self) -> list[str]:
+        """Prose for the user messages of `--eval-chat`: the validation text (else training)."""
+        windows = self.val_windows if len(self.val_windows) else self.train_windows
+        ids = [int(t) for t in windows.tokens[:100_000] if int(t) != self.tokenizer.eos_token_id]
+        return self.tokenizer.decode(ids).split()
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Chat-form recall: one rendering of the chat template for server and training (`newllm.chat`),
+chat examples (`training.chat_data`) and the library-level chat recall (`training.chat_eval`)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from newllm import chat
+from newllm.tokenizer import Tokenizer
+from server import transcript
+from training import chat_data as C
+from training import chat_eval as E
+
+PROSE = ("It was a bright cold day in April, and the clocks were striking thirteen. The hall "
+         "smelt of boiled cabbage and old rag mats. At one end of it a coloured poster, too "
+         "large for indoor display, had been tacked to the wall. ") * 4
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.byte_level()
+
+
+def test_server_renders_with_the_library_template() -> None:
+    assert transcript.render_chat is chat.render_chat
+    assert (transcript.CUE, transcript.CHAT_STOP, transcript.ROLES) == (
+        chat.CUE, chat.CHAT_STOP, chat.ROLES)
+    # the server's template, byte for byte, as it was before it moved to newllm.chat
+    messages = [("system", "be brief"), ("developer", "d"), ("user", "hi"), ("tool", "t"),
+                ("assistant", "a")]
+    assert chat.render_chat(messages, open_reply=False) == (
+        "System: be brief\nSystem: d\nUser: hi\nTool: t\nAssistant: a\nAssistant:")
+    assert chat.render_chat([("user", "more")], open_reply=True) == "\nUser: more\nAssistant:"
+
+
+def test_conversation_text_is_what_a_session_reads_turn_by_turn() -> None:
+    turns = [([("system", "s"), ("user", "My name is Ada.")], " Hello Ada."),
+             ([("user", "How are you?")], " Well."), ([("user", "What is my name?")], "")]
+    expected = (transcript.render_chat(turns[0][0], False) + " Hello Ada."
+                + transcript.render_chat(turns[1][0], True) + " Well."
+                + transcript.render_chat(turns[2][0], True))
+    assert chat.conversation_text(turns) == expected
+    assert expected == ("System: s\nUser: My name is Ada.\nAssistant: Hello Ada.\nUser: How are "
+                        "you?\nAssistant: Well.\nUser: What is my name?\nAssistant:")
+
+
+def _turn_ids(tok: Tokenizer, messages: list[tuple[str, str]], open_reply: bool) -> list[int]:
+    return tok.encode(chat.render_chat(messages, open_reply))
+
+
+@pytest.mark.parametrize("at_start", [0.0, 1.0])
+def test_chat_examples(tok: Tokenizer, at_start: float) -> None:
+    maker = C.ChatExamples(tok, at_start=at_start)
+    window = torch.tensor(tok.encode(PROSE)[:401])  # L + 1 = 401
+    for seed in range(20):
+        new, mask, fact = maker.make(window, random.Random(seed))
+        assert fact is not None and new.shape == window.shape and mask.shape == (400,)
+        ids = new.tolist()
+        first = _turn_ids(tok, [("user", "")], False)[:len("User: ")]
+        start = 0 if at_start else ids.index(tok.eos_token_id) + 1
+        assert ids[start:start + len(first)] == first  # the conversation opens a session
+        # the loss weight is on the answer only: the last reply, right after the question
+        answer = tok.encode(fact.answer)
+        weighted = new[1:][mask].tolist()
+        assert weighted == answer
+        a0 = int(mask.nonzero()[0]) + 1
+        question = _turn_ids(tok, [("user", fact.ask)], True)
+        assert ids[a0 - len(question):a0] == question
+        # the value: once in the first user message, once in the answer, nowhere else
+        text = tok.decode(ids[start:a0 + len(answer)])
+        first_turn = text[:text.index("\nAssistant:")]
+        assert fact.tell in first_turn and first_turn.count(fact.value) == 1
+        assert text.count(fact.value) == 2 and text.endswith(fact.answer)
+        assert C.answer_matches(fact.answer, fact.value)
+        if at_start:  # after the answer the next user line begins (as far as there is room)
+            after = tok.decode(ids[a0 + len(answer):])
+            assert after.startswith(chat.CHAT_STOP) or chat.CHAT_STOP.startswith(after)
+
+
+def test_chat_examples_are_deterministic_and_vary(tok: Tokenizer) -> None:
+    maker = C.ChatExamples(tok)
+    window = torch.tensor(tok.encode(PROSE)[:401])
+    a = [maker.make(window, random.Random(f"s-{i}")) for i in range(10)]
+    b = [maker.make(window, random.Random(f"s-{i}")) for i in range(10)]
+    for (n1, m1, f1), (n2, m2, f2) in zip(a, b, strict=True):
+        assert torch.equal(n1, n2) and torch.equal(m1, m2) and f1 == f2
+    assert len({f.tell for _, _, f in a if f}) > 5
+    short = torch.tensor(tok.encode("ab cd ef"))
+    same, mask, fact = maker.make(short, random.Random(0))
+    assert torch.equal(same, short) and not mask.any() and fact is None
+
+
+def test_answer_matches() -> None:
+    assert C.answer_matches(" Your name is Ada.", "Ada")
+    assert C.answer_matches(" It is 52817, I think", "52817")
+    assert not C.answer_matches(" Your name is Adam.", "Ada")
+    assert not C.answer_matches(" No.\nAda", "Ada")  # only the reply's first line counts
+
+
+def test_trainer_mixes_chat_examples(tmp_path) -> None:
+    from tests.test_training_lm import write_corpus
+    from training.config import TrainConfig
+    from training.lm import Trainer
+
+    data = write_corpus(tmp_path / "data", n=30)
+    cfg = TrainConfig(data=(str(data),), out=str(tmp_path / "c"), cache_dir="none",
+                      preset="tiny-infini", steps=2, batch_size=4, seq_len=512, chat_fraction=1.0,
+                      recall_weight=3.0)
+    trainer = Trainer(cfg)
+    _, batch, weights, mask, _ = trainer.make_batch(0)
+    assert mask is not None and weights is not None and mask.any(dim=1).all()
+    assert torch.all(weights[mask] == 3.0) and torch.all(weights[~mask] == 1.0)
+    again = Trainer(cfg).make_batch(0)[1]
+    assert torch.equal(batch, again)  # a pure function of (seed, step, rank)
+    with pytest.raises(ValueError, match="chat-fraction"):
+        TrainConfig(data=("x",), out="o", recall_fraction=0.5, chat_fraction=0.6)
+
+
+def test_library_chat_recall_runs_with_a_move(tok: Tokenizer) -> None:
+    from newllm import load_checkpoint
+
+    model, tokenizer = load_checkpoint("tiny-infini")
+    words = PROSE.split()
+    script = E.conversation_script(random.Random(0), words, turns=3, user_tokens=12)
+    assert script.messages[0].startswith(script.fact.tell)
+    assert script.messages[-1] == script.fact.ask and len(script.messages) == 3
+    moved = E.run_conversation(model, tokenizer, script, reply_tokens=4, move_at=1)
+    stayed = E.run_conversation(model, tokenizer, script, reply_tokens=4, move_at=0)
+    assert moved == stayed and len(moved) == 3  # the memory file carries the session exactly
+    result = E.chat_recall(model, tokenizer, words, conversations=2, turns=3, user_tokens=12,
+                           reply_tokens=4, move_at=2)
+    assert 0.0 <= result["recall"] <= 1.0 and "floor" in result
+
+
+def test_trainer_evaluates_chat_recall(tmp_path) -> None:
+    import json
+
+    from tests.test_training_lm import run, write_corpus
+
+    data = write_corpus(tmp_path / "data", n=30)
+    run(tmp_path, data, "c", 2, chat_fraction=0.5, recall_weight=2.0, seq_len=512,
+        eval_chat=1, eval_batches=1)
+    lines = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= lines[-1]["chat_recall"] <= 1.0
+    assert "chat-fraction: 0.5" in (tmp_path / "c" / "config.yaml").read_text()

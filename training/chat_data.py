@@ -1,0 +1,186 @@
+"""Chat-form recall examples: a fact told in a conversation's first user message, asked for
+turns later, in the server's own chat template (`newllm.chat`), so that training and serving
+read the same text.
+
+A training window of real prose becomes a conversation::
+
+    User: {a fact: "My name is Ada.", "I live in Lisbon.", "My pass key is 52817.", ...}
+    Assistant: {prose}
+    User: {prose}          <- filler turns: user and assistant lines cut from the window's own
+    Assistant: {prose}        prose (decoded, whitespace folded), so replies stay English
+    ...
+    User: {the question: "What is my name?", ...}
+    Assistant: {the answer: " Your name is Ada."}
+
+Each turn is tokenized the way a server session reads it: the rendered new message(s) of a turn
+(`newllm.chat.render_chat`) on their own, then the reply on its own, joined as token ids. The
+answer (the last reply) is marked for the loss weight (``--recall-weight``, like pass-key answers);
+nothing else is. The answer restates the fact's words before its value ("Your pass key is N"),
+as the fact said them, so a memory keyed on the few tokens before a value (``memory_history``)
+is asked under the key it wrote under.
+
+The conversation either opens the window (position 0: an empty state, as a new server session
+starts; the space after the answer is filled by a further user line of prose) or closes it
+(prose, EOS, then the conversation). Everything is a pure function of the window and the
+`random.Random` given, so batches stay a function of (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from newllm.chat import render_chat
+
+NAMES = ("Ada", "Alice", "Arthur", "Beatrice", "Carlos", "Clara", "Daniel", "Edith", "Felix",
+         "Grace", "Hannah", "Hugo", "Irene", "Jonas", "Julia", "Leon", "Lucy", "Martin",
+         "Nina", "Oscar", "Paula", "Peter", "Rosa", "Samuel", "Sofia", "Thomas", "Vera",
+         "Walter")
+CITIES = ("Lisbon", "Madrid", "Paris", "Berlin", "Vienna", "Prague", "Dublin", "Oslo",
+          "Warsaw", "Rome", "Athens", "Boston", "Chicago", "Denver", "Toronto", "Sydney",
+          "Cairo", "Lima", "Tokyo", "Seoul", "Delhi", "Nairobi", "Geneva", "Glasgow")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey",
+           "brown", "pink", "silver", "gold")
+FRUITS = ("apples", "pears", "plums", "cherries", "grapes", "oranges", "lemons", "peaches",
+          "figs", "bananas", "melons", "strawberries")
+ANIMALS = ("horse", "cat", "dog", "fox", "owl", "wolf", "bear", "rabbit", "goat", "swan",
+           "eagle", "tiger", "otter")
+
+
+@dataclass(frozen=True)
+class Topic:
+    """One kind of fact: ways to tell it, ways to ask for it, the answer, its values."""
+
+    tells: tuple[str, ...]  # "{v}" is the value
+    asks: tuple[str, ...]
+    answer: str  # the reply to the question, "{v}" the value, starting with a space
+    values: tuple[str, ...] | tuple[int, int]  # choices, or an inclusive range of integers
+
+
+TOPICS = (
+    Topic(("My pass key is {v}.", "Please remember this: my pass key is {v}.",
+           "Here is something to keep in mind. My pass key is {v}."),
+          ("What is my pass key?", "Can you tell me my pass key?", "What was my pass key?"),
+          " Your pass key is {v}.", (10_000, 99_999)),
+    Topic(("The code of my locker is {v}.", "Note this down: the code of my locker is {v}."),
+          ("What is the code of my locker?", "Do you remember the code of my locker?"),
+          " The code of your locker is {v}.", (1_000, 9_999)),
+    Topic(("My name is {v}.", "Hello! My name is {v}.",
+           "Good morning. My name is {v}, by the way."),
+          ("What is my name?", "Do you remember my name?", "Tell me, what is my name?"),
+          " Your name is {v}.", NAMES),
+    Topic(("I live in {v}.", "Hello. I live in {v}, and I like it there.",
+           "You should know that I live in {v}."),
+          ("Where do I live?", "Which city do I live in?", "Do you remember where I live?"),
+          " You live in {v}.", CITIES),
+    Topic(("My favourite colour is {v}.", "I must tell you that my favourite colour is {v}."),
+          ("What is my favourite colour?", "Which colour is my favourite?"),
+          " Your favourite colour is {v}.", COLOURS),
+    Topic(("My favourite fruit is {v}.", "I eat a lot of fruit; my favourite fruit is {v}."),
+          ("What is my favourite fruit?", "Which fruit do I like best?"),
+          " Your favourite fruit is {v}.", FRUITS),
+    Topic(("My favourite animal is the {v}.", "Of all animals, my favourite animal is the {v}."),
+          ("What is my favourite animal?", "Which animal is my favourite?"),
+          " Your favourite animal is the {v}.", ANIMALS),
+)
+
+
+@dataclass(frozen=True)
+class ChatFact:
+    """One drawn fact: what the user says, what the user asks, the answer and its value."""
+
+    tell: str
+    ask: str
+    answer: str
+    value: str
+
+
+def random_fact(rng: Any) -> ChatFact:
+    """A fact of a random topic and phrasing (``rng`` is a `random.Random`)."""
+    topic = TOPICS[rng.randrange(len(TOPICS))]
+    if isinstance(topic.values[0], int):
+        lo, hi = topic.values
+        value = str(rng.randint(int(lo), int(hi)))
+    else:
+        value = str(topic.values[rng.randrange(len(topic.values))])
+    tell = topic.tells[rng.randrange(len(topic.tells))].format(v=value)
+    ask = topic.asks[rng.randrange(len(topic.asks))]
+    return ChatFact(tell, ask, topic.answer.format(v=value), value)
+
+
+def answer_matches(reply: str, value: str) -> bool:
+    """Whether a reply gives the value: the value as a whole word in the reply's first line."""
+    words = reply.split("\n")[0].replace(".", " ").replace(",", " ").replace("!", " ").split()
+    return value.lower() in (w.lower() for w in words)
+
+
+class ChatExamples:
+    """Turn real training windows into chat-form recall examples (see the module docstring).
+
+    ``at_start`` is the share of examples whose conversation opens the window (an empty state,
+    as a new session); the rest close it after prose and EOS. ``max_fillers`` bounds the filler
+    turns between the fact's turn and the question's (fewer when the window is full).
+    """
+
+    def __init__(self, tokenizer: Any, at_start: float = 0.5, max_fillers: int = 10) -> None:
+        if not 0.0 <= at_start <= 1.0:
+            raise ValueError(f"at_start must be in [0, 1], got {at_start}")
+        self.tokenizer, self.at_start, self.max_fillers = tokenizer, at_start, max_fillers
+        self.eos = tokenizer.eos_token_id
+
+    def make(self, window: Tensor, rng: Any) -> tuple[Tensor, Tensor, ChatFact | None]:
+        """window (L + 1,) -> (new window (L + 1,), answer mask over targets (L,), the fact).
+
+        The window comes back unchanged (mask all False, fact None) when it is too short for
+        the fact's turn and the question's.
+        """
+        enc = self.tokenizer.encode
+        n = len(window)
+        words = self.tokenizer.decode([t for t in window.tolist() if t != self.eos]).split()
+        if n < 2 or not words:
+            return window, torch.zeros(max(n - 1, 0), dtype=torch.bool), None
+        cursor = [0]
+
+        def prose(lo: int, hi: int) -> str:
+            """The window's next words, about ``lo..hi`` tokens of them (a word is ~4/3 tokens),
+            whitespace folded; wraps around at the window's end."""
+            k = max(1, rng.randint(lo, hi) * 3 // 4)
+            line = " ".join(words[(cursor[0] + i) % len(words)] for i in range(k))
+            cursor[0] += k
+            return line
+
+        fact = random_fact(rng)
+        tell = fact.tell
+        if rng.random() < 0.3:
+            tell = f"{tell} {prose(5, 15)}"
+        head = enc(render_chat([("user", tell)], open_reply=False)) + enc(" " + prose(8, 30))
+        question = enc(render_chat([("user", fact.ask)], open_reply=True))
+        answer = enc(fact.answer)
+        tail = len(question) + len(answer)
+        if len(head) + tail > n:
+            return window, torch.zeros(n - 1, dtype=torch.bool), None
+        conv = head
+        for _ in range(rng.randint(0, self.max_fillers)):
+            turn = (enc(render_chat([("user", prose(10, 40))], open_reply=True))
+                    + enc(" " + prose(5, 30)))
+            if len(conv) + len(turn) + tail > n:
+                break
+            conv = conv + turn
+        conv = conv + question + answer
+        room = n - len(conv)
+        if room == 0 or rng.random() < self.at_start:
+            start = 0
+            rest = enc(render_chat([("user", prose(room, room))], open_reply=True))
+            ids = conv + (rest + [self.eos] * room)[:room]
+        else:
+            start = room
+            before = enc(prose(room, room))[-(room - 1):] if room > 1 else []
+            ids = [self.eos] * (room - 1 - len(before)) + before + [self.eos] + conv
+        new = torch.tensor(ids, dtype=window.dtype)
+        mask = torch.zeros(n - 1, dtype=torch.bool)
+        a0 = start + len(conv) - len(answer)  # the answer's first token in the window
+        mask[a0 - 1:a0 - 1 + len(answer)] = True  # target t is window[t + 1]
+        return new, mask, fact

@@ -1,0 +1,181 @@
+"""Chat recall at the library level: does a fact told in a conversation's first user message come
+back when a later turn asks for it, with the session's memory moved through a memory file on the
+way?
+
+One conversation (`conversation_script`): the first user message tells a fact
+(`training.chat_data.random_fact`) followed by prose, then user messages of about
+``user_tokens`` tokens of prose from the filler text, and the last (``turns``-th) user message
+asks for the fact. Each turn is what a server session does (`server.engine`), done with the
+library: the turn's text is `newllm.chat.render_chat` of the user message, the model replies
+with greedy decoding up to ``reply_tokens`` tokens, stopping at `newllm.chat.CHAT_STOP`; when
+the stop string cut the reply, the state is rebuilt from the state before the turn by reading
+the turn's text and the reply as returned (the generated tokens wholly inside it, then the rest
+tokenized), so that the memory holds exactly the rendered conversation. After turn ``move_at``
+the state is saved to memory-file bytes and loaded back (`newllm.memory_file`), as a move
+between servers does. The answer is right when the fact's value is a word of the last reply's
+first line (`training.chat_data.answer_matches`).
+
+The floor: the question asked in a fresh conversation (nothing told).
+
+    python -m training.chat_eval --checkpoint newllm/checkpoints/default \\
+        --filler ../shared/data/gutenberg/val.txt --conversations 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from newllm.chat import CHAT_STOP, render_chat
+from training.chat_data import ChatFact, answer_matches, random_fact
+
+MAX_FILLER_CHARS = 400_000
+
+
+@dataclass(frozen=True)
+class Script:
+    """The user's side of one conversation: the fact and the user messages, turn by turn."""
+
+    fact: ChatFact
+    messages: tuple[str, ...]
+
+
+def conversation_script(rng: random.Random, words: list[str], turns: int = 10,
+                        user_tokens: int = 30) -> Script:
+    """A fact told in message 1 (followed by prose up to about ``user_tokens`` tokens), prose
+    messages of about ``user_tokens`` tokens, the question in message ``turns``."""
+    if turns < 2:
+        raise ValueError(f"a conversation needs at least 2 turns (tell, ask), got {turns}")
+    fact = random_fact(rng)
+    per_message = max(1, user_tokens * 3 // 4)  # a word is about 4/3 tokens
+    at = rng.randrange(len(words))
+
+    def prose(k: int) -> str:
+        nonlocal at
+        line = " ".join(words[(at + i) % len(words)] for i in range(k))
+        at += k
+        return line
+
+    first = f"{fact.tell} {prose(max(1, per_message - len(fact.tell.split())))}"
+    middle = [prose(per_message) for _ in range(turns - 2)]
+    return Script(fact, (first, *middle, fact.ask))
+
+
+def filler_words(path: str) -> list[str]:
+    """The words of a prose file (its first ``MAX_FILLER_CHARS`` characters)."""
+    with open(path, encoding="utf-8") as fh:
+        return fh.read(MAX_FILLER_CHARS).split()
+
+
+def _read(model: Any, ids: list[int], state: Any) -> Any:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        _, state = model(torch.tensor([ids], device=device), state)
+    return state
+
+
+def chat_turn(model: Any, tokenizer: Any, message: str, state: Any, first: bool,
+              reply_tokens: int) -> tuple[str, Any]:
+    """One user message and the model's greedy reply: (reply as returned, the new state)."""
+    from newllm.generation import SamplingParams, generate
+
+    ids = tokenizer.encode(render_chat([("user", message)], open_reply=not first))
+    params = SamplingParams(max_new_tokens=reply_tokens, temperature=0, stop=(CHAT_STOP,),
+                            stop_token_ids=(tokenizer.eos_token_id,))
+    stream = generate(model, ids, state, params, decode=tokenizer.decode,
+                      vocab_size=tokenizer.vocab_size).collect()
+    reply, got = stream.text, stream.token_ids
+    if got and got[-1] == tokenizer.eos_token_id or tokenizer.decode(got) == reply:
+        return reply, stream.state  # EOS or the length limit ended it: the state read it all
+    k = 0  # a stop string cut the reply: re-read the turn as returned
+    while k < len(got) and reply.startswith(tokenizer.decode(got[:k + 1])):
+        k += 1
+    rest = reply[len(tokenizer.decode(got[:k])):]
+    tail = tokenizer.encode(rest) if rest else []
+    return reply, _read(model, ids + got[:k] + tail, state)
+
+
+def run_conversation(model: Any, tokenizer: Any, script: Script, reply_tokens: int = 30,
+                     move_at: int = 0) -> list[str]:
+    """The replies to ``script``'s messages; after turn ``move_at`` (1-based; 0 = never) the
+    state goes through a memory file."""
+    from newllm.memory_file import load_memory_report, save_memory
+
+    state = None
+    replies = []
+    for i, message in enumerate(script.messages):
+        reply, state = chat_turn(model, tokenizer, message, state, i == 0, reply_tokens)
+        replies.append(reply)
+        if i + 1 == move_at:
+            state = load_memory_report(save_memory(state, model), model).state
+    return replies
+
+
+def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int = 50,
+                turns: int = 10, user_tokens: int = 30, reply_tokens: int = 30,
+                move_at: int = 5, seed: int = 0, floor: bool = True) -> dict[str, Any]:
+    """Share of ``conversations`` whose last reply gives the fact (and the floor: the question
+    alone), with a few replies to show what the model says."""
+    rng = random.Random(seed)
+    hits = floor_hits = 0
+    examples = []
+    for c in range(conversations):
+        script = conversation_script(rng, words, turns, user_tokens)
+        replies = run_conversation(model, tokenizer, script, reply_tokens, move_at)
+        hit = answer_matches(replies[-1], script.fact.value)
+        hits += hit
+        if floor:
+            alone, _ = chat_turn(model, tokenizer, script.fact.ask, None, True, reply_tokens)
+            floor_hits += answer_matches(alone, script.fact.value)
+        if c < 5:
+            examples.append({"fact": script.fact.tell, "ask": script.fact.ask,
+                             "answer": replies[-1], "right": hit, "reply_1": replies[0],
+                             "reply_2": replies[1]})
+    out: dict[str, Any] = {"recall": hits / conversations, "conversations": conversations,
+                           "turns": turns, "user_tokens": user_tokens,
+                           "reply_tokens": reply_tokens, "move_after_turn": move_at,
+                           "examples": examples}
+    if floor:
+        out["floor"] = floor_hits / conversations
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default="newllm/checkpoints/default")
+    ap.add_argument("--filler", required=True, help="a prose text file (the user's messages)")
+    ap.add_argument("--conversations", type=int, default=50)
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--user-tokens", type=int, default=30)
+    ap.add_argument("--reply-tokens", type=int, default=30)
+    ap.add_argument("--move-at", type=int, default=5, help="move after this turn (0 = never)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="", help="also write the result to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from newllm import load_checkpoint
+
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    model.eval()
+    t0 = time.perf_counter()
+    result = chat_recall(model, tokenizer, filler_words(args.filler), args.conversations,
+                         args.turns, args.user_tokens, args.reply_tokens, args.move_at,
+                         args.seed)
+    result["checkpoint"], result["seconds"] = args.checkpoint, round(time.perf_counter() - t0, 1)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
