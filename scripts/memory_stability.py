@@ -41,8 +41,6 @@ from newllm.layers.memory import delta_step, elu1, memory_write
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recall_toy  # noqa: E402  (the toy's trials, model and training step)
 
-from training.options import parse_overrides  # noqa: E402
-
 
 def write_stats(sk: Tensor, z: Tensor, M_new: Tensor, z_new: Tensor) -> dict[str, float]:
     """One segment write's measurements, maxima over the batch and memory heads."""
@@ -87,13 +85,7 @@ def summary(writes: list[dict[str, float]]) -> dict[str, object]:
 
 
 def run_toy(args: argparse.Namespace) -> dict[str, object]:
-    torch.manual_seed(args.seed)
-    model, opt = recall_toy.build(parse_overrides(args.model_options), args.segment)
-    cue = list(range(1, args.cue_len + 1))
-    kw = {"segment": args.segment, "gap": args.gap, "cue": cue, "answer": args.answer,
-          "common": args.common}
-    train_gen = torch.Generator().manual_seed(args.seed)
-    eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
+    model, opt, kw, train_gen, eval_gen = recall_toy.setup(args)
     curve: list[dict[str, object]] = []
     probes: list[dict[str, object]] = []
     losses: list[tuple[int, float, float]] = []

@@ -65,6 +65,19 @@ def build(options: dict[str, object], segment: int) -> tuple[torch.nn.Module,
     return model, opt
 
 
+def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                             dict[str, object], torch.Generator,
+                                             torch.Generator]:
+    """A run's model and optimizer (seeded), the trial settings, and the training and
+    evaluation generators (`main` and `scripts/memory_stability.py` train alike)."""
+    torch.manual_seed(args.seed)
+    model, opt = build(parse_overrides(args.model_options), args.segment)
+    kw = {"segment": args.segment, "gap": args.gap, "cue": list(range(1, args.cue_len + 1)),
+          "answer": args.answer, "common": args.common}
+    return (model, opt, kw, torch.Generator().manual_seed(args.seed),
+            torch.Generator().manual_seed(10_000 + args.seed))
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seq: torch.Tensor,
                answer: int) -> tuple[float, float]:
     """One step on trials ``seq``: loss on every token, the answer x3. -> (loss, grad norm);
@@ -115,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cue_len < 1 or args.cue_len + args.answer > args.segment or args.gap < 0:
         ap.error("need 1 <= --cue-len and --cue-len + --answer <= --segment, --gap >= 0")
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    model, opt = build(parse_overrides(args.model_options), args.segment)
-    cue = list(range(1, args.cue_len + 1))
-    kw = {"segment": args.segment, "gap": args.gap, "cue": cue, "answer": args.answer,
-          "common": args.common}
-    train_gen = torch.Generator().manual_seed(args.seed)
-    eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
+    model, opt, kw, train_gen, eval_gen = setup(args)
     curve: list[dict[str, object]] = []
     t0 = time.time()
     for step in range(1, args.steps + 1):
