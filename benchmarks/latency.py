@@ -244,51 +244,64 @@ def library_turn(model: Any, tok: Any, prompt: list[int], tokens: int,
 
 def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
     """Each setting: a server, then turns of the server and of `generate` in alternation (a
-    noisy moment of the machine falls on both), medians of each."""
-    import httpx
-
-    from benchmarks.live import start_server, stop_server, wait_ready
-
+    noisy moment of the machine falls on both), medians of each. Quick: the compiled server
+    only."""
     torch.set_num_threads(1)
     model, tok = load(args.checkpoint)
     prompt = prompt_ids(tok, 32)
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="newllm-latency-") as tmp:
-        settings = (("compiled", True),) if args.quick else (("compiled", True), ("eager", False))
-        for name, compile in settings:  # quick: the compiled server only
-            os.environ["NEWLLM_COMPILE"] = "1" if compile else "0"
-            server = start_server(args.checkpoint, Path(tmp), name, max_batch_size=1,
-                                  extra=["--threads", "1"])
-            rates: dict[str, list[tuple[float, ...]]] = {"server": [], "generate": []}
-            try:
-                wait_ready(server, timeout=600, compiled=False)
-                with httpx.Client(timeout=600) as c:
-                    body = {"model": c.get(f"{server.url}/v1/models").json()["data"][0]["id"],
-                            "prompt": prompt, "max_tokens": args.tokens, "temperature": 0,
-                            "stream": True}
-                    first_ttft = stream_turn(c, server.url, body)[2]  # compiling meanwhile
-                    wait_ready(server, timeout=600)  # the compiled step is in use
-                    for i in range(args.server_turns + 1):  # the first of each warms up
-                        served = stream_turn(c, server.url, body)
-                        lib = library_turn(model, tok, prompt, args.tokens, compile)
-                        if i:
-                            rates["server"].append(served)
-                            rates["generate"].append(lib)
-            finally:
-                stop_server(server)
-            med = {k: {"decode_tokens_per_s": statistics.median(r[0] for r in v),
-                       "request_tokens_per_s": statistics.median(r[1] for r in v)}
-                   for k, v in rates.items()}
-            ratios = [s[0] / g[0] for s, g in zip(rates["server"], rates["generate"],
-                                                  strict=True)]
-            out[name] = {**med, "ratio_decode": statistics.median(ratios),
-                         "ratio_request": med["server"]["request_tokens_per_s"]
-                         / med["generate"]["request_tokens_per_s"], "turns": len(ratios),
-                         "first_request_ttft_s": first_ttft}
-            print(f"server {name}: {med['server']['decode_tokens_per_s']:.0f} tok/s vs "
-                  f"generate {med['generate']['decode_tokens_per_s']:.0f} "
-                  f"({out[name]['ratio_decode']:.2f})", flush=True)
-    os.environ.pop("NEWLLM_COMPILE", None)
+    settings = {"compiled": True} if args.quick else {"compiled": True, "eager": False}
+    saved = os.environ.get("NEWLLM_COMPILE")  # a server's setting goes by the environment
+    try:
+        with tempfile.TemporaryDirectory(prefix="newllm-latency-") as tmp:
+            for name, compile in settings.items():
+                os.environ["NEWLLM_COMPILE"] = "1" if compile else "0"
+                out[name] = one_server(args, model, tok, prompt, Path(tmp), name, compile)
+    finally:  # as it was (tests run their servers with it set to 0)
+        if saved is None:
+            os.environ.pop("NEWLLM_COMPILE", None)
+        else:
+            os.environ["NEWLLM_COMPILE"] = saved
+    return out
+
+
+def one_server(args: argparse.Namespace, model: Any, tok: Any, prompt: list[int], tmp: Path,
+               name: str, compile: bool) -> dict[str, Any]:
+    """One server's turns against `generate`'s (see `server_vs_library`)."""
+    import httpx
+
+    from benchmarks.live import start_server, stop_server, wait_ready
+
+    server = start_server(args.checkpoint, tmp, name, max_batch_size=1,
+                          extra=["--threads", "1"])
+    rates: dict[str, list[tuple[float, ...]]] = {"server": [], "generate": []}
+    try:
+        wait_ready(server, timeout=600, compiled=False)
+        with httpx.Client(timeout=600) as c:
+            body = {"model": c.get(f"{server.url}/v1/models").json()["data"][0]["id"],
+                    "prompt": prompt, "max_tokens": args.tokens, "temperature": 0,
+                    "stream": True}
+            first_ttft = stream_turn(c, server.url, body)[2]  # compiling meanwhile
+            wait_ready(server, timeout=600)  # the compiled step is in use
+            for i in range(args.server_turns + 1):  # the first of each warms up
+                served = stream_turn(c, server.url, body)
+                lib = library_turn(model, tok, prompt, args.tokens, compile)
+                if i:
+                    rates["server"].append(served)
+                    rates["generate"].append(lib)
+    finally:
+        stop_server(server)
+    med = {k: {"decode_tokens_per_s": statistics.median(r[0] for r in v),
+               "request_tokens_per_s": statistics.median(r[1] for r in v)}
+           for k, v in rates.items()}
+    ratios = [s[0] / g[0] for s, g in zip(rates["server"], rates["generate"], strict=True)]
+    out = {**med, "ratio_decode": statistics.median(ratios),
+           "ratio_request": med["server"]["request_tokens_per_s"]
+           / med["generate"]["request_tokens_per_s"], "turns": len(ratios),
+           "first_request_ttft_s": first_ttft}
+    print(f"server {name}: {med['server']['decode_tokens_per_s']:.0f} tok/s vs generate "
+          f"{med['generate']['decode_tokens_per_s']:.0f} ({out['ratio_decode']:.2f})",
+          flush=True)
     return out
 
 
