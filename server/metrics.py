@@ -16,8 +16,8 @@ workers): ``newllm_store_seconds{op}`` (time of each store operation: read, writ
 and ``newllm_store_errors_total{op}`` (operations the store failed: Redis down). Counted in the
 workers: ``newllm_decode_batch_size``
 (choices decoded together per step) and ``newllm_decode_workers{step}``: how many live
-workers decode with the ``eager`` step, with it while their step ``compiling`` in the
-background, or with the ``compiled`` one. Read from the session store at scrape time:
+workers decode with the ``eager`` step, decode eagerly while their step is ``compiling`` in
+the background, or decode with the ``compiled`` step. Read from the session store at scrape time:
 ``newllm_sessions``, ``newllm_session_memory_bytes`` and ``newllm_session_store_up`` (0 while
 the store does not answer: the other metrics are still served).
 """
@@ -58,10 +58,10 @@ PREFIX_TOKENS = Counter("newllm_prefix_cache_tokens", "prompt tokens of requests
 STORE_SECONDS = Histogram("newllm_store_seconds", "time of session store operations", ["op"],
                           buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                    0.05, 0.1, 0.25, 1, 5))
+STORE_ERRORS = Counter("newllm_store_errors", "session store operations that failed", ["op"])
 DECODE_WORKERS = Gauge("newllm_decode_workers", "live workers by decode step: eager, compiling "
                        "(eager meanwhile) or compiled", ["step"], multiprocess_mode="livesum")
 STEPS = ("eager", "compiling", "compiled")
-STORE_ERRORS = Counter("newllm_store_errors", "session store operations that failed", ["op"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
