@@ -416,6 +416,19 @@ class TokenStream:
                 f"finish_reason={self.finish_reason!r}, text={self.text!r})")
 
 
+def tokens_as_returned(ids: Sequence[int], reply: str, tokenizer: Any) -> list[int]:
+    """Token ids whose text is ``reply``, where a stop string cut the text of the generated
+    ``ids``: the tokens that lie wholly inside the reply (a stop string spans only the last
+    few), then the rest of the reply tokenized (e.g. where one token held both text and the
+    start of the stop string). What a session's memory reads so that it holds the reply as
+    returned (the server's saved state, `training.chat_eval`)."""
+    keep = len(ids)
+    while keep and not reply.startswith(tokenizer.decode(ids[:keep])):
+        keep -= 1
+    rest = reply[len(tokenizer.decode(ids[:keep])):]
+    return list(ids[:keep]) + (tokenizer.encode(rest) if rest else [])
+
+
 # single session ------------------------------------------------------------------------------
 @torch.no_grad()
 def _steps(model: Any, run: GenerationRun, compile: bool = False) -> Iterator[GeneratedToken]:

@@ -71,7 +71,7 @@ from torch import Tensor
 
 # GenerationRun is generation's per-choice sampler (take(logits) -> token, .done, .state); it
 # is what generate_batch uses, and continuous batching with streaming needs it a step at a time
-from newllm.generation import GenerationRun, SamplingParams, score
+from newllm.generation import GenerationRun, SamplingParams, score, tokens_as_returned
 from newllm.memory_file import MemoryFileError, load_memory, save_memory
 from newllm.scheduler import PREFILL_CHUNK, Prompt, Scheduler
 from newllm.slots import Slots, compile_enabled
@@ -640,13 +640,7 @@ class Engine:
         ids = [t.id for t in run.tokens if t.id not in run.stop_ids]
         if self.tokenizer.decode(ids) == reply:
             return run.state  # a stop token ended it, nothing was cut
-        # keep the generated tokens that lie wholly inside the reply (a stop string spans only
-        # the last few), then the reply's rest, tokenized, e.g. where a token held both text
-        # and the start of the stop string
-        keep = len(ids)
-        while keep and not reply.startswith(self.tokenizer.decode(ids[:keep])):
-            keep -= 1
-        ids = ids[:keep] + self.tokenizer.encode(reply[len(self.tokenizer.decode(ids[:keep])):])
+        ids = tokens_as_returned(ids, reply, self.tokenizer)
         return prefill(self.model, ids, task.prompt_state)[1] if ids else task.prompt_state
 
     def _save(self, turn: Turn, counts: dict[str, Any]) -> dict[str, Any]:

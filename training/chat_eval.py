@@ -18,7 +18,7 @@ first line (`training.chat_data.answer_matches`).
 The floor: the question asked in a fresh conversation (nothing told).
 
     python -m training.chat_eval --checkpoint newllm/checkpoints/default \\
-        --filler ../shared/data/gutenberg/val.txt --conversations 50
+        --filler DATA/gutenberg/val.txt --conversations 50
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _read(model: Any, ids: list[int], state: Any) -> Any:
 def chat_turn(model: Any, tokenizer: Any, message: str, state: Any, first: bool,
               reply_tokens: int) -> tuple[str, Any]:
     """One user message and the model's greedy reply: (reply as returned, the new state)."""
-    from newllm.generation import SamplingParams, generate
+    from newllm.generation import SamplingParams, generate, tokens_as_returned
 
     ids = tokenizer.encode(render_chat([("user", message)], open_reply=not first))
     params = SamplingParams(max_new_tokens=reply_tokens, temperature=0, stop=(CHAT_STOP,),
@@ -93,12 +93,8 @@ def chat_turn(model: Any, tokenizer: Any, message: str, state: Any, first: bool,
     reply, got = stream.text, stream.token_ids
     if got and got[-1] == tokenizer.eos_token_id or tokenizer.decode(got) == reply:
         return reply, stream.state  # EOS or the length limit ended it: the state read it all
-    k = 0  # a stop string cut the reply: re-read the turn as returned
-    while k < len(got) and reply.startswith(tokenizer.decode(got[:k + 1])):
-        k += 1
-    rest = reply[len(tokenizer.decode(got[:k])):]
-    tail = tokenizer.encode(rest) if rest else []
-    return reply, _read(model, ids + got[:k] + tail, state)
+    # a stop string cut the reply: re-read the turn as returned, as the server does
+    return reply, _read(model, ids + tokens_as_returned(got, reply, tokenizer), state)
 
 
 def run_conversation(model: Any, tokenizer: Any, script: Script, reply_tokens: int = 30,
