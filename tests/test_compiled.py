@@ -29,6 +29,8 @@ from conftest import (
 
 from newllm import slots as slots_module
 from newllm.generation import SamplingParams, generate
+from newllm.layers import common
+from newllm.layers.common import GROW_QUANTUM, KVSlots, grown_capacity
 from newllm.slots import Slots, compile_enabled
 from newllm.state import ModelState
 
@@ -152,6 +154,44 @@ def test_one_graph_serves_every_token() -> None:
     slots = Slots(model, 1, compile=True, backend=counting)
     decode_alone(model, read_state(model, 10, 1), slots, 50)
     assert len(graphs) == 1, graphs
+
+
+def test_buffers_grow_by_an_eighth_past_the_doubling_range() -> None:
+    """A compiled step reads a KV buffer at its whole capacity, so past
+    `GROW_DOUBLING_UP_TO` a buffer grows by an eighth (rounded to `GROW_QUANTUM`), not by
+    doubling: the spare part stays under an eighth plus a quantum."""
+    assert [grown_capacity(c, c + 1) for c in (0, 16, 100, 512)] == [16, 32, 200, 1024]
+    assert grown_capacity(1024, 1025) == 1152 and grown_capacity(1152, 1153) == 1408
+    assert grown_capacity(64, 5000) >= 5000  # one call reaches any need
+    for needed in range(1025, 40_000, 997):
+        cap = grown_capacity(1024, needed)
+        assert needed <= cap < needed + needed // 8 + GROW_QUANTUM + 1, (needed, cap)
+        assert cap % GROW_QUANTUM == 0
+
+
+def test_many_buffer_growths_share_one_dynamic_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unwindowed pythia layer's buffer grows every few tokens here (by an eighth,
+    rounded to 8, from its first 64): the compiled step keeps the eager logits, and after the
+    first two capacities one graph with a dynamic capacity serves the rest."""
+    monkeypatch.setattr(common, "GROW_DOUBLING_UP_TO", 16)
+    monkeypatch.setattr(common, "GROW_QUANTUM", 8)
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    model = variant_model("pythia-no-window")
+    slots = Slots(model, 1, compile=True, backend=counting)
+    capacities = set()
+    handle = slots.add(read_state(model, 10, 1))
+    for token in range(150):
+        slots.step([handle], [token % 400 + 1])
+        capacities.update(b.k.shape[2] for b in slots.layers if isinstance(b, KVSlots))
+    assert len(capacities) >= 6, capacities  # 64, 72, 88, 104, 120, 136, 160
+    assert 1 <= len(graphs) <= 2, graphs
+    slots.discard(handle)
+    decode_alone(model, read_state(model, 10, 1), slots, 60)  # the same logits as eager
 
 
 def test_compile_switches(monkeypatch: pytest.MonkeyPatch) -> None:
