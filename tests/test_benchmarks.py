@@ -70,10 +70,15 @@ def _check_schema(name: str, doc: dict) -> None:
             assert all(v > 0 for v in c["step_ms"].values())
             assert list(c["slots_ms"]) == [str(b) for b in settings["batch_sizes"]]
             assert set(c["generate_tokens_per_s"]) == {"eager", "compiled"}
-        assert res["threads"][0]["pythia_70m"]["greedy_tokens_agree"] is True
+        pythia = res["threads"][0]["pythia_70m"]
+        assert pythia["greedy_tokens_agree"] is True
+        assert set(pythia["ms_per_token"]) == {"ours_eager", "ours_compiled", "transformers",
+                                               "weights_floor"}
+        assert all(v > 0 for v in pythia["ms_per_token"].values()) and pythia["weights_mib"] > 0
         for r in res["server_single_stream"].values():
             assert r["first_request_ttft_s"] > 0 and r["turns"] > 0
         assert {"step_ms", "generate_tokens_per_s", "server_vs_generate"} <= set(res["goals"])
+        assert "pythia_vs_transformers" not in res["goals"]  # quick mode's pythia is tiny
     if name == "prefill":
         assert res["last_logits_equal_transformers"] is True
         assert set(res["rows"]) >= {"pythia", "infini", "transformers_gpt_neox"}
