@@ -108,7 +108,7 @@ class KVSlots:
         return cls(k, k.clone())
 
     def reserve(self, needed: int) -> None:
-        """Room for ``needed`` entries per row (capacity doubles; existing entries are kept)."""
+        """Room for ``needed`` entries per row (`grown_capacity`; existing entries are kept)."""
         self.k, self.v = grow_time(self.k, needed), grow_time(self.v, needed)
 
     def load(self, row: int, k: Tensor, v: Tensor) -> None:
