@@ -349,7 +349,7 @@ def _latency(doc: Doc) -> list[str]:
                 f"transformers {_ms(ms['transformers'])} ms per token "
                 f"({one['speedup_vs_transformers']['compiled']:.2f}x)"
                 + (f"; its weights floor (one-row products with each of its "
-                   f"{one['weights_mib']:.0f} MiB of weight matrices) {_ms(ms['weights_floor'])} ms"
+                   f"{one['weights_mib']:.3g} MiB of weight matrices) {_ms(ms['weights_floor'])} ms"
                    if "weights_floor" in ms else "") + "."]
     met = [f"{k.replace('_', ' ')} {g['value']:.3g} (goal {g['target']:g}: "
            f"{'met' if g['met'] else 'not met'})" for k, g in res["goals"].items()]
