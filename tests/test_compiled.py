@@ -135,16 +135,23 @@ def check_batched(model: Any, slots: Slots) -> None:
     assert slots.compiled, "fell back to eager: nothing compared"
 
 
-def test_one_graph_serves_every_token() -> None:
-    """Positions, segment ends and open-segment lengths change every token; the compiled
-    graph does not: one compile for a one-row step over 50 tokens (the KV buffer of an
-    unwindowed pythia layer doubles once: one more)."""
+def counting_backend() -> tuple[list[int], Any]:
+    """A torch.compile backend that runs graphs as traced and records each one it is given
+    (its node count): how many times a step compiled."""
     graphs: list[int] = []
 
     def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         graphs.append(len(gm.graph.nodes))
         return gm.forward
 
+    return graphs, counting
+
+
+def test_one_graph_serves_every_token() -> None:
+    """Positions, segment ends and open-segment lengths change every token; the compiled
+    graph does not: one compile for a one-row step over 50 tokens (the KV buffer of an
+    unwindowed pythia layer grows once: one more)."""
+    graphs, counting = counting_backend()
     model = variant_model("pythia-no-window")
     slots = Slots(model, 1, compile=True, backend=counting)
     decode_alone(model, read_state(model, 10, 1), slots, 50)  # capacity 64 -> 128 at position 63
@@ -175,12 +182,7 @@ def test_many_buffer_growths_share_one_dynamic_graph(monkeypatch: pytest.MonkeyP
     first two capacities one graph with a dynamic capacity serves the rest."""
     monkeypatch.setattr(common, "GROW_DOUBLING_UP_TO", 16)
     monkeypatch.setattr(common, "GROW_QUANTUM", 8)
-    graphs: list[int] = []
-
-    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        graphs.append(len(gm.graph.nodes))
-        return gm.forward
-
+    graphs, counting = counting_backend()
     model = variant_model("pythia-no-window")
     slots = Slots(model, 1, compile=True, backend=counting)
     capacities = set()
