@@ -15,7 +15,8 @@ At the end, ``--eval-gaps 16,64,256`` scores the model at other gaps (``--eval-t
 trials each, in chunks of ``--eval-chunk``, no gradients; the same trials whenever the same
 seed is scored), ``--save DIR`` writes its weights (``newllm.checkpoint.save_pretrained``:
 config.json + model.safetensors), and ``--load DIR`` starts from such a folder instead of a
-fresh model (``--steps 0``: evaluate only).
+fresh model (``--steps 0``: evaluate only). ``--gap-curriculum`` draws each training batch's gap
+uniformly from 1..``--gap`` (the curve is still scored at ``--gap``).
 
     python scripts/recall_toy.py --model-options memory_history=3 --gap 1 --steps 3000
     python scripts/recall_toy.py --model-options memory_key_shift=true --gap 1 --steps 3000
@@ -174,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-trials", type=int, default=256, help="trials per --eval-gaps gap")
     ap.add_argument("--eval-chunk", type=int, default=32,
                     help="trials scored at once in --eval-gaps (default 32)")
+    ap.add_argument("--gap-curriculum", action="store_true",
+                    help="each training batch's gap uniform in 1..--gap (scored at --gap)")
     ap.add_argument("--save", type=Path, default=None,
                     help="write the final weights to this folder (safetensors)")
     ap.add_argument("--load", type=Path, default=None,
@@ -190,10 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need --steps >= 0, --eval-trials >= 1 and --eval-chunk >= 1")
     torch.set_num_threads(1)
     model, opt, kw, train_gen, eval_gen = setup(args)
+    gap_gen = torch.Generator().manual_seed(30_000 + args.seed)  # --gap-curriculum's draws
     curve: list[dict[str, object]] = []
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        loss, norm = train_step(model, opt, trials(args.batch_size, gen=train_gen, **kw),
+        train_kw = kw
+        if args.gap_curriculum:
+            train_kw = kw | {"gap": int(torch.randint(1, max(args.gap, 1) + 1, (),
+                                                      generator=gap_gen))}
+        loss, norm = train_step(model, opt, trials(args.batch_size, gen=train_gen, **train_kw),
                                 args.answer)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # training is over: say so
             curve.append({"step": step, "loss": loss, "grad_norm": norm, "nonfinite": True})
