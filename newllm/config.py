@@ -26,7 +26,8 @@ CONTEXT_MODES = ("none", "input", "kv")
 # fingerprint at that value (see ModelConfig.fingerprint_json)
 FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
                                              "memory_write_gate": False, "memory_history": 0,
-                                             "memory_stable_delta": False}
+                                             "memory_stable_delta": False,
+                                             "memory_write_floor": 0.0}
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class ModelConfig:
     # memory, and its retrieval computed from the ungated features σ(K), where σ(k)·z cannot
     # underflow (see newllm.layers.memory; the plain gated rule gave NaN gradients on the toy)
     memory_stable_delta: bool = False
+    # a floor ε under the write gate: β = ε + (1 − ε) sigmoid(·) ∈ (ε, 1), so filler cannot be
+    # written with β ~ 1e-38 (a saturated gate: float32 denormals in the delta rule, and a
+    # normaliser so small that the next strong write's operator G is huge). 0: no floor (the
+    # plain gate, bit for bit); needs memory_write_gate
+    memory_write_floor: float = 0.0
     # pythia layers attend only within the current segment (KV dropped at segment ends), so a
     # memory model's whole state stays bounded; the memory presets set it
     segment_local: bool = False
@@ -117,6 +123,11 @@ class ModelConfig:
         if self.memory_stable_delta and not self.use_delta_rule:
             raise ValueError("memory_stable_delta changes the delta rule; set "
                              "use_delta_rule=true or leave memory_stable_delta false")
+        if not 0.0 <= self.memory_write_floor < 1.0:
+            raise ValueError(f"memory_write_floor must be in [0, 1), got {self.memory_write_floor}")
+        if self.memory_write_floor and not self.memory_write_gate:
+            raise ValueError("memory_write_floor bounds the write gate; set "
+                             "memory_write_gate=true or leave memory_write_floor 0")
         if self.layer_hidden % self.memory_heads:
             raise ValueError(
                 f"layer width {self.layer_hidden} is not divisible by "

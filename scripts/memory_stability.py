@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.mode == "toy" and (args.eval_gaps or args.save or args.gap_curriculum):
+        ap.error("--eval-gaps, --save and --gap-curriculum are recall_toy.py's; run it for them")
     torch.set_num_threads(1)
     run: Callable[[argparse.Namespace], dict[str, object]] = (
         run_toy if args.mode == "toy" else run_random)

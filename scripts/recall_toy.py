@@ -11,8 +11,16 @@ on every token, the answer weighted x3; memory gates at their own learning rate)
 accuracy. Training stops at the first step whose loss or gradient is not finite (the curve
 records it); `scripts/memory_stability.py` runs the same training with the memory measured.
 
+At the end, ``--eval-gaps 16,64,256`` scores the model at other gaps (``--eval-trials`` new
+trials each, in chunks of ``--eval-chunk``, no gradients; the same trials whenever the same
+seed is scored), ``--save DIR`` writes its weights (``newllm.checkpoint.save_pretrained``:
+config.json + model.safetensors), and ``--load DIR`` starts from such a folder instead of a
+fresh model (``--steps 0``: evaluate only). ``--gap-curriculum`` draws each training batch's gap
+uniformly from 1..``--gap`` (the curve is still scored at ``--gap``).
+
     python scripts/recall_toy.py --model-options memory_history=3 --gap 1 --steps 3000
     python scripts/recall_toy.py --model-options memory_key_shift=true --gap 1 --steps 3000
+    python scripts/recall_toy.py --load runs/toy --steps 0 --gap 16 --eval-gaps 64,256,1024
 
 Single-threaded; ~15 steps/s on one core of the development machine.
 """
@@ -29,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from newllm import create_model
+from newllm.checkpoint import from_pretrained, save_pretrained
 from training.optim import is_gate
 from training.options import parse_overrides
 
@@ -54,10 +63,17 @@ def trials(n: int, *, segment: int, gap: int, cue: list[int], answer: int, commo
     return seq
 
 
-def build(options: dict[str, object], segment: int) -> tuple[torch.nn.Module,
-                                                             torch.optim.Optimizer]:
-    """The toy's `tiny-infini` model and its AdamW (memory gates at their own learning rate)."""
-    model = create_model("infini", "tiny", vocab_size=VOCAB, segment_len=segment, **options)
+def build(options: dict[str, object], segment: int, load: Path | None = None
+          ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The toy's `tiny-infini` model (or the one saved in folder ``load``) and its AdamW (memory
+    gates at their own learning rate)."""
+    if load is not None:
+        model = from_pretrained(load)
+        if model.config.segment_len != segment or model.config.vocab_size != VOCAB:
+            raise ValueError(f"{load}: segment {model.config.segment_len}, vocabulary "
+                             f"{model.config.vocab_size}; the toy runs {segment}, {VOCAB}")
+    else:
+        model = create_model("infini", "tiny", vocab_size=VOCAB, segment_len=segment, **options)
     named = list(model.named_parameters())
     opt = torch.optim.AdamW([{"params": [p for n, p in named if not is_gate(n)], "lr": 3e-3},
                              {"params": [p for n, p in named if is_gate(n)], "lr": 2e-2}],
@@ -71,7 +87,8 @@ def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
     """A run's model and optimizer (seeded), the trial settings, and the training and
     evaluation generators (`main` and `scripts/memory_stability.py` train alike)."""
     torch.manual_seed(args.seed)
-    model, opt = build(parse_overrides(args.model_options), args.segment)
+    model, opt = build(parse_overrides(args.model_options), args.segment,
+                       getattr(args, "load", None))
     kw = {"segment": args.segment, "gap": args.gap, "cue": list(range(1, args.cue_len + 1)),
           "answer": args.answer, "common": args.common}
     return (model, opt, kw, torch.Generator().manual_seed(args.seed),
@@ -105,6 +122,40 @@ def evaluate(model: torch.nn.Module, seq: torch.Tensor, answer: int) -> dict[str
             "first_token": float((pred[:, 0] == seq[:, -answer]).float().mean())}
 
 
+def evaluate_gaps(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """`evaluate` at each of ``args.eval_gaps``: ``args.eval_trials`` trials per gap, from a
+    generator seeded by the run's seed and the gap (the same trials for the same seed), scored
+    ``args.eval_chunk`` at a time. -> {gap: {answer_nll, exact, first_token, trials, seconds}}."""
+    out: dict[str, dict[str, float]] = {}
+    model.eval()
+    for gap in args.eval_gaps:
+        gen = torch.Generator().manual_seed(20_000 + 1_000 * args.seed + gap)
+        kw = {"segment": args.segment, "gap": gap, "cue": list(range(1, args.cue_len + 1)),
+              "answer": args.answer, "common": args.common}
+        t0, sums, done = time.time(), dict.fromkeys(("answer_nll", "exact", "first_token"), 0.0), 0
+        while done < args.eval_trials:
+            n = min(args.eval_chunk, args.eval_trials - done)
+            for key, value in evaluate(model, trials(n, gen=gen, **kw), args.answer).items():
+                sums[key] += value * n
+            done += n
+        out[str(gap)] = {**{k: v / done for k, v in sums.items()}, "trials": done,
+                         "seconds": round(time.time() - t0, 1)}
+        print(json.dumps({"eval_gap": gap, **out[str(gap)]}), flush=True)
+    model.train()
+    return out
+
+
+def gap_list(text: str) -> list[int]:
+    """'16,64,256' -> [16, 64, 256] (argparse type)."""
+    try:
+        gaps = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected gaps like 16,64,256, got {text!r}") from None
+    if not gaps or min(gaps) < 0:
+        raise argparse.ArgumentTypeError(f"expected gaps >= 0 like 16,64,256, got {text!r}")
+    return gaps
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-options", nargs="*", default=[], help="config overrides, k=v")
@@ -119,6 +170,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the curve here (JSON)")
+    ap.add_argument("--eval-gaps", type=gap_list, default=[],
+                    help="after training, score at these gaps, e.g. 16,64,256")
+    ap.add_argument("--eval-trials", type=int, default=256, help="trials per --eval-gaps gap")
+    ap.add_argument("--eval-chunk", type=int, default=32,
+                    help="trials scored at once in --eval-gaps (default 32)")
+    ap.add_argument("--gap-curriculum", action="store_true",
+                    help="each training batch's gap uniform in 1..--gap (scored at --gap)")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write the final weights to this folder (safetensors)")
+    ap.add_argument("--load", type=Path, default=None,
+                    help="start from the weights in this folder (--model-options are ignored)")
     return ap
 
 
@@ -127,12 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cue_len < 1 or args.cue_len + args.answer > args.segment or args.gap < 0:
         ap.error("need 1 <= --cue-len and --cue-len + --answer <= --segment, --gap >= 0")
+    if args.steps < 0 or args.eval_trials < 1 or args.eval_chunk < 1:
+        ap.error("need --steps >= 0, --eval-trials >= 1 and --eval-chunk >= 1")
     torch.set_num_threads(1)
     model, opt, kw, train_gen, eval_gen = setup(args)
+    gap_gen = torch.Generator().manual_seed(30_000 + args.seed)  # --gap-curriculum's draws
     curve: list[dict[str, object]] = []
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        loss, norm = train_step(model, opt, trials(args.batch_size, gen=train_gen, **kw),
+        train_kw = kw
+        if args.gap_curriculum:
+            train_kw = kw | {"gap": int(torch.randint(1, max(args.gap, 1) + 1, (),
+                                                      generator=gap_gen))}
+        loss, norm = train_step(model, opt, trials(args.batch_size, gen=train_gen, **train_kw),
                                 args.answer)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # training is over: say so
             curve.append({"step": step, "loss": loss, "grad_norm": norm, "nonfinite": True})
@@ -143,9 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                    "seconds": round(time.time() - t0, 1)}
             curve.append(row)
             print(json.dumps(row), flush=True)
+    finite = not (curve and curve[-1].get("nonfinite"))
+    if args.save is not None:
+        save_pretrained(model, args.save)
+    gaps = evaluate_gaps(model, args) if finite and args.eval_gaps else {}
     if args.out is not None:
-        args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
-                                        "curve": curve}, indent=1) + "\n")
+        settings = vars(args) | {k: None if vars(args)[k] is None else str(vars(args)[k])
+                                 for k in ("out", "save", "load")}
+        result: dict[str, object] = {"settings": settings, "curve": curve}
+        if gaps:
+            result["eval_gaps"] = gaps
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -50,9 +50,11 @@ TINY_PRESETS = sorted(name for name in PRESETS if name.startswith("tiny-"))
 # that change how a step reads and writes its state
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{p: (p, {}) for p in TINY_PRESETS},
-    "infini-banks-history-gate": ("tiny-infini", {"num_memory_banks": 2, "segments_per_bank": 1,
-                                                  "memory_history": 2,
-                                                  "memory_write_gate": True}),
+    "infini-banks-history-gate-floor": ("tiny-infini", {"num_memory_banks": 2,
+                                                        "segments_per_bank": 1,
+                                                        "memory_history": 2,
+                                                        "memory_write_gate": True,
+                                                        "memory_write_floor": 0.05}),
     "infini-stable-delta-mh2": ("tiny-infini", {"memory_history": 2, "memory_write_gate": True,
                                                  "memory_stable_delta": True, "memory_heads": 2}),
     "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,

@@ -2,7 +2,8 @@
 and gradients), the plain delta rule left bit for bit where the bound is not needed, the memory
 kept from expanding over thousands of writes where the plain rule expands it, finite gradients
 where a saturated write gate makes the plain rule's NaN, and models using it (forward, memory
-files; the slot paths run it as a `VARIANTS` entry in conftest)."""
+files; the slot paths run it as a `VARIANTS` entry in conftest). Also the write gate's floor
+(``memory_write_floor``; its slot paths: the banks-history-gate-floor variant)."""
 
 from __future__ import annotations
 
@@ -203,3 +204,59 @@ def test_a_saturated_gate_gives_the_plain_rule_nan_gradients_and_the_stable_one_
         (M.sin().sum() + z.cos().sum()).backward()
         finite.append(bool(torch.isfinite(k.grad).all() and torch.isfinite(logit.grad).all()))
     assert finite == [False, True]
+
+
+def test_the_write_floor_is_off_by_default_and_keeps_old_fingerprints() -> None:
+    with pytest.raises(ValueError, match="memory_write_gate=true"):
+        ModelConfig.from_name("tiny-infini", memory_write_floor=0.01)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        ModelConfig.from_name("tiny-infini", memory_write_gate=True, memory_write_floor=1.0)
+    gated = ModelConfig.from_name("tiny-infini", memory_write_gate=True)
+    assert "memory_write_floor" not in gated.fingerprint_json()
+    assert "memory_write_floor" in gated.replace(memory_write_floor=0.01).fingerprint_json()
+
+
+@pytest.mark.parametrize("layer", ["infini", "multi_memory", "hierarchical"])
+def test_the_write_floor_bounds_a_saturated_gate_in_every_memory_layer(layer: str) -> None:
+    """A gate driven to β ≈ 0 (bias -100): with the floor ε every token is written with
+    β >= ε, so the memory's normaliser grows by at least ε Σ σ(k) a segment; the model is the
+    plain gated one bit for bit when ε = 0, and differs from it when ε > 0."""
+    kw = {"layers": (layer, "pythia"), "init_std": 0.1, "memory_write_gate": True,
+          "num_memories": 2}
+    ids = torch.randint(1, 500, (2, 64), generator=torch.Generator().manual_seed(1))
+    plain = make_tiny_model("tiny-infini", **kw)
+    zero = make_tiny_model("tiny-infini", memory_write_floor=0.0, **kw)
+    floored = make_tiny_model("tiny-infini", memory_write_floor=1e-3, **kw)
+    for m in (plain, zero, floored):
+        with torch.no_grad():
+            m.layers[0].attention.write_gate_bias.fill_(-100.0)
+    with torch.no_grad():
+        a, sa = plain(ids)
+        b, _ = zero(ids)
+        c, sc = floored(ids)
+        attn = floored.layers[0].attention
+        mk = torch.randn(2, attn.memory_heads, 16, attn.dk)
+        beta = attn.write_strength(mk, torch.randn_like(mk))
+    assert torch.equal(a, b)
+    assert beta.min() >= 1e-3 and plain.layers[0].attention.write_strength(mk, mk).max() < 1e-30
+    assert (a - c).abs().max() > 1e-6
+    z_plain = max(float(t.abs().max()) for n, t in sa.flat_tensors().items()
+                  if n.startswith("layers.0.") and n.endswith("z"))
+    z_floor = max(float(t.abs().max()) for n, t in sc.flat_tensors().items()
+                  if n.startswith("layers.0.") and n.endswith("z"))
+    assert z_plain < 1e-30 < 1e-3 < z_floor
+
+
+def test_delta_rule_gradients_stay_finite_with_the_floor() -> None:
+    """The saturated gate of `test_gradients_stay_finite_when_the_write_gate_saturates`, plain
+    delta rule (no stable option): with the floor, σ(k)·z never comes near float32's denormals."""
+    model = make_tiny_model("tiny-infini", memory_write_gate=True, memory_heads=4,
+                            memory_write_floor=1e-3).train()
+    with torch.no_grad():
+        gate = model.layers[0].attention.write_gate
+        gate.copy_(torch.randn(gate.shape, generator=torch.Generator().manual_seed(0)) * 40.0)
+    ids = torch.randint(1, 500, (4, 16 * 8), generator=torch.Generator().manual_seed(0))
+    logits, _ = model(ids)
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name

@@ -8,7 +8,8 @@ A memory is a matrix M (dk x dv) and a normaliser z (dk) per memory head, fed wi
 - linear: M += σ(K)ᵀ V,                  z += Σ_t σ(K_t)
 - delta:  M += σ(K)ᵀ (V − σ(K) M / (σ(K) z)),  z as linear (retrieval is zero while z = 0)
 - with ``memory_write_gate``, each token's σ(k) is scaled by a learned β ∈ (0, 1) in both
-  updates (the read is unchanged by such a scaling, so the delta rule's retrieval is too)
+  updates (the read is unchanged by such a scaling, so the delta rule's retrieval is too);
+  ``memory_write_floor`` ε makes it β = ε + (1 − ε) sigmoid(·) ∈ (ε, 1)
 - with ``memory_stable_delta``, the delta rule with a bounded step η ∈ (0, 1] and its
   retrieval from the ungated σ(K):  M += β σ(K)ᵀ (V − η σ(K) M / (σ(K) z))
 
@@ -284,10 +285,13 @@ class SegmentMemoryAttention(nn.Module):
 
     def write_strength(self, mk: Tensor, mv: Tensor) -> Tensor:
         """β (B, MH, S, 1) in (0, 1): how strongly each token of a complete segment is written
-        (``memory_write_gate``), from its memory key and value (float32, memory heads)."""
+        (``memory_write_gate``), from its memory key and value (float32, memory heads); in
+        (ε, 1) with ``memory_write_floor`` ε > 0."""
         kv = torch.cat((mk, mv), dim=-1)  # (B, MH, S, 2 dk)
         w, b = self.write_gate.float(), self.write_gate_bias.float()
-        return torch.sigmoid(kv @ w + b)
+        beta = torch.sigmoid(kv @ w + b)
+        floor = self.config.memory_write_floor
+        return floor + (1.0 - floor) * beta if floor else beta
 
     def write_features(self, mk: Tensor, mv: Tensor) -> Tensor:
         """The key features a complete segment writes: σ(K), times β with the write gate.
