@@ -4,9 +4,10 @@ A `ModelState` is one session's state as a value: what is saved, moved and branc
 how many sessions are computed on at once: every layer's state lives in tensors with a leading
 slot dimension (memory matrices and normalisers stacked; the open segment's keys/values in fixed
 (slots, H, S, D) buffers; `pythia` and Context-KV caches in padded buffers that grow when a
-row needs more: doubling up to 1,024 entries, then by an eighth), plus the context block's last context and a position per slot.
-How many buffer entries of a slot are valid follows from its position, which the host knows, so
-a step decides lengths, segment boundaries and masks without reading the device.
+row needs more: doubling up to 1,024 entries, then by an eighth), plus the context block's last
+context and a position per slot. How many buffer entries of a slot are valid follows from its
+position, which the host knows, so a step decides lengths, segment boundaries and masks without
+reading the device.
 
     slots = Slots(model, 32)
     a = slots.add(state_a)                # a session joins: its state is copied into a slot
