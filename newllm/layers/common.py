@@ -137,8 +137,8 @@ def grown_capacity(cap: int, needed: int) -> int:
     A compiled (``fixed``) step reads a buffer at its whole capacity, so the spare part costs
     time on every token: doubling a 1,025-token cache to 2,048 made pythia-70m's compiled step
     read twice the keys and values it needs. Growing by an eighth keeps the spare part under
-    an eighth, and the copies a growth makes still add up to a fixed multiple of the tokens
-    decoded."""
+    an eighth, and the copies the growths make still add up to a bounded multiple (about nine
+    times) of the final capacity."""
     new_cap = max(cap, 16)
     while new_cap < needed:
         if new_cap < GROW_DOUBLING_UP_TO:
