@@ -122,20 +122,21 @@ def evaluate(model: torch.nn.Module, seq: torch.Tensor, answer: int) -> dict[str
             "first_token": float((pred[:, 0] == seq[:, -answer]).float().mean())}
 
 
-def evaluate_gaps(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """`evaluate` at each of ``args.eval_gaps``: ``args.eval_trials`` trials per gap, from a
+def evaluate_gaps(model: torch.nn.Module, args: argparse.Namespace,
+                  kw: dict[str, object]) -> dict[str, dict[str, float]]:
+    """`evaluate` at each of ``args.eval_gaps`` (the run's trial settings ``kw`` with that
+    gap): ``args.eval_trials`` trials per gap, from a
     generator seeded by the run's seed and the gap (the same trials for the same seed), scored
     ``args.eval_chunk`` at a time. -> {gap: {answer_nll, exact, first_token, trials, seconds}}."""
     out: dict[str, dict[str, float]] = {}
     model.eval()
     for gap in args.eval_gaps:
         gen = torch.Generator().manual_seed(20_000 + 1_000 * args.seed + gap)
-        kw = {"segment": args.segment, "gap": gap, "cue": list(range(1, args.cue_len + 1)),
-              "answer": args.answer, "common": args.common}
+        gap_kw = kw | {"gap": gap}
         t0, sums, done = time.time(), dict.fromkeys(("answer_nll", "exact", "first_token"), 0.0), 0
         while done < args.eval_trials:
             n = min(args.eval_chunk, args.eval_trials - done)
-            for key, value in evaluate(model, trials(n, gen=gen, **kw), args.answer).items():
+            for key, value in evaluate(model, trials(n, gen=gen, **gap_kw), args.answer).items():
                 sums[key] += value * n
             done += n
         out[str(gap)] = {**{k: v / done for k, v in sums.items()}, "trials": done,
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     finite = not (curve and curve[-1].get("nonfinite"))
     if args.save is not None:
         save_pretrained(model, args.save)
-    gaps = evaluate_gaps(model, args) if finite and args.eval_gaps else {}
+    gaps = evaluate_gaps(model, args, kw) if finite and args.eval_gaps else {}
     if args.out is not None:
         settings = vars(args) | {k: None if vars(args)[k] is None else str(vars(args)[k])
                                  for k in ("out", "save", "load")}
