@@ -179,8 +179,14 @@ class ImportResult(_Model):
         if not self.converted:
             return ""
         a, b = self.converted.get("from", {}), self.converted.get("to", {})
-        return (f"converted from {a.get('dtype')} ({a.get('device') or 'device not recorded'}) "
-                f"to {b.get('dtype')} ({b.get('device')})")
+        return (f"converted from {_precision(a)} ({a.get('device') or 'device not recorded'}) "
+                f"to {_precision(b)} ({b.get('device')})")
+
+
+def _precision(end: dict[str, Any]) -> str:
+    """``float32``, or ``float32 with float16 weights`` (a server with ``--half-weights``)."""
+    weights = end.get("weights_dtype")
+    return f"{end.get('dtype')}" + (f" with {weights} weights" if weights else "")
 
 
 class MoveResult(_Model):

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from this session memory file")
     gen.add_argument("--memory-out", metavar="FILE", default=None,
                      help="save the session memory (prompt + generated text) to this file")
+    gen.add_argument("--half-weights", action="store_true",
+                     help="keep the linear weights in float16 and compute in float32 (CPU, "
+                          "x86-64 with AVX2: half the bytes a decode step reads; a kernel is "
+                          "built on first use)")
     gen.add_argument("-v", "--verbose", action="store_true",
                      help="report token counts, finish reason and state size on stderr")
     gen.set_defaults(func=cmd_generate, parser=gen)
@@ -97,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands --------------------------------------------------------------------------------------
+def use_half_weights(model: Any) -> None:
+    """`TransformerLM.use_half_weights`, its refusals as one-line command errors."""
+    from newllm.half_weights import HalfWeightsUnavailable
+
+    try:
+        model.use_half_weights()
+    except (ValueError, HalfWeightsUnavailable) as e:
+        raise CommandError(f"--half-weights: {e}") from e
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from newllm.checkpoint import load_checkpoint
     from newllm.config import PRESETS
@@ -118,7 +132,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e).replace("max_new_tokens", "--max-tokens"))
     text = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.half_weights and args.dtype not in (None, "float32"):
+        args.parser.error(f"--half-weights computes in float32; it cannot be combined with "
+                          f"--dtype {args.dtype}")
+    if args.half_weights:
+        args.dtype = "float32"
     model, tokenizer = _load(args)
+    if args.half_weights:
+        use_half_weights(model)
     model.use_input_major_weights()  # the server's layout: its memory files continue exactly
     state = None
     if args.memory_in is not None:

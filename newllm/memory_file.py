@@ -22,6 +22,9 @@ checkpoint_fingerprint  `TransformerLM.checkpoint_fingerprint()`: the checkpoint
                    precision or device served it (optional: files before it lack it)
 config_fingerprint SHA-256 of the config (optional), so a refusal can say what differs
 device_type        ``cpu``, ``cuda``, ... of the model that wrote it (optional, informative)
+weights_dtype      torch dtype of the model's linear weights when it differs from ``dtype``
+                   (``float16`` under `TransformerLM.use_half_weights`; optional: absent, they
+                   are ``dtype``)
 torch_version      torch's version there (optional, informative)
 metadata_sha256    `metadata_sha256` of every other metadata entry (reserved keys and the caller's
                    own, e.g. a server's ``session.*`` transcript): SHA-256, lowercase hex, of the
@@ -86,7 +89,7 @@ MAX_BATCH = 1 << 16
 RESERVED_KEYS = ("format", "format_version", "model_fingerprint", "config_name",
                  "tokenizer_hash", "dtype", "position", "batch_size", "layer_kinds",
                  "payload_sha256", "created_by", "metadata_sha256", "checkpoint_fingerprint",
-                 "config_fingerprint", "device_type", "torch_version")
+                 "config_fingerprint", "device_type", "torch_version", "weights_dtype")
 REQUIRED_KEYS = {  # format_version -> the keys a file of that version must carry
     "1": ("format", "format_version", "model_fingerprint", "dtype", "position", "batch_size",
           "layer_kinds", "payload_sha256"),
@@ -265,6 +268,8 @@ def save_memory(state: ModelState, model: Any, path: str | Path | None = None, *
         "device_type": model.device.type,
         "torch_version": torch.__version__,
     }
+    if model.weights_dtype != model.dtype:
+        meta["weights_dtype"] = _dtype_name(model.weights_dtype)
     if tokenizer_hash is not None:
         meta["tokenizer_hash"] = str(tokenizer_hash)
     for key, value in (metadata or {}).items():
@@ -489,8 +494,9 @@ def _check_metadata(meta: dict[str, str]) -> tuple[int, int, torch.dtype]:
     if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
         raise MetadataError("metadata 'layer_kinds' is not a JSON list of layer type names")
     dtypes = {_dtype_name(dt): dt for dt, _ in DTYPES.values()}
-    if meta["dtype"] not in dtypes:
-        raise MetadataError(f"metadata dtype {meta['dtype'][:40]!r} is not a known dtype")
+    for key in ("dtype", "weights_dtype"):
+        if key in meta and meta[key] not in dtypes:
+            raise MetadataError(f"metadata {key} {meta[key][:40]!r} is not a known dtype")
     position = _parse_uint(meta, "position", 0, MAX_POSITION)
     batch = _parse_uint(meta, "batch_size", 1, MAX_BATCH)
     return position, batch, dtypes[meta["dtype"]]
@@ -530,14 +536,25 @@ class Conversion:
     from_device: str | None  # None: the file does not say (written before it was recorded)
     to_device: str
 
+    from_weights: str | None = None  # the linear weights' dtype where it is not the dtype's
+    to_weights: str | None = None
+
     def as_dict(self) -> dict[str, Any]:
-        return {"from": {"dtype": self.from_dtype, "device": self.from_device},
-                "to": {"dtype": self.to_dtype, "device": self.to_device}}
+        out: dict[str, Any] = {"from": {"dtype": self.from_dtype, "device": self.from_device},
+                               "to": {"dtype": self.to_dtype, "device": self.to_device}}
+        for end, weights in (("from", self.from_weights), ("to", self.to_weights)):
+            if weights is not None:
+                out[end]["weights_dtype"] = weights
+        return out
 
     def __str__(self) -> str:
         where = f" on {self.from_device}" if self.from_device else ""
-        return (f"converted from {self.from_dtype}{where} to {self.to_dtype} on "
-                f"{self.to_device}")
+        return (f"converted from {_precision(self.from_dtype, self.from_weights)}{where} to "
+                f"{_precision(self.to_dtype, self.to_weights)} on {self.to_device}")
+
+
+def _precision(dtype: str, weights: str | None) -> str:
+    return dtype if weights is None else f"{dtype} with {weights} weights"
 
 
 def _check_model(meta: dict[str, str], model: Any, tokenizer_hash: str | None,
@@ -546,19 +563,24 @@ def _check_model(meta: dict[str, str], model: Any, tokenizer_hash: str | None,
     conversion to make); anything else is refused, saying which part differs."""
     conversion = None
     if meta["model_fingerprint"] != model.fingerprint():
-        # same checkpoint at another precision (at the same one, the fingerprints would agree)
+        # same checkpoint at another precision (at the same one, the fingerprints would agree):
+        # the state's dtype differs, or the linear weights' (half weights)
+        ours = (_dtype_name(model.dtype), _dtype_name(model.weights_dtype))
+        theirs = (meta["dtype"], meta.get("weights_dtype", meta["dtype"]))
         same_checkpoint = (meta.get("checkpoint_fingerprint") == model.checkpoint_fingerprint()
-                           and meta["dtype"] != _dtype_name(model.dtype))
+                           and theirs != ours)
         if not same_checkpoint:
             raise ModelMismatchError(_mismatch(meta, model))
-        conversion = Conversion(meta["dtype"], _dtype_name(model.dtype),
-                                meta.get("device_type"), model.device.type)
+        conversion = Conversion(meta["dtype"], ours[0], meta.get("device_type"),
+                                model.device.type, meta.get("weights_dtype"),
+                                None if ours[1] == ours[0] else ours[1])
         if strict:
             raise ConversionRefusedError(
-                f"this memory is of this checkpoint but was written in {meta['dtype']} "
+                f"this memory is of this checkpoint but was written in "
+                f"{_precision(meta['dtype'], conversion.from_weights)} "
                 f"({meta.get('device_type') or 'device not recorded'}) and this model runs "
-                f"in {_dtype_name(model.dtype)} ({model.device.type}); strict moves refuse "
-                f"conversions (drop strict / --strict-moves to convert it)")
+                f"in {_precision(ours[0], conversion.to_weights)} ({model.device.type}); "
+                f"strict moves refuse conversions (drop strict / --strict-moves to convert it)")
     theirs_tok = meta.get("tokenizer_hash")
     if tokenizer_hash is not None and theirs_tok is not None and theirs_tok != tokenizer_hash:
         raise TokenizerMismatchError(

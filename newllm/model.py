@@ -88,11 +88,35 @@ class TransformerLM(nn.Module):
         should use the same layout. A tied LM head is left alone (the embedding reads rows).
         Meant for inference: training works but copies every weight gradient into this order.
         """
+        from newllm.half_weights import HalfWeightLinear  # its kernel reads output-major
+
         with torch.no_grad():
-            for w in self._matvec_weights():
-                if w.is_contiguous():
-                    w.data = w.data.t().contiguous().t()
+            for m in self._matvec_linears():
+                if m.weight.is_contiguous() and not isinstance(m, HalfWeightLinear):
+                    m.weight.data = m.weight.data.t().contiguous().t()
         return self
+
+    def use_half_weights(self) -> TransformerLM:
+        """Keep every linear weight in float16 and compute with it in float32, for decoding on
+        an x86-64 CPU (`newllm.half_weights`: half the bytes a decode step reads, through a
+        small kernel built on first use); returns the model. Raises ValueError for a model
+        that is not float32 on the CPU, `HalfWeightsUnavailable` where the kernel cannot run.
+        A weight layout set before is replaced (the kernel reads weights output-major)."""
+        from newllm.half_weights import convert
+
+        return convert(self)
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype of the linear weights: float16 under `use_half_weights`, else `dtype`."""
+        return torch.float16 if self.half_weights else self.dtype
+
+    @property
+    def half_weights(self) -> bool:
+        """Whether the linear weights are kept in float16 (`use_half_weights`)."""
+        from newllm.half_weights import HalfWeightLinear
+
+        return any(isinstance(m, HalfWeightLinear) for m in self._matvec_linears())
 
     def weights_input_major(self) -> bool:
         """Whether every untied linear weight is stored input-major (see above)."""
@@ -102,8 +126,12 @@ class TransformerLM(nn.Module):
     def _matvec_weights(self) -> list[nn.Parameter]:
         """The linear weights whose memory order `use_input_major_weights` sets: all but a tied
         LM head (and degenerate 1-row or 1-column ones, contiguous either way)."""
+        return [m.weight for m in self._matvec_linears()]
+
+    def _matvec_linears(self) -> list[nn.Linear]:
+        """The linear layers of `_matvec_weights`."""
         tied = self.embed_in.weight if self.config.tie_word_embeddings else None
-        return [m.weight for m in self.modules() if isinstance(m, nn.Linear)
+        return [m for m in self.modules() if isinstance(m, nn.Linear)
                 and m.weight is not tied and min(m.weight.shape) > 1]
 
     # state ---------------------------------------------------------------------------------

@@ -189,7 +189,9 @@ class NewllmAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops workers
         torch.set_num_threads(worker_threads(self.settings.threads, self.settings.workers))
         s = self.settings
-        model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=s.dtype)
+        model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=s.load_dtype())
+        if s.half_weights:  # the main process did too (its fingerprint checks uploads)
+            model.use_half_weights()
         model.eval().use_input_major_weights()  # faster one-token steps; same as `generate`
         store = open_store(s)
         store.sweep_temp()  # a restarted worker: its predecessor may have died mid-write

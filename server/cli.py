@@ -210,11 +210,17 @@ def serve(settings: ServerSettings) -> int:
     from server.app import build_server
 
     try:
-        model, tokenizer = load_checkpoint(settings.checkpoint, dtype=settings.dtype)
+        model, tokenizer = load_checkpoint(settings.checkpoint, dtype=settings.load_dtype())
     except (OSError, ValueError, RuntimeError) as e:
         log.error("cannot load checkpoint %r: %s", settings.checkpoint, e)
         return 1
     model.eval()
+    if settings.half_weights:  # as the workers will: one fingerprint for checks and files
+        try:
+            model.use_half_weights()  # builds the kernel once, before the workers look for it
+        except (ValueError, RuntimeError) as e:
+            log.error("cannot use --half-weights: %s", e)
+            return 1
     try:
         server = build_server(settings, model, tokenizer)
     except RuntimeError as e:  # the session store cannot be reached
@@ -225,6 +231,8 @@ def serve(settings: ServerSettings) -> int:
              info.fingerprint[:16], info.parameters / 1e6, ",".join(info.layers), info.dtype,
              settings.checkpoint or "the bundled default checkpoint")
     log.info("fingerprint %s", info.fingerprint)
+    if settings.half_weights:
+        log.info("linear weights kept in float16, computed in float32 (--half-weights)")
     log.info("sessions in %s (at most %d)", server.lit_api.spec.store.describe(),
              settings.max_sessions)
     log.info("listening on http://%s:%d (%d worker%s, %d slots each, %s)", settings.host,

@@ -67,6 +67,9 @@ class ServerSettings:
     strict_moves: bool = _f(False, "refuse memory files of this checkpoint written at another "
                                    "precision (default: convert them and say so)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda")
+    half_weights: bool = _f(False, "keep the linear weights in float16 and compute in float32 "
+                                   "(CPU, x86-64 with AVX2: half the bytes each decode step "
+                                   "reads; a small kernel is built at start, then cached)")
     no_compile: bool = _f(False, "decode eagerly: no torch.compile of the decode step (it "
                                  "compiles in the background at worker start, seconds to a "
                                  "minute, eager meanwhile, logged; also NEWLLM_COMPILE=0)")
@@ -113,11 +116,21 @@ class ServerSettings:
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.half_weights and self.dtype not in (None, "float32"):
+            raise ValueError(f"--half-weights computes in float32; it cannot be combined with "
+                             f"--dtype {self.dtype}")
+        if self.half_weights and self.device == "cuda":
+            raise ValueError("--half-weights is for decoding on the CPU; drop it with "
+                             "--device cuda")
         self.cors_origins()  # raises on a malformed origin
         if self.api_key is not None and (len(self.api_key) < 8 or not self.api_key.isprintable()
                                          or " " in self.api_key):
             raise ValueError("the API key must be at least 8 printable characters without "
                              "spaces")
+
+    def load_dtype(self) -> str | None:
+        """The dtype to load the checkpoint in: float32 under ``--half-weights``."""
+        return "float32" if self.half_weights else self.dtype
 
     def cors_origins(self) -> tuple[str, ...]:
         """The ``--cors-origin`` list, checked: each is ``*`` or ``scheme://host[:port]``."""

@@ -34,6 +34,18 @@ MODEL_SEED = 0
 os.environ.setdefault("NEWLLM_COMPILE", "0")
 
 
+def need_half_kernel() -> None:
+    """Skip the test where the half-weight kernel cannot run (saying why), or fail when
+    ``NEWLLM_REQUIRE_SERVICES=1`` (CI's x86-64 machine with g++ must run these tests)."""
+    from newllm.half_weights import kernel_problem
+
+    problem = kernel_problem()
+    if problem is not None:
+        if os.environ.get("NEWLLM_REQUIRE_SERVICES") == "1":
+            pytest.fail(problem + " but NEWLLM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip(problem)
+
+
 def need_program(name: str, package: str) -> str:
     """The path of the program ``name``; where it is missing, skip the test saying which Debian
     package brings it, or fail when ``NEWLLM_REQUIRE_SERVICES=1`` (CI: these tests must run)."""

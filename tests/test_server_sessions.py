@@ -149,3 +149,38 @@ def test_a_move_between_servers_sharing_a_folder_loses_nothing(tmp_path: Path) -
     finally:
         for srv in (a, b, c):
             srv.kill()
+
+
+def test_half_weight_servers_move_sessions_and_check_their_own_files(tmp_path: Path) -> None:
+    """A server with --half-weights: its own exported memory goes back in without a conversion
+    (the HTTP process checks uploads with the workers' fingerprint), and a move to a float32
+    server is accepted and reported as from float16 weights; the next turn works there."""
+    from conftest import need_half_kernel
+
+    from clients import Client, move_session
+    from clients.types import ImportResult
+
+    need_half_kernel()
+    half = ServerProcess(tmp_path / "half", "--half-weights")
+    full = ServerProcess(tmp_path / "full")
+    try:
+        half.wait_ready()
+        full.wait_ready()
+        turn(half, "s", "My name is Ada.")
+        a = Client(half.url, api_key=half.api_key)
+        b = Client(full.url, api_key=full.api_key)
+        again = a.import_memory("copy", a.export_memory("s"))
+        assert not again.converted
+        text, seen = turn(half, "copy", "What is my name?")
+        assert (text, seen) == turn(half, "s", "What is my name?")  # the copy continues alike
+        moved = move_session("s", a, b)
+        assert moved.converted == {
+            "from": {"dtype": "float32", "device": "cpu", "weights_dtype": "float16"},
+            "to": {"dtype": "float32", "device": "cpu"}}
+        said = ImportResult(id="s", converted=moved.converted).conversion_text()
+        assert said == "converted from float32 with float16 weights (cpu) to float32 (cpu)"
+        _, after = turn(full, "s", "Hello again.")
+        assert after > seen
+    finally:
+        half.kill()
+        full.kill()
