@@ -13,17 +13,26 @@ child's compile time is a cold one, a first start on a machine, and the next one
   (`Slots` with ``compile``), one call of each in turn, median of ``--repeat`` rounds; beside
   them the **weights floor**: one-row products with each of the model's weight matrices
   once (MKL, as a step runs them), what a step costs with no other work at all;
-- **slots**: the slot step eager and compiled at ``--batch-sizes`` rows;
-- **generate**: `newllm.generate`, greedy, ``--tokens`` new tokens, eager and compiled in turn;
+- **half weights**: the same checkpoint under `TransformerLM.use_half_weights` (linear weights
+  in float16, computed in float32): its compiled step and weights floor (the half-weight
+  kernel) in the same rounds. Both models' weights are read in turn, so each finds its own
+  partly evicted from the CPU's caches: a conservative regime for both;
+- **slots**: the slot step eager and compiled (and compiled with half weights) at
+  ``--batch-sizes`` rows;
+- **generate**: `newllm.generate`, greedy, ``--tokens`` new tokens, eager, compiled and
+  compiled with half weights in turn;
 - **pythia-70m vs transformers** (first child only; ``--no-pythia`` skips): decode at 1,024
-  tokens of context, our eager step, our compiled step and transformers' GPT-NeoX with the same
-  weights, one step of each in turn (as `benchmarks.decode` does; the greedy tokens must agree);
+  tokens of context, our eager step, our compiled step (float32 and half weights) and
+  transformers' GPT-NeoX with the same weights (random, rounded to float16 as the released
+  checkpoints are), one step of each in turn (as `benchmarks.decode` does; the greedy tokens
+  must agree);
 - **server** (``--no-server`` skips): `newllm serve` (one worker, one thread) with the compiled
-  step and without, one client streaming completions of ``--tokens`` tokens over loopback,
-  turns in alternation with `newllm.generate` in this process with the same setting: tokens
-  per second after the first token (the decode rate; the ratio is the median of the turns'
-  ratios) and for whole requests; and the time to the first token of the first request, sent
-  as soon as the server answers (the compiled server compiles in the background meanwhile).
+  step, without, and compiled with ``--half-weights``, one client streaming completions of
+  ``--tokens`` tokens over loopback, turns in alternation with `newllm.generate` in this
+  process with the same setting: tokens per second after the first token (the decode rate;
+  the ratio is the median of the turns' ratios) and for whole requests; and the time to the
+  first token of the first request, sent as soon as the server answers (the compiled server
+  compiles in the background meanwhile).
 
     python -m benchmarks.latency [--quick] [--threads 1 2] [--no-server] [--no-pythia]
 
@@ -33,6 +42,7 @@ Ratios within one run are what to read: the machine may be shared.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -87,18 +97,22 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.child)
     model, tok = load(args.checkpoint)
+    half = load_half(args.checkpoint)
     V = model.config.vocab_size
     ids = torch.tensor([prompt_ids(tok, args.context)])
     out: dict[str, Any] = {"threads": args.child}
     with torch.no_grad():
         _, state = model(ids, None)
+        _, half_state = half(ids, None)
         x = torch.tensor([[5]])
         for _ in range(3):  # eager warm-up before the memory baseline
             model(x, state, last_only=True)
         eager_slots = Slots(model, max(args.batch_sizes), compile=False)
         compiled_slots = Slots(model, max(args.batch_sizes), compile=True)
+        half_slots = Slots(half, max(args.batch_sizes), compile=True)
         rows_e = [eager_slots.add(state) for _ in range(max(args.batch_sizes))]
         rows_c = [compiled_slots.add(state) for _ in range(max(args.batch_sizes))]
+        rows_h = [half_slots.add(half_state) for _ in range(max(args.batch_sizes))]
         eager_slots.step(rows_e[:1], [5])
         rss0 = rss_mib()
         t0 = time.perf_counter()
@@ -112,40 +126,46 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("compiling failed (see the log); nothing to compare")
         out["compile"] = {"one_row_s": first, "one_and_two_rows_s": compile_s,
                           "rss_added_mib": rss_mib() - rss0}
+        for rows in (rows_h[:1], rows_h[:1], rows_h[:2], rows_h[:2]):  # compiled, untimed
+            half_slots.step(rows, [5] * len(rows))
 
         def forward() -> None:
             model(x, state, last_only=True)
 
         times = round_robin({"weights_floor": weights_floor(model), "forward_eager": forward,
                              "slots_eager": lambda: eager_slots.step(rows_e[:1], [5]),
-                             "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5])},
+                             "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5]),
+                             "weights_floor_half": weights_floor(half),
+                             "slots_compiled_half": lambda: half_slots.step(rows_h[:1], [5])},
                             args.repeat)
         out["step_ms"] = {k: 1000 * v for k, v in times.items()}
         out["weights_mib"] = sum(w.nbytes for w in model._matvec_weights()) / 2**20
+        out["weights_mib_half"] = sum(w.nbytes for w in half._matvec_weights()) / 2**20
         out["step_speedup"] = {"vs_forward": times["forward_eager"] / times["slots_compiled"],
                                "vs_slots_eager": times["slots_eager"] / times["slots_compiled"]}
         out["slots_ms"] = {}
         for b in args.batch_sizes:
             t = round_robin({"eager": lambda b=b: eager_slots.step(rows_e[:b], [5] * b),
-                             "compiled": lambda b=b: compiled_slots.step(rows_c[:b], [5] * b)},
+                             "compiled": lambda b=b: compiled_slots.step(rows_c[:b], [5] * b),
+                             "compiled_half": lambda b=b: half_slots.step(rows_h[:b], [5] * b)},
                             max(5, args.repeat // 4))
             out["slots_ms"][str(b)] = {k: 1000 * v for k, v in t.items()}
-        for s in (eager_slots, compiled_slots):
+        for s in (eager_slots, compiled_slots, half_slots):
             for h in list(s._handles):
                 s.discard(h)
 
     prompt = prompt_ids(tok, 32)
     params = SamplingParams(max_new_tokens=args.tokens, temperature=0, stop_token_ids=())
-    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for name in rates:  # untimed: one-slot buffers are a new shape for the compiled step
-        generate(model, prompt, None, params.replace(max_new_tokens=4),
-                 compile=name == "compiled").collect()
+    runs = {"eager": (model, False), "compiled": (model, True), "compiled_half": (half, True)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for m, compile in runs.values():  # untimed: one-slot buffers are a new compiled shape
+        generate(m, prompt, None, params.replace(max_new_tokens=4), compile=compile).collect()
     for _ in range(args.generate_repeat):
-        for name in rates:
+        for name, (m, compile) in runs.items():
             t0 = time.perf_counter()
-            n = len(generate(model, prompt, None, params, decode=tok.decode,
+            n = len(generate(m, prompt, None, params, decode=tok.decode,
                              vocab_size=min(V, tok.vocab_size),
-                             compile=name == "compiled").collect().token_ids)
+                             compile=compile).collect().token_ids)
             rates[name].append(n / (time.perf_counter() - t0))
     out["generate_tokens_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
     if args.pythia:
@@ -153,15 +173,28 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def load_half(checkpoint: str | None) -> Any:
+    """The same checkpoint with half weights (`TransformerLM.use_half_weights`)."""
+    from newllm import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint, dtype="float32")
+    return model.eval().use_half_weights()
+
+
 def weights_floor(model: Any) -> Callable[[], None]:
     """A call that reads each weight matrix of ``model`` once with a one-row product, as a
-    decode step reads it, and nothing else (no attention, norms or Python around it)."""
-    weights = model._matvec_weights()  # (out, in), stored input-major
+    decode step reads it, and nothing else (no attention, norms or Python around it): MKL's
+    product for float32 weights (stored input-major), the half-weight kernel for float16."""
+    weights = model._matvec_weights()  # (out, in)
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-
-    def floor() -> None:
-        for w in weights:
-            torch.mm(rows[w.shape[1]], w.t())
+    if model.half_weights:
+        def floor() -> None:
+            for w in weights:
+                torch.ops.newllm.matvec_f16(rows[w.shape[1]], w)
+    else:
+        def floor() -> None:
+            for w in weights:
+                torch.mm(rows[w.shape[1]], w.t())
 
     return floor
 
@@ -183,7 +216,11 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
     name = "tiny-pythia" if args.quick else "pythia-70m"
     context = 128 if args.quick else 1024
     model = TransformerLM(ModelConfig.from_name(name)).eval()
+    with torch.no_grad():  # weights float16 can hold, as in the released checkpoints
+        for w in model._matvec_weights():
+            w.copy_(w.half().float())
     hf = hf_twin(model)  # same weights, its own layout
+    half = copy.deepcopy(model).use_half_weights()
     model.use_input_major_weights()
     ids = torch.randint(0, model.config.vocab_size, (1, context),
                         generator=torch.Generator().manual_seed(0))
@@ -200,23 +237,38 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
         compile_s = time.perf_counter() - t0
         slots.discard(handle)
         handle = slots.add(state)
+        half_logits, half_state = prefill(half, ids)
+        half_slots = Slots(half, 1, compile=True)
+        half_handle = half_slots.add(half_state)
+        half_slots.step([half_handle], [0])
+        half_slots.discard(half_handle)
+        half_handle = half_slots.add(half_state)
 
     def compiled(tok: torch.Tensor) -> torch.Tensor:
         return slots.step([handle], tok.view(1))[:, None]  # (1, 1, V)
 
+    def compiled_half(tok: torch.Tensor) -> torch.Tensor:
+        return half_slots.step([half_handle], tok.view(1))[:, None]
+
     out = interleaved_steps({"ours_eager": ours_step(model, state), "ours_compiled": compiled,
+                             "ours_compiled_half": compiled_half,
                              "transformers": hf_step(hf, cache)},
                             {"ours_eager": logits, "ours_compiled": logits,
-                             "transformers": hf_logits}, args.pythia_steps, warmup=2)
+                             "ours_compiled_half": half_logits, "transformers": hf_logits},
+                            args.pythia_steps, warmup=2)
     ms = {k: 1000 * statistics.median(t) for k, (t, _) in out.items()}
-    ms["weights_floor"] = 1000 * round_robin({"floor": weights_floor(model)},
-                                             args.pythia_steps)["floor"]
+    floors = round_robin({"weights_floor": weights_floor(model),
+                          "weights_floor_half": weights_floor(half)}, args.pythia_steps)
+    ms.update({k: 1000 * v for k, v in floors.items()})
     agree = out["ours_eager"][1] == out["ours_compiled"][1] == out["transformers"][1]
     return {"model": name, "context": context, "ms_per_token": ms,
             "weights_mib": sum(w.nbytes for w in model._matvec_weights()) / 2**20,
-            "speedup_vs_transformers": {"eager": ms["transformers"] / ms["ours_eager"],
-                                        "compiled": ms["transformers"] / ms["ours_compiled"]},
+            "speedup_vs_transformers": {
+                "eager": ms["transformers"] / ms["ours_eager"],
+                "compiled": ms["transformers"] / ms["ours_compiled"],
+                "compiled_half": ms["transformers"] / ms["ours_compiled_half"]},
             "compile_s": compile_s, "greedy_tokens_agree": agree,
+            "greedy_tokens_agree_half": out["ours_compiled_half"][1] == out["transformers"][1],
             "steps": len(out["transformers"][0])}
 
 
@@ -258,15 +310,18 @@ def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
     only."""
     torch.set_num_threads(1)
     model, tok = load(args.checkpoint)
+    half = load_half(args.checkpoint).use_input_major_weights()  # as a server's worker
     prompt = prompt_ids(tok, 32)
     out: dict[str, Any] = {}
-    settings = {"compiled": True} if args.quick else {"compiled": True, "eager": False}
+    settings = {"compiled": True} if args.quick else {"compiled": True, "eager": False,
+                                                      "compiled_half": True}
     saved = os.environ.get("NEWLLM_COMPILE")  # a server's setting goes by the environment
     try:
         with tempfile.TemporaryDirectory(prefix="newllm-latency-") as tmp:
             for name, compile in settings.items():
                 os.environ["NEWLLM_COMPILE"] = "1" if compile else "0"
-                out[name] = one_server(args, model, tok, prompt, Path(tmp), name, compile)
+                m = half if name.endswith("_half") else model
+                out[name] = one_server(args, m, tok, prompt, Path(tmp), name, compile)
     finally:  # as it was (tests run their servers with it set to 0)
         if saved is None:
             os.environ.pop("NEWLLM_COMPILE", None)
@@ -283,7 +338,8 @@ def one_server(args: argparse.Namespace, model: Any, tok: Any, prompt: list[int]
     from benchmarks.live import start_server, stop_server, wait_ready
 
     server = start_server(args.checkpoint, tmp, name, max_batch_size=1,
-                          extra=["--threads", "1"])
+                          extra=["--threads", "1", *(["--half-weights"] if model.half_weights
+                                                     else [])])
     rates: dict[str, list[tuple[float, ...]]] = {"server": [], "generate": []}
     try:
         wait_ready(server, timeout=600, compiled=False)
@@ -324,15 +380,27 @@ def goals(children: list[dict[str, Any]], server: dict[str, Any] | None) -> dict
         "generate_tokens_per_s": {"target": GOALS["generate_tokens_per_s"],
                                   "value": one["generate_tokens_per_s"]["compiled"]},
     }
+    out["step_ms_half_weights"] = {"target": GOALS["step_ms"],
+                                   "value": one["step_ms"]["slots_compiled_half"],
+                                   "weights_floor_ms": one["step_ms"]["weights_floor_half"]}
+    out["generate_tokens_per_s_half_weights"] = {
+        "target": GOALS["generate_tokens_per_s"],
+        "value": one["generate_tokens_per_s"]["compiled_half"]}
     if server is not None:
         out["server_vs_generate"] = {"target": GOALS["server_vs_generate"],
                                      "value": server["compiled"]["ratio_decode"]}
+        if "compiled_half" in server:
+            out["server_vs_generate_half_weights"] = {
+                "target": GOALS["server_vs_generate"],
+                "value": server["compiled_half"]["ratio_decode"]}
     if one.get("pythia_70m", {}).get("model") == "pythia-70m":  # not quick mode's tiny one
-        out["pythia_vs_transformers"] = {
-            "target": GOALS["pythia_vs_transformers"],
-            "value": one["pythia_70m"]["speedup_vs_transformers"]["compiled"]}
-    for g in out.values():
-        below = g is out["step_ms"]
+        speedup = one["pythia_70m"]["speedup_vs_transformers"]
+        out["pythia_vs_transformers"] = {"target": GOALS["pythia_vs_transformers"],
+                                         "value": speedup["compiled"]}
+        out["pythia_vs_transformers_half_weights"] = {
+            "target": GOALS["pythia_vs_transformers"], "value": speedup["compiled_half"]}
+    for name, g in out.items():
+        below = name.startswith("step_ms")
         g["met"] = g["value"] <= g["target"] if below else g["value"] >= g["target"]
     return out
 
@@ -342,13 +410,16 @@ def plot(children: list[dict[str, Any]], out_dir: Path) -> None:
                          "ms per step (median)", logy=True)
     for c in children:
         sizes = [int(b) for b in c["slots_ms"]]
-        for mode, style in (("eager", "--"), ("compiled", "-")):
+        for mode, style in (("eager", "--"), ("compiled", "-"), ("compiled_half", ":")):
             ax.plot(sizes, [c["slots_ms"][str(b)][mode] for b in sizes], style, marker="o",
-                    label=f"slots {mode}, {c['threads']} thread(s)")
+                    label=f"slots {mode.replace('_half', ', half weights')}, "
+                          f"{c['threads']} thread(s)")
         ax.scatter([1], [c["step_ms"]["forward_eager"]], marker="x", s=60,
                    label=f"model(x, state), {c['threads']} thread(s)")
         ax.scatter([1], [c["step_ms"]["weights_floor"]], marker="_", s=200,
                    label=f"weights floor (one-row products), {c['threads']} thread(s)")
+        ax.scatter([1], [c["step_ms"]["weights_floor_half"]], marker="1", s=120,
+                   label=f"weights floor, half weights, {c['threads']} thread(s)")
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.legend(fontsize=8)
     save_figure(fig, plot_path("latency", out_dir))
@@ -382,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         assert args.child_out is not None
         args.child_out.write_text(json.dumps(child(args)))
         return 0
+    from newllm.half_weights import kernel_problem
+
+    problem = kernel_problem()  # built here once, before the children look for it
+    if problem is not None:
+        ap.error(f"this benchmark measures half weights too, which cannot run here: {problem}")
     args.out = results_folder(args.out, args.quick)
     threads = args.threads or ([1] if args.quick else [1, 2])
     children = []
@@ -404,9 +480,12 @@ def main(argv: list[str] | None = None) -> int:
             c = children[-1]
             print(f"{n} thread(s): step {c['step_ms']['forward_eager']:.2f} ms eager, "
                   f"{c['step_ms']['slots_compiled']:.2f} compiled, "
-                  f"{c['step_ms']['weights_floor']:.2f} weights floor; generate "
+                  f"{c['step_ms']['slots_compiled_half']:.2f} compiled with half weights, "
+                  f"{c['step_ms']['weights_floor']:.2f} weights floor "
+                  f"({c['step_ms']['weights_floor_half']:.2f} half); generate "
                   f"{c['generate_tokens_per_s']['eager']:.0f} -> "
-                  f"{c['generate_tokens_per_s']['compiled']:.0f} tok/s; compile "
+                  f"{c['generate_tokens_per_s']['compiled']:.0f} -> "
+                  f"{c['generate_tokens_per_s']['compiled_half']:.0f} tok/s; compile "
                   f"{c['compile']['one_and_two_rows_s']:.1f} s", flush=True)
     server = server_vs_library(args) if args.server else None
     results = {"threads": children, "server_single_stream": server,

@@ -321,16 +321,23 @@ def _latency(doc: Doc) -> list[str]:
     body = []
     for c in res["threads"]:
         ms, gen, comp = c["step_ms"], c["generate_tokens_per_s"], c["compile"]
+        half = "slots_compiled_half" in ms  # results before half weights lack it
         body.append([str(c["threads"]), _ms(ms["weights_floor"]), _ms(ms["forward_eager"]),
                      _ms(ms["slots_compiled"]),
                      f"{ms['slots_compiled'] / ms['weights_floor']:.2f}x",
-                     f"{_n(gen['eager'])} / {_n(gen['compiled'])}",
+                     f"{_ms(ms['slots_compiled_half'])} (floor {_ms(ms['weights_floor_half'])})"
+                     if half else "-",
+                     f"{_n(gen['eager'])} / {_n(gen['compiled'])}"
+                     + (f" / {_n(gen['compiled_half'])}" if half else ""),
                      f"{comp['one_and_two_rows_s']:.0f} s, +{comp['rss_added_mib']:.0f} MiB"])
     out = [f"One conversation (batch 1, bundled model, fp32, {s['context']} tokens read): ms per "
            "token step, the weights floor (one-row products with each weight matrix once, "
-           "nothing else) and `newllm.generate` tokens/s eager / compiled:", ""]
+           "nothing else), the compiled step with half weights (float16 weights computed in "
+           "float32, `--half-weights`) and `newllm.generate` tokens/s eager / compiled / "
+           "compiled with half weights:", ""]
     out += _table(["threads", "weights floor", "eager step", "compiled step",
-                   "compiled / floor", "generate tok/s", "compile (cold), memory"], body)
+                   "compiled / floor", "compiled, half weights", "generate tok/s",
+                   "compile (cold), memory"], body)
     server = res.get("server_single_stream")
     if server:
         out += ["", "One streaming client of `newllm serve` against `newllm.generate` in the "
@@ -345,9 +352,12 @@ def _latency(doc: Doc) -> list[str]:
     if one:
         ms = one["ms_per_token"]
         out += ["", f"`{one['model']}` at {one['context']:,} tokens: ours "
-                f"{_ms(ms['ours_eager'])} eager, {_ms(ms['ours_compiled'])} compiled, "
-                f"transformers {_ms(ms['transformers'])} ms per token "
-                f"({one['speedup_vs_transformers']['compiled']:.2f}x)"
+                f"{_ms(ms['ours_eager'])} eager, {_ms(ms['ours_compiled'])} compiled"
+                + (f", {_ms(ms['ours_compiled_half'])} compiled with half weights"
+                   f" ({one['speedup_vs_transformers']['compiled_half']:.2f}x)"
+                   if "ours_compiled_half" in ms else "")
+                + f", transformers {_ms(ms['transformers'])} ms per token "
+                f"({one['speedup_vs_transformers']['compiled']:.2f}x compiled)"
                 + (f"; its weights floor (one-row products with each of its "
                    f"{one['weights_mib']:.3g} MiB of weight matrices) {_ms(ms['weights_floor'])} ms"
                    if "weights_floor" in ms else "") + "."]

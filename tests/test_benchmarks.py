@@ -66,14 +66,17 @@ def _check_schema(name: str, doc: dict) -> None:
         assert [c["threads"] for c in res["threads"]] == [1]  # quick: one child
         for c in res["threads"]:
             assert set(c["step_ms"]) == {"weights_floor", "forward_eager", "slots_eager",
-                                         "slots_compiled"}
+                                         "slots_compiled", "weights_floor_half",
+                                         "slots_compiled_half"}
             assert all(v > 0 for v in c["step_ms"].values())
+            assert c["weights_mib_half"] == c["weights_mib"] / 2
             assert list(c["slots_ms"]) == [str(b) for b in settings["batch_sizes"]]
-            assert set(c["generate_tokens_per_s"]) == {"eager", "compiled"}
+            assert set(c["generate_tokens_per_s"]) == {"eager", "compiled", "compiled_half"}
         pythia = res["threads"][0]["pythia_70m"]
         assert pythia["greedy_tokens_agree"] is True
         assert set(pythia["ms_per_token"]) == {"ours_eager", "ours_compiled", "transformers",
-                                               "weights_floor"}
+                                               "weights_floor", "ours_compiled_half",
+                                               "weights_floor_half"}
         assert all(v > 0 for v in pythia["ms_per_token"].values()) and pythia["weights_mib"] > 0
         for r in res["server_single_stream"].values():
             assert r["first_request_ttft_s"] > 0 and r["turns"] > 0
