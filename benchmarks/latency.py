@@ -10,13 +10,16 @@ child's compile time is a cold one, a first start on a machine, and the next one
   dynamic) and the resident memory (RSS) they added;
 - **step**: one token at batch 1, ``--context`` tokens in: ``model(x, state, last_only=True)``
   (what `newllm.generate` runs eagerly), the eager `Slots` step, and the compiled one
-  (`Slots` with ``compile``), one call of each in turn, median of ``--repeat`` rounds; beside
-  them the **weights floor**: one-row products with each of the model's weight matrices
-  once (MKL, as a step runs them), what a step costs with no other work at all;
+  (`Slots` with ``compile``), medians of ``--repeat`` calls each, made in blocks of 25
+  consecutive calls of one variant, the variants taking turns (`round_robin_blocks`: each
+  runs with its weights warm in the caches, as a conversation's steps follow each other);
+  beside them the **weights floor**: one-row products with each of the model's weight
+  matrices once (MKL, as a step runs them), what a step costs with no other work at all.
+  ``step_ms_alternating`` has the same calls one at a time in turn (`round_robin`), where each
+  finds its weights partly evicted by the others';
 - **half weights**: the same checkpoint under `TransformerLM.use_half_weights` (linear weights
   in float16, computed in float32): its compiled step and weights floor (the half-weight
-  kernel) in the same rounds. Both models' weights are read in turn, so each finds its own
-  partly evicted from the CPU's caches: a conservative regime for both;
+  kernel) in the same rounds;
 - **slots**: the slot step eager and compiled (and compiled with half weights) at
   ``--batch-sizes`` rows;
 - **generate**: `newllm.generate`, greedy, ``--tokens`` new tokens, eager, compiled and
@@ -62,6 +65,7 @@ from benchmarks.common import (
     plot_path,
     results_folder,
     round_robin,
+    round_robin_blocks,
     save_figure,
     write_result,
 )
@@ -132,17 +136,19 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         def forward() -> None:
             model(x, state, last_only=True)
 
-        times = round_robin({"weights_floor": weights_floor(model), "forward_eager": forward,
-                             "slots_eager": lambda: eager_slots.step(rows_e[:1], [5]),
-                             "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5]),
-                             "weights_floor_half": weights_floor(half),
-                             "slots_compiled_half": lambda: half_slots.step(rows_h[:1], [5])},
-                            args.repeat)
-        out["step_ms"] = {k: 1000 * v for k, v in times.items()}
+        steps = {"weights_floor": weights_floor(model), "forward_eager": forward,
+                 "slots_eager": lambda: eager_slots.step(rows_e[:1], [5]),
+                 "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5]),
+                 "weights_floor_half": weights_floor(half),
+                 "slots_compiled_half": lambda: half_slots.step(rows_h[:1], [5])}
+        out["step_ms"] = {k: 1000 * v for k, v in round_robin_blocks(steps, args.repeat).items()}
+        out["step_ms_alternating"] = {k: 1000 * v
+                                      for k, v in round_robin(steps, args.repeat).items()}
         out["weights_mib"] = sum(w.nbytes for w in model._matvec_weights()) / 2**20
         out["weights_mib_half"] = sum(w.nbytes for w in half._matvec_weights()) / 2**20
-        out["step_speedup"] = {"vs_forward": times["forward_eager"] / times["slots_compiled"],
-                               "vs_slots_eager": times["slots_eager"] / times["slots_compiled"]}
+        ms = out["step_ms"]
+        out["step_speedup"] = {"vs_forward": ms["forward_eager"] / ms["slots_compiled"],
+                               "vs_slots_eager": ms["slots_eager"] / ms["slots_compiled"]}
         out["slots_ms"] = {}
         for b in args.batch_sizes:
             t = round_robin({"eager": lambda b=b: eager_slots.step(rows_e[:b], [5] * b),

@@ -69,6 +69,7 @@ def _check_schema(name: str, doc: dict) -> None:
                                          "slots_compiled", "weights_floor_half",
                                          "slots_compiled_half"}
             assert all(v > 0 for v in c["step_ms"].values())
+            assert set(c["step_ms_alternating"]) == set(c["step_ms"])
             assert c["weights_mib_half"] == c["weights_mib"] / 2
             assert list(c["slots_ms"]) == [str(b) for b in settings["batch_sizes"]]
             assert set(c["generate_tokens_per_s"]) == {"eager", "compiled", "compiled_half"}
