@@ -197,7 +197,8 @@ class NewllmAPI(ls.LitAPI):
         store.sweep_temp()  # a restarted worker: its predecessor may have died mid-write
         self.engine = Engine(model, tokenizer, store, s.max_prompt_tokens,
                              prefix_cache_bytes=s.prefix_cache_bytes,
-                             compile=False if s.no_compile else None)
+                             compile=False if s.no_compile else None,
+                             stream_interval=s.stream_interval_ms / 1000)
 
     def predict(self, x: Any) -> Any:
         raise RuntimeError("SessionLoop drives the Engine; LitAPI.predict is never called")

@@ -70,6 +70,11 @@ class ServerSettings:
     half_weights: bool = _f(False, "keep the linear weights in float16 and compute in float32 "
                                    "(CPU, x86-64 with AVX2: half the bytes each decode step "
                                    "reads; a small kernel is built at start, then cached)")
+    stream_interval_ms: float = _f(5.0, "a worker sends each reply's tokens to the HTTP "
+                                        "process at most every this many ms: tokens decoded "
+                                        "meanwhile travel in one message, and a reply's first "
+                                        "token never waits. Fewer messages leave more of the "
+                                        "CPU to decoding; 0 sends every token at once")
     no_compile: bool = _f(False, "decode eagerly: no torch.compile of the decode step (it "
                                  "compiles in the background at worker start, seconds to a "
                                  "minute, eager meanwhile, logged; also NEWLLM_COMPILE=0)")
@@ -116,6 +121,9 @@ class ServerSettings:
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 <= self.stream_interval_ms <= 1000:
+            raise ValueError(f"--stream-interval-ms must be between 0 and 1000, got "
+                             f"{self.stream_interval_ms}")
         if self.half_weights and self.dtype not in (None, "float32"):
             raise ValueError(f"--half-weights computes in float32; it cannot be combined with "
                              f"--dtype {self.dtype}")

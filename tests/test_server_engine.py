@@ -554,3 +554,32 @@ def test_the_outbox_merges_tokens_and_keeps_each_requests_order() -> None:
     box(0, "c", {"t": "tok", "text": "q"})  # the thread sends what is put, then stops
     box.close()
     assert sent == [("c", {"t": "tok", "text": "q"})]
+
+
+def test_the_outbox_interval_gathers_tokens_but_never_holds_a_first_token() -> None:
+    sent: list[tuple[float, str, Any]] = []
+    box = engine_module.Outbox(lambda rqid, uid, data: sent.append((time.monotonic(), uid, data)),
+                               interval=1.0)
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(sent) < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    t0 = time.monotonic()
+    box(0, "a", {"t": "tok", "text": "1"})  # a reply's first token: at once
+    wait_for(1)
+    for k in range(2, 6):  # the next ones wait for the interval...
+        box(0, "a", {"t": "tok", "text": str(k)})
+    time.sleep(0.2)
+    assert len(sent) == 1
+    t1 = time.monotonic()
+    box(0, "b", {"t": "tok", "text": "x"})  # ... unless another reply's first token comes
+    wait_for(3)
+    box(0, "a", {"t": "end"})
+    box.close()  # sends what is left at once
+    assert sent[0][0] - t0 < 0.8 and sent[2][0] - t1 < 0.8  # first tokens never waited
+    assert [m[1:] for m in sent] == [
+        ("a", {"t": "tok", "text": "1"}),
+        ("a", {"t": "toks", "events": [{"t": "tok", "text": str(k)} for k in range(2, 6)]}),
+        ("b", {"t": "tok", "text": "x"}), ("a", {"t": "end"})]
