@@ -69,7 +69,8 @@ class ServerSettings:
     device: str = _f("auto", "auto (cuda if available), cpu or cuda")
     half_weights: bool = _f(False, "keep the linear weights in float16 and compute in float32 "
                                    "(CPU, x86-64 with AVX2: half the bytes each decode step "
-                                   "reads; a small kernel is built at start, then cached)")
+                                   "reads; a small kernel is built at start, then cached; "
+                                   "implies --device cpu)")
     stream_interval_ms: float = _f(5.0, "a worker sends each reply's tokens to the HTTP "
                                         "process at most every this many ms: tokens decoded "
                                         "meanwhile travel in one message, and a reply's first "
@@ -92,6 +93,8 @@ class ServerSettings:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         if self.host == "localhost":
             self.host = "127.0.0.1"
+        if self.half_weights and self.device == "auto":
+            self.device = "cpu"  # auto would pick a GPU where there is one
 
     def check(self) -> None:
         if self.host not in ("127.0.0.1", "0.0.0.0", "::"):

@@ -569,6 +569,21 @@ def test_model_card_gives_a_same_shape_kv_cache_per_token(
     assert kv_cache_bytes_per_token(ModelConfig.from_name("pythia-70m")) == 24576  # NOTES.md
 
 
+def test_half_weights_settings_are_checked() -> None:
+    assert ServerSettings(half_weights=True).device == "cpu"  # never auto-picked CUDA
+    for bad in [{"dtype": "bfloat16"}, {"device": "cuda"}]:
+        with pytest.raises(ValueError, match="--half-weights"):
+            ServerSettings(half_weights=True, **bad).check()
+    ServerSettings(half_weights=True, dtype="float32").check()
+
+
+def test_stream_interval_setting_is_checked() -> None:
+    for bad in (-1.0, 1001.0):
+        with pytest.raises(ValueError, match="--stream-interval-ms"):
+            ServerSettings(stream_interval_ms=bad).check()
+    ServerSettings(stream_interval_ms=0).check()
+
+
 def test_cors_origin_setting_is_checked() -> None:
     settings = ServerSettings(cors_origin="http://10.0.0.5:8000, https://Chat.Example")
     assert settings.cors_origins() == ("http://10.0.0.5:8000", "https://chat.example")
