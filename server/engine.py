@@ -762,13 +762,15 @@ class Outbox:
         self._wake = threading.Condition()
         self._closed = False
         self._streaming: set[str] = set()  # requests whose first token has been sent
+        self._gathering = False  # the thread waits out the interval (no wake per token)
         self._thread = threading.Thread(target=self._run, name="newllm-outbox", daemon=True)
         self._thread.start()
 
     def __call__(self, rqid: int, uid: str, data: Any) -> None:
         with self._wake:
             self._pending.append((rqid, uid, data))
-            self._wake.notify()
+            if not self._gathering or self._first_token(uid, data):  # else it waits anyway
+                self._wake.notify()
 
     def close(self, timeout: float = 10.0) -> None:
         """Send what is left, then stop the thread."""
@@ -783,11 +785,13 @@ class Outbox:
             with self._wake:
                 while not self._pending and not self._closed:
                     self._wake.wait()
+                self._gathering = True
                 while not self._closed and not self._urgent():  # gather for the interval
                     left = sent + self._interval - time.monotonic()
                     if left <= 0:
                         break
                     self._wake.wait(left)
+                self._gathering = False
                 batch, self._pending = self._pending, []
                 if not batch and self._closed:
                     return
@@ -802,8 +806,10 @@ class Outbox:
 
     def _urgent(self) -> bool:
         """Whether a pending event is a request's first token (it never waits)."""
-        return any(data is not None and data.get("t") == "tok" and uid not in self._streaming
-                   for _, uid, data in self._pending)
+        return any(self._first_token(uid, data) for _, uid, data in self._pending)
+
+    def _first_token(self, uid: str, data: Any) -> bool:
+        return data is not None and data.get("t") == "tok" and uid not in self._streaming
 
     def _messages(self, batch: list[tuple[int, str, Any]]) -> list[tuple[int, str, Any]]:
         """The messages for a batch of events: per request in order, runs of tokens merged."""
