@@ -19,6 +19,7 @@ import torch
 from conftest import (
     VARIANTS,
     assert_states_close,
+    decode_rows_like_alone,
     make_tiny_model,
     need_half_kernel,
     read_state,
@@ -115,20 +116,13 @@ def test_compiled_slot_step_with_half_weights_gives_the_eager_logits(
     monkeypatch.delenv("NEWLLM_COMPILE", raising=False)
     half = make_tiny_model(preset, init_std=0.1).use_half_weights()
     slots = Slots(half, 2, compile=True)
-    states = [read_state(half, 5, 1), read_state(half, 30, 2)]
-    handles = [slots.add(s) for s in states]
-    g = torch.Generator().manual_seed(4)
-    for t in range(20):  # segment boundaries (16) included; one row, then both
-        rows = [0] if t < 8 else [0, 1]
-        tokens = torch.randint(1, 500, (len(rows),), generator=g)
-        logits = slots.step([handles[r] for r in rows], tokens)
-        with torch.no_grad():
-            for k, r in enumerate(rows):
-                alone, states[r] = half(tokens[k].view(1, 1), states[r])
-                torch.testing.assert_close(logits[k], alone[0, -1], atol=1e-5, rtol=1e-5)
+    ref = {"a": read_state(half, 5, 1)}
+    handle = {"a": slots.add(ref["a"])}
+    # segment boundaries (16) included; "b" joins at step 8, "a" leaves at step 20
+    decode_rows_like_alone(half, slots, handle, ref, read_state(half, 30, 2), join="b",
+                           join_at=8, leave_at=20, steps=24)
     assert slots.compiled, "fell back to eager: nothing compared"
-    for h, s in zip(handles, states, strict=True):
-        assert_states_close(slots.remove(h), s)
+    assert_states_close(slots.remove(handle["b"]), ref["b"])
 
 
 def test_checkpoint_identity_and_memory_moves_between_the_modes() -> None:
