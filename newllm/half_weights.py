@@ -49,6 +49,7 @@ KERNEL_DIR_ENV = "NEWLLM_KERNEL_DIR"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c++17", "-w"]
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # "path" once loaded, or "error": why it cannot be
+_fake_registered: list[bool] = []  # torch.compile's shape function, registered once
 
 
 class HalfWeightsUnavailable(RuntimeError):
@@ -150,7 +151,9 @@ def load_kernel() -> Path:
         except HalfWeightsUnavailable as e:
             _loaded["error"] = str(e)
             raise
-        torch.library.register_fake("newllm::matvec_f16")(_matvec_f16_shape)
+        if not _fake_registered:  # once per process, whatever `_loaded` says
+            torch.library.register_fake("newllm::matvec_f16")(_matvec_f16_shape)
+            _fake_registered.append(True)
         _loaded["path"] = path
         return path
 

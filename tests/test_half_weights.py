@@ -172,6 +172,14 @@ def test_kernel_unavailable_is_reported_with_the_reason(monkeypatch: pytest.Monk
     assert not model.half_weights  # nothing converted
 
 
+def test_loading_again_in_one_process_is_harmless(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = half_weights.load_kernel()
+    monkeypatch.setattr(half_weights, "_loaded", {})  # as if never loaded: load it again
+    assert half_weights.load_kernel() == path
+    x, w = torch.randn(2, 16), torch.randn(3, 16).half()
+    torch.testing.assert_close(half_weights.matvec_f16(x, w), matvec_f16_reference(x, w))
+
+
 def test_a_failed_build_names_the_compiler_error(monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
     monkeypatch.setattr(half_weights, "_loaded", {})
