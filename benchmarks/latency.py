@@ -193,14 +193,11 @@ def weights_floor(model: Any) -> Callable[[], None]:
     product for float32 weights (stored input-major), the half-weight kernel for float16."""
     weights = model._matvec_weights()  # (out, in)
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-    if model.half_weights:
-        def floor() -> None:
-            for w in weights:
-                torch.ops.newllm.matvec_f16(rows[w.shape[1]], w)
-    else:
-        def floor() -> None:
-            for w in weights:
-                torch.mm(rows[w.shape[1]], w.t())
+    product = torch.ops.newllm.matvec_f16 if model.half_weights else lambda x, w: x @ w.t()
+
+    def floor() -> None:
+        for w in weights:
+            product(rows[w.shape[1]], w)
 
     return floor
 
@@ -216,7 +213,6 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
         prefill,
     )
     from newllm import ModelConfig, TransformerLM
-    from newllm.slots import Slots
 
     torch.manual_seed(0)
     name = "tiny-pythia" if args.quick else "pythia-70m"
@@ -236,25 +232,9 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
         logits, state = prefill(model, ids)
         cache = DynamicCache()
         hf_logits = hf_prefill(hf, ids, cache)
-        slots = Slots(model, 1, compile=True)
-        handle = slots.add(state)
-        t0 = time.perf_counter()
-        slots.step([handle], [0])  # compile (a token the others do not see: a copy's state)
-        compile_s = time.perf_counter() - t0
-        slots.discard(handle)
-        handle = slots.add(state)
+        compiled, compile_s = compiled_slot_step(model, state)
         half_logits, half_state = prefill(half, ids)
-        half_slots = Slots(half, 1, compile=True)
-        half_handle = half_slots.add(half_state)
-        half_slots.step([half_handle], [0])
-        half_slots.discard(half_handle)
-        half_handle = half_slots.add(half_state)
-
-    def compiled(tok: torch.Tensor) -> torch.Tensor:
-        return slots.step([handle], tok.view(1))[:, None]  # (1, 1, V)
-
-    def compiled_half(tok: torch.Tensor) -> torch.Tensor:
-        return half_slots.step([half_handle], tok.view(1))[:, None]
+        compiled_half, _ = compiled_slot_step(half, half_state)
 
     out = interleaved_steps({"ours_eager": ours_step(model, state), "ours_compiled": compiled,
                              "ours_compiled_half": compiled_half,
@@ -276,6 +256,26 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
             "compile_s": compile_s, "greedy_tokens_agree": agree,
             "greedy_tokens_agree_half": out["ours_compiled_half"][1] == out["transformers"][1],
             "steps": len(out["transformers"][0])}
+
+
+def compiled_slot_step(model: Any, state: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                        float]:
+    """A one-slot compiled step continuing ``state`` (token (1, 1) -> logits (1, 1, V)), made
+    and compiled on a copy of the state first, and the seconds that compile took."""
+    from newllm.slots import Slots
+
+    slots = Slots(model, 1, compile=True)
+    handle = slots.add(state)
+    t0 = time.perf_counter()
+    slots.step([handle], [0])  # compile (a token the others do not see: a copy's state)
+    seconds = time.perf_counter() - t0
+    slots.discard(handle)
+    handle = slots.add(state)
+
+    def step(tok: torch.Tensor) -> torch.Tensor:
+        return slots.step([handle], tok.view(1))[:, None]
+
+    return step, seconds
 
 
 # the server ----------------------------------------------------------------------------------

@@ -132,10 +132,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         args.parser.error(str(e).replace("max_new_tokens", "--max-tokens"))
     text = args.prompt if args.prompt is not None else sys.stdin.read()
-    if args.half_weights and args.dtype not in (None, "float32"):
-        args.parser.error(f"--half-weights computes in float32; it cannot be combined with "
-                          f"--dtype {args.dtype}")
     if args.half_weights:
+        from newllm.half_weights import dtype_problem
+
+        if (problem := dtype_problem(args.dtype)) is not None:
+            args.parser.error(problem)
         args.dtype = "float32"
     model, tokenizer = _load(args)
     if args.half_weights:

@@ -49,7 +49,7 @@ KERNEL_DIR_ENV = "NEWLLM_KERNEL_DIR"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c++17", "-w"]
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # "path" once loaded, or "error": why it cannot be
-_fake_registered: list[bool] = []  # torch.compile's shape function, registered once
+_fake_registered = False  # torch.compile's shape function: registered once per process
 
 
 class HalfWeightsUnavailable(RuntimeError):
@@ -59,6 +59,13 @@ class HalfWeightsUnavailable(RuntimeError):
 def matvec_f16_reference(x: Tensor, w: Tensor) -> Tensor:
     """What ``newllm::matvec_f16`` computes: x (N, I) float32 @ w (O, I) float16, in float32."""
     return x @ w.float().t()
+
+
+def dtype_problem(dtype: str | None) -> str | None:
+    """Why half weights cannot run with a requested model dtype (None: they can)."""
+    if dtype in (None, "float32"):
+        return None
+    return f"--half-weights computes in float32; it cannot be combined with --dtype {dtype}"
 
 
 def kernel_dir() -> Path:
@@ -133,6 +140,7 @@ def _build(cxx: str) -> Path:
 def load_kernel() -> Path:
     """Build (once, cached) and load ``newllm::matvec_f16``; its path. Raises
     `HalfWeightsUnavailable` saying why when it cannot run here."""
+    global _fake_registered
     with _lock:
         if "path" in _loaded:
             return _loaded["path"]
@@ -153,7 +161,7 @@ def load_kernel() -> Path:
             raise
         if not _fake_registered:  # once per process, whatever `_loaded` says
             torch.library.register_fake("newllm::matvec_f16")(_matvec_f16_shape)
-            _fake_registered.append(True)
+            _fake_registered = True
         _loaded["path"] = path
         return path
 
@@ -184,12 +192,11 @@ class HalfWeightLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if w.dtype != torch.float16 or x.dtype != torch.float32 or x.device.type != "cpu":
+        if (w.dtype != torch.float16 or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.numel() > KERNEL_ROWS * self.in_features):  # prefill: the GEMM
             return F.linear(x, w.to(x.dtype), self.bias)
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > KERNEL_ROWS:
-            return F.linear(x, w.to(x.dtype), self.bias)
-        y = torch.ops.newllm.matvec_f16(flat, w).view(*x.shape[:-1], self.out_features)
+        y = torch.ops.newllm.matvec_f16(x.reshape(-1, self.in_features), w)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

@@ -125,9 +125,9 @@ def evaluate(model: torch.nn.Module, seq: torch.Tensor, answer: int) -> dict[str
 def evaluate_gaps(model: torch.nn.Module, args: argparse.Namespace,
                   kw: dict[str, object]) -> dict[str, dict[str, float]]:
     """`evaluate` at each of ``args.eval_gaps`` (the run's trial settings ``kw`` with that
-    gap): ``args.eval_trials`` trials per gap, from a
-    generator seeded by the run's seed and the gap (the same trials for the same seed), scored
-    ``args.eval_chunk`` at a time. -> {gap: {answer_nll, exact, first_token, trials, seconds}}."""
+    gap): ``args.eval_trials`` trials per gap, from a generator seeded by the run's seed and
+    the gap (the same trials for the same seed), scored ``args.eval_chunk`` at a time.
+    -> {gap: {answer_nll, exact, first_token, trials, seconds}}."""
     out: dict[str, dict[str, float]] = {}
     model.eval()
     for gap in args.eval_gaps:

@@ -127,9 +127,11 @@ class ServerSettings:
         if not 0 <= self.stream_interval_ms <= 1000:
             raise ValueError(f"--stream-interval-ms must be between 0 and 1000, got "
                              f"{self.stream_interval_ms}")
-        if self.half_weights and self.dtype not in (None, "float32"):
-            raise ValueError(f"--half-weights computes in float32; it cannot be combined with "
-                             f"--dtype {self.dtype}")
+        if self.half_weights:
+            from newllm.half_weights import dtype_problem
+
+            if (problem := dtype_problem(self.dtype)) is not None:
+                raise ValueError(problem)
         if self.half_weights and self.device == "cuda":
             raise ValueError("--half-weights is for decoding on the CPU; drop it with "
                              "--device cuda")
