@@ -29,8 +29,9 @@ child's compile time is a cold one, a first start on a machine, and the next one
   transformers' GPT-NeoX with the same weights (random, rounded to float16 as the released
   checkpoints are), one step of each in turn (as `benchmarks.decode` does; the greedy tokens
   must agree);
-- **server** (``--no-server`` skips): `newllm serve` (one worker, one thread) with the compiled
-  step, without, and compiled with ``--half-weights``, one client streaming completions of
+- **server** (``--no-server`` skips): `newllm serve` (one worker, one thread, the default 32
+  slots: what a user runs; one slot hid a per-step cost of looking for new jobs) with the
+  compiled step, without, and compiled with ``--half-weights``, one client streaming completions of
   ``--tokens`` tokens over loopback, turns in alternation with `newllm.generate` in this
   process with the same setting: tokens per second after the first token (the decode rate;
   the ratio is the median of the turns' ratios) and for whole requests; and the time to the
@@ -342,8 +343,10 @@ def one_server(args: argparse.Namespace, model: Any, tok: Any, prompt: list[int]
     import httpx
 
     from benchmarks.live import start_server, stop_server, wait_ready
+    from server.settings import ServerSettings
 
-    server = start_server(args.checkpoint, tmp, name, max_batch_size=1,
+    slots = ServerSettings().max_batch_size  # the default
+    server = start_server(args.checkpoint, tmp, name, max_batch_size=slots,
                           extra=["--threads", "1", *(["--half-weights"] if model.half_weights
                                                      else [])])
     rates: dict[str, list[tuple[float, ...]]] = {"server": [], "generate": []}

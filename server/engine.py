@@ -44,7 +44,9 @@ which one, `SessionStore.mark_running`), which then ends with a 409 ``session_de
 A turn with an ``Idempotency-Key`` already saved in its session is answered from the record
 without running (`server.replies`); otherwise its events are recorded and saved with it.
 
-Parked jobs: a worker takes a job from the shared queue only while its slots have room, and
+Parked jobs: a worker takes a job from the shared queue only while its slots have room (a
+thread of its own waits on the queue, `JobFeed`, so decoding never pays a round trip to
+LitServe's queue per step; it takes one job at a time, when the loop asks for one), and
 keeps jobs whose session is busy (or that wait for room) aside (at most ``MAX_PARKED``), so a
 busy session never stops it from serving other jobs, and turns of one session start in the
 order they arrived.
@@ -63,7 +65,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from queue import Empty
+from queue import Empty, Queue
 from typing import Any, TypeVar
 
 import torch
@@ -212,7 +214,7 @@ class Engine:
                                                    else "eager"))
         outbox = Outbox(send, self.stream_interval)
         try:
-            self._serve(queue, self._recorded(outbox), parked, active)
+            self._serve(JobFeed(queue), self._recorded(outbox), parked, active)
         finally:
             outbox.close()
 
@@ -734,6 +736,66 @@ class Engine:
     def _fail(rqid: int, uid: str, error: ApiError, send: Send) -> None:
         send(rqid, uid, {"t": "error", "status": error.status, **error.body()})
         send(rqid, uid, None)
+
+
+class JobFeed:
+    """LitServe's request queue as the loop reads it: a thread of its own takes the jobs.
+
+    LitServe's request queue is a `multiprocessing.Manager` queue, so each ``get_nowait`` is a
+    round trip to the manager process. The loop looks for new jobs between steps whenever its
+    slots have room, i.e. after every token of a lone streaming turn; doing that on the queue
+    itself cost a one-client server with 32 slots a fifth of its tokens/s on a 2-core CPU
+    against one with a single slot (which never looks while busy). Here the thread blocks on
+    the queue (no round trips while nothing comes) and hands what it takes to a local queue
+    the loop reads for free.
+
+    The thread takes a job only after the loop has asked for one and found none (``get`` or
+    ``get_nowait``), one at a time, so a worker whose slots are full holds at most one job
+    it cannot start yet (that job waits, parked, for room, as a busy session's jobs do) and
+    the other jobs stay on the shared queue for the other workers. The sentinel passes through
+    and ends the thread; an error reading the queue (the manager gone at shutdown) is raised
+    to the loop on its next read.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._ready: Queue[Any] = Queue()
+        self._wanted = threading.Event()  # the loop found nothing: take the next job
+        self._thread = threading.Thread(target=self._run, name="newllm-jobs", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            try:
+                item = self._source.get()
+            except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
+                self._ready.put(_Failed(e))
+                return
+            self._wanted.clear()
+            self._ready.put(item)
+            if item == SENTINEL:
+                return
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        try:
+            item = self._ready.get_nowait()
+        except Empty:
+            self._wanted.set()
+            item = self._ready.get(block, timeout)
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+
+class _Failed:
+    """What `JobFeed`'s thread met instead of a job."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class Outbox:

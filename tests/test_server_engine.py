@@ -583,3 +583,42 @@ def test_the_outbox_interval_gathers_tokens_but_never_holds_a_first_token() -> N
         ("a", {"t": "tok", "text": "1"}),
         ("a", {"t": "toks", "events": [{"t": "tok", "text": str(k)} for k in range(2, 6)]}),
         ("b", {"t": "tok", "text": "x"}), ("a", {"t": "end"})]
+
+
+def test_the_job_feed_takes_one_job_at_a_time_and_only_when_asked() -> None:
+    source: queue.Queue[Any] = queue.Queue()
+    for k in range(3):
+        source.put((0, f"u{k}", 0.0, {"k": k}))
+    feed = engine_module.JobFeed(source)
+    time.sleep(0.1)
+    assert source.qsize() == 3  # nothing asked for: the jobs stay for the other workers
+    with pytest.raises(queue.Empty):
+        feed.get_nowait()  # none here yet; the thread now takes one
+
+    def taken(n: int) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while source.qsize() > 3 - n and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.1)  # ... and no more than that
+        assert source.qsize() == 3 - n
+
+    taken(1)
+    assert feed.get_nowait()[1] == "u0"
+    assert source.qsize() == 2  # taking the one it had asks for nothing more
+    assert feed.get(timeout=WAIT_S)[1] == "u1"  # a waiting get asks and waits
+    taken(2)
+    source.put(SENTINEL)
+    assert feed.get(timeout=WAIT_S)[1] == "u2"
+    assert feed.get(timeout=WAIT_S) == SENTINEL  # passed through; the thread ends
+    feed._thread.join(WAIT_S)
+    assert not feed._thread.is_alive()
+
+
+def test_the_job_feed_raises_what_reading_the_queue_raised() -> None:
+    class Gone:
+        def get(self) -> Any:
+            raise EOFError("the manager is gone")
+
+    feed = engine_module.JobFeed(Gone())
+    with pytest.raises(EOFError, match="manager is gone"):
+        feed.get(timeout=WAIT_S)
