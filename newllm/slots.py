@@ -14,6 +14,7 @@ reading the device.
     b = slots.add(state_b)                # ... at any position, of any length
     logits = slots.step([a, b], [t_a, t_b])   # (2, V): one token each, one forward for both
     state_a = slots.remove(a)             # it leaves: its state comes back out as a value
+    slots.peaks                           # (2,) max |logit| of each row of the last step
 
 `step` runs one forward over the rows: embedding, MLPs and LM head as one batch, and in every
 mixer the attention over per-row lengths with masks, memory reads over the stacked memories,
@@ -66,8 +67,11 @@ def _none(*_: Any) -> None:
 
 
 def slots_forward(model: Any, layers: list[Any], context: Tensor | None,
-                  last_context: Tensor | None, ids: Tensor, step: SlotStep) -> Tensor:
-    """The forward of one slot step: ids (N,) in the order of ``step.rows`` -> logits (N, V).
+                  last_context: Tensor | None, ids: Tensor,
+                  step: SlotStep) -> tuple[Tensor, Tensor]:
+    """The forward of one slot step: ids (N,) in the order of ``step.rows`` -> logits (N, V)
+    and each row's largest |logit| (N,) (NaN where a logit is NaN; computed here so that the
+    compiled step fuses it instead of a caller's health check costing ops of its own).
 
     Writes the rows' keys/values (and contexts) into the slot buffers. What `Slots.step` runs,
     eagerly or compiled (`compiled_forward`; then with ``step.fixed``)."""
@@ -80,7 +84,8 @@ def slots_forward(model: Any, layers: list[Any], context: Tensor | None,
             x = step.contexts
     for block, buf in zip(model.layers, layers, strict=True):
         x = block.mix(x, block.attention.slot_step(block.input_layernorm(x), buf, step))
-    return model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
+    logits = model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
+    return logits, logits.abs().amax(dim=1)
 
 
 COMPILE_ENV = "NEWLLM_COMPILE"
@@ -142,6 +147,9 @@ class Slots:
         self.backend = backend
         self.compile_seconds = 0.0  # spent in steps that compiled (first use of a shape)
         self._shapes: set[tuple[Any, ...]] = set()  # step shapes already run compiled
+        # the last step's largest |logit| per row, in its order (NaN if any is NaN): a
+        # caller's health check reads it instead of scanning the logits again
+        self.peaks: Tensor | None = None
         dev, dt = model.device, model.dtype
         self.layers = [b.attention.slot_init(num_slots, dev, dt) for b in model.layers]
         self.context = (model.context_block.initial(num_slots, dev, dt)
@@ -254,10 +262,10 @@ class Slots:
         sorted_ids = ids if order == sorted(order) else ids[torch.tensor(order, device=dev)]
         try:
             if self.compiled:
-                logits = self._compiled_step(sorted_ids, step, last_context)
+                logits, peaks = self._compiled_step(sorted_ids, step, last_context)
             else:
-                logits = slots_forward(model, self.layers, self.context, last_context,
-                                       sorted_ids, step)
+                logits, peaks = slots_forward(model, self.layers, self.context, last_context,
+                                              sorted_ids, step)
         except BaseException as e:  # a failed step leaves every slot as it was: it can be
             for u in undo:  # retried
                 u()
@@ -278,13 +286,15 @@ class Slots:
         for r in rows:
             self.position[r] += 1
         if order == sorted(order):
+            self.peaks = peaks
             return logits
-        out = torch.empty_like(logits)
-        out[torch.tensor(order, device=dev)] = logits
+        where = torch.tensor(order, device=dev)
+        out, self.peaks = torch.empty_like(logits), torch.empty_like(peaks)
+        out[where], self.peaks[where] = logits, peaks
         return out
 
     def _compiled_step(self, ids: Tensor, step: SlotStep,
-                       last_context: Tensor | None) -> Tensor:
+                       last_context: Tensor | None) -> tuple[Tensor, Tensor]:
         """`slots_forward` compiled, over fixed-shape buffers (``step.fixed``): capacities are
         reserved before it and segment-end memory writes done after it, eagerly.
 
@@ -302,10 +312,10 @@ class Slots:
         args = (model, self.layers, self.context, last_context, ids, step)
         if shape in self._shapes:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = fn(*args)
+                out = fn(*args)
         else:
             t0 = time.perf_counter()
-            logits = fn(*args)
+            out = fn(*args)
             seconds = time.perf_counter() - t0
             self._shapes.add(shape)
             self.compile_seconds += seconds
@@ -313,7 +323,7 @@ class Slots:
                 log.info("decode step for %d row(s) compiled in %.1f s", ids.shape[0], seconds)
         for block, buf in zip(model.layers, self.layers, strict=True):
             getattr(block.attention, "slot_finish", _none)(buf, step)
-        return logits
+        return out
 
     def nbytes(self) -> int:
         """Bytes of the slot buffers (spare capacity included)."""

@@ -71,11 +71,12 @@ class ServerSettings:
                                    "(CPU, x86-64 with AVX2: half the bytes each decode step "
                                    "reads; a small kernel is built at start, then cached; "
                                    "implies --device cpu)")
-    stream_interval_ms: float = _f(5.0, "a worker sends each reply's tokens to the HTTP "
-                                        "process at most every this many ms: tokens decoded "
-                                        "meanwhile travel in one message, and a reply's first "
-                                        "token never waits. Fewer messages leave more of the "
-                                        "CPU to decoding; 0 sends every token at once")
+    stream_interval_ms: float = _f(25.0, "a worker sends each reply's tokens to the HTTP "
+                                         "process at most every this many ms: tokens decoded "
+                                         "meanwhile travel in one message; a reply's first "
+                                         "token and its end never wait. Fewer messages leave "
+                                         "more of the CPU to decoding; 0 sends every token at "
+                                         "once")
     no_compile: bool = _f(False, "decode eagerly: no torch.compile of the decode step (it "
                                  "compiles in the background at worker start, seconds to a "
                                  "minute, eager meanwhile, logged; also NEWLLM_COMPILE=0)")

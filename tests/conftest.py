@@ -95,7 +95,8 @@ def decode_rows_like_alone(model: TransformerLM, slots: Any, handle: dict[str, i
     """Decode the sessions of ``handle`` (slot handles; ``ref``: their states) ``steps`` tokens
     together, rows in changing order; session ``join`` (state ``late``) joins at step
     ``join_at`` and "a" leaves at ``leave_at`` (what it takes out is its state). Every row's
-    logits are what the eager model gives that session alone; ``ref`` ends with those states."""
+    logits are what the eager model gives that session alone, and ``slots.peaks`` their
+    largest magnitudes; ``ref`` ends with those states."""
     g = torch.Generator().manual_seed(5)
     for t in range(steps):
         if t == join_at:
@@ -105,6 +106,7 @@ def decode_rows_like_alone(model: TransformerLM, slots: Any, handle: dict[str, i
         names = sorted(handle, reverse=t % 2 == 1)
         tokens = torch.randint(1, 500, (len(names),), generator=g)
         logits = slots.step([handle[n] for n in names], tokens)
+        assert torch.equal(slots.peaks, logits.abs().amax(dim=1))  # same order as the logits
         with torch.no_grad():
             for i, n in enumerate(names):
                 alone, ref[n] = model(tokens[i].view(1, 1), ref[n])

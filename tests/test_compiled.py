@@ -53,6 +53,7 @@ def decode_alone(model: Any, state: ModelState, slots: Slots, steps: int,
     for _ in range(steps):
         token = torch.randint(1, 500, (1,), generator=g)
         logits = slots.step([handle], token)
+        assert torch.equal(slots.peaks, logits.abs().amax(dim=1))  # fused into the step
         with torch.no_grad():
             alone, state = model(token.view(1, 1), state)
         torch.testing.assert_close(logits[0], alone[0, -1], atol=1e-5, rtol=1e-5)

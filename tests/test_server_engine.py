@@ -207,8 +207,8 @@ def test_a_turn_failing_mid_decode_fails_alone(worker: Any, local: Any, failure:
             raise RuntimeError("this state broke the forward pass")
         logits = real_step(self, handles, tokens)
         if failure == "nan" and calls[0] > 3:
-            for row in far_rows:
-                logits[row] = float("nan")
+            for row in far_rows:  # as a forward pass that produced NaN there would give
+                logits[row] = self.peaks[row] = float("nan")
         return logits
 
     monkeypatch.setattr(Slots, "step", step)
@@ -556,7 +556,7 @@ def test_the_outbox_merges_tokens_and_keeps_each_requests_order() -> None:
     assert sent == [("c", {"t": "tok", "text": "q"})]
 
 
-def test_the_outbox_interval_gathers_tokens_but_never_holds_a_first_token() -> None:
+def test_the_outbox_interval_gathers_tokens_but_never_holds_a_first_token_or_an_end() -> None:
     sent: list[tuple[float, str, Any]] = []
     box = engine_module.Outbox(lambda rqid, uid, data: sent.append((time.monotonic(), uid, data)),
                                interval=1.0)
@@ -576,13 +576,21 @@ def test_the_outbox_interval_gathers_tokens_but_never_holds_a_first_token() -> N
     t1 = time.monotonic()
     box(0, "b", {"t": "tok", "text": "x"})  # ... unless another reply's first token comes
     wait_for(3)
+    box(0, "a", {"t": "tok", "text": "6"})
     box(0, "a", {"t": "end"})
+    t2 = time.monotonic()
+    box(0, "a", None)  # ... or a reply's end: what it has gathered goes with it
+    wait_for(6)
+    t3 = time.monotonic()
+    box(0, "b", {"t": "end"})
     box.close()  # sends what is left at once
     assert sent[0][0] - t0 < 0.8 and sent[2][0] - t1 < 0.8  # first tokens never waited
+    assert sent[5][0] - t2 < 0.8 and t3 - t2 < 0.8  # nor did an end
     assert [m[1:] for m in sent] == [
         ("a", {"t": "tok", "text": "1"}),
         ("a", {"t": "toks", "events": [{"t": "tok", "text": str(k)} for k in range(2, 6)]}),
-        ("b", {"t": "tok", "text": "x"}), ("a", {"t": "end"})]
+        ("b", {"t": "tok", "text": "x"}), ("a", {"t": "tok", "text": "6"}), ("a", {"t": "end"}),
+        ("a", None), ("b", {"t": "end"})]
 
 
 def test_the_job_feed_takes_one_job_at_a_time_and_only_when_asked() -> None:
