@@ -19,7 +19,9 @@ child's compile time is a cold one, a first start on a machine, and the next one
   finds its weights partly evicted by the others';
 - **half weights**: the same checkpoint under `TransformerLM.use_half_weights` (linear weights
   in float16, computed in float32): its compiled step and weights floor (the half-weight
-  kernel) in the same rounds;
+  kernel) in the same rounds; on a machine where the kernel cannot run (not x86-64 with
+  AVX2, no C++ compiler) every half-weight row is left out, the run says why and so does the
+  JSON's ``settings.half_weights`` (``--no-half`` leaves them out anyway);
 - **slots**: the slot step eager and compiled (and compiled with half weights) at
   ``--batch-sizes`` rows;
 - **generate**: `newllm.generate`, greedy, ``--tokens`` new tokens, eager, compiled and
@@ -39,6 +41,7 @@ child's compile time is a cold one, a first start on a machine, and the next one
   compiles in the background meanwhile).
 
     python -m benchmarks.latency [--quick] [--threads 1 2] [--no-server] [--no-pythia]
+                                 [--no-half]
 
 Ratios within one run are what to read: the machine may be shared.
 """
@@ -102,22 +105,19 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.child)
     model, tok = load(args.checkpoint)
-    half = load_half(args.checkpoint)
+    half = load_half(args.checkpoint) if args.half else None
     V = model.config.vocab_size
     ids = torch.tensor([prompt_ids(tok, args.context)])
     out: dict[str, Any] = {"threads": args.child}
     with torch.no_grad():
         _, state = model(ids, None)
-        _, half_state = half(ids, None)
         x = torch.tensor([[5]])
         for _ in range(3):  # eager warm-up before the memory baseline
             model(x, state, last_only=True)
         eager_slots = Slots(model, max(args.batch_sizes), compile=False)
         compiled_slots = Slots(model, max(args.batch_sizes), compile=True)
-        half_slots = Slots(half, max(args.batch_sizes), compile=True)
         rows_e = [eager_slots.add(state) for _ in range(max(args.batch_sizes))]
         rows_c = [compiled_slots.add(state) for _ in range(max(args.batch_sizes))]
-        rows_h = [half_slots.add(half_state) for _ in range(max(args.batch_sizes))]
         eager_slots.step(rows_e[:1], [5])
         rss0 = rss_mib()
         t0 = time.perf_counter()
@@ -131,39 +131,49 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("compiling failed (see the log); nothing to compare")
         out["compile"] = {"one_row_s": first, "one_and_two_rows_s": compile_s,
                           "rss_added_mib": rss_mib() - rss0}
-        for rows in (rows_h[:1], rows_h[:1], rows_h[:2], rows_h[:2]):  # compiled, untimed
-            half_slots.step(rows, [5] * len(rows))
 
         def forward() -> None:
             model(x, state, last_only=True)
 
         steps = {"weights_floor": weights_floor(model), "forward_eager": forward,
                  "slots_eager": lambda: eager_slots.step(rows_e[:1], [5]),
-                 "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5]),
-                 "weights_floor_half": weights_floor(half),
-                 "slots_compiled_half": lambda: half_slots.step(rows_h[:1], [5])}
+                 "slots_compiled": lambda: compiled_slots.step(rows_c[:1], [5])}
+        slot_sets = [eager_slots, compiled_slots]
+        if half is not None:
+            _, half_state = half(ids, None)
+            half_slots = Slots(half, max(args.batch_sizes), compile=True)
+            slot_sets.append(half_slots)
+            rows_h = [half_slots.add(half_state) for _ in range(max(args.batch_sizes))]
+            for rows in (rows_h[:1], rows_h[:1], rows_h[:2], rows_h[:2]):  # compiled, untimed
+                half_slots.step(rows, [5] * len(rows))
+            steps["weights_floor_half"] = weights_floor(half)
+            steps["slots_compiled_half"] = lambda: half_slots.step(rows_h[:1], [5])
         out["step_ms"] = {k: 1000 * v for k, v in round_robin_blocks(steps, args.repeat).items()}
         out["step_ms_alternating"] = {k: 1000 * v
                                       for k, v in round_robin(steps, args.repeat).items()}
         out["weights_mib"] = sum(w.nbytes for w in model._matvec_weights()) / 2**20
-        out["weights_mib_half"] = sum(w.nbytes for w in half._matvec_weights()) / 2**20
+        if half is not None:
+            out["weights_mib_half"] = sum(w.nbytes for w in half._matvec_weights()) / 2**20
         ms = out["step_ms"]
         out["step_speedup"] = {"vs_forward": ms["forward_eager"] / ms["slots_compiled"],
                                "vs_slots_eager": ms["slots_eager"] / ms["slots_compiled"]}
         out["slots_ms"] = {}
         for b in args.batch_sizes:
-            t = round_robin({"eager": lambda b=b: eager_slots.step(rows_e[:b], [5] * b),
-                             "compiled": lambda b=b: compiled_slots.step(rows_c[:b], [5] * b),
-                             "compiled_half": lambda b=b: half_slots.step(rows_h[:b], [5] * b)},
-                            max(5, args.repeat // 4))
+            variants = {"eager": lambda b=b: eager_slots.step(rows_e[:b], [5] * b),
+                        "compiled": lambda b=b: compiled_slots.step(rows_c[:b], [5] * b)}
+            if half is not None:
+                variants["compiled_half"] = lambda b=b: half_slots.step(rows_h[:b], [5] * b)
+            t = round_robin(variants, max(5, args.repeat // 4))
             out["slots_ms"][str(b)] = {k: 1000 * v for k, v in t.items()}
-        for s in (eager_slots, compiled_slots, half_slots):
+        for s in slot_sets:
             for h in list(s._handles):
                 s.discard(h)
 
     prompt = prompt_ids(tok, 32)
     params = SamplingParams(max_new_tokens=args.tokens, temperature=0, stop_token_ids=())
-    runs = {"eager": (model, False), "compiled": (model, True), "compiled_half": (half, True)}
+    runs = {"eager": (model, False), "compiled": (model, True)}
+    if half is not None:
+        runs["compiled_half"] = (half, True)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for m, compile in runs.values():  # untimed: one-slot buffers are a new compiled shape
         generate(m, prompt, None, params.replace(max_new_tokens=4), compile=compile).collect()
@@ -223,7 +233,7 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
         for w in model._matvec_weights():
             w.copy_(w.half().float())
     hf = hf_twin(model)  # same weights, its own layout
-    half = copy.deepcopy(model).use_half_weights()
+    half = copy.deepcopy(model).use_half_weights() if args.half else None
     model.use_input_major_weights()
     ids = torch.randint(0, model.config.vocab_size, (1, context),
                         generator=torch.Generator().manual_seed(0))
@@ -234,29 +244,32 @@ def pythia_vs_transformers(args: argparse.Namespace) -> dict[str, Any]:
         cache = DynamicCache()
         hf_logits = hf_prefill(hf, ids, cache)
         compiled, compile_s = compiled_slot_step(model, state)
-        half_logits, half_state = prefill(half, ids)
-        compiled_half, _ = compiled_slot_step(half, half_state)
+        steps = {"ours_eager": ours_step(model, state), "ours_compiled": compiled,
+                 "transformers": hf_step(hf, cache)}
+        first = {"ours_eager": logits, "ours_compiled": logits, "transformers": hf_logits}
+        floors = {"weights_floor": weights_floor(model)}
+        if half is not None:
+            first["ours_compiled_half"], half_state = prefill(half, ids)
+            steps["ours_compiled_half"], _ = compiled_slot_step(half, half_state)
+            floors["weights_floor_half"] = weights_floor(half)
 
-    out = interleaved_steps({"ours_eager": ours_step(model, state), "ours_compiled": compiled,
-                             "ours_compiled_half": compiled_half,
-                             "transformers": hf_step(hf, cache)},
-                            {"ours_eager": logits, "ours_compiled": logits,
-                             "ours_compiled_half": half_logits, "transformers": hf_logits},
-                            args.pythia_steps, warmup=2)
+    out = interleaved_steps(steps, first, args.pythia_steps, warmup=2)
     ms = {k: 1000 * statistics.median(t) for k, (t, _) in out.items()}
-    floors = round_robin({"weights_floor": weights_floor(model),
-                          "weights_floor_half": weights_floor(half)}, args.pythia_steps)
-    ms.update({k: 1000 * v for k, v in floors.items()})
+    ms.update({k: 1000 * v for k, v in round_robin(floors, args.pythia_steps).items()})
     agree = out["ours_eager"][1] == out["ours_compiled"][1] == out["transformers"][1]
-    return {"model": name, "context": context, "ms_per_token": ms,
-            "weights_mib": sum(w.nbytes for w in model._matvec_weights()) / 2**20,
-            "speedup_vs_transformers": {
-                "eager": ms["transformers"] / ms["ours_eager"],
-                "compiled": ms["transformers"] / ms["ours_compiled"],
-                "compiled_half": ms["transformers"] / ms["ours_compiled_half"]},
-            "compile_s": compile_s, "greedy_tokens_agree": agree,
-            "greedy_tokens_agree_half": out["ours_compiled_half"][1] == out["transformers"][1],
-            "steps": len(out["transformers"][0])}
+    result = {"model": name, "context": context, "ms_per_token": ms,
+              "weights_mib": sum(w.nbytes for w in model._matvec_weights()) / 2**20,
+              "speedup_vs_transformers": {
+                  "eager": ms["transformers"] / ms["ours_eager"],
+                  "compiled": ms["transformers"] / ms["ours_compiled"]},
+              "compile_s": compile_s, "greedy_tokens_agree": agree,
+              "steps": len(out["transformers"][0])}
+    if half is not None:
+        result["speedup_vs_transformers"]["compiled_half"] = (ms["transformers"]
+                                                              / ms["ours_compiled_half"])
+        result["greedy_tokens_agree_half"] = (out["ours_compiled_half"][1]
+                                              == out["transformers"][1])
+    return result
 
 
 def compiled_slot_step(model: Any, state: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor],
@@ -317,11 +330,12 @@ def server_vs_library(args: argparse.Namespace) -> dict[str, Any]:
     only."""
     torch.set_num_threads(1)
     model, tok = load(args.checkpoint)
-    half = load_half(args.checkpoint).use_input_major_weights()  # as a server's worker
     prompt = prompt_ids(tok, 32)
     out: dict[str, Any] = {}
-    settings = {"compiled": True} if args.quick else {"compiled": True, "eager": False,
-                                                      "compiled_half": True}
+    settings = {"compiled": True} if args.quick else {"compiled": True, "eager": False}
+    if args.half and not args.quick:
+        settings["compiled_half"] = True
+        half = load_half(args.checkpoint).use_input_major_weights()  # as a server's worker
     saved = os.environ.get("NEWLLM_COMPILE")  # a server's setting goes by the environment
     try:
         with tempfile.TemporaryDirectory(prefix="newllm-latency-") as tmp:
@@ -389,12 +403,13 @@ def goals(children: list[dict[str, Any]], server: dict[str, Any] | None) -> dict
         "generate_tokens_per_s": {"target": GOALS["generate_tokens_per_s"],
                                   "value": one["generate_tokens_per_s"]["compiled"]},
     }
-    out["step_ms_half_weights"] = {"target": GOALS["step_ms"],
-                                   "value": one["step_ms"]["slots_compiled_half"],
-                                   "weights_floor_ms": one["step_ms"]["weights_floor_half"]}
-    out["generate_tokens_per_s_half_weights"] = {
-        "target": GOALS["generate_tokens_per_s"],
-        "value": one["generate_tokens_per_s"]["compiled_half"]}
+    if "slots_compiled_half" in one["step_ms"]:  # measured where the kernel runs
+        out["step_ms_half_weights"] = {"target": GOALS["step_ms"],
+                                       "value": one["step_ms"]["slots_compiled_half"],
+                                       "weights_floor_ms": one["step_ms"]["weights_floor_half"]}
+        out["generate_tokens_per_s_half_weights"] = {
+            "target": GOALS["generate_tokens_per_s"],
+            "value": one["generate_tokens_per_s"]["compiled_half"]}
     if server is not None:
         out["server_vs_generate"] = {"target": GOALS["server_vs_generate"],
                                      "value": server["compiled"]["ratio_decode"]}
@@ -406,8 +421,9 @@ def goals(children: list[dict[str, Any]], server: dict[str, Any] | None) -> dict
         speedup = one["pythia_70m"]["speedup_vs_transformers"]
         out["pythia_vs_transformers"] = {"target": GOALS["pythia_vs_transformers"],
                                          "value": speedup["compiled"]}
-        out["pythia_vs_transformers_half_weights"] = {
-            "target": GOALS["pythia_vs_transformers"], "value": speedup["compiled_half"]}
+        if "compiled_half" in speedup:
+            out["pythia_vs_transformers_half_weights"] = {
+                "target": GOALS["pythia_vs_transformers"], "value": speedup["compiled_half"]}
     for name, g in out.items():
         below = name.startswith("step_ms")
         g["met"] = g["value"] <= g["target"] if below else g["value"] >= g["target"]
@@ -420,6 +436,8 @@ def plot(children: list[dict[str, Any]], out_dir: Path) -> None:
     for c in children:
         sizes = [int(b) for b in c["slots_ms"]]
         for mode, style in (("eager", "--"), ("compiled", "-"), ("compiled_half", ":")):
+            if mode not in c["slots_ms"][str(sizes[0])]:
+                continue
             ax.plot(sizes, [c["slots_ms"][str(b)][mode] for b in sizes], style, marker="o",
                     label=f"slots {mode.replace('_half', ', half weights')}, "
                           f"{c['threads']} thread(s)")
@@ -427,8 +445,9 @@ def plot(children: list[dict[str, Any]], out_dir: Path) -> None:
                    label=f"model(x, state), {c['threads']} thread(s)")
         ax.scatter([1], [c["step_ms"]["weights_floor"]], marker="_", s=200,
                    label=f"weights floor (one-row products), {c['threads']} thread(s)")
-        ax.scatter([1], [c["step_ms"]["weights_floor_half"]], marker="1", s=120,
-                   label=f"weights floor, half weights, {c['threads']} thread(s)")
+        if "weights_floor_half" in c["step_ms"]:
+            ax.scatter([1], [c["step_ms"]["weights_floor_half"]], marker="1", s=120,
+                       label=f"weights floor, half weights, {c['threads']} thread(s)")
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.legend(fontsize=8)
     save_figure(fig, plot_path("latency", out_dir))
@@ -449,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pythia-steps", type=int, default=None)
     ap.add_argument("--no-server", dest="server", action="store_false")
     ap.add_argument("--no-pythia", dest="pythia", action="store_false")
+    ap.add_argument("--no-half", dest="half", action="store_false",
+                    help="skip half weights (also skipped, saying why, where they cannot run)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -464,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from newllm.half_weights import kernel_problem
 
-    problem = kernel_problem()  # built here once, before the children look for it
-    if problem is not None:
-        ap.error(f"this benchmark measures half weights too, which cannot run here: {problem}")
+    # the kernel is built here once, before the children look for it
+    problem = kernel_problem() if args.half else "--no-half"
+    if problem is not None and args.half:
+        print(f"half weights are not measured: {problem}", flush=True)
+    args.half = problem is None
     args.out = results_folder(args.out, args.quick)
     threads = args.threads or ([1] if args.quick else [1, 2])
     children = []
@@ -484,25 +507,26 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else []
             cmd += ["--quick"] if args.quick else []
             cmd += [] if args.pythia and i == 0 else ["--no-pythia"]
+            cmd += [] if args.half else ["--no-half"]
             subprocess.run(cmd, check=True, env=env)
             children.append(json.loads(path.read_text()))
             c = children[-1]
-            print(f"{n} thread(s): step {c['step_ms']['forward_eager']:.2f} ms eager, "
-                  f"{c['step_ms']['slots_compiled']:.2f} compiled, "
-                  f"{c['step_ms']['slots_compiled_half']:.2f} compiled with half weights, "
-                  f"{c['step_ms']['weights_floor']:.2f} weights floor "
-                  f"({c['step_ms']['weights_floor_half']:.2f} half); generate "
-                  f"{c['generate_tokens_per_s']['eager']:.0f} -> "
-                  f"{c['generate_tokens_per_s']['compiled']:.0f} -> "
-                  f"{c['generate_tokens_per_s']['compiled_half']:.0f} tok/s; compile "
-                  f"{c['compile']['one_and_two_rows_s']:.1f} s", flush=True)
+            ms, rate = c["step_ms"], c["generate_tokens_per_s"]
+            half = (f" ({ms['slots_compiled_half']:.2f} with half weights, floor "
+                    f"{ms['weights_floor_half']:.2f})" if args.half else "")
+            print(f"{n} thread(s): step {ms['forward_eager']:.2f} ms eager, "
+                  f"{ms['slots_compiled']:.2f} compiled{half}, {ms['weights_floor']:.2f} "
+                  f"weights floor; generate {rate['eager']:.0f} -> {rate['compiled']:.0f}"
+                  + (f" -> {rate['compiled_half']:.0f}" if args.half else "")
+                  + f" tok/s; compile {c['compile']['one_and_two_rows_s']:.1f} s", flush=True)
     server = server_vs_library(args) if args.server else None
     results = {"threads": children, "server_single_stream": server,
                "goals": goals(children, server)}
     settings = {"quick": args.quick, "checkpoint": args.checkpoint or "default",
                 "context": args.context, "batch_sizes": args.batch_sizes,
                 "tokens": args.tokens, "repeat": args.repeat, "dtype": "float32",
-                "layout": "input-major", "inductor_cache": "fresh: first child cold"}
+                "layout": "input-major", "inductor_cache": "fresh: first child cold",
+                "half_weights": "measured" if problem is None else f"not measured: {problem}"}
     path = write_result("latency", settings, results, args.out)
     plot(children, args.out)
     print(f"wrote {path}")

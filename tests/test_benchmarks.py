@@ -83,6 +83,7 @@ def _check_schema(name: str, doc: dict) -> None:
             assert r["first_request_ttft_s"] > 0 and r["turns"] > 0
         assert {"step_ms", "generate_tokens_per_s", "server_vs_generate"} <= set(res["goals"])
         assert "pythia_vs_transformers" not in res["goals"]  # quick mode's pythia is tiny
+        assert settings["half_weights"] == "measured"
     if name == "prefill":
         assert res["last_logits_equal_transformers"] is True
         assert set(res["rows"]) >= {"pythia", "infini", "transformers_gpt_neox"}
@@ -251,3 +252,23 @@ def test_interleaved_steps_decode_like_separate_runs() -> None:
     assert both["a"][1] == greedy_steps(ours_step(a, sa), la, 6, warmup=1)[1]
     assert both["b"][1] == greedy_steps(ours_step(b, sb), lb, 6, warmup=1)[1]
     assert len(both["a"][0]) == len(both["b"][0]) == 6 and len(both["a"][1]) == 7
+
+
+def test_latency_leaves_half_weights_out_where_they_cannot_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import latency
+    from newllm import half_weights
+
+    monkeypatch.setattr(half_weights, "kernel_problem", lambda: "no AVX2 on this CPU (test)")
+    assert latency.main(["--quick", "--no-server", "--no-pythia", "--out", str(tmp_path)]) == 0
+    assert "half weights are not measured: no AVX2 on this CPU (test)" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "latency.json").read_text())
+    assert doc["settings"]["half_weights"] == "not measured: no AVX2 on this CPU (test)"
+    child = doc["results"]["threads"][0]
+    assert set(child["step_ms"]) == {"weights_floor", "forward_eager", "slots_eager",
+                                     "slots_compiled"}
+    assert set(child["generate_tokens_per_s"]) == {"eager", "compiled"}
+    assert all(set(by) == {"eager", "compiled"} for by in child["slots_ms"].values())
+    assert set(doc["results"]["goals"]) == {"step_ms", "generate_tokens_per_s"}
+    assert (tmp_path / "latency.png").stat().st_size > 1000
