@@ -782,8 +782,11 @@ class JobFeed:
         try:
             item = self._ready.get_nowait()
         except Empty:
-            self._wanted.set()
-            item = self._ready.get(block, timeout)
+            if not self._wanted.is_set():  # (asked after every step of a busy loop)
+                self._wanted.set()
+            if not block:
+                raise
+            item = self._ready.get(True, timeout)
         if isinstance(item, _Failed):
             raise item.error
         return item
