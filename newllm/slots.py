@@ -89,9 +89,11 @@ def slots_forward(model: Any, layers: list[Any], context: Tensor | None,
 
 
 COMPILE_ENV = "NEWLLM_COMPILE"
-# model -> backend (torch.compile's) -> compiled slots_forward
+CPP_WRAPPER_ENV = "NEWLLM_CPP_WRAPPER"  # 0: inductor's Python wrapper on the CPU too
+# model -> (backend (torch.compile's), C++ wrapper) -> compiled slots_forward
 _COMPILED: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 _FAILED: list[str] = []  # why compiling failed (then every step runs eagerly)
+_CPP_WRAPPER_FAILED: list[str] = []  # why the C++ wrapper failed (then the Python one is used)
 
 
 def compile_enabled(flag: bool | None = None, default: bool = False) -> bool:
@@ -106,9 +108,22 @@ def compile_enabled(flag: bool | None = None, default: bool = False) -> bool:
     return True if env in ("1", "true", "yes", "on") else default
 
 
-def compiled_forward(model: Any, backend: Any = "inductor") -> Any:
+def cpp_wrapper(model: Any, backend: Any = "inductor") -> bool:
+    """Whether inductor should wrap ``model``'s compiled step in C++ rather than Python: on
+    the CPU unless ``NEWLLM_CPP_WRAPPER=0`` or it failed to compile in this process.
+
+    The Python wrapper calls every kernel and library product of a step from Python; the C++
+    one calls them from one C++ function. Measured on the bundled model (1 thread, 2-core
+    CPU, the same logits bit for bit): 2.21 -> 1.98 ms per step in float32, 1.05 -> 0.92 ms
+    with half weights."""
+    off = os.environ.get(CPP_WRAPPER_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    return (backend == "inductor" and model.device.type == "cpu" and not off
+            and not _CPP_WRAPPER_FAILED)
+
+
+def compiled_forward(model: Any, backend: Any = "inductor", cpp: bool = False) -> Any:
     """`slots_forward` compiled with torch.compile (inductor on the CPU) for ``model``, made
-    on first use.
+    on first use; ``cpp``: with inductor's C++ wrapper (`cpp_wrapper`).
 
     Compiling happens on a step's first call with a new shape (rows, buffer capacities); the
     first shapes get code of their own, later ones share code with dynamic sizes (torch's
@@ -117,12 +132,14 @@ def compiled_forward(model: Any, backend: Any = "inductor") -> Any:
     with a limit on how many versions it keeps: each model and backend gets a code object of
     its own, so none runs another's code or uses up another's versions."""
     by_backend = _COMPILED.setdefault(model, {})
-    if backend not in by_backend:
-        name = getattr(backend, "__name__", str(backend))
+    if (backend, cpp) not in by_backend:
+        name = getattr(backend, "__name__", str(backend)) + ("_cpp" if cpp else "")
         code = slots_forward.__code__.replace(co_name=f"slots_forward_{name}_{id(by_backend)}")
         fn = types.FunctionType(code, slots_forward.__globals__, code.co_name)
-        by_backend[backend] = torch.compile(fn, backend=backend, fullgraph=True)
-    return by_backend[backend]
+        options = {"cpp_wrapper": True} if cpp else None
+        by_backend[backend, cpp] = torch.compile(fn, backend=backend, fullgraph=True,
+                                                 options=options)
+    return by_backend[backend, cpp]
 
 
 def _compile_failure(e: BaseException) -> bool:
@@ -273,6 +290,12 @@ class Slots:
                 self.context[step.rows] = last_context
             if self.compiled and _compile_failure(e):
                 why = f"{type(e).__name__}: {e}"
+                if cpp_wrapper(model, self.backend) and "RecompileLimit" not in why:
+                    _CPP_WRAPPER_FAILED.append(why)  # the Python wrapper gets its chance
+                    log.warning("compiling the decode step with inductor's C++ wrapper "
+                                "failed; trying its Python wrapper (%s=0 skips the C++ one): "
+                                "%s", CPP_WRAPPER_ENV, why[:2000])
+                    return self.step(handles, tokens)
                 if "RecompileLimit" in type(e).__name__:  # too many shapes: these slots only
                     log.warning("the compiled decode step met too many shapes; these slots "
                                 "decode eagerly from now on: %s", why[:2000])
@@ -305,10 +328,11 @@ class Slots:
         model = self.model
         for block, buf in zip(model.layers, self.layers, strict=True):
             getattr(block.attention, "slot_reserve", _none)(buf, step)
+        cpp = cpp_wrapper(model, self.backend)
         shape = (ids.shape[0], None if step.span is None else step.span.start,
-                 torch.is_inference_mode_enabled(),
+                 torch.is_inference_mode_enabled(), cpp,
                  tuple(_get(o, n).shape for buf in self.layers for o, n in _tensors(buf)))
-        fn = compiled_forward(model, self.backend)
+        fn = compiled_forward(model, self.backend, cpp)
         args = (model, self.layers, self.context, last_context, ids, step)
         if shape in self._shapes:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):

@@ -7,8 +7,9 @@ gives the same tokens. The fixed-shape step itself (``SlotStep.fixed``: whole bu
 segment writes after the step) is checked for every variant with torch.compile's "eager"
 backend, which traces it exactly as inductor does (one graph, no breaks) but compiles nothing:
 several sessions joining and leaving, rows in any order. A counting backend shows that one
-compiled graph serves every token (no compile per token), and the switches: ``NEWLLM_COMPILE``
-and falling back to eager when compiling fails.
+compiled graph serves every token (no compile per token), and the switches: ``NEWLLM_COMPILE``,
+falling back to eager when compiling fails, and from inductor's C++ wrapper (the CPU default)
+to its Python one when the C++ one fails.
 """
 
 from __future__ import annotations
@@ -222,3 +223,35 @@ def test_a_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch,
     assert not slots.compiled and "no C++ compiler" in slots_module._FAILED[0]
     assert "decoding eagerly" in caplog.text
     assert not compile_enabled(True)  # nor is it tried again in this process
+
+
+def test_a_cpp_wrapper_failure_falls_back_to_the_python_wrapper(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(slots_module, "_FAILED", [])
+    monkeypatch.setattr(slots_module, "_CPP_WRAPPER_FAILED", [])  # this test's failure stays here
+    monkeypatch.delenv("NEWLLM_CPP_WRAPPER", raising=False)
+    # what inductor raises when the C++ wrapper's code does not build
+    boom = type("CppCompileError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+    real, asked = slots_module.compiled_forward, []
+
+    def forward(model: Any, backend: Any = "inductor", cpp: bool = False) -> Any:
+        asked.append(cpp)
+        if not cpp:
+            return real(model, backend, cpp)
+
+        def fail(*args: Any) -> Any:
+            raise boom("the C++ wrapper does not build here")
+        return fail
+
+    monkeypatch.setattr(slots_module, "compiled_forward", forward)
+    model = make_tiny_model("tiny-infini", init_std=0.1)
+    assert slots_module.cpp_wrapper(model)  # the default on the CPU
+    slots = Slots(model, 1, compile=True)
+    decode_alone(model, read_state(model, 12, 1), slots, 8)  # the eager logits, compiled
+    assert slots.compiled and asked[0] is True and set(asked[1:]) == {False}
+    assert "does not build" in slots_module._CPP_WRAPPER_FAILED[0]
+    assert "trying its Python wrapper" in caplog.text
+    assert not slots_module.cpp_wrapper(model)  # not tried again in this process
+    monkeypatch.setattr(slots_module, "_CPP_WRAPPER_FAILED", [])
+    monkeypatch.setenv("NEWLLM_CPP_WRAPPER", "0")  # an operator's switch
+    assert not slots_module.cpp_wrapper(model)
