@@ -162,6 +162,7 @@ class Slots:
         self.num_slots = num_slots
         self.compiled = compile_enabled(compile)
         self.backend = backend
+        self._cpp = cpp_wrapper(model, backend)  # the switch is read once, as NEWLLM_COMPILE
         self.compile_seconds = 0.0  # spent in steps that compiled (first use of a shape)
         self._shapes: set[tuple[Any, ...]] = set()  # step shapes already run compiled
         # the last step's largest |logit| per row, in its order (NaN if any is NaN): a
@@ -290,13 +291,14 @@ class Slots:
                 self.context[step.rows] = last_context
             if self.compiled and _compile_failure(e):
                 why = f"{type(e).__name__}: {e}"
-                if cpp_wrapper(model, self.backend) and "RecompileLimit" not in why:
+                too_many_shapes = "RecompileLimit" in type(e).__name__
+                if self._use_cpp and not too_many_shapes:
                     _CPP_WRAPPER_FAILED.append(why)  # the Python wrapper gets its chance
                     log.warning("compiling the decode step with inductor's C++ wrapper "
                                 "failed; trying its Python wrapper (%s=0 skips the C++ one): "
                                 "%s", CPP_WRAPPER_ENV, why[:2000])
                     return self.step(handles, tokens)
-                if "RecompileLimit" in type(e).__name__:  # too many shapes: these slots only
+                if too_many_shapes:  # these slots only
                     log.warning("the compiled decode step met too many shapes; these slots "
                                 "decode eagerly from now on: %s", why[:2000])
                 else:
@@ -316,6 +318,12 @@ class Slots:
         out[where], self.peaks[where] = logits, peaks
         return out
 
+    @property
+    def _use_cpp(self) -> bool:
+        """Whether the compiled step is wrapped in C++ (`cpp_wrapper`; off for every `Slots`
+        of the process once it failed)."""
+        return self._cpp and not _CPP_WRAPPER_FAILED
+
     def _compiled_step(self, ids: Tensor, step: SlotStep,
                        last_context: Tensor | None) -> tuple[Tensor, Tensor]:
         """`slots_forward` compiled, over fixed-shape buffers (``step.fixed``): capacities are
@@ -328,7 +336,7 @@ class Slots:
         model = self.model
         for block, buf in zip(model.layers, self.layers, strict=True):
             getattr(block.attention, "slot_reserve", _none)(buf, step)
-        cpp = cpp_wrapper(model, self.backend)
+        cpp = self._use_cpp
         shape = (ids.shape[0], None if step.span is None else step.span.start,
                  torch.is_inference_mode_enabled(), cpp,
                  tuple(_get(o, n).shape for buf in self.layers for o, n in _tensors(buf)))
