@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "and session-state bytes at several context lengths.")
     _add_checkpoint(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--parameters", action="store_true",
+                      help="also list every parameter's name and shape (the names "
+                           "`newllm train --train-only` matches)")
     info.set_defaults(func=cmd_info, parser=info)
 
     for name, (module, _, text) in DISPATCH.items():
@@ -210,6 +213,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             str(p): state_bytes(model, worst_position(model.config, p)) for p in INFO_POSITIONS},
         "state_bytes_per_1k_tokens": state_growth_per_1k(model),
     }
+    if args.parameters:
+        report["parameter_shapes"] = {name: list(p.shape)
+                                      for name, p in model.named_parameters()}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -228,6 +234,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     growth = report["state_bytes_per_1k_tokens"]
     print(f"  growth: {growth:,.0f} bytes per 1k tokens"
           + (" (fixed-size memory)" if growth == 0 else ""))
+    if args.parameters:
+        print("parameters by name:")
+        for name, shape in report["parameter_shapes"].items():
+            print(f"  {name}: {tuple(shape)} ({math.prod(shape):,})")
     return 0
 
 

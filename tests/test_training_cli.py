@@ -76,6 +76,37 @@ def test_tokenizer_phase1_then_phase2(tmp_path, corpus, capsys):
     assert not torch.equal(a["embed_out.weight"], b["embed_out.weight"])
 
 
+def test_train_only_freezes_the_rest_and_resumes(tmp_path, corpus, capsys):
+    """--train-only: parameters matching a pattern change, all others stay bit for bit; the
+    banner says what trains; a resumed run keeps the same split; a pattern that matches
+    nothing is a clear error before anything is written."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    args = ["--data", str(corpus), "--preset", "tiny-infini", "--batch-size", "2",
+            "--segments", "2", "--cache-dir", "none", "--tokenizer", "byte-level"]
+    assert train_main([*args, "--out", str(base), "--steps", "1"]) == 0
+    run = tmp_path / "run"
+    only = ["--init", str(base), "--out", str(run), "--train-only", "layers.1.attention.*",
+            "embed_out.weight"]
+    assert train_main([*args, *only, "--steps", "4", "--stop-at", "2"]) == 0
+    said = capsys.readouterr()
+    assert "only layers.1.attention.*, embed_out.weight" in said.out + said.err
+    assert train_main([*args, *only, "--steps", "4"]) == 0  # resumes from step 2
+    assert last_json(capsys.readouterr().out)["steps"] == 4
+    a, b = load_file(str(base / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    trained = {k for k in a if not torch.equal(a[k], b[k])}
+    assert "embed_out.weight" in trained and "layers.1.attention.dense.weight" in trained
+    assert all(k == "embed_out.weight" or k.startswith("layers.1.attention.") for k in trained)
+
+    bad = tmp_path / "bad"
+    assert train_main([*args, "--init", str(base), "--out", str(bad),
+                       "--train-only", "layers.9.*"]) == 2
+    err = capsys.readouterr().err
+    assert "'layers.9.*' matches no parameter" in err and "newllm info --parameters" in err
+    assert not list(bad.glob("**/*.safetensors"))
+
+
 def test_errors_are_one_clear_line(tmp_path, corpus, capsys):
     assert eval_main([]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err

@@ -80,6 +80,10 @@ class TrainConfig:
     """clip the gradient norm to this (0 = off)"""
     bf16: bool = False
     """bf16 autocast (about 2x faster on recent CPUs and GPUs)"""
+    train_only: tuple[str, ...] = ()
+    """train only the parameters whose names match one of these patterns (shell-style, e.g.
+    'layers.1.attention.*'; see the names with `newllm info --parameters`), the rest frozen;
+    empty = everything (less what --freeze-context keeps)"""
     freeze_context: bool = True
     """context models: keep the context block frozen (it is trained by Phase 1)"""
     lct: bool = False

@@ -32,6 +32,7 @@ model.safetensors, tokenizer.json), which ``newllm eval --checkpoint <out>`` rea
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import random
@@ -150,6 +151,27 @@ def load_tokenizer(spec: str) -> Any:
     return Tokenizer.from_file(p)
 
 
+def train_only(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Freeze every parameter whose name matches none of ``patterns`` (shell-style, matched
+    against the whole name); returns the names left to train. A pattern that matches nothing
+    is an error naming it, so a typo cannot silently freeze the whole model."""
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"--train-only {pattern!r} matches no parameter (names look like "
+                             f"{', '.join(names[:3])}; `newllm info --parameters` lists them)")
+    kept = []
+    for name, p in model.named_parameters():
+        keep = p.requires_grad and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(keep)
+        if keep:
+            kept.append(name)
+    if not kept:
+        raise ValueError(f"--train-only {' '.join(patterns)} leaves nothing to train "
+                         "(what it matches is frozen by --freeze-context)")
+    return kept
+
+
 def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
     """A fresh model from the preset with the options applied; vocabulary and EOS come from the
     tokenizer."""
@@ -216,6 +238,8 @@ class Trainer:
         self._data()
         if self.model.config.has_context_block and cfg.freeze_context:
             self.model.context_block.requires_grad_(False)
+        if cfg.train_only:
+            train_only(self.model, cfg.train_only)
         if cfg.lct and (cfg.freeze_context or not self.model.config.has_context_block):
             raise ValueError("--lct trains the context block: use it with a context model and "
                              "--no-freeze-context")
@@ -500,6 +524,8 @@ class Trainer:
                   else f"fresh weights (seed {cfg.seed})")
         frozen = ("context block frozen" if c.has_context_block and cfg.freeze_context
                   else "nothing frozen")
+        if cfg.train_only:
+            frozen = f"only {', '.join(cfg.train_only)}"
         _log(self.dist, f"model {c.name!r}: {m.num_parameters():,} parameters{why}, "
                         f"{trainable:,} trained ({frozen}); layers {list(c.layers)}; {source}")
         _log(self.dist, f"run: {tokens_per_step:,} tokens per step, steps {self.step} to "
