@@ -15,6 +15,10 @@ the share of a same-shape Pythia KV cache) and the speed column is measured here
 at ``--speed-context`` tokens of context, random weights of that config, batch 1, fp32, the
 weights stored as the server runs them unless ``--default-layout``).
 
+``--keep FILE`` carries over the rows of an earlier ``quality.json`` that this run does not
+produce, as they were (their figures, date and machine recorded in ``kept_from``): a new
+bundled model's row can replace the old one without retraining the others.
+
 Without any input, the bundled default checkpoint is evaluated; ``--quick`` evaluates untrained
 ``tiny-infini`` and ``tiny-pythia`` on the built-in paragraph instead (to exercise the path).
 Exits 1, writing nothing, when a row has no size or no perplexity.
@@ -149,6 +153,18 @@ def evaluate_here(spec: str, data: Path, quick: bool) -> dict[str, Any]:
     return evaluate(cfg)
 
 
+def read_kept(path: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier quality result, each marked with where and when it was measured;
+    rows it had kept itself keep their first mark."""
+    try:
+        doc = json.loads(path.read_text())
+        rows = doc["results"]["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--keep {path}: not a quality result ({e})") from e
+    mark = {"file": str(path), "date": doc.get("date"), "machine": doc.get("machine")}
+    return [{**row, "kept_from": row.get("kept_from") or mark} for row in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny untrained models (< 1 minute)")
@@ -161,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="text for --evaluate (default: a built-in paragraph)")
     ap.add_argument("--speed-context", type=int, default=None,
                     help="context of the decode timing (default 1024; quick 64)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="an earlier quality.json: its rows this run does not produce are kept "
+                         "as they were, marked with their date")
     add_layout_flag(ap)
     args = ap.parse_args(argv)
+    kept = read_kept(args.keep) if args.keep else []
     args.out = results_folder(args.out, args.quick)  # a quick run never replaces results
     evaluate_specs = args.evaluate
     if evaluate_specs is None and not (args.eval or args.metrics):
@@ -213,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         print("FAILED: " + "; ".join(problems), file=sys.stderr)
         return 1
     table = list(rows.values())
+    table += [row for row in kept if row["checkpoint"] not in rows]
     settings = {"quick": args.quick, "eval": [str(p) for p in args.eval],
                 "metrics": [str(p) for p in args.metrics], "evaluated": evaluate_specs or [],
+                "kept_from": str(args.keep) if args.keep else None,
                 "data": str(args.data) if args.data else "built-in paragraph",
                 "size_at_tokens": list(SIZE_AT), "decode_context": context,
                 "decode_steps": steps,

@@ -307,13 +307,18 @@ def _quality(doc: Doc) -> list[str]:
             _n(r["tokens_seen"]) if "tokens_seen" in r else "-",
             _n(r["train_tokens_per_s"]) if "train_tokens_per_s" in r else "-"])
     context = doc["settings"]["decode_context"]
+    kept = [f"{r['name']} ({str(r['kept_from'].get('date') or '?')[:10]})"
+            for r in doc["results"]["rows"] if r.get("kept_from")]
+    note = ([] if not kept else
+            ["", "Kept from an earlier run of this benchmark, with that run's figures: "
+                 + ", ".join(kept) + "."])
     return (["Size, speed and quality side by side (state at 16,384 tokens and its share of a "
              f"same-shape Pythia KV cache; decode at {context:,} tokens of context; perplexity; "
              "perplexity with memory carried / reset every segment; exact passkey recall by "
              "distance in segments; training tokens seen and tokens/s):", ""]
             + _table(["model", "parameters", "state", "vs Pythia", "decode ms/token",
                       "perplexity", "memory / reset", "passkey", "tokens seen",
-                      "train tokens/s"], body))
+                      "train tokens/s"], body) + note)
 
 
 def _latency(doc: Doc) -> list[str]:

@@ -272,3 +272,28 @@ def test_latency_leaves_half_weights_out_where_they_cannot_run(
     assert all(set(by) == {"eager", "compiled"} for by in child["slots_ms"].values())
     assert set(doc["results"]["goals"]) == {"step_ms", "generate_tokens_per_s"}
     assert (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def test_quality_keeps_earlier_rows_it_does_not_replace(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--keep: a new run replaces the rows it produces and carries the others over as they
+    were, marked with their date, and the report says which rows are kept."""
+    from benchmarks import quality
+
+    old = tmp_path / "old"
+    assert quality.main(["--quick", "--out", str(old), "--evaluate", "tiny-pythia"]) == 0
+    doc = json.loads((old / "quality.json").read_text())
+    new = tmp_path / "new"
+    assert quality.main(["--quick", "--out", str(new), "--evaluate", "tiny-infini",
+                         "--keep", str(old / "quality.json")]) == 0
+    rows = {r["name"]: r for r in json.loads((new / "quality.json").read_text())
+            ["results"]["rows"]}
+    assert set(rows) == {"tiny-infini", "tiny-pythia"}
+    assert "kept_from" not in rows["tiny-infini"]  # measured in this run
+    assert rows["tiny-pythia"] == {**doc["results"]["rows"][0], "kept_from": {
+        "file": str(old / "quality.json"), "date": doc["date"], "machine": doc["machine"]}}
+    text = report.markdown(new)
+    assert f"tiny-pythia ({doc['date'][:10]})" in text and "Kept from an earlier run" in text
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a quality result"):
+        quality.main(["--quick", "--out", str(new), "--keep", str(tmp_path / "bad.json")])
