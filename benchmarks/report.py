@@ -384,7 +384,20 @@ def _move(doc: Doc) -> list[str]:
                       "without the move", "memory reset"], body)
             + ["", f"Answers after the move identical to those without it: {same}; "
                    f"memory file moved: {_bytes(res['moved_file_bytes_mean'])}."]
-            + _precision(res.get("precision_moves"), s))
+            + _precision(res.get("precision_moves"), s) + _move_chat(res.get("chat"), s))
+
+
+def _move_chat(chat: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
+    if not chat:
+        return []
+    return ["", f"Chat ({chat['conversations']} conversations of {s['chat_turns']} user "
+                f"messages of ~{s['chat_user_tokens']} tokens, a fact told in the first and "
+                f"asked in the last, the session moved from A to B after message "
+                f"{s['chat_move_at']}): the last reply names the fact in "
+                f"{_pct(chat['moved'])} (the same conversation in the library, not moved: "
+                f"{_pct(chat['library'])}; the question alone in a new session: "
+                f"{_pct(chat['floor'])}); every reply the same as the library's in "
+                f"{_pct(chat['replies_same_as_library'])} of conversations."]
 
 
 def _precision(rows: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
