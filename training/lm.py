@@ -235,11 +235,11 @@ class Trainer:
         self.resume_from = found[-1] if found else None
         self.tokenizer = self._tokenizer()
         self.model = self._model().to(self.dist.device)
-        self._data()
         if self.model.config.has_context_block and cfg.freeze_context:
             self.model.context_block.requires_grad_(False)
-        if cfg.train_only:
+        if cfg.train_only:  # before the data: a pattern matching nothing fails at once
             train_only(self.model, cfg.train_only)
+        self._data()
         if cfg.lct and (cfg.freeze_context or not self.model.config.has_context_block):
             raise ValueError("--lct trains the context block: use it with a context model and "
                              "--no-freeze-context")
