@@ -151,25 +151,24 @@ def load_tokenizer(spec: str) -> Any:
     return Tokenizer.from_file(p)
 
 
-def train_only(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+def train_only(model: nn.Module, patterns: tuple[str, ...]) -> None:
     """Freeze every parameter whose name matches none of ``patterns`` (shell-style, matched
-    against the whole name); returns the names left to train. A pattern that matches nothing
-    is an error naming it, so a typo cannot silently freeze the whole model."""
-    names = [name for name, _ in model.named_parameters()]
+    against the whole name). A pattern that matches nothing is an error naming it, so a typo
+    cannot silently freeze the whole model."""
+    params = dict(model.named_parameters())
+    chosen: set[str] = set()
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+        matched = [name for name in params if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
             raise ValueError(f"--train-only {pattern!r} matches no parameter (names look like "
-                             f"{', '.join(names[:3])}; `newllm info --parameters` lists them)")
-    kept = []
-    for name, p in model.named_parameters():
-        keep = p.requires_grad and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
-        p.requires_grad_(keep)
-        if keep:
-            kept.append(name)
-    if not kept:
+                             f"{', '.join(list(params)[:3])}; `newllm info --parameters` "
+                             "lists them)")
+        chosen.update(matched)
+    for name, p in params.items():
+        p.requires_grad_(p.requires_grad and name in chosen)
+    if not any(p.requires_grad for p in params.values()):
         raise ValueError(f"--train-only {' '.join(patterns)} leaves nothing to train "
                          "(what it matches is frozen by --freeze-context)")
-    return kept
 
 
 def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
@@ -237,12 +236,12 @@ class Trainer:
         self.model = self._model().to(self.dist.device)
         if self.model.config.has_context_block and cfg.freeze_context:
             self.model.context_block.requires_grad_(False)
-        if cfg.train_only:  # before the data: a pattern matching nothing fails at once
+        if cfg.train_only:
             train_only(self.model, cfg.train_only)
-        self._data()
         if cfg.lct and (cfg.freeze_context or not self.model.config.has_context_block):
             raise ValueError("--lct trains the context block: use it with a context model and "
                              "--no-freeze-context")
+        self._data()  # after the checks above: a wrong setting fails before the data is read
         self.optimizer = make_optimizer(self.model, cfg)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         if self.resume_from is not None:
@@ -522,10 +521,9 @@ class Trainer:
         source = (f"resumed from {self.resume_from}" if self.resume_from is not None
                   else f"initialised from {cfg.init}" if cfg.init
                   else f"fresh weights (seed {cfg.seed})")
-        frozen = ("context block frozen" if c.has_context_block and cfg.freeze_context
+        frozen = (f"only {', '.join(cfg.train_only)}" if cfg.train_only
+                  else "context block frozen" if c.has_context_block and cfg.freeze_context
                   else "nothing frozen")
-        if cfg.train_only:
-            frozen = f"only {', '.join(cfg.train_only)}"
         _log(self.dist, f"model {c.name!r}: {m.num_parameters():,} parameters{why}, "
                         f"{trainable:,} trained ({frozen}); layers {list(c.layers)}; {source}")
         _log(self.dist, f"run: {tokens_per_step:,} tokens per step, steps {self.step} to "
