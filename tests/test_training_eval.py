@@ -70,6 +70,17 @@ def test_window_covering_everything_is_one_forward(models):
         sliding_window_nll(models["infini"], ids, 29, 29)[0], rel=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["pythia", "infini"])
+@pytest.mark.parametrize("chunk,keep_from", [(0, 11), (7, 0), (7, 14), (7, 20), (7, 69)])
+def test_feed_keeps_only_the_logits_asked_for(models, kind, chunk, keep_from):
+    """Chunks before ``keep_from`` skip the LM head; the kept logits are the full call's."""
+    model, ids = models[kind], ids_of(70)
+    full = feed(model, ids, chunk)
+    kept = feed(model, ids, chunk, keep_from=keep_from)
+    assert kept.shape == (70 - keep_from, model.config.vocab_size)
+    assert torch.equal(kept, full[keep_from:])
+
+
 def test_stride_equal_window_is_segment_wise(models):
     model, ids = models["infini"], ids_of(70)
     S = model.config.segment_len

@@ -38,14 +38,22 @@ PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here 
 
 # perplexity -------------------------------------------------------------------------------------
 @torch.no_grad()
-def feed(model: nn.Module, ids: Tensor, chunk: int = 0) -> Tensor:
+def feed(model: nn.Module, ids: Tensor, chunk: int = 0, *, keep_from: int = 0) -> Tensor:
     """Logits (T, V) of ``ids`` (T,) from an empty state, fed ``chunk`` tokens at a time
-    (0 = all at once) with the state carried; equal to one call for every model."""
+    (0 = all at once) with the state carried; equal to one call for every model.
+
+    ``keep_from`` > 0 returns only the logits of positions ``keep_from`` .. T-1: chunks that
+    end before it run with ``last_only`` (the LM head, the largest product of a small model,
+    skipped), with the same chunk boundaries, so the kept logits are those of the full call."""
     state, outs = None, []
     step = chunk or max(1, len(ids))
     for s in range(0, len(ids), step):
-        logits, state = model(ids[s:s + step].view(1, -1).to(model.device), state)
-        outs.append(logits[0].float())
+        piece = ids[s:s + step].view(1, -1).to(model.device)
+        if s + piece.shape[1] <= keep_from:
+            _, state = model(piece, state, last_only=True)
+            continue
+        logits, state = model(piece, state)
+        outs.append(logits[0, max(0, keep_from - s):].float())
     return torch.cat(outs) if outs else torch.zeros(0, model.config.vocab_size)
 
 
@@ -250,8 +258,8 @@ def passkey_accuracy(model: nn.Module, tokenizer: Any, distances: Sequence[int] 
         nll, count = 0.0, 0
         for _ in range(trials):
             ids, start, n = passkey_example(tokenizer, d, S, rng, filler)
-            logits = feed(model, ids[:-1], chunk)  # (T-1, V)
-            answer = logits[start - 1:start - 1 + n]
+            logits = feed(model, ids[:-1], chunk, keep_from=start - 1)  # positions start-1..
+            answer = logits[:n]
             target = ids[start:start + n].to(answer.device)
             pred = answer.argmax(-1)
             hits += int(torch.equal(pred, target))
