@@ -93,6 +93,33 @@ def test_chat_examples_are_deterministic_and_vary(tok: Tokenizer) -> None:
     assert torch.equal(same, short) and not mask.any() and fact is None
 
 
+def test_chat_examples_with_acknowledgements(tok: Tokenizer) -> None:
+    """``acks=1``: every reply before the question is a short acknowledgement, the answer and
+    its weight as before; by default the replies are prose."""
+    window = torch.tensor(tok.encode(PROSE)[:401])
+    acked = C.ChatExamples(tok, at_start=1.0, acks=1.0)
+    fillers = 0
+    for seed in range(10):
+        new, mask, fact = acked.make(window, random.Random(seed))
+        assert fact is not None and tok.decode(new[1:][mask].tolist()) == fact.answer
+        text = tok.decode(new.tolist())
+        text = text[:text.index(fact.answer) + len(fact.answer)]
+        replies = [turn.split(chat.CHAT_STOP)[0] for turn in text.split("\nAssistant:")[1:]]
+        assert replies[-1] == fact.answer
+        assert replies[0] in C.ACKS + C.FACT_ACKS  # the reply to the fact's message
+        assert all(r in C.ACKS for r in replies[1:-1])
+        assert text.count(fact.value) == 2
+        fillers += len(replies) - 2
+    assert fillers > 10
+    new, _, fact = C.ChatExamples(tok, at_start=1.0).make(window, random.Random(3))
+    text = tok.decode(new.tolist())
+    text = text[:text.index(fact.answer) + len(fact.answer)]
+    replies = [turn.split(chat.CHAT_STOP)[0] for turn in text.split("\nAssistant:")[1:-1]]
+    assert replies and not set(replies) & set(C.ACKS + C.FACT_ACKS)  # prose, as before
+    with pytest.raises(ValueError, match="acks"):
+        C.ChatExamples(tok, acks=1.5)
+
+
 def test_answer_matches() -> None:
     assert C.answer_matches(" Your name is Ada.", "Ada")
     assert C.answer_matches(" It is 52817, I think", "52817")

@@ -7,7 +7,8 @@ A training window of real prose becomes a conversation::
     User: {a fact: "My name is Ada.", "I live in Lisbon.", "My pass key is 52817.", ...}
     Assistant: {prose}
     User: {prose}          <- filler turns: user and assistant lines cut from the window's own
-    Assistant: {prose}        prose (decoded, whitespace folded), so replies stay English
+    Assistant: {prose}        prose (decoded, whitespace folded), so replies stay English; with
+                              ``acks`` a share of the replies is "I see.", "Go on.", ...
     ...
     User: {the question: "What is my name?", ...}
     Assistant: {the answer: " Your name is Ada."}
@@ -88,6 +89,11 @@ TOPICS = (
 )
 
 
+ACKS = (" I see.", " Go on.", " Yes.", " I understand.", " Indeed.", " Tell me more.",
+        " Thank you.", " Very well.")
+FACT_ACKS = (" I will remember that.", " Noted.")  # also for the reply to the fact's message
+
+
 @dataclass(frozen=True)
 class ChatFact:
     """One drawn fact: what the user says, what the user asks, the answer and its value."""
@@ -123,12 +129,16 @@ class ChatExamples:
     ``at_start`` is the share of examples whose conversation opens the window (an empty state,
     as a new session); the rest close it after prose and EOS. ``max_fillers`` bounds the filler
     turns between the fact's turn and the question's (fewer when the window is full).
+    ``acks`` is the share of replies before the question that are a short acknowledgement
+    (`ACKS`; for the fact's message also `FACT_ACKS`) instead of prose from the window.
     """
 
-    def __init__(self, tokenizer: Any, at_start: float = 0.5, max_fillers: int = 10) -> None:
-        if not 0.0 <= at_start <= 1.0:
-            raise ValueError(f"at_start must be in [0, 1], got {at_start}")
+    def __init__(self, tokenizer: Any, at_start: float = 0.5, max_fillers: int = 10,
+                 acks: float = 0.0) -> None:
+        if not 0.0 <= at_start <= 1.0 or not 0.0 <= acks <= 1.0:
+            raise ValueError(f"at_start and acks must be in [0, 1], got {at_start}, {acks}")
         self.tokenizer, self.at_start, self.max_fillers = tokenizer, at_start, max_fillers
+        self.acks = acks
         self.eos = tokenizer.eos_token_id
 
     def make(self, window: Tensor, rng: Any) -> tuple[Tensor, Tensor, ChatFact | None]:
@@ -152,11 +162,19 @@ class ChatExamples:
             cursor[0] += k
             return line
 
+        def reply(lo: int, hi: int, acks: tuple[str, ...] = ACKS) -> str:
+            """A reply before the question: an acknowledgement (``self.acks`` of them; drawn
+            only then, so that ``acks=0`` leaves the random stream as it was) or prose."""
+            if self.acks and rng.random() < self.acks:
+                return acks[rng.randrange(len(acks))]
+            return " " + prose(lo, hi)
+
         fact = random_fact(rng)
         tell = fact.tell
         if rng.random() < 0.3:
             tell = f"{tell} {prose(5, 15)}"
-        head = enc(render_chat([("user", tell)], open_reply=False)) + enc(" " + prose(8, 30))
+        head = (enc(render_chat([("user", tell)], open_reply=False))
+                + enc(reply(8, 30, ACKS + FACT_ACKS)))
         question = enc(render_chat([("user", fact.ask)], open_reply=True))
         answer = enc(fact.answer)
         tail = len(question) + len(answer)
@@ -165,7 +183,7 @@ class ChatExamples:
         conv = head
         for _ in range(rng.randint(0, self.max_fillers)):
             turn = (enc(render_chat([("user", prose(10, 40))], open_reply=True))
-                    + enc(" " + prose(5, 30)))
+                    + enc(reply(5, 30)))
             if len(conv) + len(turn) + tail > n:
                 break
             conv = conv + turn

@@ -64,6 +64,10 @@ class TrainConfig:
     chat_at_start: float = 0.5
     """share of --chat-fraction conversations that open their example (an empty state, as a new
     server session); the rest follow prose and EOS"""
+    chat_acks: float = 0.0
+    """share of the replies before the question in --chat-fraction conversations that are a
+    short acknowledgement ("I see.", "Go on.") instead of prose: greedy decoding then answers
+    a message of prose briefly and keeps its own made-up facts out of the conversation"""
     repeat_fraction: float = 0.0
     """share of training examples where a span of their own prose is written again one or more
     segments later (copy practice for the memory; the copied tokens get --recall-weight)"""
@@ -152,6 +156,8 @@ class TrainConfig:
                              "--repeat-fraction]")
         if not 0.0 <= self.chat_at_start <= 1.0:
             raise ValueError(f"--chat-at-start must be in [0, 1], got {self.chat_at_start}")
+        if not 0.0 <= self.chat_acks <= 1.0:
+            raise ValueError(f"--chat-acks must be in [0, 1], got {self.chat_acks}")
         if not 0.0 <= self.repeat_local <= 1.0:
             raise ValueError(f"--repeat-local must be in [0, 1], got {self.repeat_local}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

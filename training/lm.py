@@ -254,7 +254,8 @@ class Trainer:
         self.recall = (D.RecallExamples(self.tokenizer, self.model.config.segment_len,
                                         cfg.recall_at_start)
                        if cfg.recall_fraction else None)
-        self.chat = (ChatExamples(self.tokenizer, cfg.chat_at_start)
+        self.chat = (ChatExamples(self.tokenizer, cfg.chat_at_start,
+                                  acks=cfg.chat_acks)
                      if cfg.chat_fraction else None)
         if cfg.lct:
             from training.lct import ContextCache, LaggedContextLM
