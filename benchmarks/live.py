@@ -81,7 +81,9 @@ def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_s
 
     ``checkpoint`` None serves the bundled default model; ``api_key`` makes it require one;
     ``port`` None takes a free one; ``extra``: more ``newllm serve`` flags (e.g.
-    ``["--session-store", redis.url]``).
+    ``["--session-store", redis.url]``). The weights are float32 (``--no-half-weights``: the
+    mode the library's `load_checkpoint` gives, which benchmarks compare against) unless
+    ``extra`` says ``--half-weights``.
     """
     port = port or free_port()
     log = folder / f"{name}.log"
@@ -92,6 +94,8 @@ def start_server(checkpoint: str | None, folder: Path, name: str, *, max_batch_s
     if checkpoint is not None:
         argv += ["--checkpoint", checkpoint]
     argv += extra or []
+    if not {"--half-weights", "--no-half-weights"} & set(argv):
+        argv.append("--no-half-weights")
     env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
     if api_key:
         env["NEWLLM_API_KEY"] = api_key  # the environment, not argv: not shown by ps

@@ -80,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from this session memory file")
     gen.add_argument("--memory-out", metavar="FILE", default=None,
                      help="save the session memory (prompt + generated text) to this file")
-    gen.add_argument("--half-weights", action="store_true",
+    gen.add_argument("--half-weights", action=argparse.BooleanOptionalAction, default=None,
                      help="keep the linear weights in float16 and compute in float32 (CPU, "
                           "x86-64 with AVX2: half the bytes a decode step reads; a kernel is "
-                          "built on first use)")
+                          "built on first use). Default: on where it rounds nothing (a "
+                          "checkpoint stored in float16, as the bundled one, on the CPU "
+                          "without --dtype); -v says what was chosen")
     gen.add_argument("-v", "--verbose", action="store_true",
                      help="report token counts, finish reason and state size on stderr")
     gen.set_defaults(func=cmd_generate, parser=gen)
@@ -141,9 +143,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if (problem := dtype_problem(args.dtype)) is not None:
             args.parser.error(problem)
         args.dtype = "float32"
+    if args.half_weights is None and args.dtype is not None:
+        args.half_weights = False  # a dtype asked for is computed as asked
     model, tokenizer = _load(args)
     if args.half_weights:
         use_half_weights(model)
+    elif args.half_weights is None:
+        from newllm.half_weights import auto
+
+        model, chosen = auto(model)
+        if args.verbose:
+            print(f"[{chosen}]", file=sys.stderr)
     model.use_input_major_weights()  # the server's layout: its memory files continue exactly
     state = None
     if args.memory_in is not None:

@@ -200,6 +200,44 @@ class HalfWeightLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def lossless(model: Any) -> bool:
+    """Whether every matrix `convert` keeps in float16 holds float16 values already (a
+    checkpoint stored in float16, as the bundled one and pythia's are): then half weights
+    round nothing, and the model computed is the checkpoint's in float32."""
+    with torch.no_grad():
+        return all(torch.equal(w, w.to(torch.float16).to(w.dtype))
+                   for w in model._matvec_weights())
+
+
+def auto_problem(model: Any) -> str | None:
+    """Why the default (``--half-weights`` not given either way) leaves ``model``'s weights as
+    they are; None when it keeps them in float16 (`auto`). It does for a float32 or float16
+    model on the CPU whose matrices are float16 values (`lossless`) where the kernel runs."""
+    if model.device.type != "cpu":
+        return f"the model is on {model.device.type}"
+    if model.half_weights:
+        return "the weights are kept in float16 already"
+    if model.dtype not in (torch.float32, torch.float16):
+        return f"the model computes in {str(model.dtype).removeprefix('torch.')}"
+    if not lossless(model):
+        return "the weights are not float16 values (float16 would round them)"
+    return kernel_problem()
+
+
+def auto(model: Any) -> tuple[Any, str]:
+    """The default for a model loaded in its stored dtype: half weights where they lose nothing
+    (`auto_problem`), the model computed in float32 (a float16 model is converted up first);
+    returns the model and one line for the log saying what was chosen and why."""
+    problem = auto_problem(model)
+    if problem is not None:
+        return model, f"weights as loaded ({problem}; --half-weights to ask for them)"
+    if model.dtype != torch.float32:
+        model.float()  # exact: float16 values are float32 values
+    convert(model)
+    return model, ("linear weights kept in float16, computed in float32: they are float16 "
+                   "values, so nothing is rounded (--no-half-weights to turn this off)")
+
+
 def convert(model: Any) -> Any:
     """Keep ``model``'s matrix weights (`TransformerLM._matvec_linears`) in float16 and compute
     with them in float32; the model. Its `checkpoint_fingerprint` stays that of the weights

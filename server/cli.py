@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type == "bool":  # a switch
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
+        if f.type == "bool | None":  # on, off, or left to the default (None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata["help"])
+            continue
         kind: Any = {"int": int, "float": float}.get(str(f.type), str)
         if f.name in ("max_request_bytes", "max_memory_bytes", "prefix_cache_bytes"):
             kind = parse_bytes
@@ -215,7 +219,20 @@ def serve(settings: ServerSettings) -> int:
         log.error("cannot load checkpoint %r: %s", settings.checkpoint, e)
         return 1
     model.eval()
-    if settings.half_weights:  # as the workers will: one fingerprint for checks and files
+    chosen: str | None = None  # what the default chose, when it was left to it
+    if settings.half_weights is None:  # the default: on where it rounds nothing
+        from newllm.half_weights import auto
+
+        if settings.device == "cuda" or (settings.device == "auto"
+                                         and torch.cuda.is_available()):
+            chosen = "weights as loaded (the workers decode on cuda)"
+        else:
+            model, chosen = auto(model)  # this process loads on the CPU, as the workers will
+        settings.half_weights = model.half_weights  # the workers do as this process did
+        if settings.half_weights and settings.device == "auto":
+            settings.device = "cpu"
+        log.info("%s", chosen)
+    elif settings.half_weights:  # as the workers will: one fingerprint for checks and files
         try:
             model.use_half_weights()  # builds the kernel once, before the workers look for it
         except (ValueError, RuntimeError) as e:
@@ -231,7 +248,7 @@ def serve(settings: ServerSettings) -> int:
              info.fingerprint[:16], info.parameters / 1e6, ",".join(info.layers), info.dtype,
              settings.checkpoint or "the bundled default checkpoint")
     log.info("fingerprint %s", info.fingerprint)
-    if settings.half_weights:
+    if settings.half_weights and chosen is None:
         log.info("linear weights kept in float16, computed in float32 (--half-weights)")
     log.info("sessions in %s (at most %d)", server.lit_api.spec.store.describe(),
              settings.max_sessions)

@@ -67,10 +67,13 @@ class ServerSettings:
     strict_moves: bool = _f(False, "refuse memory files of this checkpoint written at another "
                                    "precision (default: convert them and say so)")
     device: str = _f("auto", "auto (cuda if available), cpu or cuda")
-    half_weights: bool = _f(False, "keep the linear weights in float16 and compute in float32 "
-                                   "(CPU, x86-64 with AVX2: half the bytes each decode step "
-                                   "reads; a small kernel is built at start, then cached; "
-                                   "implies --device cpu)")
+    half_weights: bool | None = _f(None, "keep the linear weights in float16 and compute in "
+                                         "float32 (CPU, x86-64 with AVX2: half the bytes each "
+                                         "decode step reads; a small kernel is built at start, "
+                                         "then cached; implies --device cpu). Default: on "
+                                         "where it rounds nothing (a checkpoint stored in "
+                                         "float16, as the bundled one, served on the CPU "
+                                         "without --dtype), logged at start")
     stream_interval_ms: float = _f(25.0, "a worker sends each reply's tokens to the HTTP "
                                          "process at most every this many ms: tokens decoded "
                                          "meanwhile travel in one message; a reply's first "
@@ -96,6 +99,8 @@ class ServerSettings:
             self.host = "127.0.0.1"
         if self.half_weights and self.device == "auto":
             self.device = "cpu"  # auto would pick a GPU where there is one
+        if self.half_weights is None and self.dtype is not None:
+            self.half_weights = False  # a dtype asked for is served as asked
 
     def check(self) -> None:
         if self.host not in ("127.0.0.1", "0.0.0.0", "::"):
@@ -143,7 +148,8 @@ class ServerSettings:
                              "spaces")
 
     def load_dtype(self) -> str | None:
-        """The dtype to load the checkpoint in: float32 under ``--half-weights``."""
+        """The dtype to load the checkpoint in: float32 under ``--half-weights`` (resolved by
+        `server.cli.serve` before the workers start when it was left to the default)."""
         return "float32" if self.half_weights else self.dtype
 
     def cors_origins(self) -> tuple[str, ...]:

@@ -206,3 +206,37 @@ def test_generate_with_half_weights_end_to_end(tmp_path: Path, byte_tokenizer: A
     assert meta["weights_dtype"] == "float16"
     assert main([*args, "--half-weights", "--dtype", "bfloat16"]) == 2
     assert "--half-weights computes in float32" in capsys.readouterr().err
+    # left to the default: on, since these float16 weights round nothing; said under -v
+    modes = {}
+    for extra in ([], ["--no-half-weights"], ["--dtype", "float32"]):
+        out = tmp_path / f"m{len(modes)}.safetensors"
+        assert main([*args, *extra, "-v", "--memory-out", str(out)]) == 0
+        said = capsys.readouterr()
+        meta = mf.read_memory_metadata(out)
+        modes[" ".join(extra)] = (meta["dtype"], meta.get("weights_dtype", meta["dtype"]))
+        if not extra:
+            assert said.out == full and "kept in float16" in said.err
+    assert modes == {"": ("float32", "float16"),  # the default: half weights
+                     "--no-half-weights": ("float16", "float16"),  # as stored, as before
+                     "--dtype float32": ("float32", "float32")}  # a dtype asked for, as asked
+
+
+def test_the_default_takes_half_weights_only_where_they_round_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rounded = rounded_copy(make_tiny_model("tiny-infini", init_std=0.1))
+    model, said = half_weights.auto(copy.deepcopy(rounded))
+    assert model.half_weights and model.dtype == torch.float32 and "nothing is rounded" in said
+    stored = copy.deepcopy(rounded).half()  # a float16 checkpoint loaded as stored
+    model, _ = half_weights.auto(copy.deepcopy(stored))
+    assert model.half_weights and model.dtype == torch.float32
+    x = torch.randint(0, 256, (1, 20))  # as if loaded in float32: the same model, bit for bit
+    assert torch.equal(model(x)[0], half_weights.auto(stored.float())[0](x)[0])
+    trained = make_tiny_model("tiny-infini", init_std=0.1)  # float32 values: would be rounded
+    model, said = half_weights.auto(trained)
+    assert not model.half_weights and "not float16 values" in said
+    assert model.dtype == torch.float32
+    assert half_weights.auto(copy.deepcopy(rounded).bfloat16())[1].startswith(
+        "weights as loaded (the model computes in bfloat16")
+    monkeypatch.setattr(half_weights, "_loaded", {"error": "no C++ compiler found"})
+    model, said = half_weights.auto(copy.deepcopy(rounded))  # no kernel here: as loaded
+    assert not model.half_weights and "no C++ compiler found" in said

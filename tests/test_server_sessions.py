@@ -151,6 +151,37 @@ def test_a_move_between_servers_sharing_a_folder_loses_nothing(tmp_path: Path) -
             srv.kill()
 
 
+def test_a_float16_checkpoint_is_served_with_half_weights_by_default(
+        tmp_path: Path, byte_tokenizer: Any) -> None:
+    """Left to the default, a checkpoint stored in float16 is served with its weights kept in
+    float16 (nothing is rounded), logged at start; its memory files say so, and the session
+    continues after going out and back in without a conversion."""
+    import torch
+    from conftest import make_tiny_model, need_half_kernel
+
+    from clients import Client
+    from newllm import memory_file as mf
+    from newllm.checkpoint import save_pretrained
+
+    need_half_kernel()
+    folder = save_pretrained(make_tiny_model("tiny-infini", init_std=0.1), tmp_path / "ck",
+                             byte_tokenizer, dtype=torch.float16)
+    srv = ServerProcess(tmp_path / "s", "--checkpoint", str(folder), "--log-level", "info")
+    try:
+        srv.wait_ready()
+        turn(srv, "s", "My name is Ada.")
+        c = Client(srv.url, api_key=srv.api_key)
+        exported = c.export_memory("s")
+        meta = mf.read_memory_metadata(exported)
+        assert (meta["dtype"], meta["weights_dtype"]) == ("float32", "float16")
+        assert not c.import_memory("copy", exported).converted
+        assert turn(srv, "copy", "What is my name?") == turn(srv, "s", "What is my name?")
+    finally:
+        srv.kill()
+    assert "kept in float16, computed in float32: they are float16 values" in (
+        srv.log.read_text())
+
+
 def test_half_weight_servers_move_sessions_and_check_their_own_files(tmp_path: Path) -> None:
     """A server with --half-weights: its own exported memory goes back in without a conversion
     (the HTTP process checks uploads with the workers' fingerprint), and a move to a float32

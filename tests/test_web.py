@@ -575,6 +575,13 @@ def test_half_weights_settings_are_checked() -> None:
         with pytest.raises(ValueError, match="--half-weights"):
             ServerSettings(half_weights=True, **bad).check()
     ServerSettings(half_weights=True, dtype="float32").check()
+    # left to the default: decided at start from the weights; a dtype asked for turns it off
+    assert ServerSettings().half_weights is None and ServerSettings().device == "auto"
+    assert ServerSettings(dtype="float16").half_weights is False
+    from server.cli import build_parser
+
+    for argv, want in (([], None), (["--half-weights"], True), (["--no-half-weights"], False)):
+        assert build_parser().parse_args(argv).half_weights is want
 
 
 def test_stream_interval_setting_is_checked() -> None:
