@@ -20,6 +20,10 @@ mode. Memory files record the weights' dtypes in the model fingerprint, so a fil
 one mode loads in the other as a move across precision (`newllm.memory_file`). The plain
 reference is `matvec_f16_reference`; the tests hold the kernel, the layers and the compiled step
 to it. Inference only: the converted weights do not train.
+
+`auto` is the default of ``newllm serve`` and ``newllm generate``: half weights exactly where they
+round nothing (`lossless`: a checkpoint stored in float16) and the kernel runs; the library's
+`newllm.load` stays float32 unless asked.
 """
 
 from __future__ import annotations
@@ -230,7 +234,7 @@ def auto(model: Any) -> tuple[Any, str]:
     returns the model and one line for the log saying what was chosen and why."""
     problem = auto_problem(model)
     if problem is not None:
-        return model, f"weights as loaded ({problem}; --half-weights to ask for them)"
+        return model, f"weights as loaded, not kept in float16: {problem}"
     if model.dtype != torch.float32:
         model.float()  # exact: float16 values are float32 values
     convert(model)

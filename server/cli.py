@@ -225,7 +225,7 @@ def serve(settings: ServerSettings) -> int:
 
         if settings.device == "cuda" or (settings.device == "auto"
                                          and torch.cuda.is_available()):
-            chosen = "weights as loaded (the workers decode on cuda)"
+            chosen = "weights as loaded, not kept in float16: the workers decode on cuda"
         else:
             model, chosen = auto(model)  # this process loads on the CPU, as the workers will
         settings.half_weights = model.half_weights  # the workers do as this process did

@@ -236,7 +236,7 @@ def test_the_default_takes_half_weights_only_where_they_round_nothing(
     assert not model.half_weights and "not float16 values" in said
     assert model.dtype == torch.float32
     assert half_weights.auto(copy.deepcopy(rounded).bfloat16())[1].startswith(
-        "weights as loaded (the model computes in bfloat16")
+        "weights as loaded, not kept in float16: the model computes in bfloat16")
     monkeypatch.setattr(half_weights, "_loaded", {"error": "no C++ compiler found"})
     model, said = half_weights.auto(copy.deepcopy(rounded))  # no kernel here: as loaded
     assert not model.half_weights and "no C++ compiler found" in said
