@@ -219,8 +219,6 @@ def auto_problem(model: Any) -> str | None:
     model on the CPU whose matrices are float16 values (`lossless`) where the kernel runs."""
     if model.device.type != "cpu":
         return f"the model is on {model.device.type}"
-    if model.half_weights:
-        return "the weights are kept in float16 already"
     if model.dtype not in (torch.float32, torch.float16):
         return f"the model computes in {str(model.dtype).removeprefix('torch.')}"
     if not lossless(model):
@@ -232,6 +230,8 @@ def auto(model: Any) -> tuple[Any, str]:
     """The default for a model loaded in its stored dtype: half weights where they lose nothing
     (`auto_problem`), the model computed in float32 (a float16 model is converted up first);
     returns the model and one line for the log saying what was chosen and why."""
+    if model.half_weights:
+        return model, "linear weights kept in float16 already"
     problem = auto_problem(model)
     if problem is not None:
         return model, f"weights as loaded, not kept in float16: {problem}"

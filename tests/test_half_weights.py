@@ -226,6 +226,7 @@ def test_the_default_takes_half_weights_only_where_they_round_nothing(
     rounded = rounded_copy(make_tiny_model("tiny-infini", init_std=0.1))
     model, said = half_weights.auto(copy.deepcopy(rounded))
     assert model.half_weights and model.dtype == torch.float32 and "nothing is rounded" in said
+    assert half_weights.auto(model) == (model, "linear weights kept in float16 already")
     stored = copy.deepcopy(rounded).half()  # a float16 checkpoint loaded as stored
     model, _ = half_weights.auto(copy.deepcopy(stored))
     assert model.half_weights and model.dtype == torch.float32
