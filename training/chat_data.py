@@ -162,11 +162,11 @@ class ChatExamples:
             cursor[0] += k
             return line
 
-        def reply(lo: int, hi: int, acks: tuple[str, ...] = ACKS) -> str:
-            """A reply before the question: an acknowledgement (``self.acks`` of them; drawn
+        def reply(lo: int, hi: int, choices: tuple[str, ...] = ACKS) -> str:
+            """A reply before the question: one of ``choices`` (``self.acks`` of them; drawn
             only then, so that ``acks=0`` leaves the random stream as it was) or prose."""
             if self.acks and rng.random() < self.acks:
-                return acks[rng.randrange(len(acks))]
+                return choices[rng.randrange(len(choices))]
             return " " + prose(lo, hi)
 
         fact = random_fact(rng)
