@@ -120,6 +120,37 @@ def test_chat_examples_with_acknowledgements(tok: Tokenizer) -> None:
         C.ChatExamples(tok, acks=1.5)
 
 
+def test_packed_chat_examples(tok: Tokenizer) -> None:
+    """``pack``: the window holds conversations one after another, each opening after EOS (the
+    first at 0), every answer weighted and right after its question; the fact returned is the
+    first conversation's."""
+    window = torch.tensor(tok.encode(PROSE * 8)[:4097])
+    packed = C.ChatExamples(tok, pack=True, acks=0.5)
+    opening = _turn_ids(tok, [("user", "")], False)[:len("User: ")]
+    counts = []
+    for seed in range(5):
+        new, mask, fact = packed.make(window, random.Random(seed))
+        assert fact is not None and new.shape == window.shape and mask.shape == (4096,)
+        ids, eos = new.tolist(), tok.eos_token_id
+        starts = [0] + [i + 1 for i, t in enumerate(ids) if t == eos]
+        marked = [i + 1 for i in mask.nonzero().flatten().tolist()]  # answer token positions
+        convs = [(s0, e0) for s0, e0 in zip(starts, starts[1:], strict=False)]
+        assert len(convs) >= 3 and fact.tell in tok.decode(ids[:convs[0][1]])
+        for s0, e0 in convs:  # every conversation: opening ... question, answer, EOS
+            assert ids[s0:s0 + len(opening)] == opening
+            answer = [i for i in marked if s0 <= i < e0]
+            assert answer and answer == list(range(answer[0], e0 - 1))
+            text = tok.decode(ids[s0:answer[0]])
+            told = text[:text.index("\nAssistant:")]
+            value = tok.decode(ids[answer[0]:e0 - 1]).rstrip(".").split()[-1]
+            assert text.endswith("\nAssistant:") and value in told
+        assert all(i < convs[-1][1] for i in marked)  # nothing weighted after the last one
+        counts.append(len(convs))
+    assert len(set(counts)) > 1  # the number of conversations varies with the draw
+    _, one, _ = C.ChatExamples(tok, at_start=1.0).make(window, random.Random(0))
+    assert int(one.sum()) < int(packed.make(window, random.Random(0))[1].sum())
+
+
 def test_answer_matches() -> None:
     assert C.answer_matches(" Your name is Ada.", "Ada")
     assert C.answer_matches(" It is 52817, I think", "52817")

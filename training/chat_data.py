@@ -131,74 +131,113 @@ class ChatExamples:
     turns between the fact's turn and the question's (fewer when the window is full).
     ``acks`` is the share of replies before the question that are a short acknowledgement
     (`ACKS`; for the fact's message also `FACT_ACKS`) instead of prose from the window.
+    ``pack`` fills the whole window with conversations (``at_start`` then does not apply): a
+    long window gives one answer per conversation instead of one in all.
     """
 
     def __init__(self, tokenizer: Any, at_start: float = 0.5, max_fillers: int = 10,
-                 acks: float = 0.0) -> None:
+                 acks: float = 0.0, pack: bool = False) -> None:
         if not 0.0 <= at_start <= 1.0 or not 0.0 <= acks <= 1.0:
             raise ValueError(f"at_start and acks must be in [0, 1], got {at_start}, {acks}")
         self.tokenizer, self.at_start, self.max_fillers = tokenizer, at_start, max_fillers
-        self.acks = acks
+        self.acks, self.pack = acks, pack
         self.eos = tokenizer.eos_token_id
 
     def make(self, window: Tensor, rng: Any) -> tuple[Tensor, Tensor, ChatFact | None]:
         """window (L + 1,) -> (new window (L + 1,), answer mask over targets (L,), the fact).
 
-        The window comes back unchanged (mask all False, fact None) when it is too short for
-        the fact's turn and the question's.
+        With ``pack`` the window holds as many conversations as fit, one after another, each
+        opening after EOS (the first at position 0), every answer marked; the fact returned is
+        the first conversation's. The window comes back unchanged (mask all False, fact None)
+        when it is too short for the fact's turn and the question's.
         """
-        enc = self.tokenizer.encode
         n = len(window)
         words = self.tokenizer.decode([t for t in window.tolist() if t != self.eos]).split()
         if n < 2 or not words:
             return window, torch.zeros(max(n - 1, 0), dtype=torch.bool), None
-        cursor = [0]
-
-        def prose(lo: int, hi: int) -> str:
-            """The window's next words, about ``lo..hi`` tokens of them (a word is ~4/3 tokens),
-            whitespace folded; wraps around at the window's end."""
-            k = max(1, rng.randint(lo, hi) * 3 // 4)
-            line = " ".join(words[(cursor[0] + i) % len(words)] for i in range(k))
-            cursor[0] += k
-            return line
-
-        def reply(lo: int, hi: int, choices: tuple[str, ...] = ACKS) -> str:
-            """A reply before the question: one of ``choices`` (``self.acks`` of them; drawn
-            only then, so that ``acks=0`` leaves the random stream as it was) or prose."""
-            if self.acks and rng.random() < self.acks:
-                return choices[rng.randrange(len(choices))]
-            return " " + prose(lo, hi)
-
-        fact = random_fact(rng)
-        tell = fact.tell
-        if rng.random() < 0.3:
-            tell = f"{tell} {prose(5, 15)}"
-        head = (enc(render_chat([("user", tell)], open_reply=False))
-                + enc(reply(8, 30, ACKS + FACT_ACKS)))
-        question = enc(render_chat([("user", fact.ask)], open_reply=True))
-        answer = enc(fact.answer)
-        tail = len(question) + len(answer)
-        if len(head) + tail > n:
+        text = _Prose(words, rng, self.acks)
+        first = self._conversation(text, n, rng)
+        if first is None:
             return window, torch.zeros(n - 1, dtype=torch.bool), None
-        conv = head
-        for _ in range(rng.randint(0, self.max_fillers)):
-            turn = (enc(render_chat([("user", prose(10, 40))], open_reply=True))
-                    + enc(reply(5, 30)))
-            if len(conv) + len(turn) + tail > n:
-                break
-            conv = conv + turn
-        conv = conv + question + answer
+        conv, answer_len, fact = first
+        mask = torch.zeros(n - 1, dtype=torch.bool)
+        if self.pack:
+            ids: list[int] = []
+            while first is not None:
+                conv, answer_len = first[0], first[1]
+                _mark(mask, len(ids) + len(conv), answer_len)
+                ids = ids + conv + [self.eos]
+                first = self._conversation(text, n - len(ids) - 1, rng)  # room for its EOS
+            ids = ids[:n]  # the first conversation's EOS may not fit
+            room = n - len(ids)
+            rest = self.tokenizer.encode(render_chat([("user", text.prose(room, room))],
+                                                     open_reply=True))
+            ids = ids + (rest + [self.eos] * room)[:room]
+            return torch.tensor(ids, dtype=window.dtype), mask, fact
         room = n - len(conv)
         if room == 0 or rng.random() < self.at_start:
             start = 0
-            rest = enc(render_chat([("user", prose(room, room))], open_reply=True))
+            rest = self.tokenizer.encode(render_chat([("user", text.prose(room, room))],
+                                                     open_reply=True))
             ids = conv + (rest + [self.eos] * room)[:room]
         else:
             start = room
-            before = enc(prose(room, room))[-(room - 1):] if room > 1 else []
+            before = self.tokenizer.encode(text.prose(room, room))[-(room - 1):] \
+                if room > 1 else []
             ids = [self.eos] * (room - 1 - len(before)) + before + [self.eos] + conv
-        new = torch.tensor(ids, dtype=window.dtype)
-        mask = torch.zeros(n - 1, dtype=torch.bool)
-        a0 = start + len(conv) - len(answer)  # the answer's first token in the window
-        mask[a0 - 1:a0 - 1 + len(answer)] = True  # target t is window[t + 1]
-        return new, mask, fact
+        _mark(mask, start + len(conv), answer_len)
+        return torch.tensor(ids, dtype=window.dtype), mask, fact
+
+    def _conversation(self, text: _Prose, room: int,
+                      rng: Any) -> tuple[list[int], int, ChatFact] | None:
+        """(token ids of one conversation: the fact's turn, filler turns, the question and the
+        answer, at most ``room`` of them; the answer's length; the fact), or None when the fact's
+        turn and the question's do not fit in ``room``."""
+        enc = self.tokenizer.encode
+        fact = random_fact(rng)
+        tell = fact.tell
+        if rng.random() < 0.3:
+            tell = f"{tell} {text.prose(5, 15)}"
+        head = (enc(render_chat([("user", tell)], open_reply=False))
+                + enc(text.reply(8, 30, ACKS + FACT_ACKS)))
+        question = enc(render_chat([("user", fact.ask)], open_reply=True))
+        answer = enc(fact.answer)
+        tail = len(question) + len(answer)
+        if len(head) + tail > room:
+            return None
+        conv = head
+        for _ in range(rng.randint(0, self.max_fillers)):
+            turn = (enc(render_chat([("user", text.prose(10, 40))], open_reply=True))
+                    + enc(text.reply(5, 30)))
+            if len(conv) + len(turn) + tail > room:
+                break
+            conv = conv + turn
+        return conv + question + answer, len(answer), fact
+
+
+def _mark(mask: Tensor, end: int, answer_len: int) -> None:
+    """Mark the targets of an answer whose last token is window[end - 1] (target t is window
+    [t + 1])."""
+    mask[end - answer_len - 1:end - 1] = True
+
+
+class _Prose:
+    """A window's words handed out in order (wrapping around), and replies before a question."""
+
+    def __init__(self, words: list[str], rng: Any, acks: float) -> None:
+        self.words, self.rng, self.acks, self.cursor = words, rng, acks, 0
+
+    def prose(self, lo: int, hi: int) -> str:
+        """The next words, about ``lo..hi`` tokens of them (a word is ~4/3 tokens), whitespace
+        folded."""
+        k = max(1, self.rng.randint(lo, hi) * 3 // 4)
+        line = " ".join(self.words[(self.cursor + i) % len(self.words)] for i in range(k))
+        self.cursor += k
+        return line
+
+    def reply(self, lo: int, hi: int, choices: tuple[str, ...] = ACKS) -> str:
+        """A reply before the question: one of ``choices`` (an ``acks`` share of them; drawn only
+        then, so that ``acks=0`` leaves the random stream as it was) or prose."""
+        if self.acks and self.rng.random() < self.acks:
+            return choices[self.rng.randrange(len(choices))]
+        return " " + self.prose(lo, hi)

@@ -68,6 +68,10 @@ class TrainConfig:
     """share of the replies before the question in --chat-fraction conversations that are a
     short acknowledgement ("I see.", "Go on.") instead of prose: greedy decoding then answers
     a message of prose briefly and keeps its own made-up facts out of the conversation"""
+    chat_pack: bool = False
+    """fill each --chat-fraction example with conversations, one after another (each after
+    EOS, the state carried), instead of one conversation per example: many answers per long
+    example"""
     repeat_fraction: float = 0.0
     """share of training examples where a span of their own prose is written again one or more
     segments later (copy practice for the memory; the copied tokens get --recall-weight)"""

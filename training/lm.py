@@ -255,7 +255,7 @@ class Trainer:
                                         cfg.recall_at_start)
                        if cfg.recall_fraction else None)
         self.chat = (ChatExamples(self.tokenizer, cfg.chat_at_start,
-                                  acks=cfg.chat_acks)
+                                  acks=cfg.chat_acks, pack=cfg.chat_pack)
                      if cfg.chat_fraction else None)
         if cfg.lct:
             from training.lct import ContextCache, LaggedContextLM
