@@ -27,7 +27,8 @@ CONTEXT_MODES = ("none", "input", "kv")
 FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
                                              "memory_write_gate": False, "memory_history": 0,
                                              "memory_stable_delta": False,
-                                             "memory_write_floor": 0.0}
+                                             "memory_write_floor": 0.0,
+                                             "memory_key_self": True}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class ModelConfig:
     # start as the shift, queries at 0), so a fact is stored and asked under a few tokens of
     # context ("pass key is" -> 7) rather than one common word ("is" -> 7)
     memory_history: int = 0
+    # with memory_history: whether a token's own key is part of the key it writes under. False:
+    # the key is the previous tokens' keys alone, so the memory maps "what came before" to the
+    # token itself, and a question that ends with the same words ("Your name is") finds the
+    # value whatever its own key is (a name, a city); true keeps the value's own key in it,
+    # which a query cannot know in advance (it works for values alike, such as digits)
+    memory_key_self: bool = True
     # a learned write strength per token and memory head, sigmoid of the token's memory key and
     # value (starting at 0.5 everywhere): tokens written weakly barely change the memory or its
     # normaliser, so a fact written strongly survives segments of filler written weakly
@@ -117,6 +124,9 @@ class ModelConfig:
             )
         if self.memory_history < 0:
             raise ValueError(f"memory_history must be >= 0, got {self.memory_history}")
+        if not self.memory_key_self and not self.memory_history:
+            raise ValueError("memory_key_self=false keys the memory by the previous tokens: set "
+                             "memory_history >= 1 too")
         if self.memory_history and self.memory_key_shift:
             raise ValueError("memory_history includes the key shift; set memory_history or "
                              "memory_key_shift, not both")

@@ -71,6 +71,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  "memory_stable_delta": True, "memory_heads": 2}),
     "infini-linear-keyshift-mh2": ("tiny-infini", {"use_delta_rule": False,
                                                    "memory_key_shift": True, "memory_heads": 2}),
+    "infini-history-noself": ("tiny-infini", {"memory_history": 2, "memory_key_self": False}),
     "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
     "pythia-no-window": ("tiny-infini", {"segment_local": False}),
 }

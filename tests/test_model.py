@@ -379,6 +379,15 @@ def test_memory_history_adds_earlier_keys_of_the_segment_only() -> None:
     torch.testing.assert_close(mq, q + 2.0 * k[:, :, 4:7] + 2.0 * k[:, :, 3:6])
     with pytest.raises(ValueError, match="not both"):
         ModelConfig.from_name("tiny-infini", memory_history=2, memory_key_shift=True)
+    # memory_key_self=false: the previous tokens' keys alone (the first token's key is 0)
+    noself = make("tiny-infini", memory_history=2, memory_key_self=False).layers[0].attention
+    with torch.no_grad():
+        noself.key_history.copy_(attn.key_history)
+    mk = noself.memory_keys(k)
+    torch.testing.assert_close(mk[:, :, 0], torch.zeros_like(k[:, :, 0]))
+    torch.testing.assert_close(mk[:, :, 2:], 0.5 * k[:, :, 1:-1] + 0.25 * k[:, :, :-2])
+    with pytest.raises(ValueError, match="memory_history"):
+        ModelConfig.from_name("tiny-infini", memory_key_self=False)
 
 
 def test_recall_toy_script_builds_its_trials_and_writes_a_curve(tmp_path) -> None:
