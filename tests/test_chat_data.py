@@ -173,6 +173,8 @@ def test_trainer_mixes_chat_examples(tmp_path) -> None:
     assert torch.all(weights[mask] == 3.0) and torch.all(weights[~mask] == 1.0)
     again = Trainer(cfg).make_batch(0)[1]
     assert torch.equal(batch, again)  # a pure function of (seed, step, rank)
+    TrainConfig(data=("x",), out="o", recall_fraction=0.3, repeat_fraction=0.3,
+                chat_fraction=0.4)  # shares that add up to 1 in decimals: accepted
     with pytest.raises(ValueError, match="chat-fraction"):
         TrainConfig(data=("x",), out="o", recall_fraction=0.5, chat_fraction=0.6)
 

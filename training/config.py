@@ -155,7 +155,8 @@ class TrainConfig:
         if not 0.0 <= self.repeat_fraction <= 1.0 - self.recall_fraction or self.repeat_span < 2:
             raise ValueError("--repeat-fraction must be in [0, 1 - --recall-fraction] and "
                              "--repeat-span >= 2")
-        if not 0.0 <= self.chat_fraction <= 1.0 - self.recall_fraction - self.repeat_fraction:
+        if not 0.0 <= self.chat_fraction or (self.recall_fraction + self.repeat_fraction
+                                              + self.chat_fraction > 1.0 + 1e-9):  # 0.3+0.3+0.4
             raise ValueError("--chat-fraction must be in [0, 1 - --recall-fraction - "
                              "--repeat-fraction]")
         if not 0.0 <= self.chat_at_start <= 1.0:
