@@ -204,6 +204,37 @@ def test_recall_examples_can_open_a_document_with_the_fact(tok):
         D.RecallExamples(tok, S, at_start=1.5)
 
 
+def test_recall_examples_with_secret_words(tok):
+    """``words``: that share of examples asks for a word of the window's own prose (letters
+    only, 4 or more) instead of five digits; the answer is that word, told twice before."""
+    S = 16
+    prose = "Ada met Bertram near the orchard gate; twelve ravens watched 1234 quietly. " * 4
+    window = torch.tensor(tok.encode(prose)[:241])
+    own = {w.strip(".;") for w in prose.split()}
+    words = D.RecallExamples(tok, S, words=1.0)
+    seen = set()
+    for seed in range(30):
+        new, mask, dist = words.make(window, random.Random(seed))
+        answer = tok.decode(new[1:][mask].tolist())  # " orchard."
+        word = answer.strip(" .")
+        assert word in own and word.isalpha() and len(word) >= 4 and dist >= 0
+        text = tok.decode(new.tolist())
+        assert text.endswith(f" What is the secret word? The secret word is {word}.")
+        assert f"The secret word is {word}. Remember it. {word} is the secret word." in text
+        seen.add(word)
+    assert len(seen) >= 4
+    mixed = D.RecallExamples(tok, S, words=0.5)
+    kinds = ["secret word" in tok.decode(mixed.make(window, random.Random(i))[0].tolist())
+             for i in range(100)]
+    assert 25 < sum(kinds) < 75
+    for seed in range(5):  # words=0: the random stream and the examples as before
+        a = D.RecallExamples(tok, S).make(window, random.Random(seed))
+        b = D.RecallExamples(tok, S, words=0.0).make(window, random.Random(seed))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    with pytest.raises(ValueError, match="words"):
+        D.RecallExamples(tok, S, words=2.0)
+
+
 def test_repeat_span_copies_earlier_prose_into_a_later_segment():
     window = torch.arange(1, 66)  # L + 1 = 65: 4 segments of 16 targets
     for seed in range(20):

@@ -54,6 +54,9 @@ class TrainConfig:
     recall_at_start: float = 0.0
     """share of recall examples that open with EOS and the fact (a fact told at the start of a
     document or conversation), the rest placed anywhere before the question"""
+    recall_words: float = 0.0
+    """share of recall examples whose key is a word from the example's own prose ("The secret
+    word is W.") instead of five digits: the memory learns to carry words, not only digits"""
     recall_weight: float = 1.0
     """loss weight of the answer tokens of recall examples (and of --repeat-fraction copies)"""
     chat_fraction: float = 0.0
@@ -148,6 +151,8 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if self.lr <= 0 or self.gate_lr < 0:
             raise ValueError("--lr must be > 0 and --gate-lr >= 0")
+        if not 0.0 <= self.recall_words <= 1.0:
+            raise ValueError("--recall-words must be in [0, 1]")
         if not 0.0 <= self.recall_at_start <= 1.0:
             raise ValueError("--recall-at-start must be in [0, 1]")
         if not 0.0 <= self.recall_fraction <= 1.0 or self.recall_weight < 0:

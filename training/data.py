@@ -370,14 +370,36 @@ class RecallExamples:
     into training, these teach the memory to store and fetch a fact across segments. With
     ``at_start`` that share of examples opens with EOS and the fact instead, as a fact told at
     the start of a conversation is: the first tokens after a document's start look different
-    to the layers below the memory, and a model never shown a fact there can miss it.
+    to the layers below the memory, and a model never shown a fact there can miss it. With
+    ``words`` that share of examples tells and asks for a secret word from the window's own
+    prose instead (" The secret word is W. Remember it. W is the secret word.").
     """
 
-    def __init__(self, tokenizer: TextTokenizer, segment_len: int, at_start: float = 0.0) -> None:
-        if not 0.0 <= at_start <= 1.0:
-            raise ValueError(f"at_start must be in [0, 1], got {at_start}")
-        self.tokenizer, self.S, self.at_start = tokenizer, segment_len, at_start
+    def __init__(self, tokenizer: TextTokenizer, segment_len: int, at_start: float = 0.0,
+                 words: float = 0.0) -> None:
+        if not 0.0 <= at_start <= 1.0 or not 0.0 <= words <= 1.0:
+            raise ValueError(f"at_start and words must be in [0, 1], got {at_start}, {words}")
+        self.tokenizer, self.S, self.at_start, self.words = tokenizer, segment_len, at_start, words
         self.question = tokenizer.encode(" What is the pass key? The pass key is")
+        self.word_question = tokenizer.encode(" What is the secret word? The secret word is")
+
+    def _key(self, window: Tensor, rng: Any) -> tuple[list[int], list[int], list[int]]:
+        """(fact, question, answer) token ids: a pass key of five digits or, for a ``words``
+        share, a secret word drawn from the window's own prose (a word that is not a number),
+        so that the memory learns to carry any word, not only digits. Draws the word's share
+        only when ``words`` is set, so that ``words=0`` leaves the random stream as it was."""
+        enc = self.tokenizer.encode
+        if self.words and rng.random() < self.words:
+            text = self.tokenizer.decode(window.tolist())
+            pool = [w for w in (t.strip(".,;:!?\"'()[]_*“”‘’") for t in text.split())
+                    if len(w) >= 4 and w.isalpha()]
+            if pool:
+                word = pool[rng.randrange(len(pool))]
+                return (enc(f" The secret word is {word}. Remember it. {word} is the secret "
+                            "word."), self.word_question, enc(f" {word}."))
+        key = rng.randint(10_000, 99_999)
+        return (enc(f" The pass key is {key}. Remember it. {key} is the pass key."),
+                self.question, enc(f" {key}."))
 
     def make(self, window: Tensor, rng: Any) -> tuple[Tensor, Tensor, int]:
         """window (L + 1,) -> (new window (L + 1,), answer mask over targets (L,), distance).
@@ -385,11 +407,8 @@ class RecallExamples:
         ``rng`` is a `random.Random`. The window is returned unchanged (mask all False,
         distance -1) when it is too short for the fact and the question.
         """
-        key = rng.randint(10_000, 99_999)
-        enc = self.tokenizer.encode
-        fact = enc(f" The pass key is {key}. Remember it. {key} is the pass key.")
-        answer = enc(f" {key}.")
-        tail = self.question + answer
+        fact, question, answer = self._key(window, rng)
+        tail = question + answer
         n, S = len(window), self.S
         mask = torch.zeros(n - 1, dtype=torch.bool)
         q0 = n - len(tail)  # the question starts here

@@ -252,7 +252,7 @@ class Trainer:
         self.net: nn.Module = self.model
         self.curves: Curves | None = None  # opened by run()
         self.recall = (D.RecallExamples(self.tokenizer, self.model.config.segment_len,
-                                        cfg.recall_at_start)
+                                        cfg.recall_at_start, cfg.recall_words)
                        if cfg.recall_fraction else None)
         self.chat = (ChatExamples(self.tokenizer, cfg.chat_at_start,
                                   acks=cfg.chat_acks, pack=cfg.chat_pack)

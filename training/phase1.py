@@ -235,8 +235,10 @@ def context_report(block: ContextBlock, contexts: Tensor, emb: Tensor,
             "effective_rank_explained": (
                 "how many of the context's dimensions the contexts really use (from the spread "
                 "of their singular values), as a share of context_dim; low means contexts "
-                "collapse onto few directions. The seeds reported 89.7% on train and 89.4% on "
-                "validation data after Phase 1 converged; OACD alone lowers it as Phase 1 goes "
+                "collapse onto few directions. It depends on the tokenizer (a byte-level one "
+                "gives few distinct inputs). The seeds' 89.7% / 89.4% came from an earlier "
+                "design of theirs (six 768-dim layers on GPT-2 embeddings, 6,400 tokens, no "
+                "token converged), not from this block; OACD alone lowers it as Phase 1 goes "
                 "on, --isotropy-weight raises it at the cost of convergence (training/README)"),
             "identity_cosine": float(cos.mean()) if len(cos) else 0.0,
             "identity_mapping": bool(len(cos) and float(cos.mean()) > 0.95),
