@@ -68,9 +68,10 @@ class ModelConfig:
     memory_history: int = 0
     # with memory_history: whether a token's own key is part of the key it writes under. False:
     # the key is the previous tokens' keys alone, so the memory maps "what came before" to the
-    # token itself, and a question that ends with the same words ("Your name is") finds the
-    # value whatever its own key is (a name, a city); true keeps the value's own key in it,
-    # which a query cannot know in advance (it works for values alike, such as digits)
+    # token itself, and a question ending in the same words ("Your name is") is asked under the
+    # key the value was written under, whatever the value's own key (which a query cannot know).
+    # Fine-tuning the bundled model this way (session 14, training/README.md) did not make names
+    # recallable and cost pass-key recall; the option stays for experiments from scratch
     memory_key_self: bool = True
     # a learned write strength per token and memory head, sigmoid of the token's memory key and
     # value (starting at 0.5 everywhere): tokens written weakly barely change the memory or its

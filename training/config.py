@@ -56,7 +56,8 @@ class TrainConfig:
     document or conversation), the rest placed anywhere before the question"""
     recall_words: float = 0.0
     """share of recall examples whose key is a word from the example's own prose ("The secret
-    word is W.") instead of five digits: the memory learns to carry words, not only digits"""
+    word is W.") instead of five digits: practice in carrying words, not only digits (the
+    bundled model recalls no word; 1,280 such examples did not change that, training/README)"""
     recall_weight: float = 1.0
     """loss weight of the answer tokens of recall examples (and of --repeat-fraction copies)"""
     chat_fraction: float = 0.0
@@ -73,8 +74,8 @@ class TrainConfig:
     a message of prose briefly and keeps its own made-up facts out of the conversation"""
     chat_pack: bool = False
     """fill each --chat-fraction example with conversations, one after another (each after
-    EOS, the state carried), instead of one conversation per example: many answers per long
-    example"""
+    EOS, the state carried; --chat-at-start then does not apply), instead of one conversation
+    per example: many answers per long example"""
     repeat_fraction: float = 0.0
     """share of training examples where a span of their own prose is written again one or more
     segments later (copy practice for the memory; the copied tokens get --recall-weight)"""

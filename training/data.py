@@ -385,9 +385,9 @@ class RecallExamples:
 
     def _key(self, window: Tensor, rng: Any) -> tuple[list[int], list[int], list[int]]:
         """(fact, question, answer) token ids: a pass key of five digits or, for a ``words``
-        share, a secret word drawn from the window's own prose (a word that is not a number),
-        so that the memory learns to carry any word, not only digits. Draws the word's share
-        only when ``words`` is set, so that ``words=0`` leaves the random stream as it was."""
+        share, a secret word drawn from the window's own prose (letters only, four or more):
+        practice in carrying any word, not only digits. Draws the word's share only when
+        ``words`` is set, so that ``words=0`` leaves the random stream as it was."""
         enc = self.tokenizer.encode
         if self.words and rng.random() < self.words:
             text = self.tokenizer.decode(window.tolist())

@@ -256,10 +256,9 @@ class SegmentMemoryAttention(nn.Module):
     def memory_keys(self, seg_k: Tensor) -> Tensor:
         """The keys a complete segment writes (B, H, S, D): its own keys, plus (with
         ``memory_key_shift``) each previous token's key times a learned weight, or (with
-        ``memory_history`` w) the keys of the w previous tokens, each times its own weight (and
-        not its own key with ``memory_key_self`` false). The
-        segment's first tokens have fewer predecessors here (history does not cross segment
-        boundaries)."""
+        ``memory_history`` w) the keys of the w previous tokens, each times its own weight
+        (without its own key when ``memory_key_self`` is false). The segment's first tokens have
+        fewer predecessors here (history does not cross segment boundaries)."""
         if self.config.memory_key_shift:
             prev = F.pad(seg_k, (0, 0, 1, 0))[:, :, :-1]  # (B, H, S, D): key of token t - 1
             return seg_k + self.key_shift.to(seg_k.dtype) * prev
