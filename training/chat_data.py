@@ -159,34 +159,37 @@ class ChatExamples:
         first = self._conversation(text, n, rng)
         if first is None:
             return window, torch.zeros(n - 1, dtype=torch.bool), None
-        conv, answer_len, fact = first
         mask = torch.zeros(n - 1, dtype=torch.bool)
+        conv, answer_len, fact = first
         if self.pack:
             ids: list[int] = []
             while first is not None:
-                conv, answer_len = first[0], first[1]
+                conv, answer_len, _ = first
                 _mark(mask, len(ids) + len(conv), answer_len)
                 ids = ids + conv + [self.eos]
                 first = self._conversation(text, n - len(ids) - 1, rng)  # room for its EOS
             ids = ids[:n]  # the first conversation's EOS may not fit
-            room = n - len(ids)
-            rest = self.tokenizer.encode(render_chat([("user", text.prose(room, room))],
-                                                     open_reply=True))
-            ids = ids + (rest + [self.eos] * room)[:room]
-            return torch.tensor(ids, dtype=window.dtype), mask, fact
+            return self._then_prose(ids, n, text, window.dtype), mask, fact
         room = n - len(conv)
         if room == 0 or rng.random() < self.at_start:
             start = 0
-            rest = self.tokenizer.encode(render_chat([("user", text.prose(room, room))],
-                                                     open_reply=True))
-            ids = conv + (rest + [self.eos] * room)[:room]
+            new = self._then_prose(conv, n, text, window.dtype)
         else:
             start = room
             before = self.tokenizer.encode(text.prose(room, room))[-(room - 1):] \
                 if room > 1 else []
-            ids = [self.eos] * (room - 1 - len(before)) + before + [self.eos] + conv
+            new = torch.tensor([self.eos] * (room - 1 - len(before)) + before + [self.eos] + conv,
+                               dtype=window.dtype)
         _mark(mask, start + len(conv), answer_len)
-        return torch.tensor(ids, dtype=window.dtype), mask, fact
+        return new, mask, fact
+
+    def _then_prose(self, ids: list[int], n: int, text: _Prose, dtype: torch.dtype) -> Tensor:
+        """``ids`` followed by a user line of the window's prose (then EOS), ``n`` tokens in all:
+        the room after a conversation that opens its window."""
+        room = n - len(ids)
+        rest = self.tokenizer.encode(render_chat([("user", text.prose(room, room))],
+                                                 open_reply=True))
+        return torch.tensor(ids + (rest + [self.eos] * room)[:room], dtype=dtype)
 
     def _conversation(self, text: _Prose, room: int,
                       rng: Any) -> tuple[list[int], int, ChatFact] | None:

@@ -158,11 +158,15 @@ class TrainConfig:
             raise ValueError("--recall-at-start must be in [0, 1]")
         if not 0.0 <= self.recall_fraction <= 1.0 or self.recall_weight < 0:
             raise ValueError("--recall-fraction must be in [0, 1] and --recall-weight >= 0")
-        if not 0.0 <= self.repeat_fraction <= 1.0 - self.recall_fraction or self.repeat_span < 2:
+        def over_one(*shares: float) -> bool:  # 0.3 + 0.3 + 0.4 is 1 here, not 1.0000000000000002
+            return sum(shares) > 1.0 + 1e-9
+
+        if (self.repeat_fraction < 0 or over_one(self.recall_fraction, self.repeat_fraction)
+                or self.repeat_span < 2):
             raise ValueError("--repeat-fraction must be in [0, 1 - --recall-fraction] and "
                              "--repeat-span >= 2")
-        if not 0.0 <= self.chat_fraction or (self.recall_fraction + self.repeat_fraction
-                                              + self.chat_fraction > 1.0 + 1e-9):  # 0.3+0.3+0.4
+        if self.chat_fraction < 0 or over_one(self.recall_fraction, self.repeat_fraction,
+                                              self.chat_fraction):
             raise ValueError("--chat-fraction must be in [0, 1 - --recall-fraction - "
                              "--repeat-fraction]")
         if not 0.0 <= self.chat_at_start <= 1.0:
