@@ -154,7 +154,7 @@ def test_chat_stream_and_non_stream_agree(server: ServerProcess) -> None:
 def test_stream_ends_with_done(server: ServerProcess) -> None:
     with server.http() as http:
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 2,
-                                               "stream": True})
+                                               "stream": True, "seed": 1})
     events = [e for e in r.text.split("\n\n") if e]
     assert r.headers["content-type"].startswith("text/event-stream")
     assert events[-1] == "data: [DONE]" and len(events) >= 3
