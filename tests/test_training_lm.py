@@ -59,6 +59,37 @@ def test_gates_have_their_own_group():
     assert gate_values(model) == {"layers.0.gate": [0.5] * 4}
 
 
+def test_lr_factor_moves_matching_parameters_to_scaled_groups():
+    """--lr-factor: matching parameters get the rate times the factor (gates too, from
+    --gate-lr), the first matching item wins, every parameter stays in exactly one group, and
+    bad items are clear errors."""
+    model = create_model("infini", "tiny")
+    cfg = TrainConfig(data=("x",), out="x", lr=1e-3, gate_lr=1e-2,
+                      lr_factor=("layers.0.*=0.25", "embed_in.*=0.5", "*=3"))
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    for g in groups.values():
+        for p in g["params"]:
+            name = names[id(p)]
+            factor = 0.25 if name.startswith("layers.0.") else 0.5 if name.startswith(
+                "embed_in.") else 3.0
+            base = 1e-2 if name.endswith("attention.gate") else 1e-3
+            assert g["base_lr"] == pytest.approx(base * factor), name
+    assert "layers.0.attention.gate" in [names[id(p)] for p in groups["gates x0.25"]["params"]]
+    assert groups["decay x0.25"]["weight_decay"] == 0.1
+    assert groups["no_decay x3"]["weight_decay"] == 0.0
+    opt = make_optimizer(model, cfg)
+    assert sorted(g["lr"] for g in opt.param_groups) == sorted(
+        g["base_lr"] for g in groups.values())
+
+    with pytest.raises(ValueError, match="'layers.7.*' matches no trainable parameter"):
+        param_groups(model, TrainConfig(data=("x",), out="x", lr_factor=("layers.7.*=0.5",)))
+    for bad in ("layers.0.*", "layers.0.*=0", "=0.5", "layers.0.*=fast", "x=inf"):
+        with pytest.raises(ValueError, match="expected PATTERN=FACTOR"):
+            TrainConfig(data=("x",), out="x", lr_factor=(bad,))
+
+
 def test_schedule_warmup_then_cosine():
     cfg = TrainConfig(data=("x",), out="x", steps=110, warmup_steps=10, min_lr_ratio=0.1)
     s = [lr_scale(i, cfg) for i in range(110)]

@@ -3,6 +3,7 @@ docstring is the flag's help, see `training.options`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -48,6 +49,10 @@ class TrainConfig:
     """AdamW weight decay for matrices (never for biases, norms or gates)"""
     gate_lr: float = 1e-2
     """peak learning rate of the memory gates (same schedule, no weight decay)"""
+    lr_factor: tuple[str, ...] = ()
+    """PATTERN=FACTOR: multiply the learning rate (and the gates' --gate-lr) of the parameters
+    whose names match the shell-style PATTERN by FACTOR, e.g. 'layers.0.*=0.2' 'embed_in.*=0.2'
+    to move the layers below the memory less than the rest; the first matching item wins"""
     recall_fraction: float = 0.0
     """share of training examples turned into synthetic pass-key recall examples (a key told
     early in real prose, asked for at the end, 0 or more segments later)"""
@@ -152,6 +157,8 @@ class TrainConfig:
                                  f"got {getattr(self, name)}")
         if self.lr <= 0 or self.gate_lr < 0:
             raise ValueError("--lr must be > 0 and --gate-lr >= 0")
+        for item in self.lr_factor:
+            lr_factor_item(item)
         if not 0.0 <= self.recall_words <= 1.0:
             raise ValueError("--recall-words must be in [0, 1]")
         if not 0.0 <= self.recall_at_start <= 1.0:
@@ -177,3 +184,16 @@ class TrainConfig:
             raise ValueError(f"--repeat-local must be in [0, 1], got {self.repeat_local}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def lr_factor_item(item: str) -> tuple[str, float]:
+    """One --lr-factor item, 'PATTERN=FACTOR', as (pattern, factor); a clear error otherwise."""
+    pattern, sep, value = item.rpartition("=")
+    try:
+        factor = float(value)
+    except ValueError:
+        factor = -1.0
+    if not sep or not pattern or not factor > 0 or math.isinf(factor):
+        raise ValueError(f"--lr-factor {item!r}: expected PATTERN=FACTOR with a factor > 0, "
+                         "e.g. 'layers.0.*=0.2'")
+    return pattern, factor

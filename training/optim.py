@@ -10,13 +10,14 @@ failure of Infini-attention reproductions.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from training.config import TrainConfig
+from training.config import TrainConfig, lr_factor_item
 
 GATE_SUFFIXES = ("attention.gate", "attention.expand_weight", "attention.expand_bias",
                  "attention.write_gate", "attention.write_gate_bias")
@@ -27,23 +28,35 @@ def is_gate(name: str) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: matrices with weight decay; biases/norms/vectors without; gates apart."""
-    decay, no_decay, gates = [], [], []
+    """AdamW groups: matrices with weight decay; biases/norms/vectors without; gates apart.
+    Parameters that an --lr-factor item matches go to groups of their own ("decay x0.2"),
+    their rate multiplied; an item that matches no trainable parameter is an error."""
+    factors = [lr_factor_item(item) for item in cfg.lr_factor]
+    used = [False] * len(factors)
+    grouped: dict[tuple[str, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if is_gate(name):
-            gates.append(p)
-        elif p.dim() >= 2:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
-        {"name": "gates", "params": gates, "weight_decay": 0.0, "base_lr": cfg.gate_lr},
-    ]
-    return [g for g in groups if g["params"]]
+        kind = "gates" if is_gate(name) else "decay" if p.dim() >= 2 else "no_decay"
+        factor = 1.0
+        for i, (pattern, f) in enumerate(factors):
+            if fnmatch.fnmatchcase(name.removeprefix("module."), pattern):
+                factor, used[i] = f, True
+                break
+        grouped.setdefault((kind, factor), []).append(p)
+    for (pattern, _), hit in zip(factors, used, strict=True):
+        if not hit:
+            raise ValueError(f"--lr-factor {pattern!r} matches no trainable parameter "
+                             "(`newllm info --parameters` lists the names)")
+    order = {"decay": 0, "no_decay": 1, "gates": 2}
+    groups = []
+    for (kind, factor), params in sorted(grouped.items(), key=lambda kv: (order[kv[0][0]],
+                                                                           -kv[0][1])):
+        base = (cfg.gate_lr if kind == "gates" else cfg.lr) * factor
+        groups.append({"name": kind if factor == 1.0 else f"{kind} x{factor:g}",
+                       "params": params, "base_lr": base,
+                       "weight_decay": cfg.weight_decay if kind == "decay" else 0.0})
+    return groups
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
