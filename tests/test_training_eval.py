@@ -155,6 +155,16 @@ def test_passkey_layout_and_scoring(models):
             logits[..., tok.encode(" ")[0]] = 10.0
             return logits, seen
 
+    for filler in (None, "Amelia walked over the hills with Bartholomew and a lantern. " * 9):
+        ids, start, n = passkey_example(tok, 1, S, random.Random(1), word="meadow")
+        assert tok.decode(ids[start:start + n].tolist()) == " meadow"
+        assert "The secret word is meadow." in tok.decode(ids.tolist())
+        worded = passkey_accuracy(Induction(), tok, distances=(0, 2), trials=4,
+                                  filler_text=filler, words=True)
+        assert worded["key"] == "words" and worded["by_distance"] == {"0": 1.0, "2": 1.0}
+        assert worded["words_from"] == ("filler" if filler else "built-in list")
+    assert perfect["key"] == "digits"
+
     spaces = passkey_accuracy(SpaceOnly(), tok, distances=(0, 2), trials=4)
     assert spaces["first_token_by_distance"] == {"0": 0.0, "2": 0.0}  # the space is not free
     random_model = passkey_accuracy(models["infini"], tok, distances=(1,), trials=3)

@@ -191,7 +191,11 @@ def test_recall_mixing_is_logged_and_deterministic(tmp_path):
     assert set(final["passkey"]) == set(final["passkey_first_token"]) == {"0", "1", "2"}
     assert all(v > 0 for v in final["passkey_answer_nll"].values())
     assert final["val_loss_memory_reset"] != final["val_loss"]
+    assert "passkey_words" not in final  # secret words are measured only when practised
     assert losses(tmp_path / "r1" / "metrics.jsonl") == losses(tmp_path / "r2" / "metrics.jsonl")
+    run(tmp_path, data, "w", 1, **cfg, recall_words=0.5)
+    final = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(final["passkey_words"]) == set(final["passkey_words_answer_nll"]) == {"0", "1", "2"}
 
 
 def test_local_copy_practice_stays_in_one_segment(tmp_path):

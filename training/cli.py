@@ -129,6 +129,9 @@ class EvalConfig:
     passkey_filler: str = ""
     """a text file whose prose fills the passkey examples (default: the repeated grass/sky/sun
     sentences)"""
+    passkey_keys: tuple[str, ...] = ("digits",)
+    """what the keys are: digits (five, "The pass key is N.", reported as passkey) and/or
+    words (a word of the filler's prose, "The secret word is W.", reported as passkey_words)"""
     reversal_curse: str = ""
     """reversal-curse name_description_dataset folder: report forward/backward perplexity"""
     reversal_direction: str = "p2d"
@@ -182,6 +185,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     if not (cfg.data or cfg.passkey or cfg.reversal_curse):
         raise ValueError("nothing to evaluate: give --data, --passkey or --reversal-curse")
+    unknown = sorted(set(cfg.passkey_keys) - {"digits", "words"})
+    if unknown or not cfg.passkey_keys:
+        raise ValueError(f"--passkey-keys takes digits and/or words, got {unknown or 'nothing'}")
     model, tok = load_checkpoint(cfg.checkpoint or None, device=cfg.device)
     model.eval()
     S = model.config.segment_len
@@ -212,8 +218,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.passkey:
         filler = (Path(cfg.passkey_filler).read_text(encoding="utf-8")[:200_000]
                   if cfg.passkey_filler else None)
-        report["passkey"] = passkey_accuracy(model, tok, cfg.passkey_distances,
-                                             cfg.passkey_trials, filler_text=filler)
+        for keys in cfg.passkey_keys:
+            report["passkey" if keys == "digits" else "passkey_words"] = passkey_accuracy(
+                model, tok, cfg.passkey_distances, cfg.passkey_trials, filler_text=filler,
+                words=keys == "words")
     if cfg.reversal_curse:
         report["reversal_curse"] = reversal_curse(model, tok, cfg.reversal_curse,
                                                   cfg.reversal_direction, cfg.reversal_limit)

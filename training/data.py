@@ -360,6 +360,13 @@ def batch_indices(num_windows: int, batch_size: int, step: int, *, seed: int = 4
 
 
 # synthetic recall examples ---------------------------------------------------------------------
+def prose_words(text: str) -> list[str]:
+    """The words of ``text`` that can be a secret word, in order: letters only, four or more,
+    punctuation around them stripped."""
+    return [w for w in (t.strip(".,;:!?\"'()[]_*“”‘’") for t in text.split())
+            if len(w) >= 4 and w.isalpha()]
+
+
 class RecallExamples:
     """Turn real training windows into fact-recall examples (a pass key told early, asked late).
 
@@ -390,9 +397,7 @@ class RecallExamples:
         ``words`` is set, so that ``words=0`` leaves the random stream as it was."""
         enc = self.tokenizer.encode
         if self.words and rng.random() < self.words:
-            text = self.tokenizer.decode(window.tolist())
-            pool = [w for w in (t.strip(".,;:!?\"'()[]_*“”‘’") for t in text.split())
-                    if len(w) >= 4 and w.isalpha()]
+            pool = prose_words(self.tokenizer.decode(window.tolist()))
             if pool:
                 word = pool[rng.randrange(len(pool))]
                 return (enc(f" The secret word is {word}. Remember it. {word} is the secret "

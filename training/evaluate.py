@@ -32,8 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.data import prose_words
+
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again. ")
+WORD_KEYS = ("apple", "river", "candle", "garden", "silver", "forest", "window", "basket",
+             "harbor", "thunder", "meadow", "pepper", "castle", "lantern", "violet", "marble",
+             "copper", "falcon", "orange", "saddle", "bridge", "winter", "cherry", "anchor")
+"""secret words of --passkey-keys words when no filler text is given (none is in the default
+filler); with a filler text the words are drawn from its own prose, as in training"""
 
 
 # perplexity -------------------------------------------------------------------------------------
@@ -207,18 +214,25 @@ def _filler(ids: list[int], n: int, start: int = 0) -> list[int]:
 
 
 def passkey_example(tokenizer: Any, distance: int, segment_len: int, rng: random.Random,
-                    filler_ids: list[int] | None = None, digits: int = 5
-                    ) -> tuple[Tensor, int, int]:
+                    filler_ids: list[int] | None = None, digits: int = 5,
+                    word: str | None = None) -> tuple[Tensor, int, int]:
     """A filler text hiding a pass key; the question starts ``distance`` segments after the
-    segment in which the key sentence ends (0 = the same segment).
+    segment in which the key sentence ends (0 = the same segment). With ``word`` the key is
+    that word, told and asked as a secret word (the sentences of --recall-words training).
 
     Returns (ids (T,), answer start index, answer length); the answer is the key's tokens.
     """
     S = segment_len
-    key = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
-    fact = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
-    question = tokenizer.encode(" What is the pass key? The pass key is")
-    answer = tokenizer.encode(f" {key}")
+    if word is None:
+        key = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+        fact = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
+        question = tokenizer.encode(" What is the pass key? The pass key is")
+        answer = tokenizer.encode(f" {key}")
+    else:
+        fact = tokenizer.encode(f" The secret word is {word}. Remember it. {word} is the "
+                                "secret word.")
+        question = tokenizer.encode(" What is the secret word? The secret word is")
+        answer = tokenizer.encode(f" {word}")
     filler = filler_ids or tokenizer.encode(PASSKEY_FILLER)
     a = rng.randint(1, max(1, S - len(fact)))  # where the fact starts (position 0 is EOS)
     fact_end = a + len(fact)  # first position after the fact
@@ -235,8 +249,11 @@ def passkey_example(tokenizer: Any, distance: int, segment_len: int, rng: random
 @torch.no_grad()
 def passkey_accuracy(model: nn.Module, tokenizer: Any, distances: Sequence[int] = (0, 1, 2, 4),
                      trials: int = 20, *, seed: int = 0, segment_len: int | None = None,
-                     filler_text: str | None = None) -> dict[str, Any]:
+                     filler_text: str | None = None, words: bool = False) -> dict[str, Any]:
     """Share of examples whose key greedy decoding reproduces exactly, by distance in segments.
+    With ``words`` the key is a word (four or more letters) drawn from the filler's prose
+    (`WORD_KEYS` without one), told as a secret word: can the memory carry any token, not only
+    digits?
 
     Greedy decoding returns the key iff the model's argmax is the key's next token at every
     answer position given the correct ones before (teacher forcing), so one pass scores it.
@@ -250,14 +267,23 @@ def passkey_accuracy(model: nn.Module, tokenizer: Any, distances: Sequence[int] 
     S = segment_len or model.config.segment_len
     filler = tokenizer.encode(filler_text) if filler_text else None
     rng = random.Random(seed)
+    pool, words_from = list(WORD_KEYS), "built-in list"
+    if words and filler_text:
+        drawn = sorted(set(prose_words(filler_text)))
+        if drawn:
+            pool, words_from = drawn, "filler"
     chunk = default_chunk(model)
-    out: dict[str, Any] = {"segment_len": S, "trials": trials, "by_distance": {},
+    out: dict[str, Any] = {"key": "words" if words else "digits",
+                           "segment_len": S, "trials": trials, "by_distance": {},
                            "first_token_by_distance": {}, "answer_nll_by_distance": {}}
+    if words:
+        out["words_from"] = words_from
     for d in distances:
         hits = firsts = 0
         nll, count = 0.0, 0
         for _ in range(trials):
-            ids, start, n = passkey_example(tokenizer, d, S, rng, filler)
+            word = pool[rng.randrange(len(pool))] if words else None
+            ids, start, n = passkey_example(tokenizer, d, S, rng, filler, word=word)
             logits = feed(model, ids[:-1], chunk, keep_from=start - 1)  # positions start-1..
             answer = logits[:n]
             target = ids[start:start + n].to(answer.device)

@@ -602,6 +602,13 @@ class Trainer:
             text += "  passkey " + " ".join(f"d{k}={v:.0%}" for k, v in acc["by_distance"].items())
             text += " (first digit " + " ".join(
                 f"d{k}={v:.0%}" for k, v in acc["first_token_by_distance"].items()) + ")"
+            if self.cfg.recall_words:  # the secret words it practises, as newllm eval's
+                words = passkey_accuracy(self.model, self.tokenizer, (0, 1, 2),
+                                         self.cfg.eval_passkey, words=True)
+                record["passkey_words"] = words["by_distance"]
+                record["passkey_words_answer_nll"] = words["answer_nll_by_distance"]
+                text += "  words " + " ".join(f"d{k}={v:.0%}"
+                                              for k, v in words["by_distance"].items())
         if self.cfg.eval_chat:
             from training.chat_eval import chat_recall
 
