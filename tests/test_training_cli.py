@@ -45,7 +45,8 @@ def test_train_then_eval(tmp_path, corpus, capsys):
     rc = eval_main(["--checkpoint", str(out), "--data", str(corpus / "d1.txt"),
                     str(corpus / "d2.txt"), "--window", "32", "--stride", "16", "--memory",
                     "--passkey", "--passkey-distances", "0", "1", "--passkey-trials", "2",
-                    "--passkey-keys", "digits", "words", "--out", str(report_path)])
+                    "--passkey-keys", "digits", "words", "--copy-test", "--copy-distances", "0",
+                    "2", "--copy-trials", "2", "--out", str(report_path)])
     assert rc == 0
     report = last_json(capsys.readouterr().out)
     assert report == json.loads(report_path.read_text())
@@ -53,6 +54,7 @@ def test_train_then_eval(tmp_path, corpus, capsys):
     assert set(report["passkey"]["by_distance"]) == {"0", "1"}
     assert report["passkey_words"]["key"] == "words"
     assert set(report["passkey_words"]["by_distance"]) == {"0", "1"}
+    assert set(report["copy"]["repeat_nll"]) == set(report["copy"]["first_nll"]) == {"0", "2"}
     assert len(report["memory"]["documents"]) == 2
     assert eval_main(["--checkpoint", str(out), "--passkey", "--passkey-keys", "letters"]) == 2
     assert "--passkey-keys takes digits and/or words, got ['letters']" in (

@@ -16,6 +16,7 @@ from newllm import create_model
 from newllm.tokenizer import Tokenizer
 from training.evaluate import (
     completion_nll,
+    copy_test,
     feed,
     memory_benefit,
     memory_only_nll,
@@ -175,6 +176,41 @@ def test_passkey_layout_and_scoring(models):
     # an untrained model over 500 tokens pays about ln(500) nats per answer token
     assert random_model["answer_nll_by_distance"]["1"] > 4.0
     assert perfect["answer_nll_by_distance"]["0"] < random_model["answer_nll_by_distance"]["1"]
+
+
+def test_copy_test_tells_a_copier_from_a_model_that_does_not_copy(models):
+    """The copy test: a span repeated d segments later (checked on the sequences fed), a
+    copying stand-in pays far less on the repeat, an untrained model the same."""
+    tok = Tokenizer.byte_level()
+    fed = []
+
+    class Recording(Induction):
+        def forward(self, ids, state=None):
+            logits, seen = super().forward(ids, state)
+            fed.append(seen)
+            return logits, seen
+
+    copier = copy_test(Recording(k=2), tok, distances=(0, 1, 3), trials=6, span=7)
+    S = copier["segment_len"]
+    sequences = [s for s, nxt in zip(fed, fed[1:] + [[]], strict=True) if nxt[:len(s)] != s]
+    assert len(sequences) == 18  # 6 trials x 3 distances, each fed from an empty state
+    for i, seq in enumerate(sequences):
+        d = (0, 1, 3)[i // 6]
+        n = 7
+        repeat = len(seq) + 1 - n  # where the repeat starts (its last token is not fed)
+        span = seq[repeat:]
+        first = next(j for j in range(repeat) if seq[j:j + n - 1] == span)  # the first pass
+        assert first < repeat - n + 1  # the span is there twice, apart
+        assert repeat // S - (first + n - 1) // S == d and (repeat + n - 1) // S == repeat // S
+    for d in ("0", "1", "3"):
+        assert copier["repeat_nll"][d] < copier["first_nll"][d] - 1.5
+        assert copier["repeat_top1"][d] >= 0.5
+    plain = copy_test(models["infini"], tok, distances=(0, 2), trials=4, span=7)
+    for d in ("0", "2"):
+        assert plain["repeat_top1"][d] < 0.2
+        assert abs(plain["repeat_nll"][d] - plain["first_nll"][d]) < 0.5
+    with pytest.raises(ValueError, match="span must be 2 to 7 tokens"):
+        copy_test(models["infini"], tok, span=8)
 
 
 def test_reversal_curse_report(tmp_path, models):

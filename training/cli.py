@@ -127,11 +127,21 @@ class EvalConfig:
     passkey_trials: int = 20
     """examples per distance"""
     passkey_filler: str = ""
-    """a text file whose prose fills the passkey examples (default: the repeated grass/sky/sun
-    sentences)"""
+    """a text file whose prose fills the passkey examples and the copy test (default: the
+    repeated grass/sky/sun sentences)"""
     passkey_keys: tuple[str, ...] = ("digits",)
     """what the keys are: digits (five, "The pass key is N.", reported as passkey) and/or
     words (a word of the filler's prose, "The secret word is W.", reported as passkey_words)"""
+    copy_test: bool = False
+    """report in-context copying (the induction-head test): the loss of a span of random words
+    on its first pass and on its repeat, at --copy-distances segments apart (0 = repeated at
+    once in the same segment), filled with --passkey-filler's prose"""
+    copy_distances: tuple[int, ...] = (0, 1, 4)
+    """segments between the span's first pass and its repeat"""
+    copy_span: int = 0
+    """tokens per copied span (0 = a quarter of a segment)"""
+    copy_trials: int = 20
+    """spans per distance"""
     reversal_curse: str = ""
     """reversal-curse name_description_dataset folder: report forward/backward perplexity"""
     reversal_direction: str = "p2d"
@@ -173,6 +183,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from newllm.checkpoint import load_checkpoint
     from training import data as D
     from training.evaluate import (
+        copy_test,
         document_ids,
         has_memory,
         memory_benefit,
@@ -183,8 +194,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if not (cfg.data or cfg.passkey or cfg.reversal_curse):
-        raise ValueError("nothing to evaluate: give --data, --passkey or --reversal-curse")
+    if not (cfg.data or cfg.passkey or cfg.copy_test or cfg.reversal_curse):
+        raise ValueError("nothing to evaluate: give --data, --passkey, --copy-test or "
+                         "--reversal-curse")
     unknown = sorted(set(cfg.passkey_keys) - {"digits", "words"})
     if unknown or not cfg.passkey_keys:
         raise ValueError(f"--passkey-keys takes digits and/or words, got {unknown or 'nothing'}")
@@ -215,9 +227,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             report["memory"] = {"skipped": "the model has no memory layers"}
         elif cfg.memory:
             report["memory"] = memory_benefit(model, ids)
+    filler = (Path(cfg.passkey_filler).read_text(encoding="utf-8")[:200_000]
+              if cfg.passkey_filler and (cfg.passkey or cfg.copy_test) else None)
+    if cfg.copy_test:
+        report["copy"] = copy_test(model, tok, cfg.copy_distances, cfg.copy_trials,
+                                   span=cfg.copy_span, filler_text=filler)
     if cfg.passkey:
-        filler = (Path(cfg.passkey_filler).read_text(encoding="utf-8")[:200_000]
-                  if cfg.passkey_filler else None)
         for keys in cfg.passkey_keys:
             report["passkey" if keys == "digits" else "passkey_words"] = passkey_accuracy(
                 model, tok, cfg.passkey_distances, cfg.passkey_trials, filler_text=filler,

@@ -302,6 +302,61 @@ def passkey_accuracy(model: nn.Module, tokenizer: Any, distances: Sequence[int] 
     return out
 
 
+# in-context copying -----------------------------------------------------------------------------
+@torch.no_grad()
+def copy_test(model: nn.Module, tokenizer: Any, distances: Sequence[int] = (0, 1, 4),
+              trials: int = 20, *, span: int = 0, seed: int = 0, segment_len: int | None = None,
+              filler_text: str | None = None) -> dict[str, Any]:
+    """Can the model copy a span it has seen? The classic test of induction heads, run at
+    distances in segments, so it probes local attention (0: the span is repeated at once, in
+    the same segment) and the memory (d >= 1: the repeat starts d segments after the segment in
+    which the first copy ends, prose between).
+
+    The span is ``span`` tokens (default: a quarter of a segment) of random words of the filler
+    (`WORD_KEYS` without one): unpredictable the first time. Reports, by distance, the mean
+    loss in nats of the span's tokens after its first on the first pass (``first_nll``) and on
+    the repeat (``repeat_nll``), and the share of repeated tokens that are the model's first
+    choice (``repeat_top1``). A model that copies pays far less on the repeat; one that does
+    not pays about the same.
+    """
+    S = segment_len or model.config.segment_len
+    n = span or max(4, S // 4)
+    if not 2 <= n <= (S - 1) // 2:  # twice and the EOS fit in one segment at distance 0
+        raise ValueError(f"the copy test's span must be 2 to {(S - 1) // 2} tokens (segments "
+                         f"of {S}), got {n}")
+    vocab = sorted(set(prose_words(filler_text))) if filler_text else []
+    vocab = vocab or list(WORD_KEYS)
+    filler = tokenizer.encode(filler_text) if filler_text else tokenizer.encode(PASSKEY_FILLER)
+    rng = random.Random(seed)
+    chunk = default_chunk(model)
+    out: dict[str, Any] = {"segment_len": S, "span": n, "trials": trials, "first_nll": {},
+                           "repeat_nll": {}, "repeat_top1": {}}
+    for d in distances:
+        first = repeat = top1 = 0.0
+        for _ in range(trials):
+            ids: list[int] = []
+            while len(ids) < n:
+                ids = tokenizer.encode(" " + " ".join(rng.choice(vocab) for _ in range(2 * n)))
+            a = ids[:n]
+            start = rng.randint(1, S - n) if d else 1  # the first copy's place after EOS
+            end = start + n
+            gap = 0 if d == 0 else ((end - 1) // S + d) * S - end + rng.randint(0, S - n)
+            seq = ([tokenizer.eos_token_id] + _filler(filler, start - 1, rng.randrange(len(filler)))
+                   + a + _filler(filler, gap, rng.randrange(len(filler))) + a)
+            x = torch.tensor(seq, dtype=torch.long)
+            logits = feed(model, x[:-1], chunk, keep_from=start)
+            nll = F.cross_entropy(logits, x[start + 1:].to(logits.device), reduction="none")
+            r0 = len(seq) - n  # the repeat's first token (its loss is not counted)
+            first += float(nll[:n - 1].mean())
+            repeat += float(nll[r0 - start:].mean())
+            pred = logits[r0 - start:].argmax(-1).cpu()
+            top1 += float((pred == x[r0 + 1:]).float().mean())
+        out["first_nll"][str(d)] = first / trials
+        out["repeat_nll"][str(d)] = repeat / trials
+        out["repeat_top1"][str(d)] = top1 / trials
+    return out
+
+
 # the reversal curse ----------------------------------------------------------------------------
 def read_pairs(path: str | Path, limit: int = 0) -> list[tuple[str, str]]:
     """(prompt, completion) pairs of a JSONL file."""
