@@ -250,6 +250,29 @@ def test_repeat_span_copies_earlier_prose_into_a_later_segment():
     assert torch.equal(same, window[:17]) and not none.any()
 
 
+def test_repeat_span_scrambled_writes_random_tokens_twice():
+    """--repeat-scramble: the source span is overwritten with tokens of the window (never EOS)
+    and the copy repeats them; everything else is untouched."""
+    window = torch.arange(0, 65)  # token 0 plays EOS
+    changed = 0
+    for seed in range(20):
+        for local in (False, True):
+            new, mask = D.repeat_span(window, 16, 6, random.Random(seed), local=local,
+                                      scramble=True, eos=0)
+            start = int(mask.nonzero()[0])
+            copy = new[start:start + 6]
+            differs = (new != window).nonzero().flatten().tolist()
+            outside = [i for i in differs if not start <= i < start + 6]
+            assert len(outside) <= 6 and outside == sorted(outside)  # one overwritten span
+            if outside:
+                src = outside[0]
+                assert torch.equal(new[src:src + 6], copy)
+                changed += 1
+            assert 0 not in copy.tolist()
+            assert all(1 <= t <= 64 for t in copy.tolist())
+    assert changed >= 30  # the source is scrambled, not the original prose
+
+
 def test_repeat_span_local_copies_within_one_segment():
     window = torch.arange(1, 66)  # 4 segments of 16 targets
     for seed in range(30):

@@ -86,6 +86,11 @@ class TrainConfig:
     segments later (copy practice for the memory; the copied tokens get --recall-weight)"""
     repeat_span: int = 32
     """tokens per copied span of --repeat-fraction examples (at most the segment length)"""
+    repeat_scramble: float = 0.0
+    """share of --repeat-fraction copies whose span is first overwritten with tokens drawn at
+    random from the example: unpredictable the first time, so only copying lowers the loss of
+    the repeat (induction-head practice; a model that has none copies nothing, not even a word
+    told a sentence earlier: `newllm eval --copy-test`)"""
     repeat_local: float = 0.0
     """share of --repeat-fraction copies that land later in their own segment (span at most
     half a segment) instead of a later segment: in-context copying practice for local attention"""
@@ -180,6 +185,8 @@ class TrainConfig:
             raise ValueError(f"--chat-at-start must be in [0, 1], got {self.chat_at_start}")
         if not 0.0 <= self.chat_acks <= 1.0:
             raise ValueError(f"--chat-acks must be in [0, 1], got {self.chat_acks}")
+        if not 0.0 <= self.repeat_scramble <= 1.0:
+            raise ValueError(f"--repeat-scramble must be in [0, 1], got {self.repeat_scramble}")
         if not 0.0 <= self.repeat_local <= 1.0:
             raise ValueError(f"--repeat-local must be in [0, 1], got {self.repeat_local}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -439,7 +439,8 @@ class RecallExamples:
 
 
 def repeat_span(window: Tensor, segment_len: int, span: int, rng: Any, *,
-                local: bool = False) -> tuple[Tensor, Tensor]:
+                local: bool = False, scramble: bool = False, eos: int | None = None
+                ) -> tuple[Tensor, Tensor]:
     """Copy a span of real prose from an earlier segment into a later one (copy practice).
 
     A window (L + 1,) gets ``span`` of its own tokens from segment i written again into segment
@@ -447,8 +448,11 @@ def repeat_span(window: Tensor, segment_len: int, span: int, rng: Any, *,
     predictable only through what was seen one or more segments earlier: the memory's job. With
     ``local`` the copy lands later in the same segment instead (``span`` at most half a segment),
     which local attention can serve: practice for the in-context copying that fetching from the
-    memory builds on. Returns (new window, mask over targets (L,) marking the copy's predictable
-    tokens); the window comes back unchanged (mask all False) when there is no room for the copy.
+    memory builds on. With ``scramble`` the span is first overwritten with tokens drawn at random
+    from the window (EOS aside), so its first pass is unpredictable and only copying lowers the
+    repeat's loss: the plainest signal for induction heads. Returns (new window, mask over
+    targets (L,) marking the copy's predictable tokens); the window comes back unchanged (mask
+    all False) when there is no room for the copy.
     """
     n, S = len(window), segment_len
     mask = torch.zeros(n - 1, dtype=torch.bool)
@@ -467,6 +471,11 @@ def repeat_span(window: Tensor, segment_len: int, span: int, rng: Any, *,
         src = src_seg * S + rng.randrange(S - span + 1)
         dst = dst_seg * S + rng.randrange(S - span + 1)
     new = window.clone()
-    new[dst:dst + span] = window[src:src + span]
+    if scramble:
+        pool = window[window != eos].tolist() if eos is not None else window.tolist()
+        if pool:
+            new[src:src + span] = torch.tensor([pool[rng.randrange(len(pool))]
+                                                for _ in range(span)], dtype=window.dtype)
+    new[dst:dst + span] = new[src:src + span]
     mask[dst:dst + span - 1] = True  # target t is window[t + 1]: the copy's tokens 1..span-1
     return new, mask

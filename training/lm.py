@@ -366,8 +366,10 @@ class Trainer:
                 local = cfg.repeat_local > 0 and rng.random() < cfg.repeat_local
                 span = min(cfg.repeat_span, self.model.config.segment_len // 2) if local \
                     else cfg.repeat_span
+                scramble = cfg.repeat_scramble > 0 and rng.random() < cfg.repeat_scramble
                 batch[i], copied[i] = D.repeat_span(batch[i], self.model.config.segment_len,
-                                                    span, rng, local=local)
+                                                    span, rng, local=local, scramble=scramble,
+                                                    eos=self.tokenizer.eos_token_id)
             elif self.chat is not None and r < (cfg.recall_fraction + cfg.repeat_fraction
                                                 + cfg.chat_fraction):
                 batch[i], mask[i], _ = self.chat.make(batch[i], rng)
