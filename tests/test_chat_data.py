@@ -151,6 +151,12 @@ def test_packed_chat_examples(tok: Tokenizer) -> None:
     assert int(one.sum()) < int(packed.make(window, random.Random(0))[1].sum())
 
 
+def test_facts_say_whether_their_value_is_digits_or_words() -> None:
+    facts = [C.random_fact(random.Random(i)) for i in range(200)]
+    assert {f.kind for f in facts} == {"digits", "words"}
+    assert all((f.kind == "digits") == f.value.isdigit() for f in facts)
+
+
 def test_answer_matches() -> None:
     assert C.answer_matches(" Your name is Ada.", "Ada")
     assert C.answer_matches(" It is 52817, I think", "52817")
@@ -193,6 +199,11 @@ def test_library_chat_recall_runs_with_a_move(tok: Tokenizer) -> None:
     result = E.chat_recall(model, tokenizer, words, conversations=2, turns=3, user_tokens=12,
                            reply_tokens=4, move_at=2)
     assert 0.0 <= result["recall"] <= 1.0 and "floor" in result
+    kinds = result["by_kind"]
+    assert set(kinds) <= {"digits", "words"}
+    assert sum(k["conversations"] for k in kinds.values()) == 2
+    right = sum(k["recall"] * k["conversations"] for k in kinds.values())
+    assert right == pytest.approx(result["recall"] * 2)
 
 
 def test_trainer_evaluates_chat_recall(tmp_path) -> None:
@@ -205,4 +216,6 @@ def test_trainer_evaluates_chat_recall(tmp_path) -> None:
         eval_chat=1, eval_batches=1)
     lines = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert 0.0 <= lines[-1]["chat_recall"] <= 1.0
+    kinds = lines[-1]["chat_recall_by_kind"]  # one conversation: one kind, scored like the whole
+    assert len(kinds) == 1 and list(kinds.values()) == [lines[-1]["chat_recall"]]
     assert "chat-fraction: 0.5" in (tmp_path / "c" / "config.yaml").read_text()

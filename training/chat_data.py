@@ -102,6 +102,8 @@ class ChatFact:
     ask: str
     answer: str
     value: str
+    kind: str = "words"
+    """"digits" (a pass key, a locker code) or "words" (a name, a city, a favourite)"""
 
 
 def random_fact(rng: Any) -> ChatFact:
@@ -114,7 +116,8 @@ def random_fact(rng: Any) -> ChatFact:
         value = str(topic.values[rng.randrange(len(topic.values))])
     tell = topic.tells[rng.randrange(len(topic.tells))].format(v=value)
     ask = topic.asks[rng.randrange(len(topic.asks))]
-    return ChatFact(tell, ask, topic.answer.format(v=value), value)
+    kind = "digits" if isinstance(topic.values[0], int) else "words"
+    return ChatFact(tell, ask, topic.answer.format(v=value), value, kind)
 
 
 def answer_matches(reply: str, value: str) -> bool:

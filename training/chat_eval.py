@@ -117,15 +117,19 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
                 turns: int = 10, user_tokens: int = 30, reply_tokens: int = 30,
                 move_at: int = 5, seed: int = 0, floor: bool = True) -> dict[str, Any]:
     """Share of ``conversations`` whose last reply gives the fact (and the floor: the question
-    alone), with a few replies to show what the model says."""
+    alone), split by the kind of value (``by_kind``: digits, as pass keys and locker codes, or
+    words, as names and cities), with a few replies to show what the model says."""
     rng = random.Random(seed)
     hits = floor_hits = 0
     examples = []
+    kinds: dict[str, list[int]] = {}  # kind -> [right, conversations]
     for c in range(conversations):
         script = conversation_script(rng, words, turns, user_tokens)
         replies = run_conversation(model, tokenizer, script, reply_tokens, move_at)
         hit = answer_matches(replies[-1], script.fact.value)
         hits += hit
+        tally = kinds.setdefault(script.fact.kind, [0, 0])
+        tally[0], tally[1] = tally[0] + hit, tally[1] + 1
         if floor:
             alone, _ = chat_turn(model, tokenizer, script.fact.ask, None, True, reply_tokens)
             floor_hits += answer_matches(alone, script.fact.value)
@@ -136,6 +140,8 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
     out: dict[str, Any] = {"recall": hits / conversations, "conversations": conversations,
                            "turns": turns, "user_tokens": user_tokens,
                            "reply_tokens": reply_tokens, "move_after_turn": move_at,
+                           "by_kind": {k: {"recall": right / n, "conversations": n}
+                                       for k, (right, n) in sorted(kinds.items())},
                            "examples": examples}
     if floor:
         out["floor"] = floor_hits / conversations

@@ -618,7 +618,9 @@ class Trainer:
             chat = chat_recall(self.model, self.tokenizer, self._chat_words(),
                                self.cfg.eval_chat, floor=False)
             record["chat_recall"] = chat["recall"]
-            text += f"  chat recall {chat['recall']:.0%}"
+            record["chat_recall_by_kind"] = {k: v["recall"] for k, v in chat["by_kind"].items()}
+            text += f"  chat recall {chat['recall']:.0%} (" + " ".join(
+                f"{k} {v['recall']:.0%}" for k, v in chat["by_kind"].items()) + ")"
         if len(record) > 1:
             self._write_metrics(record)
             _log(self.dist, text)
