@@ -211,6 +211,8 @@ def test_copy_test_tells_a_copier_from_a_model_that_does_not_copy(models):
         assert abs(plain["repeat_nll"][d] - plain["first_nll"][d]) < 0.5
     with pytest.raises(ValueError, match="span must be 2 to 7 tokens"):
         copy_test(models["infini"], tok, span=8)
+    with pytest.raises(ValueError, match="distances >= 0"):
+        copy_test(models["infini"], tok, distances=(0, -1))
 
 
 def test_reversal_curse_report(tmp_path, models):

@@ -85,6 +85,10 @@ def test_lr_factor_moves_matching_parameters_to_scaled_groups():
 
     with pytest.raises(ValueError, match="'layers.7.*' matches no trainable parameter"):
         param_groups(model, TrainConfig(data=("x",), out="x", lr_factor=("layers.7.*=0.5",)))
+    with pytest.raises(ValueError, match="'layers.0.*' matches no trainable parameter that an "
+                                         "earlier item"):  # shadowed by the first item
+        param_groups(model, TrainConfig(data=("x",), out="x",
+                                        lr_factor=("layers.*=0.5", "layers.0.*=0.2")))
     for bad in ("layers.0.*", "layers.0.*=0", "=0.5", "layers.0.*=fast", "x=inf"):
         with pytest.raises(ValueError, match="expected PATTERN=FACTOR"):
             TrainConfig(data=("x",), out="x", lr_factor=(bad,))

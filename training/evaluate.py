@@ -213,6 +213,13 @@ def _filler(ids: list[int], n: int, start: int = 0) -> list[int]:
     return [ids[(start + i) % len(ids)] for i in range(n)] if n > 0 else []
 
 
+def word_pool(filler_text: str | None) -> tuple[list[str], str]:
+    """Words to hide or copy, and where they came from: the distinct words of the filler's prose
+    (as training's secret words are drawn), else `WORD_KEYS`."""
+    drawn = sorted(set(prose_words(filler_text))) if filler_text else []
+    return (drawn, "filler") if drawn else (list(WORD_KEYS), "built-in list")
+
+
 def passkey_example(tokenizer: Any, distance: int, segment_len: int, rng: random.Random,
                     filler_ids: list[int] | None = None, digits: int = 5,
                     word: str | None = None) -> tuple[Tensor, int, int]:
@@ -267,11 +274,7 @@ def passkey_accuracy(model: nn.Module, tokenizer: Any, distances: Sequence[int] 
     S = segment_len or model.config.segment_len
     filler = tokenizer.encode(filler_text) if filler_text else None
     rng = random.Random(seed)
-    pool, words_from = list(WORD_KEYS), "built-in list"
-    if words and filler_text:
-        drawn = sorted(set(prose_words(filler_text)))
-        if drawn:
-            pool, words_from = drawn, "filler"
+    pool, words_from = word_pool(filler_text if words else None)
     chunk = default_chunk(model)
     out: dict[str, Any] = {"key": "words" if words else "digits",
                            "segment_len": S, "trials": trials, "by_distance": {},
@@ -324,8 +327,10 @@ def copy_test(model: nn.Module, tokenizer: Any, distances: Sequence[int] = (0, 1
     if not 2 <= n <= (S - 1) // 2:  # twice and the EOS fit in one segment at distance 0
         raise ValueError(f"the copy test's span must be 2 to {(S - 1) // 2} tokens (segments "
                          f"of {S}), got {n}")
-    vocab = sorted(set(prose_words(filler_text))) if filler_text else []
-    vocab = vocab or list(WORD_KEYS)
+    if trials < 1 or any(d < 0 for d in distances):
+        raise ValueError(f"the copy test needs trials >= 1 and distances >= 0, got {trials} "
+                         f"and {list(distances)}")
+    vocab, _ = word_pool(filler_text)
     filler = tokenizer.encode(filler_text) if filler_text else tokenizer.encode(PASSKEY_FILLER)
     rng = random.Random(seed)
     chunk = default_chunk(model)

@@ -30,7 +30,8 @@ def is_gate(name: str) -> bool:
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: matrices with weight decay; biases/norms/vectors without; gates apart.
     Parameters that an --lr-factor item matches go to groups of their own ("decay x0.2"),
-    their rate multiplied; an item that matches no trainable parameter is an error."""
+    their rate multiplied (the first matching item wins); an item that sets no trainable
+    parameter is an error."""
     factors = [lr_factor_item(item) for item in cfg.lr_factor]
     used = [False] * len(factors)
     grouped: dict[tuple[str, float], list[nn.Parameter]] = {}
@@ -46,8 +47,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         grouped.setdefault((kind, factor), []).append(p)
     for (pattern, _), hit in zip(factors, used, strict=True):
         if not hit:
-            raise ValueError(f"--lr-factor {pattern!r} matches no trainable parameter "
-                             "(`newllm info --parameters` lists the names)")
+            raise ValueError(f"--lr-factor {pattern!r} matches no trainable parameter that an "
+                             "earlier item does not already set (`newllm info --parameters` "
+                             "lists the names)")
     order = {"decay": 0, "no_decay": 1, "gates": 2}
     groups = []
     for (kind, factor), params in sorted(grouped.items(), key=lambda kv: (order[kv[0][0]],
