@@ -106,6 +106,12 @@ def test_train_only_freezes_the_rest_and_resumes(tmp_path, corpus, capsys):
     assert "embed_out.weight" in trained and "layers.1.attention.dense.weight" in trained
     assert all(k == "embed_out.weight" or k.startswith("layers.1.attention.") for k in trained)
 
+    scaled = tmp_path / "scaled"
+    assert train_main([*args, "--init", str(base), "--out", str(scaled), "--steps", "1",
+                       "--lr-factor", "layers.0.*=0.5"]) == 0
+    said = capsys.readouterr()
+    assert "learning rate scaled (--lr-factor): decay x0.5 (" in said.out + said.err
+
     bad = tmp_path / "bad"
     assert train_main([*args, "--init", str(base), "--out", str(bad),
                        "--train-only", "layers.9.*"]) == 2

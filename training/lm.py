@@ -529,6 +529,11 @@ class Trainer:
                   else "nothing frozen")
         _log(self.dist, f"model {c.name!r}: {m.num_parameters():,} parameters{why}, "
                         f"{trainable:,} trained ({frozen}); layers {list(c.layers)}; {source}")
+        scaled = [g for g in self.optimizer.param_groups if " x" in g["name"]]
+        if scaled:  # --lr-factor: which parameters move at another rate
+            _log(self.dist, "learning rate scaled (--lr-factor): " + ", ".join(
+                f"{g['name']} ({sum(p.numel() for p in g['params']):,} parameters)"
+                for g in scaled))
         _log(self.dist, f"run: {tokens_per_step:,} tokens per step, steps {self.step} to "
                         f"{end} ({(end - self.step) * tokens_per_step:,} tokens to go); "
                         f"device {self.dist.device}, {torch.get_num_threads()} threads, "
