@@ -360,6 +360,14 @@ def batch_indices(num_windows: int, batch_size: int, step: int, *, seed: int = 4
 
 
 # synthetic recall examples ---------------------------------------------------------------------
+PASSKEY_FACT = " The pass key is {k}. Remember it. {k} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+WORD_FACT = " The secret word is {k}. Remember it. {k} is the secret word."
+WORD_QUESTION = " What is the secret word? The secret word is"
+"""the sentences that tell and ask a key ({k}: five digits, or a word), in training examples and
+in `newllm eval --passkey` alike"""
+
+
 def prose_words(text: str) -> list[str]:
     """The words of ``text`` that can be a secret word, in order: letters only, four or more,
     punctuation around them stripped."""
@@ -387,8 +395,8 @@ class RecallExamples:
         if not 0.0 <= at_start <= 1.0 or not 0.0 <= words <= 1.0:
             raise ValueError(f"at_start and words must be in [0, 1], got {at_start}, {words}")
         self.tokenizer, self.S, self.at_start, self.words = tokenizer, segment_len, at_start, words
-        self.question = tokenizer.encode(" What is the pass key? The pass key is")
-        self.word_question = tokenizer.encode(" What is the secret word? The secret word is")
+        self.question = tokenizer.encode(PASSKEY_QUESTION)
+        self.word_question = tokenizer.encode(WORD_QUESTION)
 
     def _key(self, window: Tensor, rng: Any) -> tuple[list[int], list[int], list[int]]:
         """(fact, question, answer) token ids: a pass key of five digits or, for a ``words``
@@ -400,11 +408,9 @@ class RecallExamples:
             pool = prose_words(self.tokenizer.decode(window.tolist()))
             if pool:
                 word = pool[rng.randrange(len(pool))]
-                return (enc(f" The secret word is {word}. Remember it. {word} is the secret "
-                            "word."), self.word_question, enc(f" {word}."))
+                return enc(WORD_FACT.format(k=word)), self.word_question, enc(f" {word}.")
         key = rng.randint(10_000, 99_999)
-        return (enc(f" The pass key is {key}. Remember it. {key} is the pass key."),
-                self.question, enc(f" {key}."))
+        return enc(PASSKEY_FACT.format(k=key)), self.question, enc(f" {key}.")
 
     def make(self, window: Tensor, rng: Any) -> tuple[Tensor, Tensor, int]:
         """window (L + 1,) -> (new window (L + 1,), answer mask over targets (L,), distance).

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.data import prose_words
+from training.data import (
+    PASSKEY_FACT,
+    PASSKEY_QUESTION,
+    WORD_FACT,
+    WORD_QUESTION,
+    prose_words,
+)
 
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again. ")
@@ -231,15 +237,13 @@ def passkey_example(tokenizer: Any, distance: int, segment_len: int, rng: random
     """
     S = segment_len
     if word is None:
-        key = rng.randint(10 ** (digits - 1), 10 ** digits - 1)
-        fact = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
-        question = tokenizer.encode(" What is the pass key? The pass key is")
-        answer = tokenizer.encode(f" {key}")
+        key, fact_text, question_text = (str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)),
+                                         PASSKEY_FACT, PASSKEY_QUESTION)
     else:
-        fact = tokenizer.encode(f" The secret word is {word}. Remember it. {word} is the "
-                                "secret word.")
-        question = tokenizer.encode(" What is the secret word? The secret word is")
-        answer = tokenizer.encode(f" {word}")
+        key, fact_text, question_text = word, WORD_FACT, WORD_QUESTION
+    fact = tokenizer.encode(fact_text.format(k=key))
+    question = tokenizer.encode(question_text)
+    answer = tokenizer.encode(f" {key}")
     filler = filler_ids or tokenizer.encode(PASSKEY_FILLER)
     a = rng.randint(1, max(1, S - len(fact)))  # where the fact starts (position 0 is EOS)
     fact_end = a + len(fact)  # first position after the fact

@@ -529,7 +529,7 @@ class Trainer:
                   else "nothing frozen")
         _log(self.dist, f"model {c.name!r}: {m.num_parameters():,} parameters{why}, "
                         f"{trainable:,} trained ({frozen}); layers {list(c.layers)}; {source}")
-        scaled = [g for g in self.optimizer.param_groups if " x" in g["name"]]
+        scaled = [g for g in self.optimizer.param_groups if g.get("lr_factor", 1.0) != 1.0]
         if scaled:  # --lr-factor: which parameters move at another rate
             _log(self.dist, "learning rate scaled (--lr-factor): " + ", ".join(
                 f"{g['name']} ({sum(p.numel() for p in g['params']):,} parameters)"

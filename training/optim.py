@@ -56,7 +56,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
                                                                            -kv[0][1])):
         base = (cfg.gate_lr if kind == "gates" else cfg.lr) * factor
         groups.append({"name": kind if factor == 1.0 else f"{kind} x{factor:g}",
-                       "params": params, "base_lr": base,
+                       "params": params, "base_lr": base, "lr_factor": factor,
                        "weight_decay": cfg.weight_decay if kind == "decay" else 0.0})
     return groups
 
