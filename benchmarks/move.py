@@ -25,7 +25,8 @@ at most ``--chat-reply-tokens`` (30) tokens, the server's implicit ``"\\nUser:"`
 session is moved to server B after turn ``--chat-move-at`` (5), and turn ``--chat-turns`` (10)
 asks for the fact on B. Right when the fact's value is a word of the reply's first line.
 Reported: recall through the servers, the floor (the question alone in a fresh session), and
-recall and reply agreement of the same conversations run with the library alone
+recall and reply agreement of the same conversations run with the library alone, each also split
+by the kind of value (``by_kind``: digits or words)
 (`training.chat_eval.run_conversation`, the move through a memory file: what training
 evaluates). ``--chat-only`` runs just this part and writes ``move_chat.json``.
 
@@ -154,6 +155,7 @@ def chat_moves(servers: dict[str, Any], model: Any, tok: Any, words: list[str],
 
     rng = random.Random(seed)
     hits = {"moved": 0, "floor": 0, "library": 0}
+    kinds: dict[str, dict[str, int]] = {}  # kind -> hits as above, and conversations
     same_as_library = 0
     examples: list[dict[str, Any]] = []
     ask = {"session_input": "new", "max_tokens": reply_tokens, "temperature": 0}
@@ -171,9 +173,15 @@ def chat_moves(servers: dict[str, Any], model: Any, tok: Any, words: list[str],
             library = run_conversation(model, tok, script, reply_tokens, move_at)
             floor = a.chat(script.fact.ask, f"floor-{seed}-{c}", **ask).text
             value = script.fact.value
-            hits["moved"] += answer_matches(replies[-1], value)
-            hits["library"] += answer_matches(library[-1], value)
-            hits["floor"] += answer_matches(floor, value)
+            right = {"moved": answer_matches(replies[-1], value),
+                     "library": answer_matches(library[-1], value),
+                     "floor": answer_matches(floor, value)}
+            tally = kinds.setdefault(script.fact.kind, {**dict.fromkeys(hits, 0),
+                                                         "conversations": 0})
+            tally["conversations"] += 1
+            for k, hit in right.items():
+                hits[k] += hit
+                tally[k] += hit
             same_as_library += replies == library
             if len(examples) < 5:
                 examples.append({"fact": script.fact.tell, "ask": script.fact.ask,
@@ -181,9 +189,14 @@ def chat_moves(servers: dict[str, Any], model: Any, tok: Any, words: list[str],
                                  "reply_2": replies[1]})
     out = {k: v / conversations for k, v in hits.items()}
     out["replies_same_as_library"] = same_as_library / conversations
-    print("chat recall after a move: " + ", ".join(f"{k} {v:.0%}" for k, v in out.items()),
-          flush=True)
-    return {**out, "conversations": conversations, "examples": examples}
+    by_kind = {kind: {**{k: t[k] / t["conversations"] for k in hits},
+                      "conversations": t["conversations"]}
+               for kind, t in sorted(kinds.items())}
+    print("chat recall after a move: " + ", ".join(f"{k} {v:.0%}" for k, v in out.items())
+          + "; moved by kind: " + ", ".join(f"{kind} {row['moved']:.0%} of "
+                                           f"{row['conversations']}"
+                                           for kind, row in by_kind.items()), flush=True)
+    return {**out, "conversations": conversations, "by_kind": by_kind, "examples": examples}
 
 
 def _default(value: int | None, default: int) -> int:

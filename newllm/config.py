@@ -28,7 +28,8 @@ FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
                                              "memory_write_gate": False, "memory_history": 0,
                                              "memory_stable_delta": False,
                                              "memory_write_floor": 0.0,
-                                             "memory_key_self": True}
+                                             "memory_key_self": True,
+                                             "attention_key_shift": False}
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,14 @@ class ModelConfig:
     # pythia layers attend only within the current segment (KV dropped at segment ends), so a
     # memory model's whole state stays bounded; the memory presets set it
     segment_local: bool = False
+    # "smeared keys" for the pythia layers' softmax attention: each key adds the previous
+    # token's key (of the attended span: the segment with segment_local) times a learned
+    # per-channel weight, starting at 0 (the plain attention, so a trained model warm-starts
+    # unchanged). A query like token X then finds the token after an earlier X in one layer,
+    # the copying (induction) that plain attention needs two composed layers and long training
+    # for (Olsson et al. 2022 saw it form sooner with such keys). The cache keeps the plain
+    # keys, so states and memory files keep their shape
+    attention_key_shift: bool = False
     # context compression (context_pythia, context_kv)
     context_mode: str = "none"
     context_dim: int = 256

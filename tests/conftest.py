@@ -74,13 +74,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "infini-history-noself": ("tiny-infini", {"memory_history": 2, "memory_key_self": False}),
     "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
     "pythia-no-window": ("tiny-infini", {"segment_local": False}),
+    "infini-attention-key-shift": ("tiny-infini", {"attention_key_shift": True}),
 }
 
 
 def variant_model(variant: str) -> TransformerLM:
     """The tiny model of a `VARIANTS` entry, with peaked weights (greedy has no near-ties)."""
     preset, options = VARIANTS[variant]
-    return make_tiny_model(preset, init_std=0.1, **options)
+    model = make_tiny_model(preset, init_std=0.1, **options)
+    with torch.no_grad():  # weights that start at 0 (the option off) made to matter
+        for name, p in model.named_parameters():
+            if name.endswith("local_key_shift"):
+                p.copy_(torch.linspace(-0.8, 0.8, p.numel()).view_as(p))
+    return model
 
 
 def read_state(model: TransformerLM, n: int, seed: int) -> Any:

@@ -168,6 +168,12 @@ def _check_schema(name: str, doc: dict) -> None:
         assert chat["conversations"] == settings["chat_conversations"]
         assert all(0 <= chat[k] <= 1 for k in ("moved", "floor", "library"))
         assert chat["replies_same_as_library"] == 1.0  # server turns = the library's emulation
+        kinds = chat["by_kind"]
+        assert set(kinds) <= {"digits", "words"} and kinds
+        assert sum(k["conversations"] for k in kinds.values()) == chat["conversations"]
+        for k in ("moved", "floor", "library"):  # the split adds up to the whole
+            total = sum(row[k] * row["conversations"] for row in kinds.values())
+            assert total == pytest.approx(chat[k] * chat["conversations"])
 
 
 @pytest.mark.parametrize("name", cli.BENCHMARKS)

@@ -226,6 +226,37 @@ def test_memory_keys_add_the_previous_tokens_key_within_the_segment() -> None:
     torch.testing.assert_close(mk[:, :, 1:], k[:, :, 1:] + 0.5 * k[:, :, :-1])
 
 
+@pytest.mark.parametrize("name,local", [("tiny-infini", True), ("tiny-pythia", False)])
+def test_attention_key_shift_keeps_splits_exact_and_is_off_at_weight_zero(name: str,
+                                                                          local: bool) -> None:
+    """Smeared keys in pythia layers: one piece, uneven pieces and token by token agree (the
+    shift reads the cached plain keys, from the segment's start with segment_local), and at
+    weight 0 the model is the plain one."""
+    model = make_with_random(name, ("local_key_shift",), 0.5, attention_key_shift=True,
+                             segment_local=local)
+    ids = torch.randint(0, 500, (2, 53))
+    with torch.no_grad():
+        whole = splits_agree(model, ids)
+        plain = make(name, segment_local=local)
+        assert not torch.allclose(feed(plain, ids, [53]), whole, atol=1e-4)  # the shift matters
+        shifts = [p for n, p in model.named_parameters() if n.endswith("local_key_shift")]
+        assert len(shifts) == sum(kind == "pythia" for kind in model.config.layers)
+        for p in shifts:
+            p.zero_()
+        torch.testing.assert_close(feed(model, ids, [53]), feed(plain, ids, [53]))
+
+
+def test_attention_key_shift_adds_the_previous_key_of_the_span() -> None:
+    attn = make("tiny-infini", attention_key_shift=True).layers[1].attention
+    with torch.no_grad():
+        attn.local_key_shift.fill_(0.5)
+    k = torch.randn(2, 4, 16, 16)  # (B, H, T, D)
+    sk = attn.shifted_keys(k)
+    torch.testing.assert_close(sk[:, :, 0], k[:, :, 0])  # the span's first key: no predecessor
+    torch.testing.assert_close(sk[:, :, 1:], k[:, :, 1:] + 0.5 * k[:, :, :-1])
+    assert make("tiny-infini").layers[1].attention.shifted_keys(k) is k  # off: untouched
+
+
 def test_fingerprint_is_stable_across_releases_for_models_without_new_options() -> None:
     """Memory files name their model by fingerprint: an option added later (at its default)
     must not change it, or every memory file saved before would be refused."""

@@ -3,6 +3,11 @@
 Per-head fused QKV (``W.view(H, 3, D, C)``), rotary on the first ``rotary_pct`` of each head at
 absolute positions, softmax attention over every earlier token. The state is the KV cache (keys
 after rotation), which grows by one entry per token: 2 * C values per token per layer.
+
+With ``attention_key_shift`` the attention reads each cached key plus the previous cached key
+times a learned per-channel weight (``local_key_shift``, (H, 1, D)); the cache itself keeps the
+plain keys, and it starts where the attended span starts (position 0, or the segment's first
+token with ``segment_local``), so the first key of the span has no predecessor in any path.
 """
 
 from __future__ import annotations
@@ -46,6 +51,17 @@ class PythiaAttention(nn.Module):
         self.dense = nn.Linear(C, C)
         self.rotary = Rotary(config)
         self.window = config.segment_len if config.segment_local else 0
+        self.shift_keys = config.attention_key_shift
+        if self.shift_keys:
+            self.local_key_shift = nn.Parameter(torch.zeros(config.num_heads, 1, config.head_dim))
+
+    def shifted_keys(self, k: Tensor) -> Tensor:
+        """Keys (..., H, T, D) of a span from its first token, as the attention reads them: each
+        plus the previous one times ``local_key_shift`` (the plain keys without the option)."""
+        if not self.shift_keys:
+            return k
+        prev = torch.cat([torch.zeros_like(k[..., :1, :]), k[..., :-1, :]], dim=-2)
+        return k + self.local_key_shift.to(k.dtype) * prev
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> KVState:
@@ -63,14 +79,15 @@ class PythiaAttention(nn.Module):
         q, k, v = qk[0], qk[1], qkv[2]  # (B, H, T, D) each
         if not self.window:
             k_all, v_all, spare = kv_append(state.k, state.v, state._spare, k, v)
-            out = causal_attention(q, k_all, v_all)  # (B, H, T, D)
+            out = causal_attention(q, self.shifted_keys(k_all), v_all)  # (B, H, T, D)
             return self.dense(merge_heads(out)), KVState(k_all, v_all, spare)
         outs, pos, start, T = [], step.position, 0, x.shape[1]
         while start < T:  # segment by segment
             n = min(self.window - pos % self.window, T - start)
             k_all, v_all, spare = kv_append(state.k, state.v, state._spare,
                                             k[:, :, start:start + n], v[:, :, start:start + n])
-            outs.append(causal_attention(q[:, :, start:start + n], k_all, v_all))
+            outs.append(causal_attention(q[:, :, start:start + n], self.shifted_keys(k_all),
+                                         v_all))
             state = KVState(k_all, v_all, spare)
             if (pos + n) % self.window == 0:
                 state = KVState(k_all[:, :, :0], v_all[:, :, :0])
@@ -111,5 +128,6 @@ class PythiaAttention(nn.Module):
         buf.k[step.rows, :, kept] = k[:, :, 0]
         buf.v[step.rows, :, kept] = qkv[2][:, :, 0]
         keys, values = step.take(buf.k)[:, :, :width], step.take(buf.v)[:, :, :width]
-        out = slot_attention(q, keys, values, length_mask(kept + 1, width), step.fixed)
+        out = slot_attention(q, self.shifted_keys(keys), values, length_mask(kept + 1, width),
+                             step.fixed)
         return self.dense(merge_heads(out))  # (N, 1, C)
