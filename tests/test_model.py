@@ -216,14 +216,20 @@ def test_memory_key_shift_keeps_splits_exact_and_is_off_at_weight_zero(name: str
         torch.testing.assert_close(feed(shifted, ids, [53]), feed(plain, ids, [53]))
 
 
-def test_memory_keys_add_the_previous_tokens_key_within_the_segment() -> None:
-    attn = make("tiny-infini", memory_key_shift=True).layers[0].attention
+@pytest.mark.parametrize("option,layer,weight,keys", [
+    ("memory_key_shift", 0, "key_shift", "memory_keys"),  # the infini layer's memory keys
+    ("attention_key_shift", 1, "local_key_shift", "shifted_keys"),  # the pythia layer's keys
+])
+def test_key_shifts_add_the_previous_key_of_the_segment(option: str, layer: int, weight: str,
+                                                        keys: str) -> None:
+    attn = make("tiny-infini", **{option: True}).layers[layer].attention
     with torch.no_grad():
-        attn.key_shift.fill_(0.5)
-    k = torch.randn(1, 4, 16, 16)  # (B, H, S, D)
-    mk = attn.memory_keys(k)
+        getattr(attn, weight).fill_(0.5)
+    k = torch.randn(2, 4, 16, 16)  # (B, H, S, D): a segment's keys from its first token
+    mk = getattr(attn, keys)(k)
     torch.testing.assert_close(mk[:, :, 0], k[:, :, 0])  # no predecessor in the segment
     torch.testing.assert_close(mk[:, :, 1:], k[:, :, 1:] + 0.5 * k[:, :, :-1])
+    assert make("tiny-infini").layers[1].attention.shifted_keys(k) is k  # off: untouched
 
 
 @pytest.mark.parametrize("name,local", [("tiny-infini", True), ("tiny-pythia", False)])
@@ -244,17 +250,6 @@ def test_attention_key_shift_keeps_splits_exact_and_is_off_at_weight_zero(name: 
         for p in shifts:
             p.zero_()
         torch.testing.assert_close(feed(model, ids, [53]), feed(plain, ids, [53]))
-
-
-def test_attention_key_shift_adds_the_previous_key_of_the_span() -> None:
-    attn = make("tiny-infini", attention_key_shift=True).layers[1].attention
-    with torch.no_grad():
-        attn.local_key_shift.fill_(0.5)
-    k = torch.randn(2, 4, 16, 16)  # (B, H, T, D)
-    sk = attn.shifted_keys(k)
-    torch.testing.assert_close(sk[:, :, 0], k[:, :, 0])  # the span's first key: no predecessor
-    torch.testing.assert_close(sk[:, :, 1:], k[:, :, 1:] + 0.5 * k[:, :, :-1])
-    assert make("tiny-infini").layers[1].attention.shifted_keys(k) is k  # off: untouched
 
 
 def test_fingerprint_is_stable_across_releases_for_models_without_new_options() -> None:
