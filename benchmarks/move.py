@@ -151,11 +151,11 @@ def chat_moves(servers: dict[str, Any], model: Any, tok: Any, words: list[str],
                move_at: int, seed: int) -> dict[str, Any]:
     """Chat recall through two servers with the session moved (see the module docstring)."""
     from training.chat_data import answer_matches
-    from training.chat_eval import conversation_script, run_conversation
+    from training.chat_eval import conversation_script, recall_by_kind, run_conversation
 
     rng = random.Random(seed)
-    hits = {"moved": 0, "floor": 0, "library": 0}
-    kinds: dict[str, dict[str, int]] = {}  # kind -> hits as above, and conversations
+    right: dict[str, list[bool]] = {"moved": [], "floor": [], "library": []}
+    kinds: list[str] = []
     same_as_library = 0
     examples: list[dict[str, Any]] = []
     ask = {"session_input": "new", "max_tokens": reply_tokens, "temperature": 0}
@@ -173,25 +173,18 @@ def chat_moves(servers: dict[str, Any], model: Any, tok: Any, words: list[str],
             library = run_conversation(model, tok, script, reply_tokens, move_at)
             floor = a.chat(script.fact.ask, f"floor-{seed}-{c}", **ask).text
             value = script.fact.value
-            right = {"moved": answer_matches(replies[-1], value),
-                     "library": answer_matches(library[-1], value),
-                     "floor": answer_matches(floor, value)}
-            tally = kinds.setdefault(script.fact.kind, {**dict.fromkeys(hits, 0),
-                                                         "conversations": 0})
-            tally["conversations"] += 1
-            for k, hit in right.items():
-                hits[k] += hit
-                tally[k] += hit
+            right["moved"].append(answer_matches(replies[-1], value))
+            right["library"].append(answer_matches(library[-1], value))
+            right["floor"].append(answer_matches(floor, value))
+            kinds.append(script.fact.kind)
             same_as_library += replies == library
             if len(examples) < 5:
                 examples.append({"fact": script.fact.tell, "ask": script.fact.ask,
                                  "answer": replies[-1], "reply_1": replies[0],
                                  "reply_2": replies[1]})
-    out = {k: v / conversations for k, v in hits.items()}
+    out = {k: sum(flags) / conversations for k, flags in right.items()}
     out["replies_same_as_library"] = same_as_library / conversations
-    by_kind = {kind: {**{k: t[k] / t["conversations"] for k in hits},
-                      "conversations": t["conversations"]}
-               for kind, t in sorted(kinds.items())}
+    by_kind = recall_by_kind(kinds, right)
     print("chat recall after a move: " + ", ".join(f"{k} {v:.0%}" for k, v in out.items())
           + "; moved by kind: " + ", ".join(f"{kind} {row['moved']:.0%} of "
                                            f"{row['conversations']}"

@@ -27,6 +27,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,19 @@ def run_conversation(model: Any, tokenizer: Any, script: Script, reply_tokens: i
     return replies
 
 
+def recall_by_kind(kinds: Sequence[str], right: dict[str, Sequence[bool]]
+                   ) -> dict[str, dict[str, Any]]:
+    """Conversations split by the kind of their fact (``kinds[i]``, "digits" or "words"): for
+    each kind, the share right of every measure of ``right`` (one flag per conversation) and
+    the number of conversations."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted(set(kinds)):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        out[kind] = {**{m: sum(flags[i] for i in rows) / len(rows) for m, flags in right.items()},
+                     "conversations": len(rows)}
+    return out
+
+
 def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int = 50,
                 turns: int = 10, user_tokens: int = 30, reply_tokens: int = 30,
                 move_at: int = 5, seed: int = 0, floor: bool = True) -> dict[str, Any]:
@@ -120,16 +134,16 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
     alone), split by the kind of value (``by_kind``: digits, as pass keys and locker codes, or
     words, as names and cities), with a few replies to show what the model says."""
     rng = random.Random(seed)
-    hits = floor_hits = 0
+    floor_hits = 0
     examples = []
-    kinds: dict[str, list[int]] = {}  # kind -> [right, conversations]
+    kinds: list[str] = []
+    right: list[bool] = []
     for c in range(conversations):
         script = conversation_script(rng, words, turns, user_tokens)
         replies = run_conversation(model, tokenizer, script, reply_tokens, move_at)
         hit = answer_matches(replies[-1], script.fact.value)
-        hits += hit
-        tally = kinds.setdefault(script.fact.kind, [0, 0])
-        tally[0], tally[1] = tally[0] + hit, tally[1] + 1
+        kinds.append(script.fact.kind)
+        right.append(hit)
         if floor:
             alone, _ = chat_turn(model, tokenizer, script.fact.ask, None, True, reply_tokens)
             floor_hits += answer_matches(alone, script.fact.value)
@@ -137,11 +151,10 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
             examples.append({"fact": script.fact.tell, "ask": script.fact.ask,
                              "answer": replies[-1], "right": hit, "reply_1": replies[0],
                              "reply_2": replies[1]})
-    out: dict[str, Any] = {"recall": hits / conversations, "conversations": conversations,
+    out: dict[str, Any] = {"recall": sum(right) / conversations, "conversations": conversations,
                            "turns": turns, "user_tokens": user_tokens,
                            "reply_tokens": reply_tokens, "move_after_turn": move_at,
-                           "by_kind": {k: {"recall": right / n, "conversations": n}
-                                       for k, (right, n) in sorted(kinds.items())},
+                           "by_kind": recall_by_kind(kinds, {"recall": right}),
                            "examples": examples}
     if floor:
         out["floor"] = floor_hits / conversations
