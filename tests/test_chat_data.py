@@ -219,3 +219,44 @@ def test_trainer_evaluates_chat_recall(tmp_path) -> None:
     kinds = lines[-1]["chat_recall_by_kind"]  # one conversation: one kind, scored like the whole
     assert len(kinds) == 1 and list(kinds.values()) == [lines[-1]["chat_recall"]]
     assert "chat-fraction: 0.5" in (tmp_path / "c" / "config.yaml").read_text()
+
+
+def test_value_choice_scores_each_value_as_a_continuation(tmp_path) -> None:
+    import json
+
+    from newllm import load_checkpoint
+
+    model, tokenizer = load_checkpoint("tiny-infini")
+    words = PROSE.split()
+    # a value's score, read on from the prefix's state, is its log-probability read in one go
+    prefix, value = tokenizer.encode("User: My name is Ada.\nAssistant: Your name is"), " Ada"
+    ids = tokenizer.encode(value)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prefix]), None)
+        whole, _ = model(torch.tensor([prefix + ids[:-1]]), None)
+    at_once = torch.log_softmax(whole[0, len(prefix) - 1:].float(), -1)
+    expected = at_once.gather(1, torch.tensor(ids)[:, None]).sum().item()
+    got = E._continuation_logprob(model, logits[0, -1], state, ids)
+    assert got == pytest.approx(expected, abs=1e-4)
+
+    result = E.value_choice(model, tokenizer, words, trials=3, fillers=(0, 1))
+    topics = [t for t in C.TOPICS if not isinstance(t.values[0], int)]
+    chance = sum(1 / len(topics[i % len(topics)].values) for i in range(3)) / 3
+    rows = result["by_fillers"]
+    assert set(rows) == {"0", "1"}
+    for row in rows.values():
+        assert row["chance"] == pytest.approx(chance)
+        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["top1_lift"] <= 1.0
+    assert rows["1"]["tokens"] > rows["0"]["tokens"] + 20  # an exchange of prose in between
+    assert E.value_choice(model, tokenizer, words, trials=3, fillers=(1,))["by_fillers"]["1"] \
+        == rows["1"]  # the same seed draws the same conversations
+
+    filler = tmp_path / "filler.txt"
+    filler.write_text(PROSE)
+    out = tmp_path / "vc.json"
+    assert E.main(["--checkpoint", "tiny-infini", "--filler", str(filler), "--value-choice", "2",
+                   "--value-fillers", "0", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["by_fillers"]) == {"0"}
+    with pytest.raises(SystemExit):
+        E.main(["--checkpoint", "tiny-infini", "--filler", str(filler), "--value-choice", "2",
+                "--value-fillers", "-1"])

@@ -17,8 +17,18 @@ first line (`training.chat_data.answer_matches`).
 
 The floor: the question asked in a fresh conversation (nothing told).
 
+`value_choice` (``--value-choice``) asks where a word fact is lost, without generation: a name,
+city or favourite is told, ``fillers`` exchanges of prose follow, the question is asked and the
+answer's opening words (" Your name is") are given; the model then scores every value of that
+topic as the continuation (the sum of its tokens' log-probabilities), and the told value should
+win. With no filler the whole conversation sits in one segment (the local attention can see the
+fact); with a few exchanges it is segments back (only the memory can carry it). Chance is one in
+the number of values (12 to 28).
+
     python -m training.chat_eval --checkpoint newllm/checkpoints/default \\
         --filler DATA/gutenberg/val.txt --conversations 50
+    python -m training.chat_eval --filler DATA/gutenberg/val.txt --value-choice 40 \\
+        --value-fillers 0 2 8
 """
 
 from __future__ import annotations
@@ -32,9 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from newllm.chat import CHAT_STOP, render_chat
-from training.chat_data import ChatFact, answer_matches, random_fact
+from training.chat_data import TOPICS, ChatFact, answer_matches, random_fact
 
 MAX_FILLER_CHARS = 400_000
 
@@ -161,6 +172,82 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
     return out
 
 
+def _continuation_logprob(model: Any, last: Any, state: Any, ids: list[int]) -> float:
+    """log p(ids | what ``state`` read), ``last`` the logits (vocab,) after it."""
+    lp = torch.log_softmax(last.float(), -1)[ids[0]].item()
+    if len(ids) > 1:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids[:-1]], device=device), state)
+        steps = torch.log_softmax(logits[0].float(), -1)
+        lp += steps.gather(1, torch.tensor(ids[1:], device=device)[:, None]).sum().item()
+    return lp
+
+
+def value_choice(model: Any, tokenizer: Any, words: list[str], trials: int = 40,
+                 fillers: Sequence[int] = (0, 2, 8), filler_words_per_message: int = 20,
+                 seed: int = 0) -> dict[str, Any]:
+    """For each number of filler exchanges, whether the told value comes back among its
+    topic's values after the answer's opening words (see the module docstring).
+
+    Each value's score is the log-probability of its tokens; the same conversation with the
+    fact replaced by a greeting gives each value's score untold, and the difference is what
+    telling did (the ``lift``). Reported: ``top1``, how often the told value scores highest,
+    against ``chance`` (the mean of one over the number of values); ``top1_lift``, how often
+    its lift is the highest (a model that prefers short or common values is not credited for
+    them); ``lift``, the told value's lift minus the mean lift of the others, in nats (0 when
+    nothing of the fact is carried); ``tokens``, the conversation's mean length (a segment is
+    ``model.config.segment_len``). Trials cycle through the word topics; the same seed draws
+    the same conversations for every model."""
+    topics = [t for t in TOPICS if not isinstance(t.values[0], int)]
+    device = next(model.parameters()).device
+
+    def scores(ids: list[int], values: list[str]) -> Tensor:
+        with torch.no_grad():
+            logits, state = model(torch.tensor([ids], device=device), None)
+        return torch.tensor([_continuation_logprob(model, logits[0, -1], state,
+                                                   tokenizer.encode(" " + v)) for v in values])
+
+    out: dict[str, Any] = {"trials": trials, "segment_len": model.config.segment_len,
+                           "by_fillers": {}}
+    for n in fillers:
+        rng = random.Random(seed)
+        top1 = top1_lift = 0
+        lift, chance, tokens = 0.0, 0.0, 0
+        for trial in range(trials):
+            topic = topics[trial % len(topics)]
+            values = [str(v) for v in topic.values]
+            told = rng.randrange(len(values))
+            at = rng.randrange(len(words))
+            tell = topic.tells[rng.randrange(len(topic.tells))].format(v=values[told])
+            ask = topic.asks[rng.randrange(len(topic.asks))]
+            rest: list[int] = tokenizer.encode(" I see.")
+            for _ in range(n):
+                user = " ".join(words[(at + i) % len(words)]
+                                for i in range(filler_words_per_message))
+                at += filler_words_per_message
+                reply = " ".join(words[(at + i) % len(words)]
+                                 for i in range(filler_words_per_message))
+                at += filler_words_per_message
+                rest += tokenizer.encode(render_chat([("user", user)], open_reply=True))
+                rest += tokenizer.encode(" " + reply)
+            rest += tokenizer.encode(render_chat([("user", ask)], open_reply=True))
+            rest += tokenizer.encode(topic.answer.split("{v}")[0].rstrip())
+            ids = tokenizer.encode(render_chat([("user", tell)], open_reply=False)) + rest
+            untold = tokenizer.encode(render_chat([("user", "Hello.")], open_reply=False)) + rest
+            got = scores(ids, values)
+            gain = got - scores(untold, values)
+            top1 += int(got.argmax()) == told
+            top1_lift += int(gain.argmax()) == told
+            lift += (gain[told] - (gain.sum() - gain[told]) / (len(values) - 1)).item()
+            chance += 1 / len(values)
+            tokens += len(ids)
+        out["by_fillers"][str(n)] = {"top1": top1 / trials, "top1_lift": top1_lift / trials,
+                                     "chance": chance / trials, "lift": lift / trials,
+                                     "tokens": tokens / trials}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="newllm/checkpoints/default")
@@ -171,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reply-tokens", type=int, default=30)
     ap.add_argument("--move-at", type=int, default=5, help="move after this turn (0 = never)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--value-choice", type=int, default=0, metavar="TRIALS",
+                    help="instead of conversations: score the told word among its topic's "
+                         "values after --value-fillers exchanges (TRIALS per count)")
+    ap.add_argument("--value-fillers", type=int, nargs="+", default=[0, 2, 8])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="also write the result to this JSON file")
     args = ap.parse_args(argv)
@@ -180,9 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
     model.eval()
     t0 = time.perf_counter()
-    result = chat_recall(model, tokenizer, filler_words(args.filler), args.conversations,
-                         args.turns, args.user_tokens, args.reply_tokens, args.move_at,
-                         args.seed)
+    if args.value_choice:
+        if min(args.value_fillers) < 0:
+            ap.error(f"--value-fillers must be 0 or more, got {args.value_fillers}")
+        result = value_choice(model, tokenizer, filler_words(args.filler), args.value_choice,
+                              args.value_fillers, seed=args.seed)
+    else:
+        result = chat_recall(model, tokenizer, filler_words(args.filler), args.conversations,
+                             args.turns, args.user_tokens, args.reply_tokens, args.move_at,
+                             args.seed)
     result["checkpoint"], result["seconds"] = args.checkpoint, round(time.perf_counter() - t0, 1)
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
