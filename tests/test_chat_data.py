@@ -257,6 +257,6 @@ def test_value_choice_scores_each_value_as_a_continuation(tmp_path) -> None:
     assert E.main(["--checkpoint", "tiny-infini", "--filler", str(filler), "--value-choice", "2",
                    "--value-fillers", "0", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["by_fillers"]) == {"0"}
-    with pytest.raises(SystemExit):
-        E.main(["--checkpoint", "tiny-infini", "--filler", str(filler), "--value-choice", "2",
-                "--value-fillers", "-1"])
+    for bad in (["--value-choice", "2", "--value-fillers", "-1"], ["--value-choice", "-3"]):
+        with pytest.raises(SystemExit):
+            E.main(["--checkpoint", "tiny-infini", "--filler", str(filler), *bad])

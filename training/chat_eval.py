@@ -20,10 +20,11 @@ The floor: the question asked in a fresh conversation (nothing told).
 `value_choice` (``--value-choice``) asks where a word fact is lost, without generation: a name,
 city or favourite is told, ``fillers`` exchanges of prose follow, the question is asked and the
 answer's opening words (" Your name is") are given; the model then scores every value of that
-topic as the continuation (the sum of its tokens' log-probabilities), and the told value should
-win. With no filler the whole conversation sits in one segment (the local attention can see the
-fact); with a few exchanges it is segments back (only the memory can carry it). Chance is one in
-the number of values (12 to 28).
+topic as the continuation (the sum of its tokens' log-probabilities, also against the same
+conversation with the fact left out), and the told value should win. With no filler the whole
+conversation sits in one segment (the local attention can see the fact); with a few exchanges it
+is segments back (only the memory can carry it). Chance is one in the number of values (12 to
+28).
 
     python -m training.chat_eval --checkpoint newllm/checkpoints/default \\
         --filler DATA/gutenberg/val.txt --conversations 50
@@ -222,15 +223,12 @@ def value_choice(model: Any, tokenizer: Any, words: list[str], trials: int = 40,
             tell = topic.tells[rng.randrange(len(topic.tells))].format(v=values[told])
             ask = topic.asks[rng.randrange(len(topic.asks))]
             rest: list[int] = tokenizer.encode(" I see.")
-            for _ in range(n):
-                user = " ".join(words[(at + i) % len(words)]
-                                for i in range(filler_words_per_message))
-                at += filler_words_per_message
-                reply = " ".join(words[(at + i) % len(words)]
+            for line in range(2 * n):  # a user line of prose, the assistant's, and so on
+                prose = " ".join(words[(at + i) % len(words)]
                                  for i in range(filler_words_per_message))
                 at += filler_words_per_message
-                rest += tokenizer.encode(render_chat([("user", user)], open_reply=True))
-                rest += tokenizer.encode(" " + reply)
+                rest += tokenizer.encode(" " + prose if line % 2 else
+                                         render_chat([("user", prose)], open_reply=True))
             rest += tokenizer.encode(render_chat([("user", ask)], open_reply=True))
             rest += tokenizer.encode(topic.answer.split("{v}")[0].rstrip())
             ids = tokenizer.encode(render_chat([("user", tell)], open_reply=False)) + rest
@@ -271,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
     model.eval()
     t0 = time.perf_counter()
+    if args.value_choice < 0:
+        ap.error(f"--value-choice takes a number of trials (0 = off), got {args.value_choice}")
     if args.value_choice:
         if min(args.value_fillers) < 0:
             ap.error(f"--value-fillers must be 0 or more, got {args.value_fillers}")
