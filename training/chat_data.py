@@ -60,6 +60,11 @@ class Topic:
     answer: str  # the reply to the question, "{v}" the value, starting with a space
     values: tuple[str, ...] | tuple[int, int]  # choices, or an inclusive range of integers
 
+    @property
+    def kind(self) -> str:
+        """"digits" (values: a range of integers) or "words" (values: the choices)."""
+        return "digits" if isinstance(self.values[0], int) else "words"
+
 
 TOPICS = (
     Topic(("My pass key is {v}.", "Please remember this: my pass key is {v}.",
@@ -109,15 +114,14 @@ class ChatFact:
 def random_fact(rng: Any) -> ChatFact:
     """A fact of a random topic and phrasing (``rng`` is a `random.Random`)."""
     topic = TOPICS[rng.randrange(len(TOPICS))]
-    if isinstance(topic.values[0], int):
+    if topic.kind == "digits":
         lo, hi = topic.values
         value = str(rng.randint(int(lo), int(hi)))
     else:
         value = str(topic.values[rng.randrange(len(topic.values))])
     tell = topic.tells[rng.randrange(len(topic.tells))].format(v=value)
     ask = topic.asks[rng.randrange(len(topic.asks))]
-    kind = "digits" if isinstance(topic.values[0], int) else "words"
-    return ChatFact(tell, ask, topic.answer.format(v=value), value, kind)
+    return ChatFact(tell, ask, topic.answer.format(v=value), value, topic.kind)
 
 
 def answer_matches(reply: str, value: str) -> bool:

@@ -59,6 +59,11 @@ class Script:
     messages: tuple[str, ...]
 
 
+def prose_line(words: list[str], at: int, k: int) -> str:
+    """``k`` words of ``words`` from index ``at`` on (wrapping around), joined by spaces."""
+    return " ".join(words[(at + i) % len(words)] for i in range(k))
+
+
 def conversation_script(rng: random.Random, words: list[str], turns: int = 10,
                         user_tokens: int = 30) -> Script:
     """A fact told in message 1 (followed by prose up to about ``user_tokens`` tokens), prose
@@ -71,9 +76,8 @@ def conversation_script(rng: random.Random, words: list[str], turns: int = 10,
 
     def prose(k: int) -> str:
         nonlocal at
-        line = " ".join(words[(at + i) % len(words)] for i in range(k))
         at += k
-        return line
+        return prose_line(words, at - k, k)
 
     first = f"{fact.tell} {prose(max(1, per_message - len(fact.tell.split())))}"
     middle = [prose(per_message) for _ in range(turns - 2)]
@@ -200,14 +204,15 @@ def value_choice(model: Any, tokenizer: Any, words: list[str], trials: int = 40,
     nothing of the fact is carried); ``tokens``, the conversation's mean length (a segment is
     ``model.config.segment_len``). Trials cycle through the word topics; the same seed draws
     the same conversations for every model."""
-    topics = [t for t in TOPICS if not isinstance(t.values[0], int)]
+    topics = [t for t in TOPICS if t.kind == "words"]
+    candidates = {t: [tokenizer.encode(f" {v}") for v in t.values] for t in topics}
     device = next(model.parameters()).device
 
-    def scores(ids: list[int], values: list[str]) -> Tensor:
+    def scores(ids: list[int], topic: Any) -> Tensor:
         with torch.no_grad():
             logits, state = model(torch.tensor([ids], device=device), None)
-        return torch.tensor([_continuation_logprob(model, logits[0, -1], state,
-                                                   tokenizer.encode(" " + v)) for v in values])
+        return torch.tensor([_continuation_logprob(model, logits[0, -1], state, c)
+                             for c in candidates[topic]])
 
     out: dict[str, Any] = {"trials": trials, "segment_len": model.config.segment_len,
                            "by_fillers": {}}
@@ -224,8 +229,7 @@ def value_choice(model: Any, tokenizer: Any, words: list[str], trials: int = 40,
             ask = topic.asks[rng.randrange(len(topic.asks))]
             rest: list[int] = tokenizer.encode(" I see.")
             for line in range(2 * n):  # a user line of prose, the assistant's, and so on
-                prose = " ".join(words[(at + i) % len(words)]
-                                 for i in range(filler_words_per_message))
+                prose = prose_line(words, at, filler_words_per_message)
                 at += filler_words_per_message
                 rest += tokenizer.encode(" " + prose if line % 2 else
                                          render_chat([("user", prose)], open_reply=True))
@@ -233,8 +237,8 @@ def value_choice(model: Any, tokenizer: Any, words: list[str], trials: int = 40,
             rest += tokenizer.encode(topic.answer.split("{v}")[0].rstrip())
             ids = tokenizer.encode(render_chat([("user", tell)], open_reply=False)) + rest
             untold = tokenizer.encode(render_chat([("user", "Hello.")], open_reply=False)) + rest
-            got = scores(ids, values)
-            gain = got - scores(untold, values)
+            got = scores(ids, topic)
+            gain = got - scores(untold, topic)
             top1 += int(got.argmax()) == told
             top1_lift += int(gain.argmax()) == told
             lift += (gain[told] - (gain.sum() - gain[told]) / (len(values) - 1)).item()
@@ -263,17 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="also write the result to this JSON file")
     args = ap.parse_args(argv)
+    if args.value_choice < 0:
+        ap.error(f"--value-choice takes a number of trials (0 = off), got {args.value_choice}")
+    if args.value_choice and min(args.value_fillers) < 0:
+        ap.error(f"--value-fillers must be 0 or more, got {args.value_fillers}")
     torch.set_num_threads(args.threads)
     from newllm import load_checkpoint
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     model.eval()
     t0 = time.perf_counter()
-    if args.value_choice < 0:
-        ap.error(f"--value-choice takes a number of trials (0 = off), got {args.value_choice}")
     if args.value_choice:
-        if min(args.value_fillers) < 0:
-            ap.error(f"--value-fillers must be 0 or more, got {args.value_fillers}")
         result = value_choice(model, tokenizer, filler_words(args.filler), args.value_choice,
                               args.value_fillers, seed=args.seed)
     else:
