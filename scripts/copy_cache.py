@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-keys", action="store_true",
                    help="keys and queries also read the token's input embedding")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the training batches")
+    p.add_argument("--eval-seed", type=int, default=0,
+                   help="of the evaluations' conversations (the same for every run)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--load", help="cache weights to start from (safetensors)")
@@ -336,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     words = filler_words(args.filler) if args.filler else []
     if args.value_choice:
         result["value_choice"] = value_choice(runner, tok, words, args.value_choice,
-                                              args.value_fillers, args.seed)
+                                              args.value_fillers, args.eval_seed)
         print(json.dumps(result["value_choice"]), flush=True)
     if args.chat:
-        result["chat"] = chat_recall(runner, tok, words, args.chat, args.seed)
+        result["chat"] = chat_recall(runner, tok, words, args.chat, args.eval_seed)
         print(json.dumps({k: v for k, v in result["chat"].items() if k != "examples"}),
               flush=True)
     if args.out:
