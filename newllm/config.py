@@ -29,7 +29,8 @@ FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
                                              "memory_stable_delta": False,
                                              "memory_write_floor": 0.0,
                                              "memory_key_self": True,
-                                             "attention_key_shift": False}
+                                             "attention_key_shift": False,
+                                             "pointer_dim": 0, "pointer_token_keys": False}
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ class ModelConfig:
     # for (Olsson et al. 2022 saw it form sooner with such keys). The cache keeps the plain
     # keys, so states and memory files keep their shape
     attention_key_shift: bool = False
+    # a pointer cache over the tokens read (`newllm.pointer`): its key width, 0 = none; and
+    # whether its keys also read the tokens' input embeddings
+    pointer_dim: int = 0
+    pointer_token_keys: bool = False
     # context compression (context_pythia, context_kv)
     context_mode: str = "none"
     context_dim: int = 256
@@ -132,6 +137,11 @@ class ModelConfig:
             raise ValueError(
                 f"layer width {self.layer_hidden} is not divisible by num_heads={self.num_heads}"
             )
+        if self.pointer_dim < 0:
+            raise ValueError(f"pointer_dim must be >= 0 (0: no pointer), got {self.pointer_dim}")
+        if self.pointer_token_keys and not self.pointer_dim:
+            raise ValueError("pointer_token_keys shapes the pointer's keys; set pointer_dim >= 1 "
+                             "or leave pointer_token_keys false")
         if self.memory_history < 0:
             raise ValueError(f"memory_history must be >= 0, got {self.memory_history}")
         if not self.memory_key_self and not self.memory_history:

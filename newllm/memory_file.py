@@ -638,7 +638,8 @@ def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
 
 
 MAX_ABS_VALUE = 1e15  # far above any honest state (sums of O(10) values over < 2**24 tokens)
-NON_NEGATIVE = ("z", "coarse_z", "count")  # normalisers and token counts of memory layers
+# normalisers and token counts of memory layers, the pointer's masses
+NON_NEGATIVE = ("z", "coarse_z", "count", "mass")
 
 
 def _check_values(tensors: Mapping[str, Tensor], position: int) -> None:
@@ -732,5 +733,9 @@ def load_memory_report(source: bytes | str | Path, model: Any, *,
         prefix = f"layers.{i}."
         fields = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}
         layers.append(dataclasses.replace(layer_state, **fields))
-    state = ModelState(position, tuple(layers), tensors.get("context.last"))
+    pointer = None
+    if template.pointer is not None:
+        pointer = dataclasses.replace(template.pointer, **{
+            n[len("pointer."):]: t for n, t in tensors.items() if n.startswith("pointer.")})
+    state = ModelState(position, tuple(layers), tensors.get("context.last"), pointer)
     return LoadedMemory(state, conversion, dict(parsed.metadata))

@@ -19,6 +19,7 @@ from newllm.config import ModelConfig
 from newllm.context import ContextBlock
 from newllm.layers import LAYERS
 from newllm.layers.common import MLP, Step
+from newllm.pointer import PointerCache
 from newllm.state import ModelState
 
 
@@ -57,6 +58,7 @@ class TransformerLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.layer_hidden, eps=config.layer_norm_eps)
         self.embed_out = nn.Linear(config.layer_hidden, config.vocab_size, bias=False)
+        self.pointer = PointerCache(config) if config.pointer_dim else None
         self._fingerprint: tuple[Any, str] | None = None
         # (fingerprint of the weights as loaded, checkpoint fingerprint): see checkpoint_fingerprint
         self._checkpoint: tuple[str, str] | None = None
@@ -71,6 +73,8 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(module.weight, std=self.config.init_std)
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.pointer is not None:
+            self.pointer.reset_parameters(self.config.init_std)
         if self.config.tie_word_embeddings:
             if self.config.hidden_size != self.config.layer_hidden:
                 raise ValueError("tie_word_embeddings needs hidden_size == layer width")
@@ -149,7 +153,9 @@ class TransformerLM(nn.Module):
         layers = tuple(b.attention.init_state(batch_size, dev, dt) for b in self.layers)
         ctx = (self.context_block.initial(batch_size, dev, dt)
                if self.context_block is not None else None)
-        return ModelState(0, layers, ctx)
+        pointer = (self.pointer.init_state(batch_size, dev, dt)
+                   if self.pointer is not None else None)
+        return ModelState(0, layers, ctx, pointer)
 
     def state_shapes(self, batch_size: int, position: int) -> dict[str, tuple[int, ...]]:
         """Flat tensor name -> shape that a state after ``position`` tokens must have."""
@@ -159,6 +165,9 @@ class TransformerLM(nn.Module):
                 shapes[f"layers.{i}.{name}"] = shape
         if self.context_block is not None:
             shapes["context.last"] = (batch_size, self.config.context_dim)
+        if self.pointer is not None:
+            for name, shape in self.pointer.state_shapes(batch_size).items():
+                shapes[f"pointer.{name}"] = shape
         return shapes
 
     def state_dtypes(self, dtype: torch.dtype | None = None) -> dict[str, torch.dtype]:
@@ -175,6 +184,9 @@ class TransformerLM(nn.Module):
                 out[f"layers.{i}.{name}"] = dtypes.get(name, dtype)
         if self.context_block is not None:
             out["context.last"] = dtype
+        if self.pointer is not None:
+            for name, dt in self.pointer.state_dtypes(dtype).items():
+                out[f"pointer.{name}"] = dt
         return out
 
     # forward -------------------------------------------------------------------------------
@@ -188,7 +200,7 @@ class TransformerLM(nn.Module):
             state = self.init_state(B)
         elif state.batch_size != B:
             raise ValueError(f"state has batch size {state.batch_size}, input_ids has {B}")
-        x = self.embed_in(input_ids)  # (B, T, hidden)
+        x = embedded = self.embed_in(input_ids)  # (B, T, hidden)
         contexts, last = None, state.context
         if self.context_block is not None:
             contexts, last = self.context_block(x, state.context)  # (B, T, context_dim)
@@ -199,10 +211,18 @@ class TransformerLM(nn.Module):
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, layer_state = block(x, layer_state, step)
             layer_states.append(layer_state)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.embed_out(self.final_layer_norm(x))
-        return logits, ModelState(state.position + T, tuple(layer_states), last)
+        pointer = state.pointer
+        if self.pointer is not None:
+            hidden = self.final_layer_norm(x)
+            logits = self.embed_out(hidden[:, -1:] if last_only else hidden)
+            started = torch.full((B,), state.position > 0, device=x.device)
+            logits, pointer = self.pointer(hidden, embedded, input_ids, logits, state.pointer,
+                                           started, last_only)
+        else:
+            if last_only:
+                x = x[:, -1:]
+            logits = self.embed_out(self.final_layer_norm(x))
+        return logits, ModelState(state.position + T, tuple(layer_states), last, pointer)
 
     def decode_step(self, tokens: Tensor,
                     states: list[ModelState]) -> tuple[Tensor, list[ModelState]]:
@@ -218,7 +238,7 @@ class TransformerLM(nn.Module):
         B = tokens.shape[0]
         if len(states) != B:
             raise ValueError(f"{B} tokens but {len(states)} states")
-        x = self.embed_in(tokens.view(B, 1))  # (B, 1, hidden)
+        x = embedded = self.embed_in(tokens.view(B, 1))  # (B, 1, hidden)
         contexts, lasts = None, [s.context for s in states]
         if self.context_block is not None:
             last = torch.cat([c for c in lasts if c is not None], dim=0)
@@ -237,10 +257,21 @@ class TransformerLM(nn.Module):
                 new.append(ls)
             x = block.mix(x, torch.cat(outs, dim=0))
             per_layer.append(new)
-        logits = self.embed_out(self.final_layer_norm(x))[:, 0]  # (B, V)
+        hidden = self.final_layer_norm(x)
+        logits = self.embed_out(hidden)
+        pointers: list[Any] = [None] * B
+        if self.pointer is not None:
+            stacked = type(states[0].pointer)(*(
+                torch.cat([getattr(s.pointer, f) for s in states]) for f in ("mass", "z", "last")))
+            started = torch.tensor([s.position > 0 for s in states], device=x.device)
+            logits, ps = self.pointer(hidden, embedded, tokens.view(B, 1), logits, stacked,
+                                      started)
+            pointers = [type(ps)(ps.mass[b:b + 1], ps.z[b:b + 1], ps.last[b:b + 1])
+                        for b in range(B)]
+        logits = logits[:, 0]  # (B, V)
         new_states = [
             ModelState(s.position + 1, tuple(per_layer[li][b] for li in range(len(self.layers))),
-                       lasts[b])
+                       lasts[b], pointers[b])
             for b, s in enumerate(states)
         ]
         return logits, new_states

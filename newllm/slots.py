@@ -68,15 +68,16 @@ def _none(*_: Any) -> None:
 
 def slots_forward(model: Any, layers: list[Any], context: Tensor | None,
                   last_context: Tensor | None, ids: Tensor,
-                  step: SlotStep) -> tuple[Tensor, Tensor]:
+                  step: SlotStep, pointer: Any = None) -> tuple[Tensor, Tensor]:
     """The forward of one slot step: ids (N,) in the order of ``step.rows`` -> logits (N, V)
     and each row's largest |logit| (N,) (NaN where a logit is NaN; computed here so that the
     compiled step fuses it instead of a caller's health check costing ops of its own).
 
-    Writes the rows' keys/values (and contexts) into the slot buffers. What `Slots.step` runs,
-    eagerly or compiled (`compiled_forward`; then with ``step.fixed``)."""
+    Writes the rows' keys/values (and contexts, and the pointer's pairs: ``pointer`` is its
+    slot buffer) into the slot buffers. What `Slots.step` runs, eagerly or compiled
+    (`compiled_forward`; then with ``step.fixed``)."""
     N = ids.shape[0]
-    x = model.embed_in(ids.view(N, 1))  # (N, 1, hidden)
+    x = embedded = model.embed_in(ids.view(N, 1))  # (N, 1, hidden)
     if context is not None:
         step.contexts, last = model.context_block(x, last_context)  # (N, 1, Cc)
         context[step.rows] = last
@@ -84,7 +85,10 @@ def slots_forward(model: Any, layers: list[Any], context: Tensor | None,
             x = step.contexts
     for block, buf in zip(model.layers, layers, strict=True):
         x = block.mix(x, block.attention.slot_step(block.input_layernorm(x), buf, step))
-    logits = model.embed_out(model.final_layer_norm(x))[:, 0]  # (N, V)
+    hidden = model.final_layer_norm(x)[:, 0]
+    logits = model.embed_out(hidden)  # (N, V)
+    if pointer is not None:
+        logits = model.pointer.slot_step(hidden, embedded[:, 0], ids, logits, pointer, step)
     return logits, logits.abs().amax(dim=1)
 
 
@@ -172,6 +176,8 @@ class Slots:
         self.layers = [b.attention.slot_init(num_slots, dev, dt) for b in model.layers]
         self.context = (model.context_block.initial(num_slots, dev, dt)
                         if model.context_block is not None else None)  # (slots, Cc)
+        self.pointer = (model.pointer.slot_init(num_slots, dev, dt)
+                        if model.pointer is not None else None)
         self.position: list[int] = []  # per busy row
         self._handles: list[int] = []  # handle of each busy row
         self._row: dict[int, int] = {}  # handle -> row
@@ -211,6 +217,9 @@ class Slots:
             if self.context is not None:
                 assert state.context is not None, "a context model's state has a context"
                 self.context[row] = state.context[0]
+            if self.pointer is not None:
+                assert state.pointer is not None, "a pointer model's state has a pointer"
+                self.model.pointer.slot_load(self.pointer, row, state.pointer)
         handle, self._next = self._next, self._next + 1
         self._handles.append(handle)
         self.position.append(state.position)
@@ -224,7 +233,9 @@ class Slots:
         layers = tuple(block.attention.slot_extract(buf, row, pos)
                        for block, buf in zip(self.model.layers, self.layers, strict=True))
         ctx = None if self.context is None else self.context[row:row + 1].clone()
-        return ModelState(pos, layers, ctx)
+        pointer = (None if self.pointer is None
+                   else self.model.pointer.slot_extract(self.pointer, row))
+        return ModelState(pos, layers, ctx, pointer)
 
     def remove(self, handle: int) -> ModelState:
         """Take a session out: its state, and its slot freed (the last busy row moves in)."""
@@ -237,7 +248,7 @@ class Slots:
         row = self._lookup(handle)
         last = len(self._handles) - 1
         if row != last:  # keep busy rows packed: move the last one into the hole
-            for buf in self.layers:
+            for buf in self._buffers():
                 for owner, name in _tensors(buf):
                     t = _get(owner, name)
                     t[row] = t[last]
@@ -274,16 +285,18 @@ class Slots:
         host = tuple(self.position[r] for r in rows)
         step = SlotStep(torch.tensor(rows, device=dev), torch.tensor(host, device=dev), host,
                         span, fixed=self.compiled)
+        sorted_ids = ids if order == sorted(order) else ids[torch.tensor(order, device=dev)]
         undo = [u for block, buf in zip(model.layers, self.layers, strict=True)
                 if (u := getattr(block.attention, "slot_backup", _none)(buf, step)) is not None]
+        if self.pointer is not None:
+            undo.append(model.pointer.slot_backup(self.pointer, step, sorted_ids))
         last_context = None if self.context is None else step.take(self.context).clone()
-        sorted_ids = ids if order == sorted(order) else ids[torch.tensor(order, device=dev)]
         try:
             if self.compiled:
                 logits, peaks = self._compiled_step(sorted_ids, step, last_context)
             else:
                 logits, peaks = slots_forward(model, self.layers, self.context, last_context,
-                                              sorted_ids, step)
+                                              sorted_ids, step, self.pointer)
         except BaseException as e:  # a failed step leaves every slot as it was: it can be
             for u in undo:  # retried
                 u()
@@ -341,7 +354,7 @@ class Slots:
                  torch.is_inference_mode_enabled(), cpp,
                  tuple(_get(o, n).shape for buf in self.layers for o, n in _tensors(buf)))
         fn = compiled_forward(model, self.backend, cpp)
-        args = (model, self.layers, self.context, last_context, ids, step)
+        args = (model, self.layers, self.context, last_context, ids, step, self.pointer)
         if shape in self._shapes:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 out = fn(*args)
@@ -360,6 +373,10 @@ class Slots:
     def nbytes(self) -> int:
         """Bytes of the slot buffers (spare capacity included)."""
         total = 0 if self.context is None else self.context.nbytes
-        for buf in self.layers:
+        for buf in self._buffers():
             total += sum(_get(o, n).nbytes for o, n in _tensors(buf))
         return total
+
+    def _buffers(self) -> list[Any]:
+        """Every per-slot buffer: the mixers', and the pointer's when the model has one."""
+        return [*self.layers, *([self.pointer] if self.pointer is not None else [])]

@@ -37,6 +37,7 @@ class ModelState:
     position: int
     layers: tuple[Any, ...]
     context: Tensor | None = None  # (B, context_dim) last context of the context block
+    pointer: Any = None  # `newllm.pointer.PointerState` of a model with a pointer cache
 
     @property
     def batch_size(self) -> int:
@@ -50,6 +51,9 @@ class ModelState:
                 out[f"layers.{i}.{name}"] = t
         if self.context is not None:
             out["context.last"] = self.context
+        if self.pointer is not None:
+            for name, t in state_tensors(self.pointer).items():
+                out[f"pointer.{name}"] = t
         return out
 
     def nbytes(self) -> int:
@@ -71,11 +75,13 @@ class ModelState:
                 ls, **{k: v.to(device=device, dtype=dtype) for k, v in state_tensors(ls).items()}
             )
         ctx = None if self.context is None else self.context.to(device=device, dtype=dtype)
-        return ModelState(self.position, tuple(move(ls) for ls in self.layers), ctx)
+        pointer = None if self.pointer is None else move(self.pointer)
+        return ModelState(self.position, tuple(move(ls) for ls in self.layers), ctx, pointer)
 
     def detach(self) -> ModelState:
         """The same state cut from the autograd graph (truncated backprop between segments)."""
         def cut(ls: Any) -> Any:
             return dataclasses.replace(ls, **{k: v.detach() for k, v in state_tensors(ls).items()})
         ctx = None if self.context is None else self.context.detach()
-        return ModelState(self.position, tuple(cut(ls) for ls in self.layers), ctx)
+        pointer = None if self.pointer is None else cut(self.pointer)
+        return ModelState(self.position, tuple(cut(ls) for ls in self.layers), ctx, pointer)

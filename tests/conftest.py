@@ -75,6 +75,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
     "pythia-no-window": ("tiny-infini", {"segment_local": False}),
     "infini-attention-key-shift": ("tiny-infini", {"attention_key_shift": True}),
+    "infini-pointer": ("tiny-infini", {"pointer_dim": 8, "pointer_token_keys": True}),
 }
 
 
@@ -86,6 +87,8 @@ def variant_model(variant: str) -> TransformerLM:
         for name, p in model.named_parameters():
             if name.endswith("local_key_shift"):
                 p.copy_(torch.linspace(-0.8, 0.8, p.numel()).view_as(p))
+            if name == "pointer.mix_gate.bias":  # half the next token from the pointer
+                p.zero_()
     return model
 
 

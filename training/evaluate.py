@@ -144,8 +144,9 @@ def perplexity(model: nn.Module, docs: Sequence[tuple[str, Tensor]], window: int
 
 @torch.no_grad()
 def memory_only_nll(model: nn.Module, ids: Tensor) -> tuple[float, int]:
-    """Every target scored with the memory layers' state of all earlier segments, while every
-    other layer (its KV cache, the context block) starts each segment empty.
+    """Every target scored with the memory layers' state of all earlier segments (and the
+    pointer cache's, a memory too), while every other layer (its KV cache, the context block)
+    starts each segment empty.
 
     This is what the memory alone is worth in a model that mixes memory layers with `pythia`
     layers that keep their whole KV cache (``segment_local=False``): they would otherwise carry
@@ -165,7 +166,7 @@ def memory_only_nll(model: nn.Module, ids: Tensor) -> tuple[float, int]:
             fresh = model.init_state(1)
             layers = tuple(ls if i in keep else fresh.layers[i]
                            for i, ls in enumerate(state.layers))
-            state = ModelState(state.position, layers, fresh.context)
+            state = ModelState(state.position, layers, fresh.context, state.pointer)
         logits, state = model(inputs[s:s + S].view(1, -1).to(model.device), state)
         total += float(F.cross_entropy(logits[0].float(), targets[s:s + S].to(logits.device),
                                        reduction="none").double().sum())

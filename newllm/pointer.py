@@ -1,0 +1,214 @@
+"""`PointerCache`: a fixed-size memory whose values are token identities (``pointer_dim`` > 0).
+
+The memory layers carry hidden vectors from segment to segment; what they carry back is read
+through the layers above, and in the bundled model that path learned to bring back digits but no
+words. The pointer cache carries the tokens themselves. For every token x_t read, it keeps the pair
+(u_{t-1}, x_t): the input of the position that predicted the token and the token, in a matrix
+of non-negative masses (dk x V) and a normaliser (dk)::
+
+    u_t = h_t                  (the final hidden state, after the final LayerNorm)
+        = [h_t ; e_t]          (``pointer_token_keys``: and the token's input embedding)
+    write x_t:   mass[:, x_t] += β_t φ(W_k u_{t-1}),   z += β_t φ(W_k u_{t-1}),
+                 β_t = sigmoid(w_β · h_{t-1} + b_β)
+    read at s:   p_copy = φ(W_q u_s) mass / (φ(W_q u_s) · z)      (a distribution over tokens)
+    next token:  p = (1 − λ_s) softmax(logits_s) + λ_s p_copy,  λ_s = sigmoid(w_λ · h_s + b_λ)
+
+with φ(x) = ELU(x) + 1, as in the memory layers, and λ = 0 while the cache is empty. It is a
+continuous cache (Grave et al., 2017) with learned projections, compressed into a fixed size:
+dk · V floats per session however long the conversation. A model with a pointer returns log p
+as its logits (log-probabilities are logits: softmax gives p back), so sampling, scoring and
+training need no change. Every pair is written before the read at its token's position, so a
+read at s sees the tokens up to s. The state (`PointerState`) is part of the `ModelState`
+(``pointer.mass``, ``pointer.z``, ``pointer.last``): saved in memory files, moved with
+sessions, batched in `newllm.slots`. `pointer_reference` is the plain token-by-token version
+the tests hold the chunked one to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from newllm.layers.memory import elu1
+
+CHUNK = 256  # positions read together in `PointerCache.forward` (a (chunk x chunk) score matrix)
+
+
+@dataclass(frozen=True)
+class PointerState:
+    mass: Tensor  # (B, dk, V) float32: Σ β φ(k) per token written
+    z: Tensor  # (B, dk) float32: Σ β φ(k)
+    last: Tensor  # (B, W) the keys' input at the last position read (zeros before any token)
+
+
+@dataclass
+class PointerSlots:
+    """The pointer's state for a slot batch (`newllm.slots`): every tensor (slots, ...)."""
+
+    mass: Tensor
+    z: Tensor
+    last: Tensor
+
+
+def mix(logits: Tensor, gate: Tensor, num: Tensor, den: Tensor) -> Tensor:
+    """log((1 − λ) softmax(logits) + λ num / den) in float32, λ = sigmoid(gate) where den > 0
+    and 0 elsewhere: logits (..., V), gate and den (...), num (..., V) >= 0."""
+    lp = torch.log_softmax(logits.float(), -1)
+    on = den > 0
+    ok = num > 0
+    safe_num = torch.where(ok, num, torch.ones_like(num))
+    safe_den = torch.where(on, den, torch.ones_like(den))
+    lp_copy = torch.where(ok, torch.log(safe_num) - torch.log(safe_den)[..., None],
+                          torch.full_like(num, -torch.inf))
+    both = torch.logaddexp(F.logsigmoid(-gate)[..., None] + lp,
+                           F.logsigmoid(gate)[..., None] + lp_copy)
+    return torch.where(on[..., None], both, lp)
+
+
+class PointerCache(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        d, dk = config.layer_hidden, config.pointer_dim
+        self.hidden, self.dk, self.vocab = d, dk, config.vocab_size
+        self.token_keys = config.pointer_token_keys
+        self.width = d + config.hidden_size if self.token_keys else d
+        self.query = nn.Linear(self.width, dk)
+        self.key = nn.Linear(self.width, dk)
+        self.write_gate = nn.Linear(d, 1)
+        self.mix_gate = nn.Linear(d, 1)
+
+    def reset_parameters(self, std: float) -> None:
+        """Small projections, zero biases, and a mixing gate that starts nearly closed
+        (λ ≈ 0.05), so a pointer added to a trained model starts close to the model alone."""
+        for lin in (self.query, self.key, self.write_gate, self.mix_gate):
+            nn.init.normal_(lin.weight, std=std)
+            nn.init.zeros_(lin.bias)
+        nn.init.constant_(self.mix_gate.bias, -3.0)
+
+    # state ---------------------------------------------------------------------------------
+    def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        return {"mass": (batch_size, self.dk, self.vocab), "z": (batch_size, self.dk),
+                "last": (batch_size, self.width)}
+
+    def state_dtypes(self, model_dtype: torch.dtype) -> dict[str, torch.dtype]:
+        return {"mass": torch.float32, "z": torch.float32, "last": model_dtype}
+
+    def init_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> PointerState:
+        shapes, dtypes = self.state_shapes(batch_size), self.state_dtypes(dtype)
+        return PointerState(**{n: torch.zeros(s, device=device, dtype=dtypes[n])
+                               for n, s in shapes.items()})
+
+    # the computation -----------------------------------------------------------------------
+    def inputs(self, hidden: Tensor, embedded: Tensor) -> Tensor:
+        """The keys' and queries' input u (..., W) from the final hidden states (..., d) and
+        the tokens' input embeddings (..., hidden_size)."""
+        return torch.cat((hidden, embedded), -1) if self.token_keys else hidden
+
+    def write_features(self, u: Tensor) -> Tensor:
+        """β φ(W_k u) (..., dk), float32."""
+        return elu1(self.key(u)).float() * torch.sigmoid(self.write_gate(u[..., :self.hidden]))
+
+    def forward(self, hidden: Tensor, embedded: Tensor, ids: Tensor, logits: Tensor,
+                state: PointerState, started: Tensor, last_only: bool = False
+                ) -> tuple[Tensor, PointerState]:
+        """hidden, embedded (B, T, d), ids (B, T), logits (B, T, V) (or (B, 1, V) with
+        ``last_only``: the last position's), ``started`` (B,) bool: whether a token came before
+        this chunk (else its first token has no predecessor to pair with). Returns the mixed
+        log-probabilities as logits (the logits' dtype) and the new state."""
+        B, T, _ = hidden.shape
+        u = self.inputs(hidden, embedded)
+        mass, z, last = state.mass, state.z, state.last
+        outs = []
+        for c0 in range(0, T, CHUNK):
+            c1 = min(T, c0 + CHUNK)
+            n = c1 - c0
+            prev = torch.cat((last[:, None].to(u.dtype), u[:, c0:c1 - 1]), 1)  # (B, n, W)
+            fk = self.write_features(prev)  # (B, n, dk): pair j = (u_{j-1}, ids_j)
+            if c0 == 0:
+                fk = fk * torch.cat((started.view(B, 1, 1).float(),
+                                     torch.ones_like(fk[:, 1:, :1])), 1)
+            tok = ids[:, c0:c1]
+            if not last_only or c1 == T:
+                rows = slice(0, n) if not last_only else slice(n - 1, n)
+                fq = elu1(self.query(u[:, c0:c1][:, rows])).float()  # (B, r, dk)
+                num = fq @ mass  # (B, r, V): what earlier chunks wrote
+                den = (fq @ z[..., None])[..., 0]
+                a = (fq @ fk.transpose(1, 2)).tril(rows.start)  # (B, r, n): pairs j <= s
+                num = num.scatter_add(2, tok[:, None, :].expand(B, a.shape[1], n), a)
+                den = den + a.sum(-1)
+                gate = self.mix_gate(hidden[:, c0:c1][:, rows])[..., 0].float()
+                chunk_logits = logits if last_only else logits[:, c0:c1]
+                outs.append(mix(chunk_logits, gate, num, den).to(logits.dtype))
+            mass = mass.scatter_add(2, tok[:, None, :].expand(B, self.dk, n),
+                                    fk.transpose(1, 2))
+            z = z + fk.sum(1)
+            last = u[:, c1 - 1].to(last.dtype)
+        out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        return out, PointerState(mass, z, last)
+
+    # slots (see newllm.slots) ---------------------------------------------------------------
+    def slot_init(self, slots: int, device: Any, dtype: torch.dtype) -> PointerSlots:
+        s = self.init_state(slots, device, dtype)
+        return PointerSlots(s.mass, s.z, s.last)
+
+    def slot_load(self, buf: PointerSlots, row: int, state: PointerState) -> None:
+        buf.mass[row], buf.z[row], buf.last[row] = state.mass[0], state.z[0], state.last[0]
+
+    def slot_extract(self, buf: PointerSlots, row: int) -> PointerState:
+        return PointerState(buf.mass[row:row + 1].clone(), buf.z[row:row + 1].clone(),
+                            buf.last[row:row + 1].clone())
+
+    def slot_backup(self, buf: PointerSlots, step: Any, ids: Tensor) -> Any:
+        """What undoes a step's writes: the columns it adds to, the normalisers, the inputs."""
+        rows = step.rows
+        saved = (buf.mass[rows, :, ids].clone(), buf.z[rows].clone(), buf.last[rows].clone())
+
+        def restore() -> None:
+            buf.mass[rows, :, ids], buf.z[rows], buf.last[rows] = saved
+        return restore
+
+    def slot_step(self, hidden: Tensor, embedded: Tensor, ids: Tensor, logits: Tensor,
+                  buf: PointerSlots, step: Any) -> Tensor:
+        """One token per row: hidden, embedded (N, d), ids (N,), logits (N, V) -> mixed
+        log-probabilities (N, V); writes each row's pair, then reads."""
+        rows = step.rows
+        u = self.inputs(hidden, embedded)
+        fk = self.write_features(step.take(buf.last).to(u.dtype))
+        fk = fk * (step.position > 0).view(-1, 1).float()
+        buf.mass.index_put_((rows[:, None], torch.arange(self.dk, device=rows.device)[None, :],
+                             ids[:, None]), fk, accumulate=True)
+        buf.z[rows] += fk
+        buf.last[rows] = u.to(buf.last.dtype)
+        fq = elu1(self.query(u)).float()  # (N, dk)
+        num = (fq[:, None, :] @ step.take(buf.mass))[:, 0]  # (N, V)
+        den = (fq * step.take(buf.z)).sum(-1)
+        gate = self.mix_gate(hidden)[..., 0].float()
+        return mix(logits, gate, num, den).to(logits.dtype)
+
+
+@torch.no_grad()
+def pointer_reference(pointer: PointerCache, hidden: Tensor, embedded: Tensor, ids: Tensor,
+                      logits: Tensor, state: PointerState, started: bool) -> Tensor:
+    """The slow, plain pointer for one row: hidden, embedded (T, d), ids (T,), logits (T, V);
+    token by token, a pair written into explicit sums, then read. Returns (T, V) log-probs."""
+    mass, z = state.mass[0].clone(), state.z[0].clone()
+    prev = state.last[0] if started else None
+    out = []
+    for t in range(ids.shape[0]):
+        u = pointer.inputs(hidden[t], embedded[t])
+        if prev is not None:
+            k = elu1(pointer.key(prev)) * torch.sigmoid(pointer.write_gate(prev[:pointer.hidden]))
+            mass[:, int(ids[t])] += k
+            z += k
+        p = torch.softmax(logits[t].float(), -1)
+        if float(z.sum()) > 0:
+            q = elu1(pointer.query(u))
+            lam = torch.sigmoid(pointer.mix_gate(hidden[t]))
+            p = (1 - lam) * p + lam * (q @ mass) / (q @ z)
+        out.append(torch.log(p))
+        prev = u
+    return torch.stack(out)

@@ -1,0 +1,150 @@
+"""The pointer cache (`newllm.pointer`): the chunked forward against the token-by-token
+reference, in pieces and with ``last_only``; decode_step; a failed slot step undone; memory
+files that carry it (and refuse negative masses); the config's checks; a model without it
+unchanged; and training only the pointer from the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_tiny_model, read_state, variant_model
+from test_memory_file import refused, resave
+
+from newllm.config import ModelConfig
+from newllm.memory_file import ValueRangeError, load_memory, save_memory
+from newllm.model import TransformerLM
+from newllm.pointer import CHUNK, pointer_reference
+from newllm.slots import Slots
+
+
+def pointer_model(token_keys: bool) -> TransformerLM:
+    model = make_tiny_model("tiny-infini", init_std=0.1, pointer_dim=8,
+                            pointer_token_keys=token_keys)
+    with torch.no_grad():
+        model.pointer.mix_gate.bias.zero_()  # half of every prediction from the pointer
+    return model
+
+
+def hidden_of(model: TransformerLM, ids: torch.Tensor, state: Any = None) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    hook = model.final_layer_norm.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            model(ids, state)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("token_keys", [False, True])
+def test_forward_equals_the_token_by_token_reference(token_keys: bool) -> None:
+    model = pointer_model(token_keys)
+    # few distinct tokens: every token has earlier copies to point at
+    ids = torch.randint(1, 12, (1, CHUNK + 90), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, state = model(ids)
+        hidden = hidden_of(model, ids)[0]
+        ref = pointer_reference(model.pointer, hidden, model.embed_in(ids[0]), ids[0],
+                                model.embed_out(hidden), model.init_state(1).pointer, False)
+        torch.testing.assert_close(logits[0], ref, atol=2e-5, rtol=1e-5)
+        plain = torch.log_softmax(model.embed_out(hidden), -1)
+        assert (logits[0, 1:] - plain[1:]).abs().max() > 0.1  # the pointer matters here
+        torch.testing.assert_close(logits[0, 0], plain[0])  # nothing to point at yet
+        # in pieces (a state carried across a chunk boundary), and the last position only
+        a, mid = model(ids[:, :CHUNK - 5])
+        b, after = model(ids[:, CHUNK - 5:], mid)
+        torch.testing.assert_close(torch.cat((a, b), 1), logits, atol=2e-5, rtol=1e-5)
+        for name, t in state.flat_tensors().items():
+            torch.testing.assert_close(after.flat_tensors()[name], t, atol=1e-4, rtol=1e-5)
+        last, _ = model(ids[:, CHUNK - 5:], mid, last_only=True)
+        torch.testing.assert_close(last[0, -1], logits[0, -1], atol=2e-5, rtol=1e-5)
+        # decode_step: several sessions at different positions, each as alone
+        states = [read_state(model, n, n) for n in (3, 17, 40)]
+        tokens = torch.tensor([4, 5, 6])
+        step, _ = model.decode_step(tokens, states)
+        for i, s in enumerate(states):
+            alone, _ = model(tokens[i].view(1, 1), s)
+            torch.testing.assert_close(step[i], alone[0, -1], atol=2e-5, rtol=1e-5)
+    assert tuple(state.pointer.mass.shape) == (1, 8, model.config.vocab_size)
+    assert float(state.pointer.mass.min()) >= 0
+    # the masses written sum to the normaliser
+    torch.testing.assert_close(state.pointer.mass.sum(-1), state.pointer.z)
+
+
+def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = variant_model("infini-pointer")
+    slots = Slots(model, 2, compile=False)
+    states = [read_state(model, 9, 1), read_state(model, 20, 2)]
+    handles = [slots.add(s) for s in states]
+    import newllm.pointer as pointer
+
+    real = pointer.mix
+    monkeypatch.setattr(pointer, "mix", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        slots.step(handles, torch.tensor([4, 5]))
+    for h, s in zip(handles, states, strict=True):
+        got = slots.state(h).flat_tensors()
+        for name, t in s.flat_tensors().items():
+            assert torch.equal(got[name], t), name
+    monkeypatch.setattr(pointer, "mix", real)
+    logits = slots.step(handles, torch.tensor([4, 5]))
+    with torch.no_grad():
+        for i, s in enumerate(states):
+            alone, _ = model(torch.tensor([[4 + i]]), s)
+            torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_memory_files_carry_the_pointer_and_refuse_negative_masses() -> None:
+    model = variant_model("infini-pointer")
+    state = read_state(model, 30, 3)
+    data = save_memory(state, model)
+    loaded = load_memory(data, model)
+    for name, t in state.flat_tensors().items():
+        assert torch.equal(loaded.flat_tensors()[name], t), name
+    assert {"pointer.mass", "pointer.z", "pointer.last"} <= set(loaded.flat_tensors())
+    with torch.no_grad():
+        a, _ = model(torch.tensor([[3, 4, 5]]), state)
+        b, _ = model(torch.tensor([[3, 4, 5]]), loaded)
+    assert torch.equal(a, b)
+
+    def negative(t: dict) -> None:
+        t["pointer.mass"][0, 1, 7] = -1.0
+    refused(resave(data, negative), ValueRangeError, model, match="pointer.mass")
+
+
+def test_config_checks_and_models_without_a_pointer_keep_their_fingerprint() -> None:
+    with pytest.raises(ValueError, match="pointer_dim"):
+        ModelConfig.from_name("tiny-infini", pointer_dim=-1)
+    with pytest.raises(ValueError, match="pointer_token_keys"):
+        ModelConfig.from_name("tiny-infini", pointer_token_keys=True)
+    plain = ModelConfig.from_name("tiny-infini")
+    assert "pointer" not in plain.fingerprint_json()
+    assert "pointer_dim" in plain.replace(pointer_dim=4).fingerprint_json()
+    assert make_tiny_model("tiny-infini").pointer is None
+
+
+def test_training_only_the_pointer_from_the_cli(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from newllm.checkpoint import load_checkpoint
+    from training.cli import main
+
+    text = tmp_path / "prose.txt"
+    text.write_text(" ".join(f"word{i % 37} and the other{i % 11}." for i in range(2000)))
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(tiny_checkpoint), "--out", str(out), "--data", str(text),
+                 "--model-options", "pointer_dim=8", "pointer_token_keys=true",
+                 "--train-only", "pointer.*", "--steps", "3", "--batch-size", "2",
+                 "--segments", "2", "--lr", "1e-2", "--cache-dir", "none",
+                 "--eval-every", "0"]) == 0
+    trained, _ = load_checkpoint(out)
+    start, _ = load_checkpoint(tiny_checkpoint)
+    assert trained.config.pointer_dim == 8 and trained.pointer is not None
+    before = dict(start.named_parameters())
+    for name, p in trained.named_parameters():
+        if not name.startswith("pointer."):
+            assert torch.equal(p, before[name].to(p.dtype)), name
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m for m in metrics)
