@@ -282,6 +282,20 @@ def train(model: Any, cache: CopyCache, tok: Any, args: argparse.Namespace) -> l
     return curve
 
 
+def save_with_pointer(model: Any, tok: Any, cache: CopyCache, folder: str) -> None:
+    """The model with ``cache`` as its `newllm.pointer.PointerCache` (the same computation),
+    saved as a checkpoint folder in float16."""
+    from newllm.checkpoint import save_pretrained
+    from newllm.model import TransformerLM
+
+    config = model.config.replace(pointer_dim=cache.dk)
+    out = TransformerLM(config)
+    missing = out.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("pointer.") for k in missing), missing
+    out.pointer.load_state_dict(cache.state_dict())
+    save_pretrained(out.eval(), folder, tok, dtype=torch.float16)
+
+
 def main(argv: list[str] | None = None) -> int:
     from newllm.checkpoint import load_checkpoint
 
@@ -306,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--load", help="cache weights to start from (safetensors)")
     p.add_argument("--save", help="write the cache weights here (safetensors)")
+    p.add_argument("--save-checkpoint",
+                   help="write the model with these cache weights as its pointer "
+                        "(`pointer_dim` = --dk; newllm.pointer) to this folder, in float16")
     p.add_argument("--no-cache", action="store_true", help="evaluate the model alone")
     p.add_argument("--value-choice", type=int, default=0)
     p.add_argument("--value-fillers", type=int, nargs="+", default=[0, 2, 8])
@@ -314,11 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps and not args.data:
         p.error("--steps needs --data")
+    if args.save_checkpoint and args.token_keys:
+        p.error("--save-checkpoint writes pointer_token_keys=false models; leave out --token-keys")
     if (args.value_choice or args.chat) and not args.filler:
         p.error("--value-choice and --chat need --filler")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = load_checkpoint(args.checkpoint, dtype=torch.float32)
+    if model.pointer is not None:
+        p.error(f"{args.checkpoint} already has a pointer (pointer_dim "
+                f"{model.config.pointer_dim}); give the model without it")
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -334,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             from safetensors.torch import save_file
             Path(args.save).parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in cache.state_dict().items()}, args.save)
+    if args.save_checkpoint:
+        save_with_pointer(model, tok, cache, args.save_checkpoint)
     runner = CacheRunner(model, None if args.no_cache else cache)
     words = filler_words(args.filler) if args.filler else []
     if args.value_choice:

@@ -79,6 +79,29 @@ def test_the_script_trains_saves_and_evaluates(tmp_path: Path, tiny_checkpoint: 
     for row in got["value_choice"].values():
         assert 0 <= row["top1"] <= 1 and 0 < row["chance"] < 1
     assert got["chat"]["conversations"] == 2
-    again = tmp_path / "again.json"
-    assert cc.main([*common, "--load", str(weights), "--out", str(again)]) == 0
+    again, folder = tmp_path / "again.json", tmp_path / "with-pointer"
+    assert cc.main([*common, "--load", str(weights), "--out", str(again),
+                    "--save-checkpoint", str(folder)]) == 0
     assert json.loads(again.read_text())["value_choice"] == got["value_choice"]
+    # the checkpoint written: the same model with the cache as its pointer, which computes
+    # what the script's runner computes (up to the float16 the folder stores)
+    from safetensors.torch import load_file
+
+    from newllm.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(folder, dtype=torch.float32)
+    assert model.config.pointer_dim == 8 and model.pointer is not None
+    cache = cc.CopyCache(model.config.layer_hidden, model.config.vocab_size, dk=8)
+    cache.load_state_dict(load_file(weights))
+    for name, t in cache.state_dict().items():
+        torch.testing.assert_close(model.pointer.state_dict()[name], t, atol=1e-3, rtol=1e-3)
+    ids = list(range(3, 40)) * 3
+    cache.load_state_dict(model.pointer.state_dict())  # the stored (rounded) weights
+    base = TransformerLM(model.config.replace(pointer_dim=0)).eval()  # the same, no pointer
+    base.load_state_dict({k: v for k, v in model.state_dict().items()
+                          if not k.startswith("pointer.")})
+    runner = cc.CacheRunner(base, cache)
+    rows, _ = runner.feed(ids, runner.empty)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    torch.testing.assert_close(logits[0], rows, atol=1e-4, rtol=1e-4)
