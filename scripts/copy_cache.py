@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from newllm.chat import CHAT_STOP, render_chat  # noqa: E402
 from newllm.layers.memory import elu1  # noqa: E402
 from training.chat_data import TOPICS, ChatExamples, answer_matches  # noqa: E402
-from training.chat_eval import conversation_script, filler_words, prose_line  # noqa: E402
+from training.chat_eval import conversation_script, filler_words, value_trial  # noqa: E402
 
 
 def hidden_and_logits(model: Any, ids: Tensor, state: Any = None
@@ -212,19 +212,7 @@ def value_choice(runner: CacheRunner, tok: Any, words: list[str], trials: int,
         for trial in range(trials):
             topic = topics[trial % len(topics)]
             values = [str(v) for v in topic.values]
-            told = rng.randrange(len(values))
-            at = rng.randrange(len(words))
-            tell = topic.tells[rng.randrange(len(topic.tells))].format(v=values[told])
-            ask = topic.asks[rng.randrange(len(topic.asks))]
-            ids = tok.encode(render_chat([("user", tell)], open_reply=False))
-            ids += tok.encode(" I see.")
-            for line in range(2 * n):
-                prose = prose_line(words, at, 20)
-                at += 20
-                ids += tok.encode(" " + prose if line % 2 else
-                                  render_chat([("user", prose)], open_reply=True))
-            ids += tok.encode(render_chat([("user", ask)], open_reply=True))
-            ids += tok.encode(topic.answer.split("{v}")[0].rstrip())
+            told, ids, _ = value_trial(rng, tok, words, topic, n)
             _, st = runner.feed(ids, runner.empty)
             scores = []
             for v in values:

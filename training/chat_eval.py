@@ -189,6 +189,28 @@ def _continuation_logprob(model: Any, last: Any, state: Any, ids: list[int]) -> 
     return lp
 
 
+def value_trial(rng: random.Random, tokenizer: Any, words: list[str], topic: Any, fillers: int,
+                filler_words_per_message: int = 20) -> tuple[int, list[int], list[int]]:
+    """One `value_choice` trial: (the index of the told value among ``topic``'s values, the
+    conversation's token ids up to the answer's opening words, the same with the fact replaced
+    by "Hello."). ``fillers`` exchanges of prose from ``words`` lie between fact and question."""
+    told = rng.randrange(len(topic.values))
+    at = rng.randrange(len(words))
+    tell = topic.tells[rng.randrange(len(topic.tells))].format(v=topic.values[told])
+    ask = topic.asks[rng.randrange(len(topic.asks))]
+    rest: list[int] = tokenizer.encode(" I see.")
+    for line in range(2 * fillers):  # a user line of prose, the assistant's, and so on
+        prose = prose_line(words, at, filler_words_per_message)
+        at += filler_words_per_message
+        rest += tokenizer.encode(" " + prose if line % 2 else
+                                 render_chat([("user", prose)], open_reply=True))
+    rest += tokenizer.encode(render_chat([("user", ask)], open_reply=True))
+    rest += tokenizer.encode(topic.answer.split("{v}")[0].rstrip())
+    ids = tokenizer.encode(render_chat([("user", tell)], open_reply=False)) + rest
+    untold = tokenizer.encode(render_chat([("user", "Hello.")], open_reply=False)) + rest
+    return told, ids, untold
+
+
 def value_choice(model: Any, tokenizer: Any, words: list[str], trials: int = 40,
                  fillers: Sequence[int] = (0, 2, 8), filler_words_per_message: int = 20,
                  seed: int = 0) -> dict[str, Any]:
@@ -223,20 +245,8 @@ def value_choice(model: Any, tokenizer: Any, words: list[str], trials: int = 40,
         for trial in range(trials):
             topic = topics[trial % len(topics)]
             values = [str(v) for v in topic.values]
-            told = rng.randrange(len(values))
-            at = rng.randrange(len(words))
-            tell = topic.tells[rng.randrange(len(topic.tells))].format(v=values[told])
-            ask = topic.asks[rng.randrange(len(topic.asks))]
-            rest: list[int] = tokenizer.encode(" I see.")
-            for line in range(2 * n):  # a user line of prose, the assistant's, and so on
-                prose = prose_line(words, at, filler_words_per_message)
-                at += filler_words_per_message
-                rest += tokenizer.encode(" " + prose if line % 2 else
-                                         render_chat([("user", prose)], open_reply=True))
-            rest += tokenizer.encode(render_chat([("user", ask)], open_reply=True))
-            rest += tokenizer.encode(topic.answer.split("{v}")[0].rstrip())
-            ids = tokenizer.encode(render_chat([("user", tell)], open_reply=False)) + rest
-            untold = tokenizer.encode(render_chat([("user", "Hello.")], open_reply=False)) + rest
+            told, ids, untold = value_trial(rng, tokenizer, words, topic, n,
+                                            filler_words_per_message)
             got = scores(ids, topic)
             gain = got - scores(untold, topic)
             top1 += int(got.argmax()) == told
