@@ -30,7 +30,8 @@ FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
                                              "memory_write_floor": 0.0,
                                              "memory_key_self": True,
                                              "attention_key_shift": False,
-                                             "pointer_dim": 0, "pointer_token_keys": False}
+                                             "pointer_dim": 0, "pointer_token_keys": False,
+                                             "pointer_gate_inputs": []}
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ class ModelConfig:
     # whether its keys also read the tokens' input embeddings
     pointer_dim: int = 0
     pointer_token_keys: bool = False
+    # what the pointer's mixing gate reads besides the hidden state (`newllm.pointer`,
+    # POINTER_GATE_INPUTS): "focus", how concentrated the read is (log Σ p_copy², so a read
+    # spread over many tokens can count for less), and "momentum", the previous read's
+    # probability of the token that came (so a copy of several tokens goes on)
+    pointer_gate_inputs: tuple[str, ...] = ()
     # context compression (context_pythia, context_kv)
     context_mode: str = "none"
     context_dim: int = 256
@@ -112,6 +118,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "pointer_gate_inputs", tuple(self.pointer_gate_inputs))
         from newllm.layers import LAYERS  # local import: the registry imports this module
 
         if not self.layers:
@@ -142,6 +149,18 @@ class ModelConfig:
         if self.pointer_token_keys and not self.pointer_dim:
             raise ValueError("pointer_token_keys shapes the pointer's keys; set pointer_dim >= 1 "
                              "or leave pointer_token_keys false")
+        from newllm.pointer import POINTER_GATE_INPUTS
+
+        for name in self.pointer_gate_inputs:
+            if name not in POINTER_GATE_INPUTS:
+                raise ValueError(f"unknown pointer gate input {name!r}; choose from "
+                                 f"{list(POINTER_GATE_INPUTS)}")
+        if len(set(self.pointer_gate_inputs)) != len(self.pointer_gate_inputs):
+            raise ValueError("pointer_gate_inputs names one twice: "
+                             f"{list(self.pointer_gate_inputs)}")
+        if self.pointer_gate_inputs and not self.pointer_dim:
+            raise ValueError("pointer_gate_inputs feed the pointer's gate; set pointer_dim >= 1 "
+                             "or leave pointer_gate_inputs empty")
         if self.memory_history < 0:
             raise ValueError(f"memory_history must be >= 0, got {self.memory_history}")
         if not self.memory_key_self and not self.memory_history:
@@ -196,6 +215,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
+        d["pointer_gate_inputs"] = list(self.pointer_gate_inputs)
         return d
 
     def to_json(self) -> str:

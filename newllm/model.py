@@ -191,8 +191,39 @@ class TransformerLM(nn.Module):
 
     # forward -------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, state: ModelState | None = None, *,
-                last_only: bool = False) -> tuple[Tensor, ModelState]:
-        """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state."""
+                last_only: bool = False, targets: Tensor | None = None
+                ) -> tuple[Tensor, ModelState]:
+        """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
+
+        With ``targets`` (B, T), the token that followed each position: the log-probability
+        of each target (B, T) float32 in place of the logits, for training. A pointer model
+        then scores the targets alone (`PointerCache.score_targets`), without the (B, T, V)
+        mixture; for the others it is log_softmax(logits) at the targets."""
+        if targets is not None and (last_only or targets.shape != input_ids.shape):
+            raise ValueError("targets must have input_ids' shape "
+                             f"{tuple(input_ids.shape)} (and no last_only)")
+        hidden, embedded, after = self.hidden_states(input_ids, state)
+        pointer = after.pointer  # the state's before this input (hidden_states leaves it)
+        logits = self.embed_out(hidden[:, -1:] if last_only else hidden)
+        if self.pointer is not None:
+            started = torch.full((input_ids.shape[0],), after.position > input_ids.shape[1],
+                                 device=hidden.device)
+            if targets is not None:
+                logits, _, pointer = self.pointer.score_targets(
+                    hidden, embedded, input_ids, targets, logits, pointer, started)
+            else:
+                logits, pointer = self.pointer(hidden, embedded, input_ids, logits, pointer,
+                                               started, last_only)
+        elif targets is not None:
+            logits = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+        return logits, ModelState(after.position, after.layers, after.context, pointer)
+
+    def hidden_states(self, input_ids: Tensor, state: ModelState | None = None
+                      ) -> tuple[Tensor, Tensor, ModelState]:
+        """The layers without the output head: (the final hidden states after the final
+        LayerNorm (B, T, hidden), the input embeddings (B, T, hidden), the state after, its
+        pointer's part not yet updated). What `forward` and a pointer trained on a frozen
+        model (scripts/copy_cache.py) read."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -211,18 +242,8 @@ class TransformerLM(nn.Module):
         for block, layer_state in zip(self.layers, state.layers, strict=True):
             x, layer_state = block(x, layer_state, step)
             layer_states.append(layer_state)
-        pointer = state.pointer
-        if self.pointer is not None:
-            hidden = self.final_layer_norm(x)
-            logits = self.embed_out(hidden[:, -1:] if last_only else hidden)
-            started = torch.full((B,), state.position > 0, device=x.device)
-            logits, pointer = self.pointer(hidden, embedded, input_ids, logits, state.pointer,
-                                           started, last_only)
-        else:
-            if last_only:
-                x = x[:, -1:]
-            logits = self.embed_out(self.final_layer_norm(x))
-        return logits, ModelState(state.position + T, tuple(layer_states), last, pointer)
+        return (self.final_layer_norm(x), embedded,
+                ModelState(state.position + T, tuple(layer_states), last, state.pointer))
 
     def decode_step(self, tokens: Tensor,
                     states: list[ModelState]) -> tuple[Tensor, list[ModelState]]:

@@ -75,7 +75,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixed": ("tiny-infini", {"layers": ("infini", "multi_memory", "hierarchical", "pythia")}),
     "pythia-no-window": ("tiny-infini", {"segment_local": False}),
     "infini-attention-key-shift": ("tiny-infini", {"attention_key_shift": True}),
-    "infini-pointer": ("tiny-infini", {"pointer_dim": 8, "pointer_token_keys": True}),
+    "infini-pointer": ("tiny-infini", {"pointer_dim": 8, "pointer_token_keys": True,
+                                       "pointer_gate_inputs": ("focus", "momentum")}),
 }
 
 
@@ -89,6 +90,8 @@ def variant_model(variant: str) -> TransformerLM:
                 p.copy_(torch.linspace(-0.8, 0.8, p.numel()).view_as(p))
             if name == "pointer.mix_gate.bias":  # half the next token from the pointer
                 p.zero_()
+            if name == "pointer.gate_read":
+                p.copy_(torch.linspace(0.5, 1.5, p.numel()))
     return model
 
 

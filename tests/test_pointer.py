@@ -1,7 +1,8 @@
 """The pointer cache (`newllm.pointer`): the chunked forward against the token-by-token
-reference, in pieces and with ``last_only``; decode_step; a failed slot step undone; memory
-files that carry it (and refuse negative masses); the config's checks; a model without it
-unchanged; and training only the pointer from the CLI."""
+reference (with and without the gate's inputs), in pieces and with ``last_only``; decode_step;
+the targets-only scoring against the forward (values and gradients, in the trainer too); a
+failed slot step undone; memory files that carry it (and refuse negative masses); the config's
+checks; a model without it unchanged; and training only the pointer from the CLI."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from newllm.pointer import CHUNK, pointer_reference
 from newllm.slots import Slots
 
 
-def pointer_model(token_keys: bool) -> TransformerLM:
+def pointer_model(token_keys: bool, gate_inputs: tuple[str, ...] = ()) -> TransformerLM:
     model = make_tiny_model("tiny-infini", init_std=0.1, pointer_dim=8,
-                            pointer_token_keys=token_keys)
+                            pointer_token_keys=token_keys, pointer_gate_inputs=gate_inputs)
     with torch.no_grad():
         model.pointer.mix_gate.bias.zero_()  # half of every prediction from the pointer
+        if model.pointer.gate_read is not None:  # and the gate's inputs matter
+            model.pointer.gate_read.copy_(torch.linspace(0.8, 1.6, len(gate_inputs)))
     return model
 
 
@@ -40,9 +43,12 @@ def hidden_of(model: TransformerLM, ids: torch.Tensor, state: Any = None) -> tor
     return seen[0]
 
 
-@pytest.mark.parametrize("token_keys", [False, True])
-def test_forward_equals_the_token_by_token_reference(token_keys: bool) -> None:
-    model = pointer_model(token_keys)
+@pytest.mark.parametrize(("token_keys", "gate_inputs"), [
+    (False, ()), (True, ()), (False, ("focus",)), (False, ("momentum",)),
+    (True, ("momentum", "focus"))])
+def test_forward_equals_the_token_by_token_reference(token_keys: bool,
+                                                     gate_inputs: tuple[str, ...]) -> None:
+    model = pointer_model(token_keys, gate_inputs)
     # few distinct tokens: every token has earlier copies to point at
     ids = torch.randint(1, 12, (1, CHUNK + 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -73,6 +79,46 @@ def test_forward_equals_the_token_by_token_reference(token_keys: bool) -> None:
     assert float(state.pointer.mass.min()) >= 0
     # the masses written sum to the normaliser
     torch.testing.assert_close(state.pointer.mass.sum(-1), state.pointer.z)
+
+
+@pytest.mark.parametrize("gate_inputs", [(), ("focus", "momentum")])
+def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ...]) -> None:
+    """`score_targets` (what training uses) gives the forward's log-probabilities at the
+    targets, in values and in the gradients of the pointer's weights, across chunks and
+    from a carried state; the trainer's loss is the same either way."""
+    from training.lm import forward_backward
+
+    model = pointer_model(False, gate_inputs)
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randint(1, 12, (2, CHUNK + 61), generator=g)
+    ids, targets = batch[:, :-1], batch[:, 1:]
+    with torch.no_grad():
+        _, mid = model(torch.randint(1, 12, (2, 40), generator=g))
+
+    def grads(use_targets: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        if use_targets:
+            lp, _ = model(ids, mid, targets=targets)
+        else:
+            logits, _ = model(ids, mid)
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+        lp.sum().backward()
+        return lp.detach(), {n: p.grad.clone() for n, p in model.pointer.named_parameters()}
+
+    lp_fast, g_fast = grads(True)
+    lp_full, g_full = grads(False)
+    torch.testing.assert_close(lp_fast, lp_full, atol=2e-5, rtol=1e-5)
+    for name, grad in g_full.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(g_fast[name], grad, atol=1e-4, rtol=1e-4)
+    # the trainer: the same loss with the targets scored alone as with full logits
+    fb = lambda x, s, **kw: model(x, s, **kw)  # noqa: E731
+    full, per_full = forward_backward(fb, batch, 128, backward=False)
+    fast, per_fast = forward_backward(fb, batch, 128, backward=False, targets=True)
+    assert abs(full - fast) < 1e-5
+    torch.testing.assert_close(per_fast, per_full, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        model(ids, targets=targets[:, :-1])
 
 
 def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,8 +167,18 @@ def test_config_checks_and_models_without_a_pointer_keep_their_fingerprint() -> 
         ModelConfig.from_name("tiny-infini", pointer_dim=-1)
     with pytest.raises(ValueError, match="pointer_token_keys"):
         ModelConfig.from_name("tiny-infini", pointer_token_keys=True)
+    with pytest.raises(ValueError, match="unknown pointer gate input 'size'"):
+        ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_gate_inputs=["size"])
+    with pytest.raises(ValueError, match="twice"):
+        ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_gate_inputs=["focus"] * 2)
+    with pytest.raises(ValueError, match="set pointer_dim"):
+        ModelConfig.from_name("tiny-infini", pointer_gate_inputs=["focus"])
+    gated = ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_gate_inputs=["focus"])
+    assert ModelConfig.from_dict(json.loads(gated.to_json())) == gated
+    assert "pointer_gate_inputs" in gated.fingerprint_json()
     plain = ModelConfig.from_name("tiny-infini")
     assert "pointer" not in plain.fingerprint_json()
+    assert "pointer_gate_inputs" not in plain.replace(pointer_dim=4).fingerprint_json()
     assert "pointer_dim" in plain.replace(pointer_dim=4).fingerprint_json()
     assert make_tiny_model("tiny-infini").pointer is None
 
@@ -136,12 +192,15 @@ def test_training_only_the_pointer_from_the_cli(tmp_path: Path, tiny_checkpoint:
     out = tmp_path / "run"
     assert main(["train", "--init", str(tiny_checkpoint), "--out", str(out), "--data", str(text),
                  "--model-options", "pointer_dim=8", "pointer_token_keys=true",
+                 "pointer_gate_inputs=[\"focus\", \"momentum\"]",
                  "--train-only", "pointer.*", "--steps", "3", "--batch-size", "2",
                  "--segments", "2", "--lr", "1e-2", "--cache-dir", "none",
                  "--eval-every", "0"]) == 0
     trained, _ = load_checkpoint(out)
     start, _ = load_checkpoint(tiny_checkpoint)
     assert trained.config.pointer_dim == 8 and trained.pointer is not None
+    assert trained.config.pointer_gate_inputs == ("focus", "momentum")
+    assert float(trained.pointer.gate_read.abs().min()) > 0  # the gate learned to read both
     before = dict(start.named_parameters())
     for name, p in trained.named_parameters():
         if not name.startswith("pointer."):

@@ -78,19 +78,29 @@ def chunk_length(model: nn.Module, length: int, cfg: TrainConfig) -> int:
 
 
 # one step -------------------------------------------------------------------------------------
-Forward = Callable[[Tensor, Any], tuple[Tensor, Any]]
+Forward = Callable[..., tuple[Tensor, Any]]
+
+
+def scores_targets(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Whether the loss asks the model for its targets' log-probabilities (``targets=``)
+    rather than logits: a pointer model's is computed without the (B, T, V) mixture."""
+    return getattr(model, "pointer", None) is not None and not cfg.lct
 
 
 def forward_backward(forward: Forward, batch: Tensor, chunk_len: int, *, backward: bool = True,
                      bf16: bool = False, no_sync: Callable[[], Any] | None = None,
-                     weights: Tensor | None = None) -> tuple[float, Tensor]:
+                     weights: Tensor | None = None, targets: bool = False
+                     ) -> tuple[float, Tensor]:
     """Mean cross-entropy of a batch (B, L + 1), fed in chunks with the state carried.
 
-    ``forward(input_ids, state) -> (logits, state)``. With ``backward`` each chunk's share of
+    ``forward(input_ids, state) -> (logits, state)``, or with ``targets``
+    ``forward(input_ids, state, targets=next_ids) -> (log p(next_ids), state)`` (see
+    `TransformerLM.forward`). With ``backward`` each chunk's share of
     the loss is backpropagated as soon as it is computed and the state is detached before the
     next chunk (truncated BPTT). ``weights`` (B, L) scale each target's loss (the sum is still
     divided by B * L). Returns the loss and every target's loss (B, L), detached.
     """
+    scored = targets
     inputs, targets = batch[:, :-1], batch[:, 1:]
     B, L = inputs.shape
     state, total, per_tok = None, 0.0, []
@@ -100,10 +110,16 @@ def forward_backward(forward: Forward, batch: Tensor, chunk_len: int, *, backwar
         last = s + chunk_len >= L
         sync = no_sync() if (no_sync is not None and backward and not last) else nullcontext()
         with sync:
-            with autocast:
-                logits, state = forward(inputs[:, s:s + chunk_len], state)  # (B, t, V)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets[:, s:s + chunk_len]
-                                  .flatten(), reduction="none").view(B, -1)  # (B, t)
+            want = targets[:, s:s + chunk_len]
+            if scored:
+                with autocast:
+                    lp, state = forward(inputs[:, s:s + chunk_len], state, targets=want)
+                nll = -lp.float()  # (B, t)
+            else:
+                with autocast:
+                    logits, state = forward(inputs[:, s:s + chunk_len], state)  # (B, t, V)
+                nll = F.cross_entropy(logits.float().flatten(0, 1), want.flatten(),
+                                      reduction="none").view(B, -1)  # (B, t)
             w = nll if weights is None else nll * weights[:, s:s + chunk_len]
             loss = w.sum() / (B * L)
             if backward:
@@ -335,7 +351,7 @@ class Trainer:
     # steps ------------------------------------------------------------------------------------
     def _forward(self, indices: list[int]) -> Forward:
         if not self.cfg.lct:
-            return lambda x, state: self.net(x, state)
+            return lambda x, state, **kw: self.net(x, state, **kw)
 
         def lagged(x: Tensor, state: Any) -> tuple[Tensor, Any]:
             prev = self.context_cache.get(indices, x.shape[1], x.device)
@@ -390,7 +406,8 @@ class Trainer:
         no_sync = getattr(self.net, "no_sync", None)
         loss, per_tok = forward_backward(
             self._forward(idx), batch.to(dev), self.chunk, bf16=cfg.bf16, no_sync=no_sync,
-            weights=None if weights is None else weights.to(dev))
+            weights=None if weights is None else weights.to(dev),
+            targets=scores_targets(self.model, cfg))
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0
                                               else float("inf")))
@@ -417,8 +434,9 @@ class Trainer:
         for s in range(0, len(picks), bs):
             batch = self.val_windows.batch(picks[s:s + bs]).to(self.dist.device)
             loss, _ = forward_backward(
-                lambda x, st: self.model(x, None if reset_memory else st), batch, chunk,
-                backward=False, bf16=self.cfg.bf16)
+                lambda x, st, **kw: self.model(x, None if reset_memory else st, **kw), batch,
+                chunk, backward=False, bf16=self.cfg.bf16,
+                targets=scores_targets(self.model, self.cfg))
             total += loss * batch.shape[0]
         return total / len(picks)
 
