@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("state_size", "decode", "latency", "engine", "prefill", "transfer", "server", "chat",
-              "quality", "move", "store")
+BENCHMARKS = ("state_size", "decode", "latency", "engine", "pointer", "prefill", "transfer",
+              "server", "chat", "quality", "move", "store")
 
 
 def main(argv: list[str] | None = None) -> int:

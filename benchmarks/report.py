@@ -225,6 +225,33 @@ def _engine(doc: Doc) -> list[str]:
     return out
 
 
+def _pointer(doc: Doc) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    dec, share = res["decode_tokens_per_s"], res["decode_share"]
+    sb, fb, train = res["state_bytes"], res["memory_file_bytes"], res["training_step_s"]
+    body = [[label] + [_n(dec[n][k]) for n in dec] for k, label in
+            (("without", "without"), ("with_pointer", "with the pointer"))]
+    body.append(["with / without"] + [_pct(share[n]) for n in dec])
+    out = [f"`{s['model']}` against the same model with a pointer cache (`pointer_dim` "
+           f"{s['pointer_dim']}, gate inputs {', '.join(s['pointer_gate_inputs'])}; fp32, "
+           f"{s['threads']} torch thread{'s' if s['threads'] != 1 else ''}). State a session: "
+           f"{_bytes(sb['without'])} against {_bytes(sb['with_pointer'])} "
+           f"(x{res['state_ratio']:.1f}; memory files {_bytes(fb['without'])} and "
+           f"{_bytes(fb['with_pointer'])}), the same at any length. Generated tokens/s of the "
+           f"slots, sessions ~{s['context']:,} tokens in:", ""]
+    out += _table(["sessions"] + list(dec), body)
+    pre = res["prefill_tokens_per_s"]
+    out += ["", f"Prefill ({s['prefill_tokens']:,} tokens in pieces of {s['prefill_chunk']}): "
+            f"{_n(pre['without'])} against {_n(pre['with_pointer'])} tokens/s "
+            f"({_pct(res['prefill_share'])}). A training step of the pointer alone (batch "
+            f"{' x '.join(str(x) for x in s['training_batch'])} tokens): "
+            f"{train['whole_mixture']:.2f} s with the loss from the whole mixture, "
+            f"{train['targets_alone']:.2f} s from the targets alone "
+            f"(x{res['training_speedup']:.1f}). Slot logits against one call per session: "
+            f"within {res['slots_max_abs_logit_diff']:.1e}."]
+    return out
+
+
 def _server(doc: Doc) -> list[str]:
     res, s = doc["results"], doc["settings"]
     flat = [(r["clients"], s["max_batch_size"][name], name, r)
@@ -422,6 +449,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Doc], list[str]]]] = {
     "decode": ("Decode speed", _decode),
     "latency": ("One conversation: the compiled decode step", _latency),
     "engine": ("Batched decoding (slots)", _engine),
+    "pointer": ("What a pointer cache costs", _pointer),
     "prefill": ("Prefill speed", _prefill),
     "transfer": ("Moving a session", _transfer),
     "server": ("Server under load", _server),

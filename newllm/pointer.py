@@ -314,6 +314,22 @@ class PointerCache(nn.Module):
         return mix(logits, gate, num, den).to(logits.dtype)
 
 
+def add_pointer(model: Any, dim: int = 64, token_keys: bool = False,
+                gate_inputs: tuple[str, ...] = ()) -> Any:
+    """A copy of ``model`` (a `TransformerLM` without a pointer) with a new pointer cache of
+    ``dim`` features at its initial weights, every other weight the model's."""
+    from newllm.model import TransformerLM
+
+    if model.pointer is not None:
+        raise ValueError(f"the model already has a pointer (pointer_dim "
+                         f"{model.config.pointer_dim})")
+    out = TransformerLM(model.config.replace(pointer_dim=dim, pointer_token_keys=token_keys,
+                                             pointer_gate_inputs=tuple(gate_inputs)))
+    missing = out.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("pointer.") for k in missing), missing
+    return out.to(next(model.parameters()).dtype)
+
+
 @torch.no_grad()
 def pointer_reference(pointer: PointerCache, hidden: Tensor, embedded: Tensor, ids: Tensor,
                       logits: Tensor, state: PointerState, started: bool) -> Tensor:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,26 +39,47 @@ from training.chat_data import ChatExamples  # noqa: E402
 from training.chat_eval import chat_recall, filler_words, value_choice  # noqa: E402
 
 
-def with_pointer(model: Any, dk: int, token_keys: bool, gate_inputs: list[str]) -> Any:
-    """``model`` with a new pointer cache (its own weights copied, the pointer's at their
-    initial values)."""
-    from newllm.model import TransformerLM
+@torch.no_grad()
+def read_prose(model: Any, tokens: Any, n: int, rng: random.Random) -> tuple[Tensor, Tensor]:
+    """The pointer's key inputs u (1, n, W) and the token ids (1, n) of ``n`` tokens of the
+    stream from a random place, read by the frozen model as one long session."""
+    start = rng.randrange(max(1, len(tokens) - n))
+    ids = torch.as_tensor(tokens[start:start + n].astype("int64"))[None]
+    us, state = [], None
+    for c in range(0, ids.shape[1], 1024):
+        hidden, embedded, state = model.hidden_states(ids[:, c:c + 1024], state)
+        us.append(model.pointer.inputs(hidden, embedded))
+    return torch.cat(us, 1), ids
 
-    out = TransformerLM(model.config.replace(pointer_dim=dk, pointer_token_keys=token_keys,
-                                             pointer_gate_inputs=tuple(gate_inputs)))
-    missing = out.load_state_dict(model.state_dict(), strict=False).missing_keys
-    assert all(k.startswith("pointer.") for k in missing), missing
-    return out
+
+def prefix_state(pointer: Any, u: Tensor, ids: Tensor, batch: int) -> Any:
+    """The pointer's state after reading ``ids`` (1, p) whose key inputs are ``u`` (1, p, W),
+    with the pointer's current weights (so the gradient reaches how prose is written), for
+    ``batch`` rows."""
+    from newllm.pointer import PointerState
+
+    fk = pointer.write_features(u[:, :-1])  # pairs (u_{j-1}, ids_j), j >= 1
+    mass = torch.zeros(1, pointer.dk, pointer.vocab).scatter_add(
+        2, ids[:, None, 1:].expand(1, pointer.dk, ids.shape[1] - 1), fk.transpose(1, 2))
+    return PointerState(mass.expand(batch, -1, -1), fk.sum(1).expand(batch, -1),
+                        u[:, -1].expand(batch, -1))
 
 
 def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
     """Train ``model.pointer`` (every other weight frozen); the curve's rows."""
-    from training.data import Windows, default_cache_dir, load_token_stream
+    import math
+
+    from training.data import RecallExamples, Windows, default_cache_dir, load_token_stream
 
     stream = load_token_stream([args.data], tok, default_cache_dir())
     windows = Windows(stream.tokens, args.length)
     chats = ChatExamples(tok, at_start=1.0, max_fillers=args.max_fillers, acks=0.7)
+    keys = RecallExamples(tok, model.config.segment_len, at_start=0.5)
     pointer = model.pointer
+    long_read = None
+    if args.prefix_tokens:  # twice the longest prefix, to draw prefixes from
+        long_read = read_prose(model, stream.tokens, 2 * args.prefix_tokens,
+                           random.Random(f"prefix-{args.seed}"))
     opt = torch.optim.AdamW(pointer.parameters(), lr=args.lr, weight_decay=0.0)
     rng = random.Random(args.seed)
     curve = []
@@ -67,8 +89,11 @@ def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
         for _ in range(args.batch_size):
             w = windows[rng.randrange(len(windows))]
             mask = torch.zeros(args.length, dtype=torch.bool)
-            if rng.random() < args.chat_fraction:
+            r = rng.random()
+            if r < args.chat_fraction:
                 w, mask, _ = chats.make(w, rng)
+            elif r < args.chat_fraction + args.passkey_fraction:
+                w, mask, _ = keys.make(w, rng)
             rows.append(w)
             masks.append(mask)
         batch, answer = torch.stack(rows), torch.stack(masks)
@@ -77,9 +102,19 @@ def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
         with torch.no_grad():  # the frozen model: its hidden states and logits
             hidden, embedded, _ = model.hidden_states(ids)
             logits = model.embed_out(hidden)
-        empty = pointer.init_state(B, ids.device, hidden.dtype)
-        mixed, plain, _ = pointer.score_targets(hidden, embedded, ids, targets, logits, empty,
-                                                torch.zeros(B, dtype=torch.bool))
+        start = pointer.init_state(B, ids.device, hidden.dtype)
+        started = torch.zeros(B, dtype=torch.bool)
+        prefix = 0
+        if long_read is not None and rng.random() < args.prefix_fraction:
+            # the window read after p tokens of other prose (p log-uniform from 256): the
+            # pointer learns to find what the window told among many older pairs
+            prefix = int(math.exp(rng.uniform(math.log(256), math.log(args.prefix_tokens))))
+            at = rng.randrange(long_read[0].shape[1] - prefix)
+            start = prefix_state(pointer, long_read[0][:, at:at + prefix],
+                                 long_read[1][:, at:at + prefix], B)
+            started = torch.ones(B, dtype=torch.bool)
+        mixed, plain, _ = pointer.score_targets(hidden, embedded, ids, targets, logits, start,
+                                                started)
         weight = 1.0 + (args.recall_weight - 1.0) * answer.float()
         loss = -(weight * mixed).sum() / weight.sum()
         opt.zero_grad()
@@ -92,7 +127,7 @@ def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
                    "prose_nll_model": -plain[prose].mean().item(),
                    "answer_nll": -mixed[answer].mean().item() if answer.any() else None,
                    "answer_nll_model": -plain[answer].mean().item() if answer.any() else None,
-                   "seconds": round(time.time() - t0, 1)}
+                   "prefix": prefix, "seconds": round(time.time() - t0, 1)}
             if pointer.gate_read is not None:
                 row["gate_read"] = dict(zip(pointer.gate_inputs,
                                             pointer.gate_read.tolist(), strict=True))
@@ -103,6 +138,7 @@ def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from newllm.checkpoint import load_checkpoint, save_pretrained
+    from newllm.pointer import add_pointer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="newllm/checkpoints/default")
@@ -113,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--chat-fraction", type=float, default=0.5)
     p.add_argument("--max-fillers", type=int, default=10)
+    p.add_argument("--passkey-fraction", type=float, default=0.0,
+                   help="share of examples that are pass-key examples (training.data's)")
+    p.add_argument("--prefix-tokens", type=int, default=0,
+                   help="read a share of windows (--prefix-fraction) after up to this many "
+                        "tokens of other prose in the pointer (0: every window from empty)")
+    p.add_argument("--prefix-fraction", type=float, default=0.5)
     p.add_argument("--recall-weight", type=float, default=5.0)
     p.add_argument("--dk", type=int, help="the new pointer's key width (default 64)")
     p.add_argument("--token-keys", action="store_true",
@@ -137,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps and not args.data:
         p.error("--steps needs --data")
+    if args.prefix_tokens and args.prefix_tokens < 512:
+        p.error(f"--prefix-tokens must be 0 or at least 512, got {args.prefix_tokens}")
+    if args.chat_fraction + args.passkey_fraction > 1:
+        p.error("--chat-fraction and --passkey-fraction add up to more than 1")
     if (args.value_choice or args.chat) and not args.filler:
         p.error("--value-choice and --chat need --filler")
     torch.set_num_threads(args.threads)
@@ -150,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         model = base
     else:
         try:
-            model = with_pointer(base, 64 if args.dk is None else args.dk, args.token_keys,
-                                 args.gate_inputs or [])
+            model = add_pointer(base, 64 if args.dk is None else args.dk, args.token_keys,
+                                tuple(args.gate_inputs or ()))
         except ValueError as e:
             p.error(str(e))
     model.eval()

@@ -130,6 +130,14 @@ def _check_schema(name: str, doc: dict) -> None:
         assert all({"batched_state", "slots", "decode_step"} <= set(r) for r in rows.values())
         assert res["slots_max_abs_logit_diff"] <= 1e-4
         assert res["prefill_chunk_chosen"] > 0 and res["prefill_chunks"]
+    if name == "pointer":
+        assert set(res["state_bytes"]) == {"without", "with_pointer"}
+        assert res["state_ratio"] > 1  # the pointer's masses come on top of the model's state
+        assert list(res["decode_tokens_per_s"]) == [str(n) for n in settings["sessions"]]
+        assert all(set(r) == {"without", "with_pointer"}
+                   for r in res["decode_tokens_per_s"].values())
+        assert set(res["training_step_s"]) == {"whole_mixture", "targets_alone"}
+        assert res["slots_max_abs_logit_diff"] <= 1e-4
     if name == "chat":
         modes = {"stateless_no_cache", "stateless_cache", "responses_chain", "session"}
         assert set(res["rows"]) == modes

@@ -59,6 +59,26 @@ def test_the_script_trains_saves_and_evaluates(tmp_path: Path, tiny_checkpoint: 
         torch.testing.assert_close(p, before[name].half().float(), atol=0, rtol=0)
     assert float(model.pointer.gate_read.abs().min()) > 0  # trained from 0
 
+    # the state a long prefix leaves, built from the frozen model's key inputs with the
+    # pointer's weights, is the one the model's own reading leaves
+    ids = torch.randint(1, 60, (1, 300), generator=torch.Generator().manual_seed(0))
+    u, got_ids = cc.read_prose(model, ids[0].numpy(), 300, __import__("random").Random(0))
+    assert torch.equal(got_ids, ids)
+    with torch.no_grad():
+        built = cc.prefix_state(model.pointer, u, ids, 2)
+        _, read = model(ids)
+    for name in ("mass", "z", "last"):
+        for row in range(2):
+            torch.testing.assert_close(getattr(built, name)[row],
+                                       getattr(read.pointer, name)[0], atol=1e-4, rtol=1e-5)
+    # trained with pass-key examples and windows read after long prefixes
+    assert cc.main(["--checkpoint", str(folder), "--data", str(text), "--steps", "4",
+                    "--batch-size", "2", "--length", "256", "--passkey-fraction", "0.5",
+                    "--prefix-tokens", "512", "--prefix-fraction", "1", "--log-every", "1",
+                    "--out", str(tmp_path / "prefix.json")]) == 0
+    curve = json.loads((tmp_path / "prefix.json").read_text())["curve"]
+    assert all(256 <= r["prefix"] <= 512 for r in curve)
+
     # the pointer's weights alone, loaded onto the model again: the same evaluations
     again = tmp_path / "again.json"
     assert cc.main([*common, "--dk", "8", "--gate-inputs", "focus", "momentum",
