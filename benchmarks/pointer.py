@@ -1,10 +1,11 @@
 """pointer: what a pointer cache (`newllm.pointer`) costs a model, measured beside the same model
 without one in the same run.
 
-The bundled model (``--checkpoint`` for another without a pointer; quick: tiny-infini) and the
-same model with a pointer of ``--dim`` features whose gate reads the read's focus and momentum
-(``pointer_gate_inputs``; the pointer's weights at their initial values: its cost does not
-depend on them), fp32, one torch thread unless ``--threads``, timed in turns (`round_robin`):
+The bundled model (``--checkpoint`` for another; quick: tiny-infini) with its pointer and
+without it; or, for a model without one, the model and the same model with a new pointer of
+``--dim`` features whose gate reads the read's focus and momentum (its weights at their initial
+values: the cost does not depend on them). fp32, one torch thread unless ``--threads``, timed
+in turns (`round_robin`):
 
 - **state**: bytes of a session's state (`ModelState.nbytes`) and of its memory file;
 - **decode**: generated tokens/s of `newllm.slots.Slots.step` (what the server runs) at 1, 8
@@ -41,7 +42,7 @@ from benchmarks.common import (
 from benchmarks.decode import BATCH_SPACING, batch_states
 from benchmarks.engine import check_slots
 from newllm.memory_file import save_memory
-from newllm.pointer import add_pointer
+from newllm.pointer import add_pointer, remove_pointer
 from newllm.scheduler import PREFILL_CHUNK
 from newllm.slots import Slots
 
@@ -105,9 +106,9 @@ def training_seconds(model: Any, batch: torch.Tensor, repeat: int) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="newllm bench pointer", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, few sessions (a smoke test)")
-    ap.add_argument("--checkpoint", default=None,
-                    help="a model without a pointer (default: the bundled one)")
-    ap.add_argument("--dim", type=int, default=64, help="the pointer's features (pointer_dim)")
+    ap.add_argument("--checkpoint", default=None, help="model (default: the bundled one)")
+    ap.add_argument("--dim", type=int, default=64,
+                    help="features of the pointer added to a model without one (pointer_dim)")
     ap.add_argument("--sessions", type=int, nargs="+", default=None,
                     help="sessions per decode level (default 1 8 32)")
     ap.add_argument("--context", type=int, default=None, help="tokens before the sessions")
@@ -120,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     from newllm import load_checkpoint
 
     checkpoint = "tiny-infini" if args.quick and args.checkpoint is None else args.checkpoint
-    base, _ = load_checkpoint(checkpoint, dtype=torch.float32)
-    if base.pointer is not None:
-        ap.error(f"{checkpoint} has a pointer already; give the model without one")
-    torch.manual_seed(0)
-    with_pointer = add_pointer(base, args.dim, gate_inputs=GATE_INPUTS)
+    loaded, _ = load_checkpoint(checkpoint, dtype=torch.float32)
+    if loaded.pointer is not None:  # the model's own pointer, against the model without it
+        base, with_pointer = remove_pointer(loaded), loaded
+    else:
+        torch.manual_seed(0)
+        base, with_pointer = loaded, add_pointer(loaded, args.dim, gate_inputs=GATE_INPUTS)
     models = {"without": base.eval(), "with_pointer": with_pointer.eval()}
     levels = args.sessions or ([1, 4] if args.quick else [1, 8, 32])
     context = args.context or (40 if args.quick else 1000)
@@ -164,15 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         "training_step_s": train,
         "training_speedup": train["whole_mixture"] / train["targets_alone"],
         "slots_max_abs_logit_diff": worst}
+    pcfg = with_pointer.config
     settings = {"quick": args.quick, "checkpoint": checkpoint or "default",
-                "model": base.config.name, "pointer_dim": args.dim,
-                "pointer_gate_inputs": list(GATE_INPUTS), "sessions": levels,
+                "model": base.config.name, "pointer_dim": pcfg.pointer_dim,
+                "pointer_gate_inputs": list(pcfg.pointer_gate_inputs),
+                "pointer_trained": loaded.pointer is not None, "sessions": levels,
                 "context": context, "spacing": BATCH_SPACING, "repeat": repeat,
                 "dtype": "float32", "threads": args.threads, "prefill_tokens": prefill_total,
                 "prefill_chunk": PREFILL_CHUNK, "training_batch": list(batch_shape)}
     path = write_result("pointer", settings, results, args.out)
     fig, ax = new_figure(f"Decode with and without a pointer ({base.config.name}, "
-                         f"pointer_dim {args.dim})", "sessions", "generated tokens / s",
+                         f"pointer_dim {pcfg.pointer_dim})", "sessions", "generated tokens / s",
                          logy=True)
     for name in models:
         ax.plot(levels, [decode[str(n)][name] for n in levels], marker="o", label=name)

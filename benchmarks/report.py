@@ -232,7 +232,9 @@ def _pointer(doc: Doc) -> list[str]:
     body = [[label] + [_n(dec[n][k]) for n in dec] for k, label in
             (("without", "without"), ("with_pointer", "with the pointer"))]
     body.append(["with / without"] + [_pct(share[n]) for n in dec])
-    out = [f"`{s['model']}` against the same model with a pointer cache (`pointer_dim` "
+    whose = ("its trained pointer cache" if s.get("pointer_trained")
+             else "a new pointer cache (initial weights)")
+    out = [f"`{s['model']}` without and with {whose} (`pointer_dim` "
            f"{s['pointer_dim']}, gate inputs {', '.join(s['pointer_gate_inputs'])}; fp32, "
            f"{s['threads']} torch thread{'s' if s['threads'] != 1 else ''}). State a session: "
            f"{_bytes(sb['without'])} against {_bytes(sb['with_pointer'])} "

@@ -18,9 +18,10 @@ with φ(x) = ELU(x) + 1, as in the memory layers, and λ = 0 while the cache is 
 at 0): "focus", log Σ_v p_copy(v)² (near 0 when the read found one token, near −log V when it is
 spread over everything written), and "momentum", p_copy_{s-1}(x_s), the previous read's
 probability of the token that came (high inside a copy, so the copy of a name's second token is
-mixed in as strongly as its first). It is a
-continuous cache (Grave et al., 2017) with learned projections, compressed into a fixed size:
-dk · V floats per session however long the conversation. A model with a pointer returns log p
+mixed in as strongly as its first).
+
+It is a continuous cache (Grave et al., 2017) with learned projections, compressed into a fixed
+size: dk · V floats per session however long the conversation. A model with a pointer returns log p
 as its logits (log-probabilities are logits: softmax gives p back), so sampling, scoring and
 training need no change. Every pair is written before the read at its token's position, so a
 read at s sees the tokens up to s. The state (`PointerState`) is part of the `ModelState`
@@ -327,6 +328,17 @@ def add_pointer(model: Any, dim: int = 64, token_keys: bool = False,
                                              pointer_gate_inputs=tuple(gate_inputs)))
     missing = out.load_state_dict(model.state_dict(), strict=False).missing_keys
     assert all(k.startswith("pointer.") for k in missing), missing
+    return out.to(next(model.parameters()).dtype)
+
+
+def remove_pointer(model: Any) -> Any:
+    """A copy of ``model`` without its pointer cache: the same model's own predictions."""
+    from newllm.model import TransformerLM
+
+    out = TransformerLM(model.config.replace(pointer_dim=0, pointer_token_keys=False,
+                                             pointer_gate_inputs=()))
+    out.load_state_dict({k: v for k, v in model.state_dict().items()
+                         if not k.startswith("pointer.")})
     return out.to(next(model.parameters()).dtype)
 
 

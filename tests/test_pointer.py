@@ -121,6 +121,24 @@ def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ..
         model(ids, targets=targets[:, :-1])
 
 
+def test_a_pointer_added_and_removed() -> None:
+    from newllm.pointer import add_pointer, remove_pointer
+
+    base = make_tiny_model("tiny-infini")
+    ids = torch.randint(1, 50, (1, 30), generator=torch.Generator().manual_seed(4))
+    added = add_pointer(base, 8, gate_inputs=("focus",))
+    assert added.config.pointer_dim == 8 and added.config.pointer_gate_inputs == ("focus",)
+    with pytest.raises(ValueError, match="already has a pointer"):
+        add_pointer(added)
+    removed = remove_pointer(added)
+    assert removed.pointer is None and removed.fingerprint() == base.fingerprint()
+    with torch.no_grad():
+        plain, _ = base(ids)
+        torch.testing.assert_close(removed(ids)[0], plain)
+        mixed, _ = added(ids)  # the pointer's log-probabilities: the model's where it is empty
+        torch.testing.assert_close(mixed[0, 0], torch.log_softmax(plain[0, 0], -1))
+
+
 def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     model = variant_model("infini-pointer")
     slots = Slots(model, 2, compile=False)
