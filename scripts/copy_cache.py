@@ -4,18 +4,18 @@ hidden vectors? Written for issue 19 (training/README.md, sessions 18 and 19).
 
 The model's own weights do not change; the pointer's (two projections, the write and mixing
 gates, and with ``--gate-inputs`` the gate's weights for the read's focus and momentum) are
-trained on windows of prose and chat-form recall examples (`training.chat_data.ChatExamples`),
-read from an empty state, the loss taken at the targets alone
-(`newllm.pointer.PointerCache.score_targets`; the model's layers run without gradients, so a
-step is several times cheaper than `newllm train --train-only 'pointer.*'`, which backpropagates
-through them to the pointer's inputs... and scores the same loss). The result is a checkpoint
-(``--save-checkpoint``: the model with its pointer, float16) or the pointer's weights alone
-(``--save``, which ``--load`` reads back). Evaluations are `training.chat_eval`'s (value
-choice, chat recall with the session moved through a memory file after turn 5).
+trained on windows of prose, chat-form recall examples (`training.chat_data.ChatExamples`, the
+fact at the window's start) and optionally pass-key examples (``--passkey-fraction``), each
+read from an empty state or, with ``--prefix-tokens``, after a prefix of other prose; the loss
+is taken at the targets alone (`newllm.pointer.PointerCache.score_targets`, as ``newllm train
+--train-only 'pointer.*'`` does; it has no prefixes). The result
+is a checkpoint (``--save-checkpoint``: the model with its pointer, float16) or the pointer's
+weights alone (``--save``, which ``--load`` reads back). Evaluations are `training.chat_eval`'s
+(value choice, chat recall with the session moved through a memory file after turn 5).
 
-    python scripts/copy_cache.py --data DATA/gutenberg/train.txt --filler DATA/gutenberg/val.txt \\
-        --steps 600 --gate-inputs focus momentum --save-checkpoint runs/v7 --value-choice 40 \\
-        --chat 50 --out runs/v7.json
+    python scripts/copy_cache.py --checkpoint MODEL_WITHOUT_POINTER \\
+        --data DATA/gutenberg/train.txt --filler DATA/gutenberg/val.txt --steps 600 \\
+        --gate-inputs focus momentum --save-checkpoint runs/ptr --value-choice 40 --chat 50
 
 A checkpoint that already has a pointer is trained further (its pointer's options are its own).
 """

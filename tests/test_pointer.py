@@ -114,7 +114,7 @@ def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ..
     # the trainer: the same loss with the targets scored alone as with full logits
     fb = lambda x, s, **kw: model(x, s, **kw)  # noqa: E731
     full, per_full = forward_backward(fb, batch, 128, backward=False)
-    fast, per_fast = forward_backward(fb, batch, 128, backward=False, targets=True)
+    fast, per_fast = forward_backward(fb, batch, 128, backward=False, targets_only=True)
     assert abs(full - fast) < 1e-5
     torch.testing.assert_close(per_fast, per_full, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="targets"):

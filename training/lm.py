@@ -89,18 +89,17 @@ def scores_targets(model: nn.Module, cfg: TrainConfig) -> bool:
 
 def forward_backward(forward: Forward, batch: Tensor, chunk_len: int, *, backward: bool = True,
                      bf16: bool = False, no_sync: Callable[[], Any] | None = None,
-                     weights: Tensor | None = None, targets: bool = False
+                     weights: Tensor | None = None, targets_only: bool = False
                      ) -> tuple[float, Tensor]:
     """Mean cross-entropy of a batch (B, L + 1), fed in chunks with the state carried.
 
-    ``forward(input_ids, state) -> (logits, state)``, or with ``targets``
+    ``forward(input_ids, state) -> (logits, state)``, or with ``targets_only``
     ``forward(input_ids, state, targets=next_ids) -> (log p(next_ids), state)`` (see
     `TransformerLM.forward`). With ``backward`` each chunk's share of
     the loss is backpropagated as soon as it is computed and the state is detached before the
     next chunk (truncated BPTT). ``weights`` (B, L) scale each target's loss (the sum is still
     divided by B * L). Returns the loss and every target's loss (B, L), detached.
     """
-    scored = targets
     inputs, targets = batch[:, :-1], batch[:, 1:]
     B, L = inputs.shape
     state, total, per_tok = None, 0.0, []
@@ -111,7 +110,7 @@ def forward_backward(forward: Forward, batch: Tensor, chunk_len: int, *, backwar
         sync = no_sync() if (no_sync is not None and backward and not last) else nullcontext()
         with sync:
             want = targets[:, s:s + chunk_len]
-            if scored:
+            if targets_only:
                 with autocast:
                     lp, state = forward(inputs[:, s:s + chunk_len], state, targets=want)
                 nll = -lp.float()  # (B, t)
@@ -407,7 +406,7 @@ class Trainer:
         loss, per_tok = forward_backward(
             self._forward(idx), batch.to(dev), self.chunk, bf16=cfg.bf16, no_sync=no_sync,
             weights=None if weights is None else weights.to(dev),
-            targets=scores_targets(self.model, cfg))
+            targets_only=scores_targets(self.model, cfg))
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0
                                               else float("inf")))
@@ -436,7 +435,7 @@ class Trainer:
             loss, _ = forward_backward(
                 lambda x, st, **kw: self.model(x, None if reset_memory else st, **kw), batch,
                 chunk, backward=False, bf16=self.cfg.bf16,
-                targets=scores_targets(self.model, self.cfg))
+                targets_only=scores_targets(self.model, self.cfg))
             total += loss * batch.shape[0]
         return total / len(picks)
 
