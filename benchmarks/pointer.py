@@ -42,11 +42,9 @@ from benchmarks.common import (
 from benchmarks.decode import BATCH_SPACING, batch_states
 from benchmarks.engine import check_slots
 from newllm.memory_file import save_memory
-from newllm.pointer import add_pointer, remove_pointer
+from newllm.pointer import POINTER_GATE_INPUTS, add_pointer, remove_pointer
 from newllm.scheduler import PREFILL_CHUNK
 from newllm.slots import Slots
-
-GATE_INPUTS = ("focus", "momentum")
 
 
 def decode_rates(models: dict[str, Any], ids: torch.Tensor, context: int, n: int,
@@ -126,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         base, with_pointer = remove_pointer(loaded), loaded
     else:
         torch.manual_seed(0)
-        base, with_pointer = loaded, add_pointer(loaded, args.dim, gate_inputs=GATE_INPUTS)
+        base, with_pointer = loaded, add_pointer(loaded, args.dim,
+                                                   gate_inputs=POINTER_GATE_INPUTS)
     models = {"without": base.eval(), "with_pointer": with_pointer.eval()}
     levels = args.sessions or ([1, 4] if args.quick else [1, 8, 32])
     context = args.context or (40 if args.quick else 1000)

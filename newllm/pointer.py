@@ -174,6 +174,12 @@ class PointerCache(nn.Module):
             fk = fk * torch.cat((started.view(B, 1, 1).float(), torch.ones_like(fk[:, 1:, :1])), 1)
         return prev, fk
 
+    def write(self, mass: Tensor, z: Tensor, tok: Tensor, fk: Tensor) -> tuple[Tensor, Tensor]:
+        """(mass, z) with the pairs (fk (B, n, dk), tok (B, n)) added."""
+        B, n = tok.shape
+        return (mass.scatter_add(2, tok[:, None, :].expand(B, self.dk, n), fk.transpose(1, 2)),
+                z + fk.sum(1))
+
     def _momentum(self, prev: Tensor, fk: Tensor, tok: Tensor, mass: Tensor, z: Tensor,
                   r0: int) -> Tensor:
         """p_copy_{s-1}(x_s) for the chunk's positions s = r0.. (B, r): the read at s - 1
@@ -218,9 +224,7 @@ class PointerCache(nn.Module):
                     self._momentum(prev, fk, tok, mass, z, r0) if self.uses("momentum") else None)
                 chunk_logits = logits if last_only else logits[:, c0:c1]
                 outs.append(mix(chunk_logits, gate, num, den).to(logits.dtype))
-            mass = mass.scatter_add(2, tok[:, None, :].expand(B, self.dk, n),
-                                    fk.transpose(1, 2))
-            z = z + fk.sum(1)
+            mass, z = self.write(mass, z, tok, fk)
             last = u[:, c1 - 1].to(last.dtype)
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         return out, PointerState(mass, z, last)
@@ -264,8 +268,7 @@ class PointerCache(nn.Module):
                              if self.uses("momentum") else None)
             mixed.append(mix_log(lp, gate, num, den))
             plain.append(lp)
-            mass = mass.scatter_add(2, tok[:, None, :].expand(B, dk, n), fk.transpose(1, 2))
-            z = z + fk.sum(1)
+            mass, z = self.write(mass, z, tok, fk)
             last = u[:, c1 - 1].to(last.dtype)
         return torch.cat(mixed, 1), torch.cat(plain, 1), PointerState(mass, z, last)
 

@@ -58,10 +58,10 @@ def prefix_state(pointer: Any, u: Tensor, ids: Tensor, batch: int) -> Any:
     ``batch`` rows."""
     from newllm.pointer import PointerState
 
+    empty = pointer.init_state(1, u.device, u.dtype)
     fk = pointer.write_features(u[:, :-1])  # pairs (u_{j-1}, ids_j), j >= 1
-    mass = torch.zeros(1, pointer.dk, pointer.vocab).scatter_add(
-        2, ids[:, None, 1:].expand(1, pointer.dk, ids.shape[1] - 1), fk.transpose(1, 2))
-    return PointerState(mass.expand(batch, -1, -1), fk.sum(1).expand(batch, -1),
+    mass, z = pointer.write(empty.mass, empty.z, ids[:, 1:], fk)
+    return PointerState(mass.expand(batch, -1, -1), z.expand(batch, -1),
                         u[:, -1].expand(batch, -1))
 
 
