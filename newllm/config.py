@@ -31,7 +31,7 @@ FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
                                              "memory_key_self": True,
                                              "attention_key_shift": False,
                                              "pointer_dim": 0, "pointer_token_keys": False,
-                                             "pointer_gate_inputs": []}
+                                             "pointer_gate_inputs": [], "pointer_span": 1}
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,10 @@ class ModelConfig:
     # spread over many tokens can count for less), and "momentum", the previous read's
     # probability of the token that came (so a copy of several tokens goes on)
     pointer_gate_inputs: tuple[str, ...] = ()
+    # how many tokens the pointer reads after each pair it finds (`newllm.pointer`): 1 = the
+    # next token; L > 1 also reads the L - 1 after it with the same query, each from its own
+    # masses (so a name's or number's later tokens come from where its first was found)
+    pointer_span: int = 1
     # context compression (context_pythia, context_kv)
     context_mode: str = "none"
     context_dim: int = 256
@@ -158,6 +162,12 @@ class ModelConfig:
         if len(set(self.pointer_gate_inputs)) != len(self.pointer_gate_inputs):
             raise ValueError("pointer_gate_inputs names one twice: "
                              f"{list(self.pointer_gate_inputs)}")
+        if self.pointer_span < 1:
+            raise ValueError(f"pointer_span must be >= 1 (1: the next token), got "
+                             f"{self.pointer_span}")
+        if self.pointer_span > 1 and not self.pointer_dim:
+            raise ValueError("pointer_span shapes the pointer's reads; set pointer_dim >= 1 or "
+                             "leave pointer_span at 1")
         if self.pointer_gate_inputs and not self.pointer_dim:
             raise ValueError("pointer_gate_inputs feed the pointer's gate; set pointer_dim >= 1 "
                              "or leave pointer_gate_inputs empty")

@@ -20,7 +20,7 @@ from newllm.context import ContextBlock
 from newllm.layers import LAYERS
 from newllm.layers.common import MLP, Step
 from newllm.pointer import PointerCache
-from newllm.state import ModelState
+from newllm.state import ModelState, state_tensors
 
 
 class Block(nn.Module):
@@ -282,12 +282,13 @@ class TransformerLM(nn.Module):
         logits = self.embed_out(hidden)
         pointers: list[Any] = [None] * B
         if self.pointer is not None:
-            stacked = type(states[0].pointer)(*(
-                torch.cat([getattr(s.pointer, f) for s in states]) for f in ("mass", "z", "last")))
+            names = state_tensors(states[0].pointer)
+            stacked = type(states[0].pointer)(**{
+                f: torch.cat([getattr(s.pointer, f) for s in states]) for f in names})
             started = torch.tensor([s.position > 0 for s in states], device=x.device)
             logits, ps = self.pointer(hidden, embedded, tokens.view(B, 1), logits, stacked,
                                       started)
-            pointers = [type(ps)(ps.mass[b:b + 1], ps.z[b:b + 1], ps.last[b:b + 1])
+            pointers = [type(ps)(**{f: t[b:b + 1] for f, t in state_tensors(ps).items()})
                         for b in range(B)]
         logits = logits[:, 0]  # (B, V)
         new_states = [

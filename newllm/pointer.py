@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from newllm.layers.memory import elu1
+from newllm.state import state_tensors
 
 CHUNK = 256  # positions read together in `PointerCache.forward` (a (chunk x chunk) score matrix)
 POINTER_GATE_INPUTS = ("focus", "momentum")  # what the mixing gate can read besides h
@@ -52,6 +53,17 @@ class PointerState:
     last: Tensor  # (B, W) the keys' input at the last position read (zeros before any token)
 
 
+@dataclass(frozen=True)
+class PointerSpanState(PointerState):
+    """A pointer that reads spans (``pointer_span`` = L > 1): depth d = 2..L's masses hold the
+    token d - 1 after each pair, and the features of the last positions they still need."""
+
+    span_mass: Tensor  # (B, L-1, dk, V) float32: depth d's masses at [:, d - 2]
+    span_z: Tensor  # (B, L-1, dk) float32
+    span_keys: Tensor  # (B, L-1, dk) float32: β φ(W_k u) at positions p-L .. p-2 (0 before any)
+    span_queries: Tensor  # (B, L-1, dk) float32: φ(W_q u) at positions p-L+1 .. p-1 (0 before any)
+
+
 @dataclass
 class PointerSlots:
     """The pointer's state for a slot batch (`newllm.slots`): every tensor (slots, ...)."""
@@ -61,15 +73,21 @@ class PointerSlots:
     last: Tensor
 
 
-def mix(logits: Tensor, gate: Tensor, num: Tensor, den: Tensor) -> Tensor:
-    """log((1 − λ) softmax(logits) + λ num / den) in float32, λ = sigmoid(gate) where den > 0
-    and 0 elsewhere: logits (..., V), gate and den (...), num (..., V) >= 0."""
-    return mix_log(torch.log_softmax(logits.float(), -1), gate[..., None], num, den[..., None])
+@dataclass
+class PointerSpanSlots(PointerSlots):
+    span_mass: Tensor
+    span_z: Tensor
+    span_keys: Tensor
+    span_queries: Tensor
+
+
+SPAN_FIELDS = ("span_mass", "span_z", "span_keys", "span_queries")
 
 
 def mix_log(lp: Tensor, gate: Tensor, num: Tensor, den: Tensor) -> Tensor:
     """log((1 − λ) exp(lp) + λ num / den), λ = sigmoid(gate), where den > 0 (else lp), on
-    broadcastable tensors: the mixture at every token (`mix`) or at the targets alone."""
+    broadcastable tensors: the mixture at every token (num (..., V), gate and den (..., 1)) or
+    at the targets alone."""
     on = den > 0
     ok = num > 0
     safe_num = torch.where(ok, num, torch.ones_like(num))
@@ -78,6 +96,24 @@ def mix_log(lp: Tensor, gate: Tensor, num: Tensor, den: Tensor) -> Tensor:
                           torch.full_like(num, -torch.inf))
     both = torch.logaddexp(F.logsigmoid(-gate) + lp, F.logsigmoid(gate) + lp_copy)
     return torch.where(on, both, lp)
+
+
+def mix_log_many(lp: Tensor, gates: list[Tensor], nums: list[Tensor], dens: list[Tensor]
+                 ) -> Tensor:
+    """log(w_0 exp(lp) + Σ_d w_d num_d / den_d), w = softmax(0, g_1, .., g_L) over the reads
+    with den_d > 0 (the others get no weight), on broadcastable tensors: `mix_log` for a span
+    pointer (with one read, w_1 = sigmoid(g_1) and the two agree)."""
+    off = torch.full_like(gates[0], -torch.inf)
+    g = [torch.where(den > 0, gate, off) for gate, den in zip(gates, dens, strict=True)]
+    logw = torch.log_softmax(torch.stack([torch.zeros_like(g[0]), *g]), 0)
+    parts = [logw[0] + lp]
+    for i, (num, den) in enumerate(zip(nums, dens, strict=True)):
+        ok = (num > 0) & (den > 0)
+        lc = torch.where(ok, torch.log(torch.where(ok, num, torch.ones_like(num)))
+                         - torch.log(torch.where(den > 0, den, torch.ones_like(den))),
+                         torch.full_like(num, -torch.inf))
+        parts.append(logw[i + 1] + lc)
+    return torch.logsumexp(torch.stack(torch.broadcast_tensors(*parts)), 0)
 
 
 def focus_of(num: Tensor, den: Tensor) -> Tensor:
@@ -105,6 +141,7 @@ class PointerCache(nn.Module):
         d, dk = config.layer_hidden, config.pointer_dim
         self.hidden, self.dk, self.vocab = d, dk, config.vocab_size
         self.token_keys = config.pointer_token_keys
+        self.span = config.pointer_span
         self.width = d + config.hidden_size if self.token_keys else d
         self.query = nn.Linear(self.width, dk)
         self.key = nn.Linear(self.width, dk)
@@ -114,6 +151,10 @@ class PointerCache(nn.Module):
         # the gate's weight for each of gate_inputs (none without them)
         self.gate_read = (nn.Parameter(torch.zeros(len(self.gate_inputs)))
                           if self.gate_inputs else None)
+        # the reads of depth 2..span: their mixing gates, and their weights of the gate inputs
+        self.span_gate = nn.Linear(d, self.span - 1) if self.span > 1 else None
+        self.span_read = (nn.Parameter(torch.zeros(self.span - 1, len(self.gate_inputs)))
+                          if self.span > 1 and self.gate_inputs else None)
 
     def reset_parameters(self, std: float) -> None:
         """Small projections, zero biases, and a mixing gate that starts nearly closed
@@ -124,19 +165,37 @@ class PointerCache(nn.Module):
         nn.init.constant_(self.mix_gate.bias, -3.0)
         if self.gate_read is not None:
             nn.init.zeros_(self.gate_read)
+        self.reset_span(std)
+
+    def reset_span(self, std: float) -> None:
+        """The span reads' gates: nearly closed (each ≈ 0.25%), reading the gate inputs by 0."""
+        if self.span_gate is not None:
+            nn.init.normal_(self.span_gate.weight, std=std)
+            nn.init.constant_(self.span_gate.bias, -6.0)
+        if self.span_read is not None:
+            nn.init.zeros_(self.span_read)
 
     # state ---------------------------------------------------------------------------------
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
-        return {"mass": (batch_size, self.dk, self.vocab), "z": (batch_size, self.dk),
-                "last": (batch_size, self.width)}
+        out = {"mass": (batch_size, self.dk, self.vocab), "z": (batch_size, self.dk),
+               "last": (batch_size, self.width)}
+        if self.span > 1:
+            L1 = self.span - 1
+            out.update(span_mass=(batch_size, L1, self.dk, self.vocab),
+                       span_z=(batch_size, L1, self.dk), span_keys=(batch_size, L1, self.dk),
+                       span_queries=(batch_size, L1, self.dk))
+        return out
 
     def state_dtypes(self, model_dtype: torch.dtype) -> dict[str, torch.dtype]:
-        return {"mass": torch.float32, "z": torch.float32, "last": model_dtype}
+        return {n: model_dtype if n == "last" else torch.float32 for n in self.state_shapes(1)}
+
+    def state_type(self) -> type:
+        return PointerSpanState if self.span > 1 else PointerState
 
     def init_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> PointerState:
         shapes, dtypes = self.state_shapes(batch_size), self.state_dtypes(dtype)
-        return PointerState(**{n: torch.zeros(s, device=device, dtype=dtypes[n])
-                               for n, s in shapes.items()})
+        return self.state_type()(**{n: torch.zeros(s, device=device, dtype=dtypes[n])
+                                    for n, s in shapes.items()})
 
     # the computation -----------------------------------------------------------------------
     def inputs(self, hidden: Tensor, embedded: Tensor) -> Tensor:
@@ -148,16 +207,27 @@ class PointerCache(nn.Module):
         """β φ(W_k u) (..., dk), float32."""
         return elu1(self.key(u)).float() * torch.sigmoid(self.write_gate(u[..., :self.hidden]))
 
-    def gate(self, hidden: Tensor, focus: Tensor | None, momentum: Tensor | None) -> Tensor:
-        """The mixing gate's logit (...) in float32: w_λ · h + b_λ, plus each gate input
-        (`pointer_gate_inputs`; the ones not used may be None) times its weight."""
-        g = self.mix_gate(hidden)[..., 0].float()
-        if self.gate_read is not None:
+    def query_features(self, u: Tensor) -> Tensor:
+        """φ(W_q u) (..., dk), float32."""
+        return elu1(self.query(u)).float()
+
+    def gate(self, hidden: Tensor, focus: Tensor | None, momentum: Tensor | None,
+             depth: int = 1) -> Tensor:
+        """The mixing gate's logit (...) in float32 of the read of ``depth`` (1: the token
+        after the pairs found; d: the token d - 1 after that): w · h + b, plus each gate
+        input (`pointer_gate_inputs`; the ones not used may be None) times its weight."""
+        if depth == 1:
+            g, weights = self.mix_gate(hidden)[..., 0].float(), self.gate_read
+        else:
+            assert self.span_gate is not None
+            g = self.span_gate(hidden)[..., depth - 2].float()
+            weights = None if self.span_read is None else self.span_read[depth - 2]
+        if weights is not None:
             inputs = {"focus": focus, "momentum": momentum}
             for i, name in enumerate(self.gate_inputs):
                 x = inputs[name]
                 assert x is not None, f"the gate reads {name}"
-                g = g + self.gate_read[i].float() * x
+                g = g + weights[i].float() * x
         return g
 
     def uses(self, name: str) -> bool:
@@ -174,25 +244,111 @@ class PointerCache(nn.Module):
             fk = fk * torch.cat((started.view(B, 1, 1).float(), torch.ones_like(fk[:, 1:, :1])), 1)
         return prev, fk
 
+    def _depths(self, state: PointerState, fk: Tensor, u: Tensor
+                ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """Each depth's keys and queries for a chunk's n positions s: depth d writes x_s under
+        the features of u_{s-d} and reads with those of u_{s-d+1}. Returns (keys, queries:
+        lists of (B, n, dk) by depth 1..span; the whole key and query sequences)."""
+        L, n = self.span, fk.shape[1]
+        keys, queries = fk, self.query_features(u)
+        if L > 1:
+            assert isinstance(state, PointerSpanState)
+            keys = torch.cat((state.span_keys, keys), 1)  # u_{c0-L} .. u_{c1-2}
+            queries = torch.cat((state.span_queries, queries), 1)  # u_{c0-L+1} .. u_{c1-1}
+        return ([keys[:, L - d:L - d + n] for d in range(1, L + 1)],
+                [queries[:, L - d:L - d + n] for d in range(1, L + 1)], keys, queries)
+
+    def _masses(self, state: PointerState) -> list[tuple[Tensor, Tensor]]:
+        """(mass, z) of each depth 1..span."""
+        out = [(state.mass, state.z)]
+        if isinstance(state, PointerSpanState):
+            out += [(state.span_mass[:, i], state.span_z[:, i]) for i in range(self.span - 1)]
+        return out
+
     def write(self, mass: Tensor, z: Tensor, tok: Tensor, fk: Tensor) -> tuple[Tensor, Tensor]:
         """(mass, z) with the pairs (fk (B, n, dk), tok (B, n)) added."""
         B, n = tok.shape
         return (mass.scatter_add(2, tok[:, None, :].expand(B, self.dk, n), fk.transpose(1, 2)),
                 z + fk.sum(1))
 
-    def _momentum(self, prev: Tensor, fk: Tensor, tok: Tensor, mass: Tensor, z: Tensor,
-                  r0: int) -> Tensor:
-        """p_copy_{s-1}(x_s) for the chunk's positions s = r0.. (B, r): the read at s - 1
-        (its query from u_{s-1} = ``prev``, the pairs before s: ``mass``/``z`` from earlier
-        chunks and this chunk's pairs j < s) at the token x_s that came."""
-        B, dk = fk.shape[0], self.dk
+    def _advance(self, state: PointerState, u_last: Tensor, tok: Tensor, keys: list[Tensor],
+                 key_seq: Tensor, query_seq: Tensor) -> PointerState:
+        """The state after a chunk: every depth's pairs written, the last inputs kept."""
+        written = [self.write(m, z, tok, k)
+                   for (m, z), k in zip(self._masses(state), keys, strict=True)]
+        last = u_last.to(state.last.dtype)
+        if self.span == 1:
+            return PointerState(written[0][0], written[0][1], last)
+        L1 = self.span - 1
+        return PointerSpanState(
+            written[0][0], written[0][1], last,
+            torch.stack([m for m, _ in written[1:]], 1),
+            torch.stack([z for _, z in written[1:]], 1),
+            key_seq[:, -L1:], query_seq[:, -L1:])
+
+    def state_of(self, u: Tensor, ids: Tensor) -> PointerState:
+        """The state after reading ``ids`` (B, p) from an empty one, their key inputs ``u``
+        (B, p, W), in one write per depth (no reads): what `forward` leaves, for a long
+        prefix whose pairs should keep their gradient."""
+        B, p = ids.shape
+        L = self.span
+        fk = self.write_features(u[:, :-1])  # key of x_t is the features of u_{t-1}
+        mass, z = self.write(*self._masses(self.init_state(B, u.device, u.dtype))[0],
+                             ids[:, 1:], fk)
+        if L == 1:
+            return PointerState(mass, z, u[:, -1])
+        empty = self.init_state(B, u.device, u.dtype)
+        assert isinstance(empty, PointerSpanState)
+        # depth d: x_t under the features of u_{t-d}; the histories, zero before the first
+        written = [self.write(empty.span_mass[:, d - 2], empty.span_z[:, d - 2], ids[:, d:],
+                              fk[:, :p - d]) for d in range(2, L + 1)]
+        keys = torch.cat((empty.span_keys, fk), 1)[:, -(L - 1):]  # u_{p-L} .. u_{p-2}
+        queries = torch.cat((empty.span_queries, self.query_features(u)), 1)[:, -(L - 1):]
+        return PointerSpanState(mass, z, u[:, -1], torch.stack([m for m, _ in written], 1),
+                                torch.stack([zz for _, zz in written], 1), keys, queries)
+
+    def _read(self, fq: Tensor, keys: Tensor, tok: Tensor, mass: Tensor, z: Tensor, r0: int
+              ) -> tuple[Tensor, Tensor]:
+        """The read (num (B, r, V), den (B, r)) of queries fq (B, r, dk) at the chunk's
+        positions r0..: the pairs of earlier chunks (mass, z) and the chunk's pairs j <= s
+        (keys (B, n, dk), tok (B, n))."""
+        B, n = tok.shape
+        num = fq @ mass
+        den = (fq @ z[..., None])[..., 0]
+        a = (fq @ keys.transpose(1, 2)).tril(r0)  # (B, r, n): pairs j <= s
+        num = num.scatter_add(2, tok[:, None, :].expand(B, a.shape[1], n), a)
+        return num, den + a.sum(-1)
+
+    def _read_at(self, fq: Tensor, keys: Tensor, tok: Tensor, mass: Tensor, z: Tensor,
+                 at: Tensor, r0: int, diag: int) -> tuple[Tensor, Tensor]:
+        """`_read` at one token per position (``at`` (B, r)) and over the chunk's pairs
+        j <= s + ``diag``: (num, den), both (B, r)."""
+        B, dk = fq.shape[0], self.dk
+        b = (fq @ keys.transpose(1, 2)).tril(r0 + diag)
+        num = (fq * mass.gather(2, at[:, None, :].expand(B, dk, at.shape[1])).transpose(1, 2)
+               ).sum(-1) + (b * (at[:, :, None] == tok[:, None, :])).sum(-1)
+        return num, (fq @ z[..., None])[..., 0] + b.sum(-1)
+
+    def _momentum(self, prev: Tensor, queries: list[Tensor], keys: list[Tensor], tok: Tensor,
+                  masses: list[tuple[Tensor, Tensor]], depth: int, r0: int) -> Tensor:
+        """The gate input "momentum" of the read of ``depth`` at the chunk's positions s = r0..
+        (B, r). Depth 1: the read at s - 1 (its query from u_{s-1} = ``prev``) at the token x_s
+        that came. Depth d: the read of depth d - 1 at s - 1, which has depth d's query, at
+        x_s (high while the span read so far was right)."""
         here = tok[:, r0:]
-        fqp = elu1(self.query(prev[:, r0:])).float()  # (B, r, dk)
-        b = (fqp @ fk.transpose(1, 2)).tril(r0 - 1)  # (B, r, n): pairs j < s
-        num = (fqp * mass.gather(2, here[:, None, :].expand(B, dk, here.shape[1]))
-               .transpose(1, 2)).sum(-1) + (b * (here[:, :, None] == tok[:, None, :])).sum(-1)
-        den = (fqp @ z[..., None])[..., 0] + b.sum(-1)
-        return ratio(num, den)
+        if depth == 1:
+            fq, k, (m, z) = self.query_features(prev[:, r0:]), keys[0], masses[0]
+        else:
+            fq, k, (m, z) = queries[depth - 1][:, r0:], keys[depth - 2], masses[depth - 2]
+        return ratio(*self._read_at(fq, k, tok, m, z, here, r0, -1))
+
+    def _mixed(self, lp: Tensor, gates: list[Tensor], nums: list[Tensor], dens: list[Tensor]
+               ) -> Tensor:
+        """log p of the mixture from the model's log p and each depth's gate and read, all
+        broadcastable (gates and dens with a trailing 1 against a vocabulary)."""
+        if self.span == 1:
+            return mix_log(lp, gates[0], nums[0], dens[0])
+        return mix_log_many(lp, gates, nums, dens)
 
     def forward(self, hidden: Tensor, embedded: Tensor, ids: Tensor, logits: Tensor,
                 state: PointerState, started: Tensor, last_only: bool = False
@@ -201,33 +357,34 @@ class PointerCache(nn.Module):
         ``last_only``: the last position's), ``started`` (B,) bool: whether a token came before
         this chunk (else its first token has no predecessor to pair with). Returns the mixed
         log-probabilities as logits (the logits' dtype) and the new state."""
-        B, T, _ = hidden.shape
+        T = hidden.shape[1]
         u = self.inputs(hidden, embedded)
-        mass, z, last = state.mass, state.z, state.last
         outs = []
         for c0 in range(0, T, CHUNK):
             c1 = min(T, c0 + CHUNK)
             n = c1 - c0
-            prev, fk = self._pairs(u, last, c0, c1, started)
+            prev, fk = self._pairs(u, state.last, c0, c1, started)
             tok = ids[:, c0:c1]
+            keys, queries, key_seq, query_seq = self._depths(state, fk, u[:, c0:c1])
             if not last_only or c1 == T:
                 r0 = 0 if not last_only else n - 1
-                fq = elu1(self.query(u[:, c0 + r0:c1])).float()  # (B, r, dk)
-                num = fq @ mass  # (B, r, V): what earlier chunks wrote
-                den = (fq @ z[..., None])[..., 0]
-                a = (fq @ fk.transpose(1, 2)).tril(r0)  # (B, r, n): pairs j <= s
-                num = num.scatter_add(2, tok[:, None, :].expand(B, a.shape[1], n), a)
-                den = den + a.sum(-1)
-                gate = self.gate(
-                    hidden[:, c0 + r0:c1],
-                    focus_of(num, den) if self.uses("focus") else None,
-                    self._momentum(prev, fk, tok, mass, z, r0) if self.uses("momentum") else None)
+                masses = self._masses(state)
+                gates, nums, dens = [], [], []
+                for d in range(1, self.span + 1):
+                    num, den = self._read(queries[d - 1][:, r0:], keys[d - 1], tok,
+                                          *masses[d - 1], r0)
+                    gates.append(self.gate(
+                        hidden[:, c0 + r0:c1], focus_of(num, den) if self.uses("focus") else None,
+                        self._momentum(prev, queries, keys, tok, masses, d, r0)
+                        if self.uses("momentum") else None, d)[..., None])
+                    nums.append(num)
+                    dens.append(den[..., None])
                 chunk_logits = logits if last_only else logits[:, c0:c1]
-                outs.append(mix(chunk_logits, gate, num, den).to(logits.dtype))
-            mass, z = self.write(mass, z, tok, fk)
-            last = u[:, c1 - 1].to(last.dtype)
+                outs.append(self._mixed(torch.log_softmax(chunk_logits.float(), -1), gates, nums,
+                                        dens).to(logits.dtype))
+            state = self._advance(state, u[:, c1 - 1], tok, keys, key_seq, query_seq)
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-        return out, PointerState(mass, z, last)
+        return out, state
 
     def score_targets(self, hidden: Tensor, embedded: Tensor, ids: Tensor, targets: Tensor,
                       logits: Tensor, state: PointerState, started: Tensor
@@ -237,60 +394,73 @@ class PointerCache(nn.Module):
         pointer, without it (the model's own), both (B, T) float32; the new state), with no
         (B, T, V) mixture: the read is taken at the target's column only (and "focus" from
         the masses' Gram matrix), several times faster than `forward` then a gather."""
-        B, T, _ = hidden.shape
+        T = hidden.shape[1]
         u = self.inputs(hidden, embedded)
-        mass, z, last = state.mass, state.z, state.last
-        dk = self.dk
         mixed, plain = [], []
         for c0 in range(0, T, CHUNK):
             c1 = min(T, c0 + CHUNK)
-            n = c1 - c0
-            prev, fk = self._pairs(u, last, c0, c1, started)
+            prev, fk = self._pairs(u, state.last, c0, c1, started)
             tok, want = ids[:, c0:c1], targets[:, c0:c1]
+            keys, queries, key_seq, query_seq = self._depths(state, fk, u[:, c0:c1])
+            masses = self._masses(state)
             lg = logits[:, c0:c1].float()
             lp = lg.gather(-1, want[..., None])[..., 0] - lg.logsumexp(-1)  # (B, n)
-            fq = elu1(self.query(u[:, c0:c1])).float()  # (B, n, dk)
-            a = (fq @ fk.transpose(1, 2)).tril()  # (B, n, n): pairs j <= s
-            num = (fq * mass.gather(2, want[:, None, :].expand(B, dk, n)).transpose(1, 2)
-                   ).sum(-1) + (a * (want[:, :, None] == tok[:, None, :])).sum(-1)
-            den = (fq @ z[..., None])[..., 0] + a.sum(-1)
-            focus = None
-            if self.uses("focus"):
-                # Σ_v num_s(v)² with num_s = fq_s M + Σ_j a_sj e_{tok_j}: the earlier chunks'
-                # part through M Mᵀ, the cross terms, and the chunk's pairs among themselves
-                same = (tok[:, :, None] == tok[:, None, :]).float()
-                cols = fq @ mass.gather(2, tok[:, None, :].expand(B, dk, n))  # (B, n, n)
-                sq = (((fq @ (mass @ mass.transpose(1, 2))) * fq).sum(-1)
-                      + 2 * (a * cols).sum(-1) + ((a @ same) * a).sum(-1))
-                focus = log_ratio(sq, den * den)
-            gate = self.gate(hidden[:, c0:c1], focus,
-                             self._momentum(prev, fk, tok, mass, z, 0)
-                             if self.uses("momentum") else None)
-            mixed.append(mix_log(lp, gate, num, den))
+            gates, nums, dens = [], [], []
+            for d in range(1, self.span + 1):
+                fq, k, (mass, z) = queries[d - 1], keys[d - 1], masses[d - 1]
+                num, den = self._read_at(fq, k, tok, mass, z, want, 0, 0)
+                focus = None
+                if self.uses("focus"):
+                    a = (fq @ k.transpose(1, 2)).tril()  # (B, n, n): pairs j <= s
+                    focus = log_ratio(self._sum_squares(fq, a, mass, tok), den * den)
+                gates.append(self.gate(hidden[:, c0:c1], focus,
+                                       self._momentum(prev, queries, keys, tok, masses, d, 0)
+                                       if self.uses("momentum") else None, d))
+                nums.append(num)
+                dens.append(den)
+            mixed.append(self._mixed(lp, gates, nums, dens))
             plain.append(lp)
-            mass, z = self.write(mass, z, tok, fk)
-            last = u[:, c1 - 1].to(last.dtype)
-        return torch.cat(mixed, 1), torch.cat(plain, 1), PointerState(mass, z, last)
+            state = self._advance(state, u[:, c1 - 1], tok, keys, key_seq, query_seq)
+        return torch.cat(mixed, 1), torch.cat(plain, 1), state
+
+    def _sum_squares(self, fq: Tensor, a: Tensor, mass: Tensor, tok: Tensor) -> Tensor:
+        """Σ_v num_s(v)² (B, n) of the reads num_s = fq_s M + Σ_j a_sj e_{tok_j}: the earlier
+        chunks' part through M Mᵀ, the cross terms, and the chunk's pairs among themselves."""
+        B, n = tok.shape
+        same = (tok[:, :, None] == tok[:, None, :]).float()
+        cols = fq @ mass.gather(2, tok[:, None, :].expand(B, self.dk, n))  # (B, n, n)
+        return (((fq @ (mass @ mass.transpose(1, 2))) * fq).sum(-1)
+                + 2 * (a * cols).sum(-1) + ((a @ same) * a).sum(-1))
 
     # slots (see newllm.slots) ---------------------------------------------------------------
     def slot_init(self, slots: int, device: Any, dtype: torch.dtype) -> PointerSlots:
         s = self.init_state(slots, device, dtype)
-        return PointerSlots(s.mass, s.z, s.last)
+        kind = PointerSpanSlots if self.span > 1 else PointerSlots
+        return kind(**state_tensors(s))
 
     def slot_load(self, buf: PointerSlots, row: int, state: PointerState) -> None:
-        buf.mass[row], buf.z[row], buf.last[row] = state.mass[0], state.z[0], state.last[0]
+        for name, t in state_tensors(state).items():
+            getattr(buf, name)[row] = t[0]
 
     def slot_extract(self, buf: PointerSlots, row: int) -> PointerState:
-        return PointerState(buf.mass[row:row + 1].clone(), buf.z[row:row + 1].clone(),
-                            buf.last[row:row + 1].clone())
+        return self.state_type()(**{name: t[row:row + 1].clone()
+                                    for name, t in state_tensors(buf).items()})
 
     def slot_backup(self, buf: PointerSlots, step: Any, ids: Tensor) -> Any:
         """What undoes a step's writes: the columns it adds to, the normalisers, the inputs."""
         rows = step.rows
         saved = (buf.mass[rows, :, ids].clone(), buf.z[rows].clone(), buf.last[rows].clone())
+        span = None
+        if isinstance(buf, PointerSpanSlots):
+            span = (buf.span_mass[rows, :, :, ids].clone(), buf.span_z[rows].clone(),
+                    buf.span_keys[rows].clone(), buf.span_queries[rows].clone())
 
         def restore() -> None:
             buf.mass[rows, :, ids], buf.z[rows], buf.last[rows] = saved
+            if span is not None:
+                assert isinstance(buf, PointerSpanSlots)
+                (buf.span_mass[rows, :, :, ids], buf.span_z[rows], buf.span_keys[rows],
+                 buf.span_queries[rows]) = span
         return restore
 
     def slot_step(self, hidden: Tensor, embedded: Tensor, ids: Tensor, logits: Tensor,
@@ -298,39 +468,93 @@ class PointerCache(nn.Module):
         """One token per row: hidden, embedded (N, d), ids (N,), logits (N, V) -> mixed
         log-probabilities (N, V); writes each row's pair, then reads."""
         rows = step.rows
+        dk = torch.arange(self.dk, device=rows.device)
         u = self.inputs(hidden, embedded)
         prev = step.take(buf.last).to(u.dtype)
         fk = self.write_features(prev)
         fk = fk * (step.position > 0).view(-1, 1).float()
-        momentum = None
-        if self.uses("momentum"):  # the previous read at this token, before it is written
-            fqp = elu1(self.query(prev)).float()
-            momentum = ratio((fqp * buf.mass[rows, :, ids]).sum(-1),
-                             (fqp * step.take(buf.z)).sum(-1))
-        buf.mass.index_put_((rows[:, None], torch.arange(self.dk, device=rows.device)[None, :],
-                             ids[:, None]), fk, accumulate=True)
+        fq = self.query_features(u)  # (N, dk)
+        span = isinstance(buf, PointerSpanSlots)
+        if span:  # depth d (2..span) writes under u_{s-d}'s keys and reads with u_{s-d+1}'s
+            assert isinstance(buf, PointerSpanSlots)
+            span_k = step.take(buf.span_keys).flip(1)  # (N, L-1, dk): [:, d - 2] for depth d
+            span_q = step.take(buf.span_queries).flip(1)
+        moments: list[Tensor | None] = [None] * self.span
+        if self.uses("momentum"):  # the reads at this token, before it is written
+            fqp = self.query_features(prev)
+            moments[0] = ratio((fqp * buf.mass[rows, :, ids]).sum(-1),
+                               (fqp * step.take(buf.z)).sum(-1))
+            if span:
+                cols = torch.cat((buf.mass[rows, :, ids][:, None],
+                                  buf.span_mass[rows, :-1, :, ids]), 1)  # depths 1..L-1
+                zs = torch.cat((step.take(buf.z)[:, None], step.take(buf.span_z)[:, :-1]), 1)
+                m = ratio((span_q * cols).sum(-1), (span_q * zs).sum(-1))  # (N, L-1)
+                moments[1:] = list(m.unbind(1))
+        buf.mass.index_put_((rows[:, None], dk[None, :], ids[:, None]), fk, accumulate=True)
         buf.z[rows] += fk
         buf.last[rows] = u.to(buf.last.dtype)
-        fq = elu1(self.query(u)).float()  # (N, dk)
-        num = (fq[:, None, :] @ step.take(buf.mass))[:, 0]  # (N, V)
-        den = (fq * step.take(buf.z)).sum(-1)
-        gate = self.gate(hidden, focus_of(num, den) if self.uses("focus") else None, momentum)
-        return mix(logits, gate, num, den).to(logits.dtype)
+        nums = [(fq[:, None, :] @ step.take(buf.mass))[:, 0]]
+        dens = [(fq * step.take(buf.z)).sum(-1)]
+        if span:
+            depth = torch.arange(self.span - 1, device=rows.device)
+            buf.span_mass.index_put_((rows[:, None, None], depth[None, :, None],
+                                      dk[None, None, :], ids[:, None, None]), span_k,
+                                     accumulate=True)
+            buf.span_z[rows] += span_k
+            buf.span_keys[rows] = torch.cat((step.take(buf.span_keys)[:, 1:], fk[:, None]), 1)
+            buf.span_queries[rows] = torch.cat((step.take(buf.span_queries)[:, 1:], fq[:, None]), 1)
+            masses = step.take(buf.span_mass)  # (N, L-1, dk, V)
+            nums += list((span_q[:, :, None, :] @ masses)[:, :, 0].unbind(1))
+            dens += list((span_q * step.take(buf.span_z)).sum(-1).unbind(1))
+        gates = [self.gate(hidden, focus_of(num, den) if self.uses("focus") else None,
+                           moments[d], d + 1)[..., None]
+                 for d, (num, den) in enumerate(zip(nums, dens, strict=True))]
+        return self._mixed(torch.log_softmax(logits.float(), -1), gates, nums,
+                           [den[..., None] for den in dens]).to(logits.dtype)
 
 
 def add_pointer(model: Any, dim: int = 64, token_keys: bool = False,
-                gate_inputs: tuple[str, ...] = ()) -> Any:
+                gate_inputs: tuple[str, ...] = (), span: int = 1) -> Any:
     """A copy of ``model`` (a `TransformerLM` without a pointer) with a new pointer cache of
     ``dim`` features at its initial weights, every other weight the model's."""
-    from newllm.model import TransformerLM
-
     if model.pointer is not None:
         raise ValueError(f"the model already has a pointer (pointer_dim "
                          f"{model.config.pointer_dim})")
-    out = TransformerLM(model.config.replace(pointer_dim=dim, pointer_token_keys=token_keys,
-                                             pointer_gate_inputs=tuple(gate_inputs)))
+    return _copy(model, model.config.replace(
+        pointer_dim=dim, pointer_token_keys=token_keys, pointer_gate_inputs=tuple(gate_inputs),
+        pointer_span=span), "pointer.")
+
+
+def widen_span(model: Any, span: int, warm: bool = False) -> Any:
+    """A copy of ``model`` (with a pointer of span 1) whose pointer also reads the ``span`` - 1
+    tokens after each pair it finds. The new gates start nearly closed (at first it predicts
+    as ``model`` does), or with ``warm`` as copies of the first read's gate (each depth then
+    opens as the first read would on its own read's focus and momentum: a start that training
+    reaches in far fewer steps)."""
+    if model.pointer is None or model.config.pointer_span != 1:
+        raise ValueError("widen_span takes a model with a pointer of span 1 (pointer_span "
+                         f"{model.config.pointer_span}, pointer_dim {model.config.pointer_dim})")
+    if span < 2:
+        raise ValueError(f"span must be >= 2, got {span}")
+    out = _copy(model, model.config.replace(pointer_span=span), "pointer.span_")
+    if warm:
+        p = out.pointer
+        with torch.no_grad():
+            p.span_gate.weight.copy_(p.mix_gate.weight.expand_as(p.span_gate.weight))
+            p.span_gate.bias.fill_(float(p.mix_gate.bias))
+            if p.span_read is not None:
+                p.span_read.copy_(p.gate_read.expand_as(p.span_read))
+    return out
+
+
+def _copy(model: Any, config: Any, new: str) -> Any:
+    """A `TransformerLM` of ``config`` with ``model``'s weights (those named ``new``... stay
+    at their initial values)."""
+    from newllm.model import TransformerLM
+
+    out = TransformerLM(config)
     missing = out.load_state_dict(model.state_dict(), strict=False).missing_keys
-    assert all(k.startswith("pointer.") for k in missing), missing
+    assert all(k.startswith(new) for k in missing), missing
     return out.to(next(model.parameters()).dtype)
 
 
@@ -339,7 +563,7 @@ def remove_pointer(model: Any) -> Any:
     from newllm.model import TransformerLM
 
     out = TransformerLM(model.config.replace(pointer_dim=0, pointer_token_keys=False,
-                                             pointer_gate_inputs=()))
+                                             pointer_gate_inputs=(), pointer_span=1))
     out.load_state_dict({k: v for k, v in model.state_dict().items()
                          if not k.startswith("pointer.")})
     return out.to(next(model.parameters()).dtype)
@@ -349,30 +573,53 @@ def remove_pointer(model: Any) -> Any:
 def pointer_reference(pointer: PointerCache, hidden: Tensor, embedded: Tensor, ids: Tensor,
                       logits: Tensor, state: PointerState, started: bool) -> Tensor:
     """The slow, plain pointer for one row: hidden, embedded (T, d), ids (T,), logits (T, V);
-    token by token, a pair written into explicit sums, then read. Returns (T, V) log-probs."""
-    mass, z = state.mass[0].clone(), state.z[0].clone()
+    token by token, a pair written into explicit sums, then read. Returns (T, V) log-probs.
+
+    Depth d (1..span) keeps its own sums: token x_t is written under the key of u_{t-d} and
+    read with the query of u_{t-d+1}; the weights are softmax(0, g_1, .., g_span) over the
+    model and the depths that have read something."""
+    L = pointer.span
+    masses = [state.mass[0].clone()]
+    zs = [state.z[0].clone()]
+    keys: list[Tensor] = []  # β φ(W_k u) of u_{t-L} .. u_{t-1}
+    queries: list[Tensor] = []  # φ(W_q u) of u_{t-L+1} .. u_{t-1}
+    if isinstance(state, PointerSpanState):
+        masses += [m.clone() for m in state.span_mass[0]]
+        zs += [z.clone() for z in state.span_z[0]]
+        keys += list(state.span_keys[0])
+        queries += list(state.span_queries[0])
     prev = state.last[0] if started else None
+    keys.append(pointer.write_features(prev) if prev is not None
+                else torch.zeros(pointer.dk))
     out = []
     for t in range(ids.shape[0]):
+        x = int(ids[t])
         u = pointer.inputs(hidden[t], embedded[t])
-        momentum = torch.zeros(())
+        moments = [torch.zeros(())] * L
         if prev is not None:
-            qp = elu1(pointer.query(prev))
-            if float(qp @ z) > 0:  # what the previous read gave the token that came
-                momentum = (qp @ mass[:, int(ids[t])]) / (qp @ z)
-            k = elu1(pointer.key(prev)) * torch.sigmoid(pointer.write_gate(prev[:pointer.hidden]))
-            mass[:, int(ids[t])] += k
-            z += k
+            qp = pointer.query_features(prev)
+            if float(qp @ zs[0]) > 0:  # what the previous read gave the token that came
+                moments[0] = (qp @ masses[0][:, x]) / (qp @ zs[0])
+        for d in range(2, L + 1):  # the read of depth d - 1 at t - 1, with depth d's query
+            q = queries[L - d]
+            if float(q @ zs[d - 2]) > 0:
+                moments[d - 1] = (q @ masses[d - 2][:, x]) / (q @ zs[d - 2])
+        for d in range(1, L + 1):
+            masses[d - 1][:, x] += keys[L - d]
+            zs[d - 1] += keys[L - d]
+        q_now = pointer.query_features(u)
         p = torch.softmax(logits[t].float(), -1)
-        if float(z.sum()) > 0:
-            q = elu1(pointer.query(u))
-            p_copy = (q @ mass) / (q @ z)
-            g = pointer.mix_gate(hidden[t])[0]
-            inputs = {"focus": torch.log((p_copy ** 2).sum()), "momentum": momentum}
-            for i, name in enumerate(pointer.gate_inputs):
-                g = g + pointer.gate_read[i] * inputs[name]
-            lam = torch.sigmoid(g)
-            p = (1 - lam) * p + lam * p_copy
-        out.append(torch.log(p))
+        weights, reads = [torch.zeros(())], [p]
+        for d in range(1, L + 1):
+            q = q_now if d == 1 else queries[L - d]
+            if float(q @ zs[d - 1]) > 0:
+                p_copy = (q @ masses[d - 1]) / (q @ zs[d - 1])
+                inputs = {"focus": torch.log((p_copy ** 2).sum()), "momentum": moments[d - 1]}
+                weights.append(pointer.gate(hidden[t], inputs["focus"], inputs["momentum"], d))
+                reads.append(p_copy)
+        w = torch.softmax(torch.stack(weights), 0)
+        out.append(torch.log(sum(wi * r for wi, r in zip(w, reads, strict=True))))
+        keys = (keys + [pointer.write_features(u)])[1:]
+        queries = (queries + [q_now])[1:] if L > 1 else queries
         prev = u
     return torch.stack(out)

@@ -17,7 +17,9 @@ weights alone (``--save``, which ``--load`` reads back). Evaluations are `traini
         --data DATA/gutenberg/train.txt --filler DATA/gutenberg/val.txt --steps 600 \\
         --gate-inputs focus momentum --save-checkpoint runs/ptr --value-choice 40 --chat 50
 
-A checkpoint that already has a pointer is trained further (its pointer's options are its own).
+A checkpoint that already has a pointer is trained further (its pointer's options are its own,
+except ``--span``: a pointer of span 1 gets the reads of the tokens after the next,
+`newllm.pointer.widen_span`, their gates starting as copies of the first read's).
 """
 
 from __future__ import annotations
@@ -56,13 +58,13 @@ def prefix_state(pointer: Any, u: Tensor, ids: Tensor, batch: int) -> Any:
     """The pointer's state after reading ``ids`` (1, p) whose key inputs are ``u`` (1, p, W),
     with the pointer's current weights (so the gradient reaches how prose is written), for
     ``batch`` rows."""
-    from newllm.pointer import PointerState
+    import dataclasses
 
-    empty = pointer.init_state(1, u.device, u.dtype)
-    fk = pointer.write_features(u[:, :-1])  # pairs (u_{j-1}, ids_j), j >= 1
-    mass, z = pointer.write(empty.mass, empty.z, ids[:, 1:], fk)
-    return PointerState(mass.expand(batch, -1, -1), z.expand(batch, -1),
-                        u[:, -1].expand(batch, -1))
+    from newllm.state import state_tensors
+
+    state = pointer.state_of(u, ids)
+    return dataclasses.replace(state, **{
+        n: t.expand(batch, *t.shape[1:]) for n, t in state_tensors(state).items()})
 
 
 def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
@@ -131,6 +133,9 @@ def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
             if pointer.gate_read is not None:
                 row["gate_read"] = dict(zip(pointer.gate_inputs,
                                             pointer.gate_read.tolist(), strict=True))
+            if pointer.span_read is not None:  # depth 2.. each
+                row["span_read"] = [dict(zip(pointer.gate_inputs, w, strict=True))
+                                    for w in pointer.span_read.tolist()]
             curve.append(row)
             print(json.dumps(row), flush=True)
     return curve
@@ -138,7 +143,7 @@ def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from newllm.checkpoint import load_checkpoint, save_pretrained
-    from newllm.pointer import add_pointer
+    from newllm.pointer import add_pointer, widen_span
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="newllm/checkpoints/default")
@@ -161,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keys and queries also read the token's input embedding")
     p.add_argument("--gate-inputs", nargs="*", default=None, metavar="NAME",
                    help="what the mixing gate reads besides the hidden state: focus, momentum")
+    p.add_argument("--span", type=int, default=1,
+                   help="tokens read after each pair found (newllm.pointer; 1: the next only)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0, help="of the training batches")
     p.add_argument("--eval-seed", type=int, default=0,
@@ -194,10 +201,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"{base.config.pointer_dim}); it is trained as it is: leave out --dk, "
                     "--token-keys and --gate-inputs")
         model = base
+        if args.span != base.config.pointer_span:
+            try:
+                model = widen_span(base, args.span, warm=True)
+            except ValueError as e:
+                p.error(f"--span {args.span}: {e}")
     else:
         try:
             model = add_pointer(base, 64 if args.dk is None else args.dk, args.token_keys,
-                                tuple(args.gate_inputs or ()))
+                                tuple(args.gate_inputs or ()), args.span)
         except ValueError as e:
             p.error(str(e))
     model.eval()

@@ -77,6 +77,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "infini-attention-key-shift": ("tiny-infini", {"attention_key_shift": True}),
     "infini-pointer": ("tiny-infini", {"pointer_dim": 8, "pointer_token_keys": True,
                                        "pointer_gate_inputs": ("focus", "momentum")}),
+    "infini-pointer-span": ("tiny-infini", {"pointer_dim": 8, "pointer_span": 3,
+                                            "pointer_gate_inputs": ("focus", "momentum")}),
 }
 
 
@@ -90,8 +92,10 @@ def variant_model(variant: str) -> TransformerLM:
                 p.copy_(torch.linspace(-0.8, 0.8, p.numel()).view_as(p))
             if name == "pointer.mix_gate.bias":  # half the next token from the pointer
                 p.zero_()
-            if name == "pointer.gate_read":
-                p.copy_(torch.linspace(0.5, 1.5, p.numel()))
+            if name in ("pointer.gate_read", "pointer.span_read"):
+                p.copy_(torch.linspace(0.5, 1.5, p.numel()).view_as(p))
+            if name == "pointer.span_gate.bias":  # the span's reads a part of it too
+                p.copy_(torch.linspace(-0.5, 0.5, p.numel()))
     return model
 
 

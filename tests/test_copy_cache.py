@@ -78,6 +78,26 @@ def test_the_script_trains_saves_and_evaluates(tmp_path: Path, tiny_checkpoint: 
                     "--out", str(tmp_path / "prefix.json")]) == 0
     curve = json.loads((tmp_path / "prefix.json").read_text())["curve"]
     assert all(256 <= r["prefix"] <= 512 for r in curve)
+    # a span added to the trained pointer, trained after long prefixes too
+    wide = tmp_path / "span"
+    assert cc.main(["--checkpoint", str(folder), "--data", str(text), "--steps", "2",
+                    "--batch-size", "2", "--length", "256", "--span", "3",
+                    "--prefix-tokens", "512", "--prefix-fraction", "1", "--log-every", "1",
+                    "--save-checkpoint", str(wide), "--out", str(tmp_path / "span.json")]) == 0
+    curve = json.loads((tmp_path / "span.json").read_text())["curve"]
+    assert len(curve[-1]["span_read"]) == 2
+    spanned, _ = load_checkpoint(wide, dtype=torch.float32)
+    assert spanned.config.pointer_span == 3
+    with torch.no_grad():
+        built = cc.prefix_state(spanned.pointer, spanned.pointer.inputs(
+            *spanned.hidden_states(ids)[:2]), ids, 2)
+        _, read = spanned(ids)
+    torch.testing.assert_close(built.span_mass[1], read.pointer.span_mass[0], atol=1e-4,
+                               rtol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cc.main(["--checkpoint", str(wide), "--span", "2"])
+    assert "span 1" in capsys.readouterr().err
 
     # the pointer's weights alone, loaded onto the model again: the same evaluations
     again = tmp_path / "again.json"

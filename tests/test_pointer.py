@@ -20,15 +20,23 @@ from newllm.memory_file import ValueRangeError, load_memory, save_memory
 from newllm.model import TransformerLM
 from newllm.pointer import CHUNK, pointer_reference
 from newllm.slots import Slots
+from newllm.state import ModelState
 
 
-def pointer_model(token_keys: bool, gate_inputs: tuple[str, ...] = ()) -> TransformerLM:
+def pointer_model(token_keys: bool, gate_inputs: tuple[str, ...] = (),
+                  span: int = 1) -> TransformerLM:
     model = make_tiny_model("tiny-infini", init_std=0.1, pointer_dim=8,
-                            pointer_token_keys=token_keys, pointer_gate_inputs=gate_inputs)
+                            pointer_token_keys=token_keys, pointer_gate_inputs=gate_inputs,
+                            pointer_span=span)
     with torch.no_grad():
         model.pointer.mix_gate.bias.zero_()  # half of every prediction from the pointer
         if model.pointer.gate_read is not None:  # and the gate's inputs matter
             model.pointer.gate_read.copy_(torch.linspace(0.8, 1.6, len(gate_inputs)))
+        if model.pointer.span_gate is not None:  # the span's reads too
+            model.pointer.span_gate.bias.copy_(torch.linspace(-0.5, 0.5, span - 1))
+        if model.pointer.span_read is not None:
+            model.pointer.span_read.copy_(torch.linspace(0.5, 1.5, model.pointer.span_read.numel())
+                                          .view_as(model.pointer.span_read))
     return model
 
 
@@ -43,12 +51,14 @@ def hidden_of(model: TransformerLM, ids: torch.Tensor, state: Any = None) -> tor
     return seen[0]
 
 
-@pytest.mark.parametrize(("token_keys", "gate_inputs"), [
-    (False, ()), (True, ()), (False, ("focus",)), (False, ("momentum",)),
-    (True, ("momentum", "focus"))])
+@pytest.mark.parametrize(("token_keys", "gate_inputs", "span"), [
+    (False, (), 1), (True, (), 1), (False, ("focus",), 1), (False, ("momentum",), 1),
+    (True, ("momentum", "focus"), 1), (False, (), 3), (False, ("focus", "momentum"), 2),
+    (True, ("focus", "momentum"), 4)])
 def test_forward_equals_the_token_by_token_reference(token_keys: bool,
-                                                     gate_inputs: tuple[str, ...]) -> None:
-    model = pointer_model(token_keys, gate_inputs)
+                                                     gate_inputs: tuple[str, ...],
+                                                     span: int) -> None:
+    model = pointer_model(token_keys, gate_inputs, span)
     # few distinct tokens: every token has earlier copies to point at
     ids = torch.randint(1, 12, (1, CHUNK + 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -60,6 +70,13 @@ def test_forward_equals_the_token_by_token_reference(token_keys: bool,
         plain = torch.log_softmax(model.embed_out(hidden), -1)
         assert (logits[0, 1:] - plain[1:]).abs().max() > 0.1  # the pointer matters here
         torch.testing.assert_close(logits[0, 0], plain[0])  # nothing to point at yet
+        if span > 1:  # the reads after the next token matter too
+            assert model.pointer.span_gate is not None
+            bias = model.pointer.span_gate.bias.clone()
+            model.pointer.span_gate.bias.fill_(-1e4)
+            first, _ = model(ids)
+            model.pointer.span_gate.bias.copy_(bias)
+            assert (first - logits).abs().max() > 0.1
         # in pieces (a state carried across a chunk boundary), and the last position only
         a, mid = model(ids[:, :CHUNK - 5])
         b, after = model(ids[:, CHUNK - 5:], mid)
@@ -81,14 +98,16 @@ def test_forward_equals_the_token_by_token_reference(token_keys: bool,
     torch.testing.assert_close(state.pointer.mass.sum(-1), state.pointer.z)
 
 
-@pytest.mark.parametrize("gate_inputs", [(), ("focus", "momentum")])
-def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("gate_inputs", "span"), [((), 1), (("focus", "momentum"), 1),
+                                                   (("focus", "momentum"), 3)])
+def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ...],
+                                                      span: int) -> None:
     """`score_targets` (what training uses) gives the forward's log-probabilities at the
     targets, in values and in the gradients of the pointer's weights, across chunks and
     from a carried state; the trainer's loss is the same either way."""
     from training.lm import forward_backward
 
-    model = pointer_model(False, gate_inputs)
+    model = pointer_model(False, gate_inputs, span)
     g = torch.Generator().manual_seed(3)
     batch = torch.randint(1, 12, (2, CHUNK + 61), generator=g)
     ids, targets = batch[:, :-1], batch[:, 1:]
@@ -121,8 +140,25 @@ def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ..
         model(ids, targets=targets[:, :-1])
 
 
+@pytest.mark.parametrize("span", [1, 3])
+def test_the_state_of_a_whole_read_in_one_write(span: int) -> None:
+    """`PointerCache.state_of` (one write per depth, for training's long prefixes) leaves the
+    state the chunked forward leaves."""
+    model = pointer_model(True, ("focus", "momentum"), span)
+    ids = torch.randint(1, 12, (2, CHUNK + 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, state = model(ids)
+        hidden, embedded, _ = model.hidden_states(ids)
+        built = model.pointer.state_of(model.pointer.inputs(hidden, embedded), ids)
+    got = ModelState(0, (), None, built).flat_tensors()
+    want = ModelState(0, (), None, state.pointer).flat_tensors()
+    assert set(got) == set(want)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, atol=1e-4, rtol=1e-5)
+
+
 def test_a_pointer_added_and_removed() -> None:
-    from newllm.pointer import add_pointer, remove_pointer
+    from newllm.pointer import add_pointer, remove_pointer, widen_span
 
     base = make_tiny_model("tiny-infini")
     ids = torch.randint(1, 50, (1, 30), generator=torch.Generator().manual_seed(4))
@@ -137,24 +173,43 @@ def test_a_pointer_added_and_removed() -> None:
         torch.testing.assert_close(removed(ids)[0], plain)
         mixed, _ = added(ids)  # the pointer's log-probabilities: the model's where it is empty
         torch.testing.assert_close(mixed[0, 0], torch.log_softmax(plain[0, 0], -1))
+    # a span added to a trained pointer: its other weights kept, the new reads nearly closed
+    wide = widen_span(added, 3)
+    assert wide.config.pointer_span == 3 and wide.pointer.span_gate is not None
+    assert torch.equal(wide.pointer.query.weight, added.pointer.query.weight)
+    with torch.no_grad():
+        spanned, state = wide(ids)
+    assert float((spanned.exp() - mixed.exp()).abs().max()) < 0.01
+    assert tuple(state.pointer.span_mass.shape) == (1, 2, 8, base.config.vocab_size)
+    with pytest.raises(ValueError, match="span 1"):
+        widen_span(wide, 4)
+    with pytest.raises(ValueError, match="span must be >= 2"):
+        widen_span(added, 1)
+    assert remove_pointer(wide).fingerprint() == base.fingerprint()
+    warm = widen_span(added, 3, warm=True)  # the new gates start as the first read's
+    assert torch.equal(warm.pointer.span_gate.weight[1], added.pointer.mix_gate.weight[0])
+    assert torch.equal(warm.pointer.span_read[1], added.pointer.gate_read)
 
 
-def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = variant_model("infini-pointer")
+@pytest.mark.parametrize("variant", ["infini-pointer", "infini-pointer-span"])
+def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.MonkeyPatch,
+                                                       variant: str) -> None:
+    model = variant_model(variant)
     slots = Slots(model, 2, compile=False)
     states = [read_state(model, 9, 1), read_state(model, 20, 2)]
     handles = [slots.add(s) for s in states]
     import newllm.pointer as pointer
 
-    real = pointer.mix
-    monkeypatch.setattr(pointer, "mix", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    # the mixture fails after the step has written the pairs
+    monkeypatch.setattr(pointer.PointerCache, "_mixed",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
         slots.step(handles, torch.tensor([4, 5]))
     for h, s in zip(handles, states, strict=True):
         got = slots.state(h).flat_tensors()
         for name, t in s.flat_tensors().items():
             assert torch.equal(got[name], t), name
-    monkeypatch.setattr(pointer, "mix", real)
+    monkeypatch.undo()
     logits = slots.step(handles, torch.tensor([4, 5]))
     with torch.no_grad():
         for i, s in enumerate(states):
@@ -162,8 +217,9 @@ def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.Monke
             torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_memory_files_carry_the_pointer_and_refuse_negative_masses() -> None:
-    model = variant_model("infini-pointer")
+@pytest.mark.parametrize("variant", ["infini-pointer", "infini-pointer-span"])
+def test_memory_files_carry_the_pointer_and_refuse_negative_masses(variant: str) -> None:
+    model = variant_model(variant)
     state = read_state(model, 30, 3)
     data = save_memory(state, model)
     loaded = load_memory(data, model)
@@ -175,9 +231,13 @@ def test_memory_files_carry_the_pointer_and_refuse_negative_masses() -> None:
         b, _ = model(torch.tensor([[3, 4, 5]]), loaded)
     assert torch.equal(a, b)
 
-    def negative(t: dict) -> None:
-        t["pointer.mass"][0, 1, 7] = -1.0
-    refused(resave(data, negative), ValueRangeError, model, match="pointer.mass")
+    def negative(name: str) -> Any:
+        def change(t: dict) -> None:
+            t[name].view(-1)[7] = -1.0
+        return change
+    for name in (["pointer.mass", "pointer.span_mass", "pointer.span_keys"]
+                 if model.config.pointer_span > 1 else ["pointer.mass"]):
+        refused(resave(data, negative(name)), ValueRangeError, model, match=name)
 
 
 def test_config_checks_and_models_without_a_pointer_keep_their_fingerprint() -> None:
@@ -191,6 +251,14 @@ def test_config_checks_and_models_without_a_pointer_keep_their_fingerprint() -> 
         ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_gate_inputs=["focus"] * 2)
     with pytest.raises(ValueError, match="set pointer_dim"):
         ModelConfig.from_name("tiny-infini", pointer_gate_inputs=["focus"])
+    with pytest.raises(ValueError, match="pointer_span must be >= 1"):
+        ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_span=0)
+    with pytest.raises(ValueError, match="leave pointer_span at 1"):
+        ModelConfig.from_name("tiny-infini", pointer_span=2)
+    spanned = ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_span=3)
+    assert ModelConfig.from_dict(json.loads(spanned.to_json())) == spanned
+    assert "pointer_span" in spanned.fingerprint_json()
+    assert "pointer_span" not in spanned.replace(pointer_span=1).fingerprint_json()
     gated = ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_gate_inputs=["focus"])
     assert ModelConfig.from_dict(json.loads(gated.to_json())) == gated
     assert "pointer_gate_inputs" in gated.fingerprint_json()
