@@ -20,13 +20,30 @@ spread over everything written), and "momentum", p_copy_{s-1}(x_s), the previous
 probability of the token that came (high inside a copy, so the copy of a name's second token is
 mixed in as strongly as its first).
 
+With ``pointer_span`` L > 1 the pointer also reads **spans**: the query that finds where a name
+began also brings back the tokens that followed it there. Depth d = 2..L keeps its own masses,
+where token x_t is written under the key of u_{t-d} (the pair d - 1 tokens before it), and is read
+at s with the query of u_{s-d+1}, the one the first read used d - 1 tokens ago::
+
+    write x_t:  mass_d[:, x_t] += β_{t-d} φ(W_k u_{t-d})
+    read at s:  p_d = φ(W_q u_{s-d+1}) mass_d / (φ(W_q u_{s-d+1}) · z_d)
+    next token: p = w_0 softmax(logits_s) + Σ_d w_d p_d,  w = softmax(0, g_1, .., g_L)
+
+Each depth has its own gate g_d (w_d · h_s + b_d, and its weights of the gate inputs; its
+"momentum" is the read of depth d − 1 at s − 1, which has the same query, at the token x_s that
+came: high while the span read so far was right). With L = 1 the weights are (1 − λ, λ) as
+above. A name's first token is found by what was said around it ("my name is" against "your
+name is"); its later tokens no longer need a key that matches the hidden state at the middle of
+a word in two different sentences.
+
 It is a continuous cache (Grave et al., 2017) with learned projections, compressed into a fixed
-size: dk · V floats per session however long the conversation. A model with a pointer returns log p
-as its logits (log-probabilities are logits: softmax gives p back), so sampling, scoring and
-training need no change. Every pair is written before the read at its token's position, so a
-read at s sees the tokens up to s. The state (`PointerState`) is part of the `ModelState`
-(``pointer.mass``, ``pointer.z``, ``pointer.last``): saved in memory files, moved with
-sessions, batched in `newllm.slots`. `pointer_reference` is the plain token-by-token version
+size: L · dk · V floats per session however long the conversation. A model with a pointer
+returns log p as its logits (log-probabilities are logits: softmax gives p back), so sampling,
+scoring and training need no change. Every pair is written before the read at its token's
+position, so a read at s sees the tokens up to s. The state (`PointerState`, with a span
+`PointerSpanState`) is part of the `ModelState` (``pointer.mass``, ``pointer.z``,
+``pointer.last``, and ``pointer.span_*``): saved in memory files, moved with sessions, batched
+in `newllm.slots`. `pointer_reference` is the plain token-by-token version
 the tests hold the chunked one to.
 """
 

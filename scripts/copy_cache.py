@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="keys and queries also read the token's input embedding")
     p.add_argument("--gate-inputs", nargs="*", default=None, metavar="NAME",
                    help="what the mixing gate reads besides the hidden state: focus, momentum")
-    p.add_argument("--span", type=int, default=1,
-                   help="tokens read after each pair found (newllm.pointer; 1: the next only)")
+    p.add_argument("--span", type=int, default=None,
+                   help="tokens read after each pair found (newllm.pointer; default 1, the next "
+                        "only, or the checkpoint's pointer's)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0, help="of the training batches")
     p.add_argument("--eval-seed", type=int, default=0,
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{base.config.pointer_dim}); it is trained as it is: leave out --dk, "
                     "--token-keys and --gate-inputs")
         model = base
-        if args.span != base.config.pointer_span:
+        if args.span is not None and args.span != base.config.pointer_span:
             try:
                 model = widen_span(base, args.span, warm=True)
             except ValueError as e:
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             model = add_pointer(base, 64 if args.dk is None else args.dk, args.token_keys,
-                                tuple(args.gate_inputs or ()), args.span)
+                                tuple(args.gate_inputs or ()), args.span or 1)
         except ValueError as e:
             p.error(str(e))
     model.eval()

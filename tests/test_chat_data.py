@@ -204,6 +204,17 @@ def test_library_chat_recall_runs_with_a_move(tok: Tokenizer) -> None:
     assert sum(k["conversations"] for k in kinds.values()) == 2
     right = sum(k["recall"] * k["conversations"] for k in kinds.values())
     assert right == pytest.approx(result["recall"] * 2)
+    assert result["prose_replies"]["replies"] <= 2  # one prose turn each
+
+
+def test_repetition_of_prose_replies() -> None:
+    assert E.repeated_bigrams("not not not not not") == pytest.approx(0.75)
+    assert E.repeated_bigrams("the woods, and the woods, and") == pytest.approx(2 / 5)
+    assert E.repeated_bigrams("a fine day it was") == 0.0
+    assert E.repeated_bigrams("too short") is None
+    got = E.prose_repetition(["not not not not not", "a fine day it was", "hm"])
+    assert got == {"repeated_bigrams": pytest.approx(0.375), "looping": 0.5, "replies": 2}
+    assert E.prose_repetition(["hm"])["replies"] == 0
 
 
 def test_trainer_evaluates_chat_recall(tmp_path) -> None:

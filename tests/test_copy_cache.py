@@ -94,6 +94,8 @@ def test_the_script_trains_saves_and_evaluates(tmp_path: Path, tiny_checkpoint: 
         _, read = spanned(ids)
     torch.testing.assert_close(built.span_mass[1], read.pointer.span_mass[0], atol=1e-4,
                                rtol=1e-5)
+    assert cc.main(["--checkpoint", str(wide), "--data", str(text), "--steps", "1",
+                    "--batch-size", "1", "--length", "128"]) == 0  # trained further as it is
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cc.main(["--checkpoint", str(wide), "--span", "2"])

@@ -143,6 +143,28 @@ def recall_by_kind(kinds: Sequence[str], right: dict[str, Sequence[bool]]
     return out
 
 
+def repeated_bigrams(text: str) -> float | None:
+    """The share of a reply's word bigrams that repeat an earlier bigram of the same reply
+    (rep-2: 0 for text that never repeats itself, near 1 for a loop such as "not not not ..."),
+    None for a reply of fewer than three words."""
+    words = text.split()
+    pairs = list(zip(words, words[1:], strict=False))
+    if len(pairs) < 2:
+        return None
+    return 1.0 - len(set(pairs)) / len(pairs)
+
+
+def prose_repetition(replies: Sequence[str], loop_at: float = 0.5) -> dict[str, Any]:
+    """How much the replies to prose turns repeat themselves: the mean of `repeated_bigrams`
+    and the share of replies at ``loop_at`` or more (stuck in a loop), over the replies of
+    three words or more."""
+    reps = [r for r in map(repeated_bigrams, replies) if r is not None]
+    if not reps:
+        return {"repeated_bigrams": None, "looping": None, "replies": 0}
+    return {"repeated_bigrams": sum(reps) / len(reps),
+            "looping": sum(r >= loop_at for r in reps) / len(reps), "replies": len(reps)}
+
+
 def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int = 50,
                 turns: int = 10, user_tokens: int = 30, reply_tokens: int = 30,
                 move_at: int = 5, seed: int = 0, floor: bool = True) -> dict[str, Any]:
@@ -154,9 +176,11 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
     examples = []
     kinds: list[str] = []
     right: list[bool] = []
+    prose_replies: list[str] = []
     for c in range(conversations):
         script = conversation_script(rng, words, turns, user_tokens)
         replies = run_conversation(model, tokenizer, script, reply_tokens, move_at)
+        prose_replies += replies[1:-1]  # the replies to prose messages
         hit = answer_matches(replies[-1], script.fact.value)
         kinds.append(script.fact.kind)
         right.append(hit)
@@ -171,6 +195,7 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
                            "turns": turns, "user_tokens": user_tokens,
                            "reply_tokens": reply_tokens, "move_after_turn": move_at,
                            "by_kind": recall_by_kind(kinds, {"recall": right}),
+                           "prose_replies": prose_repetition(prose_replies),
                            "examples": examples}
     if floor:
         out["floor"] = floor_hits / conversations
