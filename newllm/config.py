@@ -31,7 +31,8 @@ FINGERPRINT_LATER_FIELDS: dict[str, Any] = {"memory_key_shift": False,
                                              "memory_key_self": True,
                                              "attention_key_shift": False,
                                              "pointer_dim": 0, "pointer_token_keys": False,
-                                             "pointer_gate_inputs": [], "pointer_span": 1}
+                                             "pointer_gate_inputs": [], "pointer_span": 1,
+                                             "pointer_delay": 0}
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ class ModelConfig:
     # next token; L > 1 also reads the L - 1 after it with the same query, each from its own
     # masses (so a name's or number's later tokens come from where its first was found)
     pointer_span: int = 1
+    # the pointer reads only pairs written at least this many tokens before (0: every pair): what
+    # was just said is the local attention's to copy, and a reply cannot feed on itself
+    pointer_delay: int = 0
     # context compression (context_pythia, context_kv)
     context_mode: str = "none"
     context_dim: int = 256
@@ -168,6 +172,11 @@ class ModelConfig:
         if self.pointer_span > 1 and not self.pointer_dim:
             raise ValueError("pointer_span shapes the pointer's reads; set pointer_dim >= 1 or "
                              "leave pointer_span at 1")
+        if self.pointer_delay < 0:
+            raise ValueError(f"pointer_delay must be >= 0 (0: no delay), got {self.pointer_delay}")
+        if self.pointer_delay and not self.pointer_dim:
+            raise ValueError("pointer_delay shapes the pointer's reads; set pointer_dim >= 1 or "
+                             "leave pointer_delay at 0")
         if self.pointer_gate_inputs and not self.pointer_dim:
             raise ValueError("pointer_gate_inputs feed the pointer's gate; set pointer_dim >= 1 "
                              "or leave pointer_gate_inputs empty")

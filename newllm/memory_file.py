@@ -640,7 +640,7 @@ def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
 MAX_ABS_VALUE = 1e15  # far above any honest state (sums of O(10) values over < 2**24 tokens)
 # normalisers and token counts of memory layers, the pointer's masses
 NON_NEGATIVE = ("z", "coarse_z", "count", "mass", "span_mass", "span_z", "span_keys",
-                "span_queries")
+                "span_queries", "span_tokens")
 
 
 def _check_values(tensors: Mapping[str, Tensor], position: int) -> None:
@@ -664,6 +664,17 @@ def _check_values(tensors: Mapping[str, Tensor], position: int) -> None:
             if float(t.sum(dim=-1).max()) > position:
                 raise ValueRangeError(f"tensor {name!r} counts more tokens than the "
                                       f"{position} the file says were seen")
+
+
+def _check_token_ids(tensors: Mapping[str, Tensor], vocab_size: int) -> None:
+    """Token ids a state keeps (the pointer's pairs not yet written) are whole and in the
+    vocabulary: they index the masses."""
+    t = tensors.get("pointer.span_tokens")
+    if t is None or not t.numel():
+        return
+    if not torch.equal(t, t.round()) or float(t.min()) < 0 or float(t.max()) >= vocab_size:
+        raise ValueRangeError(f"tensor 'pointer.span_tokens' must hold token ids, whole numbers "
+                              f"in [0, {vocab_size})")
 
 
 def load_memory(source: bytes | str | Path, model: Any, *, tokenizer_hash: str | None = None,
@@ -718,6 +729,7 @@ def load_memory_report(source: bytes | str | Path, model: Any, *,
             raise NonFiniteError(f"tensor {name!r} holds NaN or inf; a memory like this would "
                                  f"poison every later token; refusing it")
     _check_values(tensors, position)
+    _check_token_ids(tensors, model.config.vocab_size)
     _check_metadata_hash(parsed.metadata)
     want = model.state_dtypes()
     tensors = {n: t.to(device=model.device, dtype=want[n]) for n, t in tensors.items()}

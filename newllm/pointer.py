@@ -72,13 +72,16 @@ class PointerState:
 
 @dataclass(frozen=True)
 class PointerSpanState(PointerState):
-    """A pointer that reads spans (``pointer_span`` = L > 1): depth d = 2..L's masses hold the
-    token d - 1 after each pair, and the features of the last positions they still need."""
+    """A pointer that reads spans (``pointer_span`` = L > 1) or pairs at least W tokens old
+    (``pointer_delay`` = W > 0): depth d = 2..L's masses hold the token d - 1 after each pair,
+    and what the next positions still need of the last ones (the pairs not yet written). At
+    position p, before it is read (tensors of a size 0 where L = 1 or W = 0):"""
 
     span_mass: Tensor  # (B, L-1, dk, V) float32: depth d's masses at [:, d - 2]
     span_z: Tensor  # (B, L-1, dk) float32
-    span_keys: Tensor  # (B, L-1, dk) float32: β φ(W_k u) at positions p-L .. p-2 (0 before any)
-    span_queries: Tensor  # (B, L-1, dk) float32: φ(W_q u) at positions p-L+1 .. p-1 (0 before any)
+    span_keys: Tensor  # (B, W+L-1, dk) float32: β φ(W_k u) at p-W-L .. p-2 (0 before any)
+    span_queries: Tensor  # (B, L-1, dk) float32: φ(W_q u) at p-L+1 .. p-1 (0 before any)
+    span_tokens: Tensor  # (B, W) float32: the token ids at p-W .. p-1, not yet written
 
 
 @dataclass
@@ -96,9 +99,7 @@ class PointerSpanSlots(PointerSlots):
     span_z: Tensor
     span_keys: Tensor
     span_queries: Tensor
-
-
-SPAN_FIELDS = ("span_mass", "span_z", "span_keys", "span_queries")
+    span_tokens: Tensor
 
 
 def mix_log(lp: Tensor, gate: Tensor, num: Tensor, den: Tensor) -> Tensor:
@@ -159,6 +160,7 @@ class PointerCache(nn.Module):
         self.hidden, self.dk, self.vocab = d, dk, config.vocab_size
         self.token_keys = config.pointer_token_keys
         self.span = config.pointer_span
+        self.delay = config.pointer_delay
         self.width = d + config.hidden_size if self.token_keys else d
         self.query = nn.Linear(self.width, dk)
         self.key = nn.Linear(self.width, dk)
@@ -196,18 +198,24 @@ class PointerCache(nn.Module):
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         out = {"mass": (batch_size, self.dk, self.vocab), "z": (batch_size, self.dk),
                "last": (batch_size, self.width)}
-        if self.span > 1:
-            L1 = self.span - 1
+        if self.extended:
+            L1, W = self.span - 1, self.delay
             out.update(span_mass=(batch_size, L1, self.dk, self.vocab),
-                       span_z=(batch_size, L1, self.dk), span_keys=(batch_size, L1, self.dk),
-                       span_queries=(batch_size, L1, self.dk))
+                       span_z=(batch_size, L1, self.dk),
+                       span_keys=(batch_size, W + L1, self.dk),
+                       span_queries=(batch_size, L1, self.dk), span_tokens=(batch_size, W))
         return out
+
+    @property
+    def extended(self) -> bool:
+        """Whether the state is a `PointerSpanState` (a span or a delay)."""
+        return self.span > 1 or self.delay > 0
 
     def state_dtypes(self, model_dtype: torch.dtype) -> dict[str, torch.dtype]:
         return {n: model_dtype if n == "last" else torch.float32 for n in self.state_shapes(1)}
 
     def state_type(self) -> type:
-        return PointerSpanState if self.span > 1 else PointerState
+        return PointerSpanState if self.extended else PointerState
 
     def init_state(self, batch_size: int, device: Any, dtype: torch.dtype) -> PointerState:
         shapes, dtypes = self.state_shapes(batch_size), self.state_dtypes(dtype)
@@ -261,19 +269,24 @@ class PointerCache(nn.Module):
             fk = fk * torch.cat((started.view(B, 1, 1).float(), torch.ones_like(fk[:, 1:, :1])), 1)
         return prev, fk
 
-    def _depths(self, state: PointerState, fk: Tensor, u: Tensor
-                ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-        """Each depth's keys and queries for a chunk's n positions s: depth d writes x_s under
-        the features of u_{s-d} and reads with those of u_{s-d+1}. Returns (keys, queries:
-        lists of (B, n, dk) by depth 1..span; the whole key and query sequences)."""
+    def _depths(self, state: PointerState, fk: Tensor, u: Tensor, tok: Tensor
+                ) -> tuple[list[Tensor], list[Tensor], Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Each depth's keys and queries for a chunk's n positions s, and the tokens of the
+        pairs the chunk adds: depth d reads with the features of u_{s-d+1}, and at s adds the
+        token x_{s-W} under the features of u_{s-W-d} (W = ``pointer_delay``, so a read sees
+        the pairs at least W tokens old). Returns (keys, queries: lists of (B, n, dk) by depth
+        1..span; the pairs' tokens (B, n); the whole key, query and token sequences, whose ends
+        the state keeps)."""
         L, n = self.span, fk.shape[1]
-        keys, queries = fk, self.query_features(u)
-        if L > 1:
+        keys, queries, toks = fk, self.query_features(u), tok
+        if self.extended:
             assert isinstance(state, PointerSpanState)
-            keys = torch.cat((state.span_keys, keys), 1)  # u_{c0-L} .. u_{c1-2}
+            keys = torch.cat((state.span_keys, keys), 1)  # u_{c0-W-L} .. u_{c1-2}
             queries = torch.cat((state.span_queries, queries), 1)  # u_{c0-L+1} .. u_{c1-1}
+            toks = torch.cat((state.span_tokens.to(tok.dtype), tok), 1)  # x_{c0-W} .. x_{c1-1}
         return ([keys[:, L - d:L - d + n] for d in range(1, L + 1)],
-                [queries[:, L - d:L - d + n] for d in range(1, L + 1)], keys, queries)
+                [queries[:, L - d:L - d + n] for d in range(1, L + 1)], toks[:, :n],
+                (keys, queries, toks))
 
     def _masses(self, state: PointerState) -> list[tuple[Tensor, Tensor]]:
         """(mass, z) of each depth 1..span."""
@@ -289,40 +302,47 @@ class PointerCache(nn.Module):
                 z + fk.sum(1))
 
     def _advance(self, state: PointerState, u_last: Tensor, tok: Tensor, keys: list[Tensor],
-                 key_seq: Tensor, query_seq: Tensor) -> PointerState:
-        """The state after a chunk: every depth's pairs written, the last inputs kept."""
+                 seqs: tuple[Tensor, Tensor, Tensor]) -> PointerState:
+        """The state after a chunk: every depth's pairs (their tokens ``tok``) written, the
+        ends of the key, query and token sequences kept."""
         written = [self.write(m, z, tok, k)
                    for (m, z), k in zip(self._masses(state), keys, strict=True)]
         last = u_last.to(state.last.dtype)
-        if self.span == 1:
+        if not self.extended:
             return PointerState(written[0][0], written[0][1], last)
-        L1 = self.span - 1
+        return self._extended(written, last, *seqs)
+
+    def _extended(self, written: list[tuple[Tensor, Tensor]], last: Tensor, keys: Tensor,
+                  queries: Tensor, toks: Tensor) -> PointerSpanState:
+        """A `PointerSpanState` from each depth's (mass, z) and the sequences up to now."""
+        L1, W = self.span - 1, self.delay
+        B, dk = last.shape[0], self.dk
+        mass, z = written[0]
+        spans = written[1:]
         return PointerSpanState(
-            written[0][0], written[0][1], last,
-            torch.stack([m for m, _ in written[1:]], 1),
-            torch.stack([z for _, z in written[1:]], 1),
-            key_seq[:, -L1:], query_seq[:, -L1:])
+            mass, z, last,
+            torch.stack([m for m, _ in spans], 1) if spans
+            else mass.new_zeros(B, 0, dk, self.vocab),
+            torch.stack([zz for _, zz in spans], 1) if spans else z.new_zeros(B, 0, dk),
+            _tail(keys, W + L1), _tail(queries, L1), _tail(toks, W).float())
 
     def state_of(self, u: Tensor, ids: Tensor) -> PointerState:
         """The state after reading ``ids`` (B, p) from an empty one, their key inputs ``u``
         (B, p, W), in one write per depth (no reads): what `forward` leaves, for a long
         prefix whose pairs should keep their gradient."""
         B, p = ids.shape
-        L = self.span
-        fk = self.write_features(u[:, :-1])  # key of x_t is the features of u_{t-1}
-        mass, z = self.write(*self._masses(self.init_state(B, u.device, u.dtype))[0],
-                             ids[:, 1:], fk)
-        if L == 1:
-            return PointerState(mass, z, u[:, -1])
+        W = self.delay
+        fk = self.write_features(u[:, :-1])  # the key of x_t at depth d: features of u_{t-d}
         empty = self.init_state(B, u.device, u.dtype)
+        # depth d holds x_t for d <= t <= p - 1 - W (the last W not yet written)
+        written = [self.write(m, z, ids[:, d:max(d, p - W)], fk[:, :max(0, p - W - d)])
+                   for d, (m, z) in enumerate(self._masses(empty), 1)]
+        if not self.extended:
+            return PointerState(*written[0], u[:, -1])
         assert isinstance(empty, PointerSpanState)
-        # depth d: x_t under the features of u_{t-d}; the histories, zero before the first
-        written = [self.write(empty.span_mass[:, d - 2], empty.span_z[:, d - 2], ids[:, d:],
-                              fk[:, :p - d]) for d in range(2, L + 1)]
-        keys = torch.cat((empty.span_keys, fk), 1)[:, -(L - 1):]  # u_{p-L} .. u_{p-2}
-        queries = torch.cat((empty.span_queries, self.query_features(u)), 1)[:, -(L - 1):]
-        return PointerSpanState(mass, z, u[:, -1], torch.stack([m for m, _ in written], 1),
-                                torch.stack([zz for _, zz in written], 1), keys, queries)
+        return self._extended(written, u[:, -1], torch.cat((empty.span_keys, fk), 1),
+                              torch.cat((empty.span_queries, self.query_features(u)), 1),
+                              torch.cat((empty.span_tokens.to(ids.dtype), ids), 1))
 
     def _read(self, fq: Tensor, keys: Tensor, tok: Tensor, mass: Tensor, z: Tensor, r0: int
               ) -> tuple[Tensor, Tensor]:
@@ -346,8 +366,9 @@ class PointerCache(nn.Module):
                ).sum(-1) + (b * (at[:, :, None] == tok[:, None, :])).sum(-1)
         return num, (fq @ z[..., None])[..., 0] + b.sum(-1)
 
-    def _momentum(self, prev: Tensor, queries: list[Tensor], keys: list[Tensor], tok: Tensor,
-                  masses: list[tuple[Tensor, Tensor]], depth: int, r0: int) -> Tensor:
+    def _momentum(self, prev: Tensor, queries: list[Tensor], keys: list[Tensor],
+                  pair_tok: Tensor, tok: Tensor, masses: list[tuple[Tensor, Tensor]], depth: int,
+                  r0: int) -> Tensor:
         """The gate input "momentum" of the read of ``depth`` at the chunk's positions s = r0..
         (B, r). Depth 1: the read at s - 1 (its query from u_{s-1} = ``prev``) at the token x_s
         that came. Depth d: the read of depth d - 1 at s - 1, which has depth d's query, at
@@ -357,7 +378,7 @@ class PointerCache(nn.Module):
             fq, k, (m, z) = self.query_features(prev[:, r0:]), keys[0], masses[0]
         else:
             fq, k, (m, z) = queries[depth - 1][:, r0:], keys[depth - 2], masses[depth - 2]
-        return ratio(*self._read_at(fq, k, tok, m, z, here, r0, -1))
+        return ratio(*self._read_at(fq, k, pair_tok, m, z, here, r0, -1))
 
     def _mixed(self, lp: Tensor, gates: list[Tensor], nums: list[Tensor], dens: list[Tensor]
                ) -> Tensor:
@@ -382,24 +403,24 @@ class PointerCache(nn.Module):
             n = c1 - c0
             prev, fk = self._pairs(u, state.last, c0, c1, started)
             tok = ids[:, c0:c1]
-            keys, queries, key_seq, query_seq = self._depths(state, fk, u[:, c0:c1])
+            keys, queries, pair_tok, seqs = self._depths(state, fk, u[:, c0:c1], tok)
             if not last_only or c1 == T:
                 r0 = 0 if not last_only else n - 1
                 masses = self._masses(state)
                 gates, nums, dens = [], [], []
                 for d in range(1, self.span + 1):
-                    num, den = self._read(queries[d - 1][:, r0:], keys[d - 1], tok,
+                    num, den = self._read(queries[d - 1][:, r0:], keys[d - 1], pair_tok,
                                           *masses[d - 1], r0)
                     gates.append(self.gate(
                         hidden[:, c0 + r0:c1], focus_of(num, den) if self.uses("focus") else None,
-                        self._momentum(prev, queries, keys, tok, masses, d, r0)
+                        self._momentum(prev, queries, keys, pair_tok, tok, masses, d, r0)
                         if self.uses("momentum") else None, d)[..., None])
                     nums.append(num)
                     dens.append(den[..., None])
                 chunk_logits = logits if last_only else logits[:, c0:c1]
                 outs.append(self._mixed(torch.log_softmax(chunk_logits.float(), -1), gates, nums,
                                         dens).to(logits.dtype))
-            state = self._advance(state, u[:, c1 - 1], tok, keys, key_seq, query_seq)
+            state = self._advance(state, u[:, c1 - 1], pair_tok, keys, seqs)
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         return out, state
 
@@ -418,26 +439,27 @@ class PointerCache(nn.Module):
             c1 = min(T, c0 + CHUNK)
             prev, fk = self._pairs(u, state.last, c0, c1, started)
             tok, want = ids[:, c0:c1], targets[:, c0:c1]
-            keys, queries, key_seq, query_seq = self._depths(state, fk, u[:, c0:c1])
+            keys, queries, pair_tok, seqs = self._depths(state, fk, u[:, c0:c1], tok)
             masses = self._masses(state)
             lg = logits[:, c0:c1].float()
             lp = lg.gather(-1, want[..., None])[..., 0] - lg.logsumexp(-1)  # (B, n)
             gates, nums, dens = [], [], []
             for d in range(1, self.span + 1):
                 fq, k, (mass, z) = queries[d - 1], keys[d - 1], masses[d - 1]
-                num, den = self._read_at(fq, k, tok, mass, z, want, 0, 0)
+                num, den = self._read_at(fq, k, pair_tok, mass, z, want, 0, 0)
                 focus = None
                 if self.uses("focus"):
                     a = (fq @ k.transpose(1, 2)).tril()  # (B, n, n): pairs j <= s
-                    focus = log_ratio(self._sum_squares(fq, a, mass, tok), den * den)
+                    focus = log_ratio(self._sum_squares(fq, a, mass, pair_tok), den * den)
                 gates.append(self.gate(hidden[:, c0:c1], focus,
-                                       self._momentum(prev, queries, keys, tok, masses, d, 0)
+                                       self._momentum(prev, queries, keys, pair_tok, tok,
+                                                      masses, d, 0)
                                        if self.uses("momentum") else None, d))
                 nums.append(num)
                 dens.append(den)
             mixed.append(self._mixed(lp, gates, nums, dens))
             plain.append(lp)
-            state = self._advance(state, u[:, c1 - 1], tok, keys, key_seq, query_seq)
+            state = self._advance(state, u[:, c1 - 1], pair_tok, keys, seqs)
         return torch.cat(mixed, 1), torch.cat(plain, 1), state
 
     def _sum_squares(self, fq: Tensor, a: Tensor, mass: Tensor, tok: Tensor) -> Tensor:
@@ -452,7 +474,7 @@ class PointerCache(nn.Module):
     # slots (see newllm.slots) ---------------------------------------------------------------
     def slot_init(self, slots: int, device: Any, dtype: torch.dtype) -> PointerSlots:
         s = self.init_state(slots, device, dtype)
-        kind = PointerSpanSlots if self.span > 1 else PointerSlots
+        kind = PointerSpanSlots if self.extended else PointerSlots
         return kind(**state_tensors(s))
 
     def slot_load(self, buf: PointerSlots, row: int, state: PointerState) -> None:
@@ -466,24 +488,29 @@ class PointerCache(nn.Module):
     def slot_backup(self, buf: PointerSlots, step: Any, ids: Tensor) -> Any:
         """What undoes a step's writes: the columns it adds to, the normalisers, the inputs."""
         rows = step.rows
-        saved = (buf.mass[rows, :, ids].clone(), buf.z[rows].clone(), buf.last[rows].clone())
-        span = None
         if isinstance(buf, PointerSpanSlots):
-            span = (buf.span_mass[rows, :, :, ids].clone(), buf.span_z[rows].clone(),
-                    buf.span_keys[rows].clone(), buf.span_queries[rows].clone())
+            col = self._written_token(buf, step, ids)
+            saved = [(buf.mass, (rows, slice(None), col)), (buf.span_mass,
+                     (rows, slice(None), slice(None), col))]
+            saved += [(getattr(buf, n), (rows,)) for n in ("z", "last", "span_z", "span_keys",
+                                                           "span_queries", "span_tokens")]
+        else:
+            saved = [(buf.mass, (rows, slice(None), ids)), (buf.z, (rows,)), (buf.last, (rows,))]
+        values = [t[i].clone() for t, i in saved]
 
         def restore() -> None:
-            buf.mass[rows, :, ids], buf.z[rows], buf.last[rows] = saved
-            if span is not None:
-                assert isinstance(buf, PointerSpanSlots)
-                (buf.span_mass[rows, :, :, ids], buf.span_z[rows], buf.span_keys[rows],
-                 buf.span_queries[rows]) = span
+            for (t, i), v in zip(saved, values, strict=True):
+                t[i] = v
         return restore
+
+    def _written_token(self, buf: PointerSpanSlots, step: Any, ids: Tensor) -> Tensor:
+        """The token each row's step writes: its own, or W tokens back with a delay."""
+        return step.take(buf.span_tokens)[:, 0].long() if self.delay else ids
 
     def slot_step(self, hidden: Tensor, embedded: Tensor, ids: Tensor, logits: Tensor,
                   buf: PointerSlots, step: Any) -> Tensor:
         """One token per row: hidden, embedded (N, d), ids (N,), logits (N, V) -> mixed
-        log-probabilities (N, V); writes each row's pair, then reads."""
+        log-probabilities (N, V); writes each row's pairs, then reads."""
         rows = step.rows
         dk = torch.arange(self.dk, device=rows.device)
         u = self.inputs(hidden, embedded)
@@ -491,43 +518,58 @@ class PointerCache(nn.Module):
         fk = self.write_features(prev)
         fk = fk * (step.position > 0).view(-1, 1).float()
         fq = self.query_features(u)  # (N, dk)
-        span = isinstance(buf, PointerSpanSlots)
-        if span:  # depth d (2..span) writes under u_{s-d}'s keys and reads with u_{s-d+1}'s
-            assert isinstance(buf, PointerSpanSlots)
-            span_k = step.take(buf.span_keys).flip(1)  # (N, L-1, dk): [:, d - 2] for depth d
+        L = self.span
+        col, key = ids, fk  # the token written and its key at depth 1
+        if isinstance(buf, PointerSpanSlots):
+            # depth d writes x_{s-W} under u_{s-W-d}'s keys and reads with u_{s-d+1}'s
+            col = self._written_token(buf, step, ids)
+            keys = torch.cat((step.take(buf.span_keys), fk[:, None]), 1)[:, :L].flip(1)
+            key = keys[:, 0]
+            span_k = keys[:, 1:]  # (N, L-1, dk): [:, d - 2] for depth d
             span_q = step.take(buf.span_queries).flip(1)
-        moments: list[Tensor | None] = [None] * self.span
+        moments: list[Tensor | None] = [None] * L
         if self.uses("momentum"):  # the reads at this token, before it is written
             fqp = self.query_features(prev)
             moments[0] = ratio((fqp * buf.mass[rows, :, ids]).sum(-1),
                                (fqp * step.take(buf.z)).sum(-1))
-            if span:
+            if L > 1:
+                assert isinstance(buf, PointerSpanSlots)
                 cols = torch.cat((buf.mass[rows, :, ids][:, None],
                                   buf.span_mass[rows, :-1, :, ids]), 1)  # depths 1..L-1
                 zs = torch.cat((step.take(buf.z)[:, None], step.take(buf.span_z)[:, :-1]), 1)
                 m = ratio((span_q * cols).sum(-1), (span_q * zs).sum(-1))  # (N, L-1)
                 moments[1:] = list(m.unbind(1))
-        buf.mass.index_put_((rows[:, None], dk[None, :], ids[:, None]), fk, accumulate=True)
-        buf.z[rows] += fk
+        buf.mass.index_put_((rows[:, None], dk[None, :], col[:, None]), key, accumulate=True)
+        buf.z[rows] += key
         buf.last[rows] = u.to(buf.last.dtype)
         nums = [(fq[:, None, :] @ step.take(buf.mass))[:, 0]]
         dens = [(fq * step.take(buf.z)).sum(-1)]
-        if span:
-            depth = torch.arange(self.span - 1, device=rows.device)
-            buf.span_mass.index_put_((rows[:, None, None], depth[None, :, None],
-                                      dk[None, None, :], ids[:, None, None]), span_k,
-                                     accumulate=True)
-            buf.span_z[rows] += span_k
-            buf.span_keys[rows] = torch.cat((step.take(buf.span_keys)[:, 1:], fk[:, None]), 1)
-            buf.span_queries[rows] = torch.cat((step.take(buf.span_queries)[:, 1:], fq[:, None]), 1)
-            masses = step.take(buf.span_mass)  # (N, L-1, dk, V)
-            nums += list((span_q[:, :, None, :] @ masses)[:, :, 0].unbind(1))
-            dens += list((span_q * step.take(buf.span_z)).sum(-1).unbind(1))
+        if isinstance(buf, PointerSpanSlots):
+            if L > 1:
+                depth = torch.arange(L - 1, device=rows.device)
+                buf.span_mass.index_put_((rows[:, None, None], depth[None, :, None],
+                                          dk[None, None, :], col[:, None, None]), span_k,
+                                         accumulate=True)
+                buf.span_z[rows] += span_k
+                buf.span_queries[rows] = torch.cat((step.take(buf.span_queries)[:, 1:],
+                                                    fq[:, None]), 1)
+                masses = step.take(buf.span_mass)  # (N, L-1, dk, V)
+                nums += list((span_q[:, :, None, :] @ masses)[:, :, 0].unbind(1))
+                dens += list((span_q * step.take(buf.span_z)).sum(-1).unbind(1))
+            buf.span_keys[rows] = _tail(torch.cat((step.take(buf.span_keys), fk[:, None]), 1),
+                                        self.delay + L - 1)
+            buf.span_tokens[rows] = _tail(torch.cat((step.take(buf.span_tokens),
+                                                     ids[:, None].float()), 1), self.delay)
         gates = [self.gate(hidden, focus_of(num, den) if self.uses("focus") else None,
                            moments[d], d + 1)[..., None]
                  for d, (num, den) in enumerate(zip(nums, dens, strict=True))]
         return self._mixed(torch.log_softmax(logits.float(), -1), gates, nums,
                            [den[..., None] for den in dens]).to(logits.dtype)
+
+
+def _tail(x: Tensor, k: int) -> Tensor:
+    """The last ``k`` entries of x (B, n, ...) along dim 1 (none for k = 0)."""
+    return x[:, x.shape[1] - k:]
 
 
 def add_pointer(model: Any, dim: int = 64, token_keys: bool = False,
@@ -564,6 +606,14 @@ def widen_span(model: Any, span: int, warm: bool = False) -> Any:
     return out
 
 
+def with_delay(model: Any, delay: int) -> Any:
+    """A copy of ``model`` (with a pointer) whose pointer reads only pairs written at least
+    ``delay`` tokens before (`ModelConfig.pointer_delay`); the same weights."""
+    if model.pointer is None:
+        raise ValueError("with_delay takes a model with a pointer (pointer_dim 0)")
+    return _copy(model, model.config.replace(pointer_delay=delay), "-")
+
+
 def _copy(model: Any, config: Any, new: str) -> Any:
     """A `TransformerLM` of ``config`` with ``model``'s weights (those named ``new``... stay
     at their initial values)."""
@@ -592,19 +642,21 @@ def pointer_reference(pointer: PointerCache, hidden: Tensor, embedded: Tensor, i
     """The slow, plain pointer for one row: hidden, embedded (T, d), ids (T,), logits (T, V);
     token by token, a pair written into explicit sums, then read. Returns (T, V) log-probs.
 
-    Depth d (1..span) keeps its own sums: token x_t is written under the key of u_{t-d} and
-    read with the query of u_{t-d+1}; the weights are softmax(0, g_1, .., g_span) over the
-    model and the depths that have read something."""
+    Depth d (1..span) keeps its own sums: at t, the token x_{t-W} is written under the key of
+    u_{t-W-d} (W = the delay), and depth d reads with the query of u_{t-d+1}; the weights are
+    softmax(0, g_1, .., g_span) over the model and the depths that have read something."""
     L = pointer.span
     masses = [state.mass[0].clone()]
     zs = [state.z[0].clone()]
-    keys: list[Tensor] = []  # β φ(W_k u) of u_{t-L} .. u_{t-1}
+    keys: list[Tensor] = []  # β φ(W_k u) of u_{t-W-L} .. u_{t-1}
     queries: list[Tensor] = []  # φ(W_q u) of u_{t-L+1} .. u_{t-1}
+    pending: list[int] = []  # x_{t-W} .. x_{t-1}
     if isinstance(state, PointerSpanState):
         masses += [m.clone() for m in state.span_mass[0]]
         zs += [z.clone() for z in state.span_z[0]]
         keys += list(state.span_keys[0])
         queries += list(state.span_queries[0])
+        pending += [int(x) for x in state.span_tokens[0]]
     prev = state.last[0] if started else None
     keys.append(pointer.write_features(prev) if prev is not None
                 else torch.zeros(pointer.dk))
@@ -621,8 +673,10 @@ def pointer_reference(pointer: PointerCache, hidden: Tensor, embedded: Tensor, i
             q = queries[L - d]
             if float(q @ zs[d - 2]) > 0:
                 moments[d - 1] = (q @ masses[d - 2][:, x]) / (q @ zs[d - 2])
+        pending.append(x)
+        written, pending = pending[0], pending[1:]
         for d in range(1, L + 1):
-            masses[d - 1][:, x] += keys[L - d]
+            masses[d - 1][:, written] += keys[L - d]
             zs[d - 1] += keys[L - d]
         q_now = pointer.query_features(u)
         p = torch.softmax(logits[t].float(), -1)

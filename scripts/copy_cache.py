@@ -143,7 +143,7 @@ def train(model: Any, tok: Any, args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from newllm.checkpoint import load_checkpoint, save_pretrained
-    from newllm.pointer import add_pointer, widen_span
+    from newllm.pointer import add_pointer, widen_span, with_delay
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="newllm/checkpoints/default")
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--span", type=int, default=None,
                    help="tokens read after each pair found (newllm.pointer; default 1, the next "
                         "only, or the checkpoint's pointer's)")
+    p.add_argument("--delay", type=int, default=None,
+                   help="the pointer reads pairs at least this many tokens old (newllm.pointer; "
+                        "default 0, or the checkpoint's pointer's)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0, help="of the training batches")
     p.add_argument("--eval-seed", type=int, default=0,
@@ -213,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                                 tuple(args.gate_inputs or ()), args.span or 1)
         except ValueError as e:
             p.error(str(e))
+    if args.delay is not None and args.delay != model.config.pointer_delay:
+        try:
+            model = with_delay(model, args.delay)
+        except ValueError as e:
+            p.error(f"--delay {args.delay}: {e}")
     model.eval()
     for name, prm in model.named_parameters():
         prm.requires_grad_(name.startswith("pointer."))

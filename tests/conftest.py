@@ -79,6 +79,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                        "pointer_gate_inputs": ("focus", "momentum")}),
     "infini-pointer-span": ("tiny-infini", {"pointer_dim": 8, "pointer_span": 3,
                                             "pointer_gate_inputs": ("focus", "momentum")}),
+    "infini-pointer-span-delay": ("tiny-infini", {"pointer_dim": 8, "pointer_span": 2,
+                                                  "pointer_delay": 4,
+                                                  "pointer_gate_inputs": ("focus", "momentum")}),
+    "infini-pointer-delay": ("tiny-infini", {"pointer_dim": 8, "pointer_delay": 3}),
 }
 
 

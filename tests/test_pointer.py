@@ -24,10 +24,10 @@ from newllm.state import ModelState
 
 
 def pointer_model(token_keys: bool, gate_inputs: tuple[str, ...] = (),
-                  span: int = 1) -> TransformerLM:
+                  span: int = 1, delay: int = 0) -> TransformerLM:
     model = make_tiny_model("tiny-infini", init_std=0.1, pointer_dim=8,
                             pointer_token_keys=token_keys, pointer_gate_inputs=gate_inputs,
-                            pointer_span=span)
+                            pointer_span=span, pointer_delay=delay)
     with torch.no_grad():
         model.pointer.mix_gate.bias.zero_()  # half of every prediction from the pointer
         if model.pointer.gate_read is not None:  # and the gate's inputs matter
@@ -51,14 +51,15 @@ def hidden_of(model: TransformerLM, ids: torch.Tensor, state: Any = None) -> tor
     return seen[0]
 
 
-@pytest.mark.parametrize(("token_keys", "gate_inputs", "span"), [
-    (False, (), 1), (True, (), 1), (False, ("focus",), 1), (False, ("momentum",), 1),
-    (True, ("momentum", "focus"), 1), (False, (), 3), (False, ("focus", "momentum"), 2),
-    (True, ("focus", "momentum"), 4)])
+@pytest.mark.parametrize(("token_keys", "gate_inputs", "span", "delay"), [
+    (False, (), 1, 0), (True, (), 1, 0), (False, ("focus",), 1, 0), (False, ("momentum",), 1, 0),
+    (True, ("momentum", "focus"), 1, 0), (False, (), 3, 0), (False, ("focus", "momentum"), 2, 0),
+    (True, ("focus", "momentum"), 4, 0), (False, ("focus", "momentum"), 1, 6),
+    (True, ("focus", "momentum"), 3, 9)])
 def test_forward_equals_the_token_by_token_reference(token_keys: bool,
                                                      gate_inputs: tuple[str, ...],
-                                                     span: int) -> None:
-    model = pointer_model(token_keys, gate_inputs, span)
+                                                     span: int, delay: int) -> None:
+    model = pointer_model(token_keys, gate_inputs, span, delay)
     # few distinct tokens: every token has earlier copies to point at
     ids = torch.randint(1, 12, (1, CHUNK + 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -98,16 +99,17 @@ def test_forward_equals_the_token_by_token_reference(token_keys: bool,
     torch.testing.assert_close(state.pointer.mass.sum(-1), state.pointer.z)
 
 
-@pytest.mark.parametrize(("gate_inputs", "span"), [((), 1), (("focus", "momentum"), 1),
-                                                   (("focus", "momentum"), 3)])
+@pytest.mark.parametrize(("gate_inputs", "span", "delay"), [
+    ((), 1, 0), (("focus", "momentum"), 1, 0), (("focus", "momentum"), 3, 0),
+    (("focus", "momentum"), 2, 5)])
 def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ...],
-                                                      span: int) -> None:
+                                                      span: int, delay: int) -> None:
     """`score_targets` (what training uses) gives the forward's log-probabilities at the
     targets, in values and in the gradients of the pointer's weights, across chunks and
     from a carried state; the trainer's loss is the same either way."""
     from training.lm import forward_backward
 
-    model = pointer_model(False, gate_inputs, span)
+    model = pointer_model(False, gate_inputs, span, delay)
     g = torch.Generator().manual_seed(3)
     batch = torch.randint(1, 12, (2, CHUNK + 61), generator=g)
     ids, targets = batch[:, :-1], batch[:, 1:]
@@ -140,11 +142,11 @@ def test_scoring_the_targets_alone_equals_the_forward(gate_inputs: tuple[str, ..
         model(ids, targets=targets[:, :-1])
 
 
-@pytest.mark.parametrize("span", [1, 3])
-def test_the_state_of_a_whole_read_in_one_write(span: int) -> None:
+@pytest.mark.parametrize(("span", "delay"), [(1, 0), (3, 0), (1, 4), (3, 7)])
+def test_the_state_of_a_whole_read_in_one_write(span: int, delay: int) -> None:
     """`PointerCache.state_of` (one write per depth, for training's long prefixes) leaves the
     state the chunked forward leaves."""
-    model = pointer_model(True, ("focus", "momentum"), span)
+    model = pointer_model(True, ("focus", "momentum"), span, delay)
     ids = torch.randint(1, 12, (2, CHUNK + 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         _, state = model(ids)
@@ -158,7 +160,7 @@ def test_the_state_of_a_whole_read_in_one_write(span: int) -> None:
 
 
 def test_a_pointer_added_and_removed() -> None:
-    from newllm.pointer import add_pointer, remove_pointer, widen_span
+    from newllm.pointer import add_pointer, remove_pointer, widen_span, with_delay
 
     base = make_tiny_model("tiny-infini")
     ids = torch.randint(1, 50, (1, 30), generator=torch.Generator().manual_seed(4))
@@ -186,12 +188,21 @@ def test_a_pointer_added_and_removed() -> None:
     with pytest.raises(ValueError, match="span must be >= 2"):
         widen_span(added, 1)
     assert remove_pointer(wide).fingerprint() == base.fingerprint()
+    delayed = with_delay(added, 6)  # the same weights; only pairs 6 tokens old are read
+    assert delayed.config.pointer_delay == 6
+    with torch.no_grad():
+        late, _ = delayed(ids)
+    torch.testing.assert_close(late[0, :6], torch.log_softmax(plain[0, :6], -1))
+    assert (late[0, 6:] - mixed[0, 6:]).abs().max() > 0  # the nearest pairs are not read
+    with pytest.raises(ValueError, match="with a pointer"):
+        with_delay(base, 6)
     warm = widen_span(added, 3, warm=True)  # the new gates start as the first read's
     assert torch.equal(warm.pointer.span_gate.weight[1], added.pointer.mix_gate.weight[0])
     assert torch.equal(warm.pointer.span_read[1], added.pointer.gate_read)
 
 
-@pytest.mark.parametrize("variant", ["infini-pointer", "infini-pointer-span"])
+@pytest.mark.parametrize("variant", ["infini-pointer", "infini-pointer-span",
+                                     "infini-pointer-span-delay", "infini-pointer-delay"])
 def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.MonkeyPatch,
                                                        variant: str) -> None:
     model = variant_model(variant)
@@ -217,7 +228,8 @@ def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.Monke
             torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["infini-pointer", "infini-pointer-span"])
+@pytest.mark.parametrize("variant", ["infini-pointer", "infini-pointer-span",
+                                     "infini-pointer-span-delay", "infini-pointer-delay"])
 def test_memory_files_carry_the_pointer_and_refuse_negative_masses(variant: str) -> None:
     model = variant_model(variant)
     state = read_state(model, 30, 3)
@@ -238,6 +250,13 @@ def test_memory_files_carry_the_pointer_and_refuse_negative_masses(variant: str)
     for name in (["pointer.mass", "pointer.span_mass", "pointer.span_keys"]
                  if model.config.pointer_span > 1 else ["pointer.mass"]):
         refused(resave(data, negative(name)), ValueRangeError, model, match=name)
+    if model.config.pointer_delay:  # the pairs not yet written: token ids in the vocabulary
+        def token(value: float) -> Any:
+            def change(t: dict) -> None:
+                t["pointer.span_tokens"].view(-1)[0] = value
+            return change
+        for value in (float(model.config.vocab_size), 2.5):
+            refused(resave(data, token(value)), ValueRangeError, model, match="token ids")
 
 
 def test_config_checks_and_models_without_a_pointer_keep_their_fingerprint() -> None:
@@ -259,6 +278,12 @@ def test_config_checks_and_models_without_a_pointer_keep_their_fingerprint() -> 
     assert ModelConfig.from_dict(json.loads(spanned.to_json())) == spanned
     assert "pointer_span" in spanned.fingerprint_json()
     assert "pointer_span" not in spanned.replace(pointer_span=1).fingerprint_json()
+    with pytest.raises(ValueError, match="pointer_delay must be >= 0"):
+        ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_delay=-1)
+    with pytest.raises(ValueError, match="leave pointer_delay at 0"):
+        ModelConfig.from_name("tiny-infini", pointer_delay=8)
+    assert "pointer_delay" in spanned.replace(pointer_delay=8).fingerprint_json()
+    assert "pointer_delay" not in spanned.fingerprint_json()
     gated = ModelConfig.from_name("tiny-infini", pointer_dim=4, pointer_gate_inputs=["focus"])
     assert ModelConfig.from_dict(json.loads(gated.to_json())) == gated
     assert "pointer_gate_inputs" in gated.fingerprint_json()
