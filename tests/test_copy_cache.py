@@ -96,6 +96,12 @@ def test_the_script_trains_saves_and_evaluates(tmp_path: Path, tiny_checkpoint: 
                                rtol=1e-5)
     assert cc.main(["--checkpoint", str(wide), "--data", str(text), "--steps", "1",
                     "--batch-size", "1", "--length", "128"]) == 0  # trained further as it is
+    late = tmp_path / "delay"  # and with a delay, after prefixes (their pairs partly pending)
+    assert cc.main(["--checkpoint", str(wide), "--data", str(text), "--steps", "1",
+                    "--batch-size", "1", "--length", "128", "--delay", "16",
+                    "--prefix-tokens", "512", "--prefix-fraction", "1",
+                    "--save-checkpoint", str(late)]) == 0
+    assert load_checkpoint(late)[0].config.pointer_delay == 16
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cc.main(["--checkpoint", str(wide), "--span", "2"])
