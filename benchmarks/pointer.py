@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"quick": args.quick, "checkpoint": checkpoint or "default",
                 "model": base.config.name, "pointer_dim": pcfg.pointer_dim,
                 "pointer_gate_inputs": list(pcfg.pointer_gate_inputs),
+                "pointer_span": pcfg.pointer_span, "pointer_delay": pcfg.pointer_delay,
                 "pointer_trained": loaded.pointer is not None, "sessions": levels,
                 "context": context, "spacing": BATCH_SPACING, "repeat": repeat,
                 "dtype": "float32", "threads": args.threads, "prefill_tokens": prefill_total,

@@ -234,8 +234,10 @@ def _pointer(doc: Doc) -> list[str]:
     body.append(["with / without"] + [_pct(share[n]) for n in dec])
     whose = ("its trained pointer cache" if s.get("pointer_trained")
              else "a new pointer cache (initial weights)")
+    shape = "".join(f", `{k}` {s[k]}" for k, off in (("pointer_span", 1), ("pointer_delay", 0))
+                    if s.get(k, off) != off)
     out = [f"`{s['model']}` without and with {whose} (`pointer_dim` "
-           f"{s['pointer_dim']}, gate inputs {', '.join(s['pointer_gate_inputs'])}; fp32, "
+           f"{s['pointer_dim']}{shape}, gate inputs {', '.join(s['pointer_gate_inputs'])}; fp32, "
            f"{s['threads']} torch thread{'s' if s['threads'] != 1 else ''}). State a session: "
            f"{_bytes(sb['without'])} against {_bytes(sb['with_pointer'])} "
            f"(x{res['state_ratio']:.1f}; memory files {_bytes(fb['without'])} and "

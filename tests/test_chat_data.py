@@ -207,6 +207,17 @@ def test_library_chat_recall_runs_with_a_move(tok: Tokenizer) -> None:
     assert result["prose_replies"]["replies"] <= 2  # one prose turn each
 
 
+def test_a_fact_and_its_question_in_one_message(tok: Tokenizer) -> None:
+    from newllm import load_checkpoint
+
+    model, tokenizer = load_checkpoint("tiny-infini")
+    got = E.same_message(model, tokenizer, per_topic=2, reply_tokens=3)
+    words = [t for t in E.TOPICS if t.kind == "words"]
+    assert got["trials"] == 2 * len(words) and len(got["by_topic"]) == len(words)
+    assert 0 <= got["recall"] <= 1
+    assert got["recall"] == pytest.approx(sum(got["by_topic"].values()) / len(words))
+
+
 def test_repetition_of_prose_replies() -> None:
     assert E.repeated_bigrams("not not not not not") == pytest.approx(0.75)
     assert E.repeated_bigrams("the woods, and the woods, and") == pytest.approx(2 / 5)

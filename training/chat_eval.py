@@ -30,6 +30,7 @@ is segments back (only the memory can carry it). Chance is one in the number of 
         --filler DATA/gutenberg/val.txt --conversations 50
     python -m training.chat_eval --filler DATA/gutenberg/val.txt --value-choice 40 \\
         --value-fillers 0 2 8
+    python -m training.chat_eval --filler DATA/gutenberg/val.txt --same-message 10
 """
 
 from __future__ import annotations
@@ -202,6 +203,28 @@ def chat_recall(model: Any, tokenizer: Any, words: list[str], conversations: int
     return out
 
 
+def same_message(model: Any, tokenizer: Any, per_topic: int = 10, reply_tokens: int = 12
+                 ) -> dict[str, Any]:
+    """A fact and its question in one message, a new chat's first ("My name is Ada. What is my
+    name?"): the share answered, over the first ``per_topic`` values of every word topic
+    (the topics' first phrasings), by topic. What a pointer that reads only older pairs
+    (``pointer_delay``) could lose: the fact is a few tokens before the answer."""
+    by_topic: dict[str, float] = {}
+    hits = total = 0
+    for topic in TOPICS:
+        if topic.kind != "words":
+            continue
+        right = 0
+        values = [str(v) for v in topic.values[:per_topic]]
+        for v in values:
+            message = f"{topic.tells[0].format(v=v)} {topic.asks[0]}"
+            reply, _ = chat_turn(model, tokenizer, message, None, True, reply_tokens)
+            right += answer_matches(reply, v)
+        by_topic[topic.answer.format(v="X").strip()] = right / len(values)
+        hits, total = hits + right, total + len(values)
+    return {"recall": hits / total, "trials": total, "by_topic": by_topic}
+
+
 def _continuation_logprob(model: Any, last: Any, state: Any, ids: list[int]) -> float:
     """log p(ids | what ``state`` read), ``last`` the logits (vocab,) after it."""
     lp = torch.log_softmax(last.float(), -1)[ids[0]].item()
@@ -299,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead of conversations: score the told word among its topic's "
                          "values after --value-fillers exchanges (TRIALS per count)")
     ap.add_argument("--value-fillers", type=int, nargs="+", default=[0, 2, 8])
+    ap.add_argument("--same-message", type=int, default=0, metavar="VALUES",
+                    help="instead of conversations: a fact and its question in one message, "
+                         "VALUES values of each word topic")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="also write the result to this JSON file")
     args = ap.parse_args(argv)
@@ -312,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
     model.eval()
     t0 = time.perf_counter()
-    if args.value_choice:
+    if args.same_message < 0:
+        ap.error(f"--same-message takes a number of values (0 = off), got {args.same_message}")
+    if args.same_message:
+        result = same_message(model, tokenizer, args.same_message)
+    elif args.value_choice:
         result = value_choice(model, tokenizer, filler_words(args.filler), args.value_choice,
                               args.value_fillers, seed=args.seed)
     else:
