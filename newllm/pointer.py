@@ -598,6 +598,7 @@ def widen_span(model: Any, span: int, warm: bool = False) -> Any:
     out = _copy(model, model.config.replace(pointer_span=span), "pointer.span_")
     if warm:
         p = out.pointer
+        assert p.span_gate is not None
         with torch.no_grad():
             p.span_gate.weight.copy_(p.mix_gate.weight.expand_as(p.span_gate.weight))
             p.span_gate.bias.fill_(float(p.mix_gate.bias))
@@ -611,17 +612,17 @@ def with_delay(model: Any, delay: int) -> Any:
     ``delay`` tokens before (`ModelConfig.pointer_delay`); the same weights."""
     if model.pointer is None:
         raise ValueError("with_delay takes a model with a pointer (pointer_dim 0)")
-    return _copy(model, model.config.replace(pointer_delay=delay), "-")
+    return _copy(model, model.config.replace(pointer_delay=delay), None)
 
 
-def _copy(model: Any, config: Any, new: str) -> Any:
-    """A `TransformerLM` of ``config`` with ``model``'s weights (those named ``new``... stay
-    at their initial values)."""
+def _copy(model: Any, config: Any, new: str | None) -> Any:
+    """A `TransformerLM` of ``config`` with ``model``'s weights; the weights whose names start
+    with ``new`` (none if None) are new ones, at their initial values."""
     from newllm.model import TransformerLM
 
     out = TransformerLM(config)
-    missing = out.load_state_dict(model.state_dict(), strict=False).missing_keys
-    assert all(k.startswith(new) for k in missing), missing
+    missing = out.load_state_dict(model.state_dict(), strict=new is None).missing_keys
+    assert new is None or all(k.startswith(new) for k in missing), missing
     return out.to(next(model.parameters()).dtype)
 
 
@@ -630,7 +631,8 @@ def remove_pointer(model: Any) -> Any:
     from newllm.model import TransformerLM
 
     out = TransformerLM(model.config.replace(pointer_dim=0, pointer_token_keys=False,
-                                             pointer_gate_inputs=(), pointer_span=1))
+                                             pointer_gate_inputs=(), pointer_span=1,
+                                             pointer_delay=0))
     out.load_state_dict({k: v for k, v in model.state_dict().items()
                          if not k.startswith("pointer.")})
     return out.to(next(model.parameters()).dtype)

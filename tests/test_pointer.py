@@ -196,6 +196,7 @@ def test_a_pointer_added_and_removed() -> None:
     assert (late[0, 6:] - mixed[0, 6:]).abs().max() > 0  # the nearest pairs are not read
     with pytest.raises(ValueError, match="with a pointer"):
         with_delay(base, 6)
+    assert remove_pointer(with_delay(widen_span(added, 2), 6)).fingerprint() == base.fingerprint()
     warm = widen_span(added, 3, warm=True)  # the new gates start as the first read's
     assert torch.equal(warm.pointer.span_gate.weight[1], added.pointer.mix_gate.weight[0])
     assert torch.equal(warm.pointer.span_read[1], added.pointer.gate_read)
