@@ -638,7 +638,8 @@ def _check_tensors(parsed: _Parsed, model: Any, position: int, batch: int,
 
 
 MAX_ABS_VALUE = 1e15  # far above any honest state (sums of O(10) values over < 2**24 tokens)
-# normalisers and token counts of memory layers, the pointer's masses
+# normalisers and token counts of memory layers, the pointer's masses, its features and token
+# ids of the positions still pending
 NON_NEGATIVE = ("z", "coarse_z", "count", "mass", "span_mass", "span_z", "span_keys",
                 "span_queries", "span_tokens")
 

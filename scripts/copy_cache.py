@@ -1,6 +1,6 @@
 """Train a pointer cache (`newllm.pointer`) onto a frozen model: can the bundled model answer
 word facts from many segments back when a memory's values are token identities instead of
-hidden vectors? Written for issue 19 (training/README.md, sessions 18 and 19).
+hidden vectors? Written for issue 19 (training/README.md, sessions 18 to 20).
 
 The model's own weights do not change; the pointer's (two projections, the write and mixing
 gates, and with ``--gate-inputs`` the gate's weights for the read's focus and momentum) are
@@ -19,7 +19,8 @@ weights alone (``--save``, which ``--load`` reads back). Evaluations are `traini
 
 A checkpoint that already has a pointer is trained further (its pointer's options are its own,
 except ``--span``: a pointer of span 1 gets the reads of the tokens after the next,
-`newllm.pointer.widen_span`, their gates starting as copies of the first read's).
+`newllm.pointer.widen_span`, their gates starting as copies of the first read's; and
+``--delay``, `newllm.pointer.with_delay`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ conversation sits in one segment (the local attention can see the fact); with a 
 is segments back (only the memory can carry it). Chance is one in the number of values (12 to
 28).
 
+The conversations also report how much the replies to the prose turns repeat themselves
+(``prose_replies``: rep-2, the share of a reply's word bigrams that repeat one before it, and the
+share of replies stuck in a loop). `same_message` (``--same-message``) puts a fact and its
+question in one message, a new chat's first: the fact is then a few tokens before the answer.
+
     python -m training.chat_eval --checkpoint newllm/checkpoints/default \\
         --filler DATA/gutenberg/val.txt --conversations 50
     python -m training.chat_eval --filler DATA/gutenberg/val.txt --value-choice 40 \\
