@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from newllm.layers.memory import elu1
@@ -102,36 +101,22 @@ class PointerSpanSlots(PointerSlots):
     span_tokens: Tensor
 
 
-def mix_log(lp: Tensor, gate: Tensor, num: Tensor, den: Tensor) -> Tensor:
-    """log((1 − λ) exp(lp) + λ num / den), λ = sigmoid(gate), where den > 0 (else lp), on
+def mix_log(lp: Tensor, gates: list[Tensor], nums: list[Tensor], dens: list[Tensor]) -> Tensor:
+    """log(w_0 exp(lp) + Σ_d w_d num_d / den_d), w = softmax(0, g_1, .., g_L) over the reads
+    with den_d > 0 (the others get no weight; with one read, w_1 = sigmoid(g_1)), on
     broadcastable tensors: the mixture at every token (num (..., V), gate and den (..., 1)) or
     at the targets alone."""
-    on = den > 0
-    ok = num > 0
-    safe_num = torch.where(ok, num, torch.ones_like(num))
-    safe_den = torch.where(on, den, torch.ones_like(den))
-    lp_copy = torch.where(ok, torch.log(safe_num) - torch.log(safe_den),
-                          torch.full_like(num, -torch.inf))
-    both = torch.logaddexp(F.logsigmoid(-gate) + lp, F.logsigmoid(gate) + lp_copy)
-    return torch.where(on, both, lp)
-
-
-def mix_log_many(lp: Tensor, gates: list[Tensor], nums: list[Tensor], dens: list[Tensor]
-                 ) -> Tensor:
-    """log(w_0 exp(lp) + Σ_d w_d num_d / den_d), w = softmax(0, g_1, .., g_L) over the reads
-    with den_d > 0 (the others get no weight), on broadcastable tensors: `mix_log` for a span
-    pointer (with one read, w_1 = sigmoid(g_1) and the two agree)."""
     off = torch.full_like(gates[0], -torch.inf)
     g = [torch.where(den > 0, gate, off) for gate, den in zip(gates, dens, strict=True)]
     logw = torch.log_softmax(torch.stack([torch.zeros_like(g[0]), *g]), 0)
-    parts = [logw[0] + lp]
-    for i, (num, den) in enumerate(zip(nums, dens, strict=True)):
+    out = logw[0] + lp
+    for w, num, den in zip(logw[1:], nums, dens, strict=True):
         ok = (num > 0) & (den > 0)
-        lc = torch.where(ok, torch.log(torch.where(ok, num, torch.ones_like(num)))
-                         - torch.log(torch.where(den > 0, den, torch.ones_like(den))),
-                         torch.full_like(num, -torch.inf))
-        parts.append(logw[i + 1] + lc)
-    return torch.logsumexp(torch.stack(torch.broadcast_tensors(*parts)), 0)
+        lp_copy = torch.where(ok, torch.log(torch.where(ok, num, torch.ones_like(num)))
+                              - torch.log(torch.where(den > 0, den, torch.ones_like(den))),
+                              torch.full_like(num, -torch.inf))
+        out = torch.logaddexp(out, w + lp_copy)
+    return out
 
 
 def focus_of(num: Tensor, den: Tensor) -> Tensor:
@@ -184,11 +169,7 @@ class PointerCache(nn.Module):
         nn.init.constant_(self.mix_gate.bias, -3.0)
         if self.gate_read is not None:
             nn.init.zeros_(self.gate_read)
-        self.reset_span(std)
-
-    def reset_span(self, std: float) -> None:
-        """The span reads' gates: nearly closed (each ≈ 0.25%), reading the gate inputs by 0."""
-        if self.span_gate is not None:
+        if self.span_gate is not None:  # the span's gates nearly closed (each ≈ 0.25%)
             nn.init.normal_(self.span_gate.weight, std=std)
             nn.init.constant_(self.span_gate.bias, -6.0)
         if self.span_read is not None:
@@ -307,17 +288,17 @@ class PointerCache(nn.Module):
         ends of the key, query and token sequences kept."""
         written = [self.write(m, z, tok, k)
                    for (m, z), k in zip(self._masses(state), keys, strict=True)]
-        last = u_last.to(state.last.dtype)
-        if not self.extended:
-            return PointerState(written[0][0], written[0][1], last)
-        return self._extended(written, last, *seqs)
+        return self._state(written, u_last.to(state.last.dtype), *seqs)
 
-    def _extended(self, written: list[tuple[Tensor, Tensor]], last: Tensor, keys: Tensor,
-                  queries: Tensor, toks: Tensor) -> PointerSpanState:
-        """A `PointerSpanState` from each depth's (mass, z) and the sequences up to now."""
+    def _state(self, written: list[tuple[Tensor, Tensor]], last: Tensor, keys: Tensor,
+               queries: Tensor, toks: Tensor) -> PointerState:
+        """The state from each depth's (mass, z), the last input, and the key, query and token
+        sequences up to now (whose ends a span or delay keeps)."""
+        mass, z = written[0]
+        if not self.extended:
+            return PointerState(mass, z, last)
         L1, W = self.span - 1, self.delay
         B, dk = last.shape[0], self.dk
-        mass, z = written[0]
         spans = written[1:]
         return PointerSpanState(
             mass, z, last,
@@ -339,10 +320,12 @@ class PointerCache(nn.Module):
                    for d, (m, z) in enumerate(self._masses(empty), 1)]
         if not self.extended:
             return PointerState(*written[0], u[:, -1])
-        assert isinstance(empty, PointerSpanState)
-        return self._extended(written, u[:, -1], torch.cat((empty.span_keys, fk), 1),
-                              torch.cat((empty.span_queries, self.query_features(u)), 1),
-                              torch.cat((empty.span_tokens.to(ids.dtype), ids), 1))
+        # the sequences' ends, after the zero histories of an empty state
+        return self._state(written, u[:, -1], torch.cat((fk.new_zeros(B, W + self.span - 1,
+                                                                     self.dk), fk), 1),
+                           torch.cat((fk.new_zeros(B, self.span - 1, self.dk),
+                                      self.query_features(u)), 1),
+                           torch.cat((ids.new_zeros(B, W), ids), 1))
 
     def _read(self, fq: Tensor, keys: Tensor, tok: Tensor, mass: Tensor, z: Tensor, r0: int
               ) -> tuple[Tensor, Tensor]:
@@ -380,14 +363,6 @@ class PointerCache(nn.Module):
             fq, k, (m, z) = queries[depth - 1][:, r0:], keys[depth - 2], masses[depth - 2]
         return ratio(*self._read_at(fq, k, pair_tok, m, z, here, r0, -1))
 
-    def _mixed(self, lp: Tensor, gates: list[Tensor], nums: list[Tensor], dens: list[Tensor]
-               ) -> Tensor:
-        """log p of the mixture from the model's log p and each depth's gate and read, all
-        broadcastable (gates and dens with a trailing 1 against a vocabulary)."""
-        if self.span == 1:
-            return mix_log(lp, gates[0], nums[0], dens[0])
-        return mix_log_many(lp, gates, nums, dens)
-
     def forward(self, hidden: Tensor, embedded: Tensor, ids: Tensor, logits: Tensor,
                 state: PointerState, started: Tensor, last_only: bool = False
                 ) -> tuple[Tensor, PointerState]:
@@ -418,7 +393,7 @@ class PointerCache(nn.Module):
                     nums.append(num)
                     dens.append(den[..., None])
                 chunk_logits = logits if last_only else logits[:, c0:c1]
-                outs.append(self._mixed(torch.log_softmax(chunk_logits.float(), -1), gates, nums,
+                outs.append(mix_log(torch.log_softmax(chunk_logits.float(), -1), gates, nums,
                                         dens).to(logits.dtype))
             state = self._advance(state, u[:, c1 - 1], pair_tok, keys, seqs)
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
@@ -457,7 +432,7 @@ class PointerCache(nn.Module):
                                        if self.uses("momentum") else None, d))
                 nums.append(num)
                 dens.append(den)
-            mixed.append(self._mixed(lp, gates, nums, dens))
+            mixed.append(mix_log(lp, gates, nums, dens))
             plain.append(lp)
             state = self._advance(state, u[:, c1 - 1], pair_tok, keys, seqs)
         return torch.cat(mixed, 1), torch.cat(plain, 1), state
@@ -530,12 +505,12 @@ class PointerCache(nn.Module):
         moments: list[Tensor | None] = [None] * L
         if self.uses("momentum"):  # the reads at this token, before it is written
             fqp = self.query_features(prev)
-            moments[0] = ratio((fqp * buf.mass[rows, :, ids]).sum(-1),
-                               (fqp * step.take(buf.z)).sum(-1))
+            here = buf.mass[rows, :, ids]  # (N, dk)
+            moments[0] = ratio((fqp * here).sum(-1), (fqp * step.take(buf.z)).sum(-1))
             if L > 1:
                 assert isinstance(buf, PointerSpanSlots)
-                cols = torch.cat((buf.mass[rows, :, ids][:, None],
-                                  buf.span_mass[rows, :-1, :, ids]), 1)  # depths 1..L-1
+                cols = torch.cat((here[:, None], buf.span_mass[rows, :-1, :, ids]),
+                                 1)  # depths 1..L-1
                 zs = torch.cat((step.take(buf.z)[:, None], step.take(buf.span_z)[:, :-1]), 1)
                 m = ratio((span_q * cols).sum(-1), (span_q * zs).sum(-1))  # (N, L-1)
                 moments[1:] = list(m.unbind(1))
@@ -563,7 +538,7 @@ class PointerCache(nn.Module):
         gates = [self.gate(hidden, focus_of(num, den) if self.uses("focus") else None,
                            moments[d], d + 1)[..., None]
                  for d, (num, den) in enumerate(zip(nums, dens, strict=True))]
-        return self._mixed(torch.log_softmax(logits.float(), -1), gates, nums,
+        return mix_log(torch.log_softmax(logits.float(), -1), gates, nums,
                            [den[..., None] for den in dens]).to(logits.dtype)
 
 

@@ -213,8 +213,7 @@ def test_a_failed_slot_step_undoes_the_pointers_writes(monkeypatch: pytest.Monke
     import newllm.pointer as pointer
 
     # the mixture fails after the step has written the pairs
-    monkeypatch.setattr(pointer.PointerCache, "_mixed",
-                        lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr(pointer, "mix_log", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
         slots.step(handles, torch.tensor([4, 5]))
     for h, s in zip(handles, states, strict=True):
